@@ -1,0 +1,126 @@
+"""Flax RAFT vs torchvision RAFT: same weights (saved by torch, converted by us), same flow."""
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from flow import load_raft
+from flow.convert import convert
+from tests.torch_raft import image_pair, random_torchvision_raft, torch_flow
+
+H, W = 128, 160  # >= 128 (upstream minimum), non-square
+
+
+@pytest.fixture(scope="module", params=["large", "small"])
+def models(request, tmp_path_factory):
+    """(torchvision model, path of our converted weights file, small?)."""
+    small = request.param == "small"
+    model = random_torchvision_raft(small, seed=1 if small else 0)
+    folder = tmp_path_factory.mktemp(request.param)
+    torch.save(model.state_dict(), folder / "raft.pth")
+    convert(str(folder / "raft.pth"), str(folder / "raft.mgjax"))
+    return model, str(folder / "raft.mgjax"), small
+
+
+@pytest.mark.parametrize("iters", [5, 12])
+def test_flow_matches_torchvision_eval_mode(models, iters):
+    model, path, _ = models
+    a, b = image_pair(2, H, W)
+    ref = torch_flow(model, a, b, iters)
+    ours = np.asarray(load_raft(path, context_norm="running")(a, b, iters=iters))
+    assert ours.shape == (2, H, W, 2)
+    assert np.abs(ref).max() > 1.0  # the comparison is not between two near-zero fields
+    np.testing.assert_array_less(np.abs(ours - ref).max(), 1e-3)
+
+
+def test_context_norm_batch_matches_train_mode_one_image(models):
+    """ "batch" = torch train() called with one image (the Motion Guidance reference's RAFT)."""
+    model, path, small = models
+    a, b = image_pair(3, H, W, seed=2)
+    net = load_raft(path, context_norm="batch")
+    singles = [np.asarray(net(a[i : i + 1], b[i : i + 1], iters=5)) for i in range(3)]
+    batched = np.asarray(net(a, b, iters=5))
+    np.testing.assert_allclose(batched, np.concatenate(singles), atol=1e-4)
+    ref = torch_flow(model, a[:1], b[:1], 5, train=True)
+    np.testing.assert_array_less(np.abs(singles[0] - ref).max(), 1e-3)
+    if not small:  # the modes must differ, or this test checks nothing
+        running = np.asarray(load_raft(path, context_norm="running")(a[:1], b[:1], iters=5))
+        assert np.abs(running - singles[0]).max() > 1e-2
+
+
+@pytest.mark.parametrize("context_norm", ["running", "batch"])
+def test_gradient_matches_torch_autograd_fp64(models, context_norm, monkeypatch):
+    """d<c, flow>/d image2 (and image1) vs torch autograd: relative L2 error < 1e-3 (seen ~1e-12).
+
+    Run in float64 on both sides: with random weights the flow is a ReLU network whose gradient
+    jumps wherever fp32 rounding flips a unit (1e-6 input noise moves the fp32 gradient of RAFT-
+    large's encoder by ~0.7%), which would hide real differences; fp64 removes that noise.
+    """
+    model, path, small = models
+    if small and context_norm == "batch":
+        pytest.skip("RAFT-small's context encoder has no norm: the modes are the same network")
+    a, b = image_pair(1, H, W, seed=3)
+    c = np.random.default_rng(4).normal(size=(1, H, W, 2))
+    with jax.enable_x64(True):
+        net = load_raft(path, context_norm=context_norm, dtype="float64")
+
+        def functional(net, x1, x2):
+            return jnp.sum(net(x1, x2, iters=5) * c)
+
+        g1, g2 = jax.jit(jax.grad(functional, argnums=(1, 2)))(
+            net, a.astype(np.float64), b.astype(np.float64)
+        )
+        g1, g2 = np.asarray(g1), np.asarray(g2)
+    assert g2.dtype == np.float64
+
+    ref_model = copy.deepcopy(model).double().train(context_norm == "batch")
+    t1, t2 = (torch.from_numpy(x).double().permute(0, 3, 1, 2).requires_grad_() for x in (a, b))
+    # torchvision builds its lookup offsets in the default dtype and its grid with .float().
+    grid = torchvision.models.optical_flow.raft.make_coords_grid
+    monkeypatch.setattr(
+        torchvision.models.optical_flow.raft, "make_coords_grid", lambda *a: grid(*a).double()
+    )
+    torch.set_default_dtype(torch.float64)
+    try:
+        flow = ref_model(t1 / 127.5 - 1.0, t2 / 127.5 - 1.0, num_flow_updates=5)[-1]
+    finally:
+        torch.set_default_dtype(torch.float32)
+    (flow * torch.from_numpy(c).permute(0, 3, 1, 2)).sum().backward()
+    for ours, ref in ((g2, t2.grad), (g1, t1.grad)):
+        ref = ref.permute(0, 2, 3, 1).numpy()
+        rel = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
+        print(f"relative L2 gradient error {rel:.2e}")
+        assert np.linalg.norm(ref) > 0 and rel < 1e-3, rel
+
+
+def test_jitted_call_traces_once(models):
+    _, path, _ = models
+    net = load_raft(path)
+    traces = []
+
+    @jax.jit
+    def run(net, x1, x2):
+        traces.append(1)
+        return net(x1, x2, iters=2)
+
+    for seed in range(3):
+        a, b = image_pair(1, H, W, seed=seed)
+        run(net, a, b).block_until_ready()
+    assert len(traces) == 1
+
+
+def test_bfloat16_runs_close_to_float32(models):
+    """bf16 compute is a lever, not a parity mode: finite and in the same regime as fp32."""
+    _, path, _ = models
+    a, b = image_pair(1, H, W, seed=5)
+    f32 = np.asarray(load_raft(path, context_norm="running")(a, b, iters=5))
+    bf16 = np.asarray(load_raft(path, context_norm="running", dtype="bfloat16")(a, b, iters=5))
+    assert bf16.dtype == np.float32 and np.isfinite(bf16).all()
+    drift = np.abs(bf16 - f32).mean() / np.abs(f32).mean()
+    print(f"bf16 vs fp32 mean relative drift: {drift:.4f}")
+    assert drift < 0.1
