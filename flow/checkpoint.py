@@ -167,7 +167,11 @@ def load_variables(path: str) -> tuple[dict, RaftConfig]:
     if not _is_ours(path):
         from flow.pth import read_state_dict
 
-        return to_variables(read_state_dict(path))
+        state = read_state_dict(path)
+        try:
+            return to_variables(state)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(z[_META].tobytes().decode())

@@ -19,8 +19,11 @@ from flow.pth import read_state_dict
 def convert(src: str, dst: str) -> str:
     """Converts src to dst; returns a one-line summary."""
     state = read_state_dict(src)
-    layout, _ = checkpoint.detect(state)
-    variables, config = checkpoint.to_variables(state)
+    try:
+        layout, _ = checkpoint.detect(state)
+        variables, config = checkpoint.to_variables(state)
+    except UserError as e:
+        raise UserError(f"{src}: {e}") from None
     checkpoint.save(dst, variables, config, source=f"{layout}:{src}")
     n = sum(v.size for v in checkpoint.flatten(variables).values())
     model = "RAFT-small" if config.small else "RAFT-large"

@@ -9,7 +9,7 @@
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from flow.errors import UserError, run_cli
 from flow.files import read_rgb, write_atomic
@@ -79,6 +79,8 @@ def estimate() -> None:
 
 
 def main(argv: list[str]) -> None:
+    logging.set_verbosity(logging.WARNING)  # keep stderr to our one-line errors
+
     def run() -> None:
         if len(argv) > 1:
             raise UserError(f"unexpected arguments {argv[1:]}; see --help")

@@ -8,6 +8,14 @@ from flax import linen as nn
 from flow.layers import conv, norm_layer
 
 
+def _shortcut(x, planes: int, stride: int, norm: str, dtype):
+    """Identity, or a strided 1x1 conv + norm (called inside a block's compact scope)."""
+    if stride == 1:
+        return x
+    x = conv(planes, 1, stride, name="downsample_0", dtype=dtype)(x)
+    return norm_layer(norm, "downsample_1")(x)
+
+
 class ResidualBlock(nn.Module):
     """Two 3x3 conv-norm-relu layers plus a projected shortcut when strided."""
 
@@ -22,11 +30,8 @@ class ResidualBlock(nn.Module):
         y = nn.relu(norm_layer(self.norm, "norm1")(y))
         y = conv(self.planes, 3, name="conv2", dtype=self.dtype)(y)
         y = nn.relu(norm_layer(self.norm, "norm2")(y))
-        if self.stride != 1:
-            # Upstream registers this norm twice (norm3 and downsample.1); we keep one.
-            x = conv(self.planes, 1, self.stride, name="downsample_0", dtype=self.dtype)(x)
-            x = norm_layer(self.norm, "downsample_1")(x)
-        return nn.relu(x + y)
+        # Upstream registers the shortcut norm twice (norm3 and downsample.1); we keep one.
+        return nn.relu(_shortcut(x, self.planes, self.stride, self.norm, self.dtype) + y)
 
 
 class BottleneckBlock(nn.Module):
@@ -46,11 +51,8 @@ class BottleneckBlock(nn.Module):
         y = nn.relu(norm_layer(self.norm, "norm2")(y))
         y = conv(self.planes, 1, name="conv3", dtype=self.dtype)(y)
         y = nn.relu(norm_layer(self.norm, "norm3")(y))
-        if self.stride != 1:
-            # Upstream registers this norm twice (norm4 and downsample.1); we keep one.
-            x = conv(self.planes, 1, self.stride, name="downsample_0", dtype=self.dtype)(x)
-            x = norm_layer(self.norm, "downsample_1")(x)
-        return nn.relu(x + y)
+        # Upstream registers the shortcut norm twice (norm4 and downsample.1); we keep one.
+        return nn.relu(_shortcut(x, self.planes, self.stride, self.norm, self.dtype) + y)
 
 
 class Encoder(nn.Module):

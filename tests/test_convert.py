@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from flow import checkpoint
 from flow.checkpoint import detect, flatten, load_raft, load_variables, to_variables
 from flow.convert import convert
 from flow.errors import UserError
@@ -164,18 +163,29 @@ def test_both_layouts_convert_to_identical_files(files: Files) -> None:
             np.testing.assert_array_equal(value, tv_flat[key], err_msg=f"{path}: {key}")
 
 
-def _expected_leaf(name: str, value: np.ndarray) -> tuple[str, str, np.ndarray]:
-    """(collection, leaf name, array) a torchvision tensor should become in our file."""
-    leaf = name.rsplit(".", 1)[1]
+def _expected_entry(name: str, value: np.ndarray, small: bool) -> tuple[str, np.ndarray]:
+    """(key, array) a torchvision tensor should become in our file.
+
+    The key is the upstream name as a Flax path: an index joins the module before it
+    ("layer2.0.downsample.1" -> "layer2_0/downsample_1"); the leaf is renamed Flax-style.
+    """
+    *modules, leaf = upstream_name(name, small).split(".")
+    path: list[str] = []
+    for part in modules:
+        if part.isdigit():
+            path[-1] += "_" + part
+        else:
+            path.append(part)
     if leaf == "weight" and value.ndim == 4:
-        return "params", "kernel", value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    kinds = {
-        "weight": ("params", "scale"),
-        "bias": ("params", "bias"),
-        "running_mean": ("batch_stats", "mean"),
-        "running_var": ("batch_stats", "var"),
-    }
-    return (*kinds[leaf], value)
+        collection, leaf, value = "params", "kernel", value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    else:
+        collection, leaf = {
+            "weight": ("params", "scale"),
+            "bias": ("params", "bias"),
+            "running_mean": ("batch_stats", "mean"),
+            "running_var": ("batch_stats", "var"),
+        }[leaf]
+    return "/".join([collection, *path, leaf]), value
 
 
 def test_every_tensor_round_trips_exactly_once(files: Files) -> None:
@@ -186,15 +196,13 @@ def test_every_tensor_round_trips_exactly_once(files: Files) -> None:
     wanted = {k: v for k, v in files.torchvision.items() if not k.endswith("num_batches_tracked")}
     matched: set[str] = set()
     for name, value in wanted.items():
-        collection, leaf, expected = _expected_leaf(name, value)
+        key, expected = _expected_entry(name, value, files.small)
         hits = [
             k
             for k, v in stored.items()
             if v.shape == expected.shape and np.array_equal(v, expected)
         ]
-        assert len(hits) == 1, f"{name}: found as {hits}"
-        key = hits[0]
-        assert key.startswith(collection + "/") and key.endswith("/" + leaf), (name, key)
+        assert hits == [key], f"{name}: expected once as {key}, found as {hits}"
         assert stored[key].dtype == np.float32
         matched.add(key)
     assert matched == set(stored)  # nothing else in the file
@@ -211,9 +219,8 @@ def test_load_raft_takes_pth_directly(files: Files) -> None:
         np.testing.assert_array_equal(flow, ref, err_msg=path)
 
 
+@pytest.mark.parametrize("files", ["large"], indirect=True)  # RAFT-small has no BatchNorm
 def test_inconsistent_duplicate_norm_is_refused(files: Files) -> None:
-    if files.small:
-        pytest.skip("RAFT-small has no BatchNorm, hence no duplicated shortcut norm")
     state = dict(files.upstream)
     key = "module.cnet.layer3.0.norm3.running_var"
     state[key] = state[key] + 0.5
@@ -264,5 +271,5 @@ def test_convert_writes_exactly_dst(files: Files, tmp_path: Path) -> None:
     convert(files.tv_pth, str(tmp_path / "weights"))  # overwriting is fine
     assert sorted(os.listdir(tmp_path)) == ["weights", "weights.mgjax"]  # no .npz, no temp files
     for name in ("weights", "weights.mgjax"):
-        variables, config = checkpoint.load_variables(str(tmp_path / name))
+        _, config = load_variables(str(tmp_path / name))
         assert config.small == files.small
