@@ -160,18 +160,26 @@ def _is_ours(path: str) -> bool:
         return False
 
 
+def read_torch_checkpoint(path: str) -> tuple[dict, RaftConfig, str]:
+    """A PyTorch RAFT .pth -> (variables, config, layout); errors name the file."""
+    from flow.pth import read_state_dict
+
+    state = read_state_dict(path)
+    try:
+        layout, _ = detect(state)
+        variables, config = to_variables(state)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    return variables, config, layout
+
+
 def load_variables(path: str) -> tuple[dict, RaftConfig]:
     """Our format or a PyTorch .pth (read without torch, without executing pickled code)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such weights file; convert one with python -m flow.convert")
     if not _is_ours(path):
-        from flow.pth import read_state_dict
-
-        state = read_state_dict(path)
-        try:
-            return to_variables(state)
-        except UserError as e:
-            raise UserError(f"{path}: {e}") from None
+        variables, config, _ = read_torch_checkpoint(path)
+        return variables, config
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(z[_META].tobytes().decode())

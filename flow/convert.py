@@ -13,17 +13,11 @@ from absl import app
 
 from flow import checkpoint
 from flow.errors import UserError, run_cli
-from flow.pth import read_state_dict
 
 
 def convert(src: str, dst: str) -> str:
     """Converts src to dst; returns a one-line summary."""
-    state = read_state_dict(src)
-    try:
-        layout, _ = checkpoint.detect(state)
-        variables, config = checkpoint.to_variables(state)
-    except UserError as e:
-        raise UserError(f"{src}: {e}") from None
+    variables, config, layout = checkpoint.read_torch_checkpoint(src)
     checkpoint.save(dst, variables, config, source=f"{layout}:{src}")
     n = sum(v.size for v in checkpoint.flatten(variables).values())
     model = "RAFT-small" if config.small else "RAFT-large"
