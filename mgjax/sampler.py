@@ -1,0 +1,395 @@
+"""The Motion Guidance sampler: guided DDIM with recursive denoising, as jitted lax.scan chunks.
+
+One guided evaluation at DDIM step i (timestep t, abar, s = sqrt(1 - abar)), for every image of
+the batch at once (MOTION_GUIDANCE.md, "The guided sampler"):
+
+  1. z_t[frozen] = g_t[frozen] (the source trajectory at step i, or sqrt(abar) z0 + s noise);
+  2. eps = eps_u + w_cfg (eps_c - eps_u), one UNet call on the batch [uncond, cond];
+  3. x = VAE.decode((z_t - s eps) / sqrt(abar)), mapped from [-1, 1] to [0, 1];
+  4. E = lambda_flow L_flow + lambda_color L_color (mgjax.energy), RAFT(source, x);
+  5. grad = dE/dz_t through RAFT, the decoder and the UNet (both CFG branches);
+  6. d = s lambda_g schedule[i] grad, clipped to L2 norm `clip` per image;
+  7. z_prev = DDIM(z_t, eps + d);
+  8. repeated K times per step, re-noising z_prev back to t in between; the K-th z_prev is kept.
+
+A chunk of DDIM steps is one `lax.scan` (the K evaluations an inner scan), compiled once per
+chunk length and reused; the weights are jit arguments. The state is a flax.struct dataclass,
+so a run can stop after any chunk and resume. Each image has its own PRNG key, so an image's
+result does not depend on what else is in the batch.
+"""
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax import lax
+
+from flow.errors import UserError
+from flow.raft import Raft
+from mgjax import ddim
+from mgjax.energy import EnergyWeights, motion_energy, occlusion_mask
+
+LOG_NAMES = ("energy", "flow_loss", "color_loss", "noise_norm", "guidance_norm")
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidanceConfig:
+    """Static settings (hashable: part of the compile key). Defaults are the reference's."""
+
+    num_steps: int = 500
+    recursive_steps: int = 10  # K
+    guidance_weight: float = 300.0  # lambda_g
+    flow_weight: float = 3.0
+    color_weight: float = 100.0
+    clip: float = 200.0  # max L2 norm of the noise update d per image; 0 disables
+    cfg_scale: float = 7.5
+    eta: float = 0.0
+    occlusion_masking: bool = True
+    oracle: bool = False
+    raft_iters: int = 5
+    chunk: int = 10  # DDIM steps per compiled scan
+    snapshot_every: int = 0  # keep the decoded x0 estimate every N steps (0: none)
+
+    def __post_init__(self):
+        checks = (
+            (self.num_steps >= 1, "num_steps must be >= 1"),
+            (self.recursive_steps >= 1, "recursive_steps must be >= 1"),
+            (self.chunk >= 1, "chunk must be >= 1"),
+            (self.clip >= 0, "clip must be >= 0 (0 disables clipping)"),
+            (self.eta >= 0, "eta must be >= 0"),
+            (self.raft_iters >= 1, "raft_iters must be >= 1"),
+            (self.snapshot_every >= 0, "snapshot_every must be >= 0"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    @property
+    def energy_weights(self) -> EnergyWeights:
+        return EnergyWeights(flow=self.flow_weight, color=self.color_weight)
+
+
+@struct.dataclass
+class Edit:
+    """Per-edit inputs of a batch of B images (all arrays; built by `GuidedSampler.prepare`)."""
+
+    source: jnp.ndarray  # f32[B,H,W,3] in [0, 1]
+    target_flow: jnp.ndarray  # f32[B,H,W,2]
+    occlusion: jnp.ndarray  # f32[B,H,W,1], 1 = used by the colour loss
+    frozen: jnp.ndarray  # bool[B,C,h,w], True = copied from the source trajectory
+    cond: jnp.ndarray  # f32[B,L,D] prompt embedding
+    uncond: jnp.ndarray  # f32[B,L,D] embedding of ""
+    schedule: jnp.ndarray  # f32[S] guidance multiplier per DDIM step, index 0 = noisiest
+    trajectory: jnp.ndarray | None = None  # f32[S,B,C,h,w] source latents, sampling order
+    z0: jnp.ndarray | None = None  # f32[B,C,h,w] source latent, when there is no trajectory
+
+
+@struct.dataclass
+class SamplerState:
+    z: jnp.ndarray  # f32[B,C,h,w] latent at the start of DDIM step `step`
+    step: jnp.ndarray  # i32[] next DDIM step (0 = noisiest)
+    keys: jnp.ndarray  # u32[B,2] one PRNG key per image
+
+
+class DivergenceError(RuntimeError):
+    """The latents or the energy became NaN/inf."""
+
+
+def eval_noise(keys, i, j, recursive_steps: int, shape):
+    """The noise of evaluation j of DDIM step i, per image: (source, eta, re-noise), f32[B,...].
+
+    Public so that a reference implementation can be fed exactly the same noise.
+    """
+
+    def one(key):
+        k = jax.random.fold_in(key, i * recursive_steps + j)
+        ks = jax.random.split(k, 3)
+        return tuple(jax.random.normal(kk, shape[1:], jnp.float32) for kk in ks)
+
+    return jax.vmap(one)(keys)
+
+
+def clip_norm(d, clip: float):
+    """Scale each image's d (f32[B,...]) down to L2 norm `clip` where it is larger (0: off)."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(d), axis=tuple(range(1, d.ndim))))
+    if clip:
+        factor = jnp.where(norm > clip, clip / jnp.maximum(norm, 1e-30), 1.0)
+        d = d * factor.reshape((-1,) + (1,) * (d.ndim - 1))
+    return d, jnp.minimum(norm, clip) if clip else norm
+
+
+class GuidedSampler:
+    """Motion-guided DDIM over a StableDiffusion seam and a RAFT network.
+
+    `sd` is `mgjax.sd.StableDiffusion` (or anything with its `eps`, `decode`, `params`,
+    `latent_channels`, `vae_factor` members).
+    """
+
+    def __init__(self, sd, raft: Raft, config: GuidanceConfig = GuidanceConfig()):
+        self.sd = sd
+        self.raft = raft
+        self.config = config
+        self.schedule = ddim.make_schedule(config.num_steps)
+        self.traces = 0  # how many times a chunk function was traced (a retrace tripwire)
+        self._chunk = jax.jit(self._chunk_fn, static_argnames=("length",))
+
+    # ------------------------------------------------------------------ inputs
+
+    def prepare(
+        self,
+        source,
+        target_flow,
+        cond,
+        uncond,
+        frozen=None,
+        trajectory=None,
+        z0=None,
+        schedule=None,
+    ) -> Edit:
+        """Validate and assemble the per-edit inputs; every shape problem is a UserError here,
+        before anything is compiled. Arrays: source [B,H,W,3] in [0,1]; target_flow [B,H,W,2];
+        frozen [B,C,h,w] or [B,1,h,w] (True = frozen) or None; trajectory [S,B,C,h,w] or z0
+        [B,C,h,w] (one of them); schedule [S] or None (all ones)."""
+        cfg = self.config
+        source = np.asarray(source, np.float32)
+        flow = np.asarray(target_flow, np.float32)
+        if source.ndim != 4 or source.shape[-1] != 3:
+            raise UserError(f"source image must be (B, H, W, 3), got shape {source.shape}")
+        b, h, w, _ = source.shape
+        factor = self.sd.vae_factor * 8
+        if h % factor or w % factor:
+            raise UserError(
+                f"image size {h}x{w} is not a multiple of {factor} (VAE factor "
+                f"{self.sd.vae_factor} x RAFT's 8); resize or crop to "
+                f"{h // factor * factor}x{w // factor * factor}"
+            )
+        if min(h, w) < 64:
+            raise UserError(f"image must be at least 64x64 for RAFT, got {h}x{w}")
+        if flow.shape != (b, h, w, 2):
+            raise UserError(
+                f"target flow shape {flow.shape} does not match the image: expected {(b, h, w, 2)}"
+            )
+        if not np.isfinite(flow).all():
+            raise UserError("target flow contains NaN or inf values; fix the flow file")
+        if not np.isfinite(source).all():
+            raise UserError("source image contains NaN or inf values")
+        lat = (b, self.sd.latent_channels, h // self.sd.vae_factor, w // self.sd.vae_factor)
+        if frozen is None:
+            frozen = np.zeros(lat, bool)
+        frozen = np.asarray(frozen)
+        if frozen.ndim == 4 and frozen.shape[1] == 1:
+            frozen = np.broadcast_to(frozen, lat)
+        if frozen.shape != lat:
+            raise UserError(
+                f"frozen mask shape {frozen.shape} does not match the latent: expected {lat} "
+                f"(or {(b, 1) + lat[2:]})"
+            )
+        s = cfg.num_steps
+        if schedule is None:
+            schedule = np.ones(s, np.float32)
+        schedule = np.asarray(schedule, np.float32).reshape(-1)
+        if schedule.shape != (s,):
+            raise UserError(
+                f"guidance schedule has {schedule.size} entries but there are {s} DDIM steps"
+            )
+        if (trajectory is None) == (z0 is None):
+            raise UserError("give exactly one of trajectory (cached source latents) or z0")
+        if trajectory is not None:
+            trajectory = np.asarray(trajectory, np.float32)
+            if trajectory.shape[0] != s:
+                raise UserError(
+                    f"source trajectory has {trajectory.shape[0]} steps but there are {s} "
+                    "DDIM steps; regenerate it with the same number of steps"
+                )
+            if trajectory.shape[1:] != lat:
+                raise UserError(
+                    f"source trajectory latents are {trajectory.shape[1:]}, expected {lat}"
+                )
+            trajectory = jnp.asarray(trajectory)
+        else:
+            z0 = np.asarray(z0, np.float32)
+            if z0.shape != lat:
+                raise UserError(f"source latent z0 is {z0.shape}, expected {lat}")
+            z0 = jnp.asarray(z0)
+        cond, uncond = (
+            jnp.broadcast_to(jnp.asarray(c, jnp.float32), (b,) + c.shape[-2:])
+            for c in (cond, uncond)
+        )
+        occ = (
+            occlusion_mask(jnp.asarray(flow))
+            if cfg.occlusion_masking
+            else jnp.ones((b, h, w, 1), jnp.float32)
+        )
+        return Edit(
+            source=jnp.asarray(source),
+            target_flow=jnp.asarray(flow),
+            occlusion=occ,
+            frozen=jnp.asarray(frozen, bool),
+            cond=cond,
+            uncond=uncond,
+            schedule=jnp.asarray(schedule),
+            trajectory=trajectory,
+            z0=z0,
+        )
+
+    def init(self, edit: Edit, z_T, seeds) -> SamplerState:
+        """Start state from z_T f32[B,C,h,w]; seeds: one int per image (or a single int)."""
+        z_T = jnp.asarray(z_T, jnp.float32)
+        expected = edit.frozen.shape
+        if z_T.shape != expected:
+            raise UserError(f"initial latent z_T is {z_T.shape}, expected {expected}")
+        seeds = np.broadcast_to(np.asarray(seeds, np.uint32), (expected[0],))
+        keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds))
+        return SamplerState(z=z_T, step=jnp.zeros((), jnp.int32), keys=keys)
+
+    # ------------------------------------------------------------------ one evaluation
+
+    def cfg_eps(self, params, z, t, edit: Edit):
+        """Classifier-free guided noise estimate, one UNet call on [uncond, cond]."""
+        b = z.shape[0]
+        eps = self.sd.eps(
+            params,
+            jnp.concatenate([z, z]),
+            jnp.full((2 * b,), t, jnp.int32),
+            jnp.concatenate([edit.uncond, edit.cond]),
+        )
+        eps_u, eps_c = eps[:b], eps[b:]
+        return eps_u + self.config.cfg_scale * (eps_c - eps_u)
+
+    def _evaluate(self, params, raft, edit: Edit, z, i, j, keys):
+        """Guided evaluation j of DDIM step i: returns (z_prev, renoised z_t, logs, x)."""
+        cfg, sch = self.config, self.schedule
+        abar, abar_prev, t = sch.abar[i], sch.abar_prev[i], sch.timesteps[i]
+        s = jnp.sqrt(1.0 - abar)
+        n_src, n_eta, n_re = eval_noise(keys, i, j, cfg.recursive_steps, z.shape)
+        if edit.trajectory is not None:
+            g = edit.trajectory[i]
+        else:
+            g = ddim.add_noise(edit.z0, n_src, abar)
+        z = jnp.where(edit.frozen, g, z)
+
+        def energy(z_in):
+            eps = self.cfg_eps(params, z_in, t, edit)
+            x = self.sd.decode(params, ddim.predict_x0(z_in, eps, abar)) * 0.5 + 0.5
+            e, logs = motion_energy(
+                x,
+                edit.source,
+                edit.target_flow,
+                edit.occlusion,
+                raft,
+                cfg.energy_weights,
+                cfg.raft_iters,
+                cfg.oracle,
+            )
+            return e, (eps, logs, x)
+
+        (_, (eps, logs, x)), grad = jax.value_and_grad(energy, has_aux=True)(z)
+        d = s * cfg.guidance_weight * edit.schedule[i] * grad
+        d, d_norm = clip_norm(d, cfg.clip)
+        eps = eps + d
+        z_prev = ddim.step(z, eps, abar, abar_prev, cfg.eta, n_eta if cfg.eta else None)
+        logs = dict(logs)
+        logs["noise_norm"] = jnp.sqrt(jnp.sum(jnp.square(eps), axis=(1, 2, 3)))
+        logs["guidance_norm"] = d_norm
+        return z_prev, ddim.renoise(z_prev, abar, abar_prev, n_re), logs, x
+
+    def _chunk_fn(self, params, raft, edit: Edit, state: SamplerState, length: int):
+        self.traces += 1
+        cfg = self.config
+
+        def ddim_step(z, i):
+            def recursive(carry, j):
+                z_t, _, snap = carry
+                z_prev, z_next, logs, x = self._evaluate(params, raft, edit, z_t, i, j, state.keys)
+                if cfg.snapshot_every:
+                    snap = jnp.where(j == 0, x, snap)
+                return (z_next, z_prev, snap), logs
+
+            snap0 = jnp.zeros(edit.source.shape if cfg.snapshot_every else (), jnp.float32)
+            (_, z_prev, snap), logs = lax.scan(
+                recursive, (z, z, snap0), jnp.arange(cfg.recursive_steps)
+            )
+            return z_prev, (logs, snap)
+
+        steps = state.step + jnp.arange(length)
+        z, (logs, snaps) = lax.scan(ddim_step, state.z, steps)
+        new = state.replace(z=z, step=state.step + length)
+        return new, logs, snaps  # logs: name -> f32[length, K, B]
+
+    # ------------------------------------------------------------------ driving
+
+    def run_chunk(self, edit: Edit, state: SamplerState, length: int | None = None):
+        """Advance `length` DDIM steps (default: the configured chunk, cut at the end)."""
+        left = self.config.num_steps - int(state.step)
+        length = min(length or self.config.chunk, left)
+        if length <= 0:
+            raise UserError("the sampler state is already at the last DDIM step")
+        params = self.sd.params
+        return self._chunk(params, self.raft, edit, state, length=length)
+
+    def sample(
+        self,
+        edit: Edit,
+        state: SamplerState,
+        on_chunk: Callable[[SamplerState, dict], None] | None = None,
+    ) -> tuple[SamplerState, dict, dict]:
+        """Run to the end. Returns (final state, logs name -> f32[S_run, K, B],
+        snapshots step -> f32[B,H,W,3]). Raises DivergenceError on NaN/inf."""
+        all_logs: dict[str, list] = {k: [] for k in LOG_NAMES}
+        snapshots = {}
+        while int(state.step) < self.config.num_steps:
+            start = int(state.step)
+            state, logs, snaps = self.run_chunk(edit, state)
+            logs = {k: np.asarray(v) for k, v in logs.items()}
+            z_ok = np.asarray(jnp.isfinite(state.z).all(axis=(1, 2, 3)))
+            e_ok = np.isfinite(logs["energy"]).all(axis=(0, 1))
+            if not (z_ok.all() and e_ok.all()):
+                bad = np.flatnonzero(~(z_ok & e_ok)).tolist()
+                raise DivergenceError(
+                    f"guidance diverged (NaN/inf) in DDIM steps {start}..{int(state.step) - 1} "
+                    f"for batch images {bad}; lower the guidance weight or the clip norm"
+                )
+            for k in LOG_NAMES:
+                all_logs[k].append(logs[k])
+            if self.config.snapshot_every:
+                snaps = np.asarray(snaps)
+                for n in range(snaps.shape[0]):
+                    if (start + n) % self.config.snapshot_every == 0:
+                        snapshots[start + n] = snaps[n]
+            if on_chunk is not None:
+                on_chunk(state, logs)
+        return state, {k: np.concatenate(v) for k, v in all_logs.items()}, snapshots
+
+    def decode(self, z) -> np.ndarray:
+        """Final latents -> images f32[B,H,W,3] in [0, 1] (clamped)."""
+        x = jax.jit(self.sd.decode)(self.sd.params, z)
+        return np.clip(np.asarray(x) * 0.5 + 0.5, 0.0, 1.0)
+
+
+class Progress:
+    """Prints steps/s, evaluations/s, ETA and the mean energy after each chunk."""
+
+    def __init__(self, total_steps: int, recursive_steps: int, print_fn=print):
+        self.total, self.k, self.print = total_steps, recursive_steps, print_fn
+        self.t0 = time.perf_counter()
+        self.first = None
+
+    def __call__(self, state: SamplerState, logs: dict) -> None:
+        done = int(state.step)
+        now = time.perf_counter()
+        if self.first is None:  # the first chunk includes compilation: rate from then on
+            self.first = (done, now)
+            rate = done / max(now - self.t0, 1e-9)
+        else:
+            rate = (done - self.first[0]) / max(now - self.first[1], 1e-9)
+        eta = (self.total - done) / max(rate, 1e-9)
+        energy = float(np.mean(logs["energy"][-1]))
+        self.print(
+            f"step {done}/{self.total}  {rate:.2f} steps/s  {rate * self.k:.2f} evals/s  "
+            f"ETA {math.floor(eta / 60):d}m{eta % 60:04.1f}s  energy {energy:.4g}"
+        )

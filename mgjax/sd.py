@@ -1,0 +1,390 @@
+"""The Stable Diffusion seam: the one module that imports diffusers and transformers.
+
+It loads the UNet, the VAE, the CLIP text encoder and its tokenizer from
+
+* a hub id and revision (`CompVis/stable-diffusion-v1-4`, revision `flax` or `bf16`),
+* a local diffusers-format folder holding Flax weights (offline), or
+* a local (or hub) diffusers-format folder holding PyTorch weights (`from_pt=True`). These are
+  read without torch: `.safetensors` through safetensors' numpy reader and `.bin` through
+  `flow.pth`'s restricted unpickler, then renamed by diffusers' / transformers' converters.
+
+and it builds tiny random-init models of the same classes for tests (`tiny`). Everything the
+sampler needs is a method here, taking the parameter pytree as an explicit argument, so the
+sampler can pass the weights as jit arguments. Latents are NCHW (the diffusers layout, and the
+reference's file layout); images are NHWC.
+"""
+
+import json
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flow.errors import UserError
+
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", message=".*Flax classes are deprecated.*")
+warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+import diffusers  # noqa: E402
+import transformers  # noqa: E402
+from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # noqa: E402
+from diffusers.models.modeling_flax_pytorch_utils import (  # noqa: E402
+    convert_pytorch_state_dict_to_flax as _diffusers_from_pt,
+)
+from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # noqa: E402
+from transformers.modeling_flax_pytorch_utils import (  # noqa: E402
+    convert_pytorch_state_dict_to_flax as _transformers_from_pt,
+)
+
+diffusers.utils.logging.set_verbosity_error()
+transformers.utils.logging.set_verbosity_error()
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+DEFAULT_REVISION = "flax"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Tiny models for tests: same classes as SD v1.x, a few MB of parameters.
+TINY_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    attention_head_dim=8,
+    cross_attention_dim=32,
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    sample_size=32,
+)
+TINY_CLIP = dict(
+    vocab_size=1000,
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    projection_dim=32,
+    bos_token_id=512,
+    eos_token_id=513,
+    pad_token_id=513,
+)
+
+
+def cast(tree, dtype):
+    """Floating leaves of a pytree to `dtype` (diffusers' to_bf16 family breaks on current JAX)."""
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
+
+
+@dataclass(eq=False)
+class StableDiffusion:
+    """UNet + VAE + CLIP text encoder + tokenizer; the parameters live in `params`.
+
+    `params` = {"unet", "vae", "text"} is a pytree; every method that runs a network takes it
+    explicitly, so jitted callers pass the weights as arguments instead of baking constants.
+    """
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    params: dict
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        self._embeddings: dict[str, np.ndarray] = {}
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @property
+    def vae_factor(self) -> int:
+        """Image pixels per latent pixel (8 for SD v1.x)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def eps(self, params, z, t, context):
+        """UNet noise estimate: z f32[N,C,h,w], t i32[N], context [N,L,D] -> f32[N,C,h,w]."""
+        out = self.unet.apply(
+            {"params": params["unet"]},
+            z.astype(self.dtype),
+            t,
+            context.astype(self.dtype),
+        ).sample
+        return out.astype(jnp.float32)
+
+    def decode(self, params, latents):
+        """Latents f32[N,C,h,w] (scaled) -> images f32[N,H,W,3], about [-1, 1], not clamped."""
+        x = self.vae.apply(
+            {"params": params["vae"]},
+            (latents / self.scaling_factor).astype(self.dtype),
+            method=self.vae.decode,
+        ).sample
+        return jnp.transpose(x.astype(jnp.float32), (0, 2, 3, 1))
+
+    def encode(self, params, images):
+        """Images f32[N,H,W,3] in [-1, 1] -> posterior mean * scaling factor, f32[N,C,h,w]."""
+        x = jnp.transpose(images, (0, 3, 1, 2)).astype(self.dtype)
+        dist = self.vae.apply({"params": params["vae"]}, x, method=self.vae.encode).latent_dist
+        mean = jnp.transpose(dist.mean, (0, 3, 1, 2))  # Flax's encoder answers in NHWC
+        return mean.astype(jnp.float32) * self.scaling_factor
+
+    def embed(self, prompts) -> jnp.ndarray:
+        """CLIP last hidden states f32[N,L,D] for a list of prompts, each computed once."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        missing = sorted({p for p in prompts if p not in self._embeddings})
+        if missing:
+            ids = self.tokenizer(
+                missing,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="np",
+            ).input_ids
+            out = self.text_encoder(ids, params=self.params["text"])[0]
+            for p, e in zip(missing, np.asarray(out, np.float32), strict=True):
+                self._embeddings[p] = e
+        return jnp.asarray(np.stack([self._embeddings[p] for p in prompts]))
+
+    def astype(self, dtype: str) -> "StableDiffusion":
+        """The same models with parameters and computation in `dtype` (float32 or bfloat16)."""
+        return build(
+            self.unet.config,
+            self.vae.config,
+            self.text_encoder.config,
+            self.tokenizer,
+            self.params,
+            dtype,
+        )
+
+
+def _dtype(name: str):
+    if name not in DTYPES:
+        raise UserError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def build(unet_config, vae_config, text_config, tokenizer, params, dtype="float32"):
+    """Instantiate the Flax modules from configs with computation dtype `dtype`."""
+    jdt = _dtype(dtype)
+    unet = FlaxUNet2DConditionModel.from_config(dict(unet_config), dtype=jdt)
+    vae = FlaxAutoencoderKL.from_config(dict(vae_config), dtype=jdt)
+    text = FlaxCLIPTextModel(text_config, dtype=jdt, _do_init=False)
+    params = {
+        "unet": cast(params["unet"], jdt),
+        "vae": cast(params["vae"], jdt),
+        "text": cast(params["text"], jdt),
+    }
+    return StableDiffusion(unet, vae, text, tokenizer, params, jdt)
+
+
+# ----------------------------------------------------------------------------- tiny models
+
+
+def tiny_tokenizer(folder) -> CLIPTokenizer:
+    """A real CLIPTokenizer over a byte-level vocabulary (no merges), written to `folder`."""
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>"
+    )
+    tok.model_max_length = 77
+    tok.save_pretrained(str(folder))
+    return tok
+
+
+def random_params(shapes, seed: int):
+    """Random parameters for a shape pytree, without tracing the model (Flax's init compiles the
+    whole forward pass: 20 s for the tiny UNet). Kernels ~ N(0, 1/fan_in), norm scales ~ 1,
+    biases and embeddings small."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, x):
+        name = path[-1].key if hasattr(path[-1], "key") else str(path[-1])
+        shape = x.shape
+        if name == "kernel":
+            v = rng.standard_normal(shape) / np.sqrt(max(1, int(np.prod(shape[:-1]))))
+        elif name == "scale":
+            v = 1.0 + 0.02 * rng.standard_normal(shape)
+        else:  # bias, embedding
+            v = 0.02 * rng.standard_normal(shape)
+        return jnp.asarray(v, x.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def tiny(seed: int = 0, dtype: str = "float32") -> StableDiffusion:
+    """Random-init SD-class models at toy size: 4-channel latents, VAE factor 2, 32-d text."""
+    unet = FlaxUNet2DConditionModel(**TINY_UNET)
+    vae = FlaxAutoencoderKL(**TINY_VAE)
+    text = FlaxCLIPTextModel(CLIPTextConfig(**TINY_CLIP), _do_init=False)
+    with tempfile.TemporaryDirectory() as d:
+        tok = tiny_tokenizer(d)
+    params = {
+        name: random_params(_param_shapes(m), seed * 3 + i)
+        for i, (name, m) in enumerate((("unet", unet), ("vae", vae), ("text", text)))
+    }
+    return build(unet.config, vae.config, text.config, tok, params, dtype)
+
+
+def save(sd: StableDiffusion, folder) -> None:
+    """Write a diffusers-format folder with Flax weights (loadable by `load` offline)."""
+    folder = Path(folder)
+    sd.unet.save_pretrained(folder / "unet", params=sd.params["unet"])
+    sd.vae.save_pretrained(folder / "vae", params=sd.params["vae"])
+    sd.text_encoder.save_pretrained(folder / "text_encoder", params=sd.params["text"])
+    sd.tokenizer.save_pretrained(folder / "tokenizer")
+    (folder / "model_index.json").write_text(
+        json.dumps({"_class_name": "FlaxStableDiffusionPipeline", "_diffusers_version": "0.39.0"})
+    )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class _Shapes:
+    """Stands in for a model in diffusers'/transformers' converters, which read only parameter
+    shapes: it answers them from `jax.eval_shape` instead of a slow eager random init."""
+
+    def __init__(self, model, shapes):
+        self.base_model_prefix = getattr(model, "base_model_prefix", "")
+        self.params = shapes
+
+    def init_weights(self, key):
+        return self.params
+
+
+def _param_shapes(model):
+    key = jax.random.PRNGKey(0)
+    if isinstance(model, FlaxCLIPTextModel):
+        return jax.eval_shape(lambda k: model.init_weights(k, model.input_shape), key)
+    return jax.eval_shape(model.init_weights, key)
+
+
+class _Tensor:
+    """What diffusers' converter expects of a torch tensor: `.numpy()`."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def numpy(self):
+        return self.array
+
+
+def read_torch_weights(folder: Path) -> dict[str, np.ndarray]:
+    """A PyTorch state dict from a diffusers/transformers subfolder, read without torch."""
+    from flow.pth import read_state_dict
+
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
+        if (folder / name).is_file():
+            from safetensors.numpy import load_file
+
+            return dict(load_file(str(folder / name)))
+    for name in ("diffusion_pytorch_model.bin", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return read_state_dict(folder / name)
+    raise UserError(
+        f"{folder}: no PyTorch weights (diffusion_pytorch_model.safetensors/.bin or "
+        "model.safetensors/pytorch_model.bin); pass a diffusers folder or drop from_pt"
+    )
+
+
+def _float32(sd: dict) -> dict:
+    return {
+        k: (v.astype(np.float32) if v.dtype.kind == "f" or v.dtype.name == "bfloat16" else v)
+        for k, v in sd.items()
+    }
+
+
+def _resolve(model: str, revision: str | None, from_pt: bool) -> tuple[str, bool]:
+    """(path or hub id, is_local). A hub id for PyTorch weights is fetched to the HF cache."""
+    if os.path.isdir(model):
+        if not (Path(model) / "unet").is_dir():
+            raise UserError(f"{model}: not a diffusers-format folder (no unet/ subfolder)")
+        return model, True
+    if os.path.exists(model) or model.startswith((".", "/")):
+        raise UserError(f"{model}: no such folder; give a diffusers folder or a hub id")
+    if from_pt:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(
+            model,
+            revision=revision,
+            allow_patterns=["unet/*", "vae/*", "text_encoder/*", "tokenizer/*", "*.json"],
+        )
+        return path, True
+    return model, False
+
+
+def load(
+    model: str = DEFAULT_MODEL,
+    revision: str | None = DEFAULT_REVISION,
+    dtype: str = "float32",
+    from_pt: bool = False,
+) -> StableDiffusion:
+    """Load SD from a hub id + revision or a local diffusers folder (Flax or, with from_pt,
+    PyTorch weights). Parameters are cast to `dtype`, which is also the computation dtype."""
+    _dtype(dtype)
+    where, local = _resolve(model, revision, from_pt)
+    rev = None if local else revision
+    tokenizer = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", revision=rev)
+    if from_pt:
+        root = Path(where)
+        unet_cfg = FlaxUNet2DConditionModel.load_config(where, subfolder="unet")
+        vae_cfg = FlaxAutoencoderKL.load_config(where, subfolder="vae")
+        text_cfg = CLIPTextConfig.from_pretrained(where, subfolder="text_encoder")
+        unet = FlaxUNet2DConditionModel.from_config(unet_cfg)
+        vae = FlaxAutoencoderKL.from_config(vae_cfg)
+        text = FlaxCLIPTextModel(text_cfg, _do_init=False)
+        params = {
+            "text": _transformers_from_pt(
+                _float32(read_torch_weights(root / "text_encoder")),
+                _Shapes(text, _param_shapes(text)),
+            )
+        }
+        for name, m in (("unet", unet), ("vae", vae)):
+            state = {k: _Tensor(v) for k, v in _float32(read_torch_weights(root / name)).items()}
+            params[name] = _diffusers_from_pt(state, _Shapes(m, _param_shapes(m)))
+    else:
+        unet, unet_p = FlaxUNet2DConditionModel.from_pretrained(
+            where, subfolder="unet", revision=rev
+        )
+        vae, vae_p = FlaxAutoencoderKL.from_pretrained(where, subfolder="vae", revision=rev)
+        text = FlaxCLIPTextModel.from_pretrained(
+            where, subfolder="text_encoder", revision=rev, _do_init=False
+        )
+        text, text_p = text if isinstance(text, tuple) else (text, text.params)
+        params = {"unet": unet_p, "vae": vae_p, "text": text_p}
+    return build(unet.config, vae.config, text.config, tokenizer, params, dtype)

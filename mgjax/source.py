@@ -1,0 +1,129 @@
+"""Source trajectories: the latents the frozen region is copied from, and the edit's z_T.
+
+* `generate`: sample a source image from a prompt and z_T with plain DDIM, caching the latent
+  at the start of every step (index 0 = z_T, the noisiest).
+* `invert`: a real image -> VAE posterior mean -> DDIM inversion over the same schedule
+  (ascending t), reversed to sampling order; z_T is the inversion's last latent.
+
+Both run as jitted `lax.scan` chunks of DDIM steps (one compile per chunk length).
+"""
+
+from collections.abc import Callable
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from flow.errors import UserError
+from mgjax import ddim
+
+
+class Trajectory(NamedTuple):
+    z_T: np.ndarray  # f32[B,C,h,w]
+    latents: np.ndarray  # f32[S,B,C,h,w], sampling order: latents[0] = z_T
+    z0: np.ndarray  # f32[B,C,h,w] clean latent (the sample, or the encoded real image)
+
+
+def _cfg_eps(sd, params, z, t, cond, uncond, cfg_scale):
+    b = z.shape[0]
+    eps = sd.eps(
+        params,
+        jnp.concatenate([z, z]),
+        jnp.full((2 * b,), t, jnp.int32),
+        jnp.concatenate([uncond, cond]),
+    )
+    return eps[:b] + cfg_scale * (eps[b:] - eps[:b])
+
+
+@partial(jax.jit, static_argnums=(0, 1), static_argnames=("length", "cfg_scale", "inverse"))
+def _chunk(sd, schedule_steps, params, z, first, cond, uncond, *, length, cfg_scale, inverse):
+    sch = ddim.make_schedule(schedule_steps)
+
+    def body(z, n):
+        if inverse:  # ascending t: step n of the inversion uses the pair of sampling step S-1-n
+            i = schedule_steps - 1 - n
+            eps = _cfg_eps(sd, params, z, sch.timesteps[i], cond, uncond, cfg_scale)
+            z_next = ddim.invert_step(z, eps, sch.abar[i], sch.abar_prev[i])
+            return z_next, z_next
+        eps = _cfg_eps(sd, params, z, sch.timesteps[n], cond, uncond, cfg_scale)
+        return ddim.step(z, eps, sch.abar[n], sch.abar_prev[n]), z
+
+    return lax.scan(body, z, first + jnp.arange(length))
+
+
+def _run(sd, z, cond, uncond, num_steps, cfg_scale, chunk, inverse, on_chunk):
+    b = z.shape[0]
+    cond, uncond = (
+        jnp.broadcast_to(jnp.asarray(c, jnp.float32), (b,) + c.shape[-2:]) for c in (cond, uncond)
+    )
+    pieces = []
+    done = 0
+    while done < num_steps:
+        length = min(chunk, num_steps - done)
+        z, zs = _chunk(
+            sd,
+            num_steps,
+            sd.params,
+            z,
+            done,
+            cond,
+            uncond,
+            length=length,
+            cfg_scale=float(cfg_scale),
+            inverse=inverse,
+        )
+        done += length
+        if not bool(jnp.isfinite(z).all()):
+            raise FloatingPointError(f"latents became NaN/inf by DDIM step {done}")
+        pieces.append(np.asarray(zs))
+        if on_chunk is not None:
+            on_chunk(done, num_steps)
+    return np.asarray(z), np.concatenate(pieces)
+
+
+def generate(
+    sd,
+    z_T,
+    cond,
+    uncond,
+    num_steps: int = 500,
+    cfg_scale: float = 7.5,
+    chunk: int = 50,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> Trajectory:
+    """Plain DDIM (eta = 0) from z_T f32[B,C,h,w], caching every step's starting latent."""
+    z_T = jnp.asarray(z_T, jnp.float32)
+    z0, latents = _run(sd, z_T, cond, uncond, num_steps, cfg_scale, chunk, False, on_chunk)
+    return Trajectory(np.asarray(z_T), latents, z0)
+
+
+def encode(sd, images) -> np.ndarray:
+    """Images f32[B,H,W,3] in [0, 1] -> VAE posterior mean * scaling factor, f32[B,C,h,w]."""
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise UserError(f"images must be (B, H, W, 3), got shape {images.shape}")
+    f = sd.vae_factor
+    if images.shape[1] % f or images.shape[2] % f:
+        raise UserError(f"image size must be a multiple of the VAE factor {f}")
+    return np.asarray(jax.jit(sd.encode)(sd.params, jnp.asarray(images) * 2.0 - 1.0))
+
+
+def invert(
+    sd,
+    images,
+    cond,
+    uncond,
+    num_steps: int = 500,
+    cfg_scale: float = 7.5,
+    chunk: int = 50,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> Trajectory:
+    """DDIM inversion of real images f32[B,H,W,3] in [0, 1] (the reference uses prompt "")."""
+    z0 = encode(sd, images)
+    z_T, ascending = _run(
+        sd, jnp.asarray(z0), cond, uncond, num_steps, cfg_scale, chunk, True, on_chunk
+    )
+    return Trajectory(z_T, ascending[::-1].copy(), z0)
