@@ -24,8 +24,8 @@ def alphas_cumprod(
     train_steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
 ) -> np.ndarray:
     """Stable Diffusion's scaled-linear schedule: betas = linspace(sqrt(b0), sqrt(b1), T)^2."""
-    betas = np.linspace(beta_start**0.5, beta_end**0.5, train_steps, dtype=np.float32) ** 2
-    return np.cumprod(1.0 - betas, dtype=np.float32)
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, train_steps, dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas).astype(np.float32)  # float64 then rounded, as in ldm
 
 
 def make_schedule(

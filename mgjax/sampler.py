@@ -100,7 +100,7 @@ class DivergenceError(RuntimeError):
     """The latents or the energy became NaN/inf."""
 
 
-def eval_noise(keys, i, j, recursive_steps: int, shape):
+def eval_noise(keys, i, j, recursive_steps: int, shape, dtype=jnp.float32):
     """The noise of evaluation j of DDIM step i, per image: (source, eta, re-noise), f32[B,...].
 
     Public so that a reference implementation can be fed exactly the same noise.
@@ -109,7 +109,7 @@ def eval_noise(keys, i, j, recursive_steps: int, shape):
     def one(key):
         k = jax.random.fold_in(key, i * recursive_steps + j)
         ks = jax.random.split(k, 3)
-        return tuple(jax.random.normal(kk, shape[1:], jnp.float32) for kk in ks)
+        return tuple(jax.random.normal(kk, shape[1:], dtype) for kk in ks)
 
     return jax.vmap(one)(keys)
 
@@ -135,6 +135,7 @@ class GuidedSampler:
         self.raft = raft
         self.config = config
         self.schedule = ddim.make_schedule(config.num_steps)
+        self.dtype = getattr(sd, "out_dtype", jnp.float32)  # float64 only in exactness tests
         self.traces = 0  # how many times a chunk function was traced (a retrace tripwire)
         self._chunk = jax.jit(self._chunk_fn, static_argnames=("length",))
 
@@ -156,8 +157,8 @@ class GuidedSampler:
         frozen [B,C,h,w] or [B,1,h,w] (True = frozen) or None; trajectory [S,B,C,h,w] or z0
         [B,C,h,w] (one of them); schedule [S] or None (all ones)."""
         cfg = self.config
-        source = np.asarray(source, np.float32)
-        flow = np.asarray(target_flow, np.float32)
+        source = np.asarray(source, self.dtype)
+        flow = np.asarray(target_flow, self.dtype)
         if source.ndim != 4 or source.shape[-1] != 3:
             raise UserError(f"source image must be (B, H, W, 3), got shape {source.shape}")
         b, h, w, _ = source.shape
@@ -200,7 +201,7 @@ class GuidedSampler:
         if (trajectory is None) == (z0 is None):
             raise UserError("give exactly one of trajectory (cached source latents) or z0")
         if trajectory is not None:
-            trajectory = np.asarray(trajectory, np.float32)
+            trajectory = np.asarray(trajectory, self.dtype)
             if trajectory.shape[0] != s:
                 raise UserError(
                     f"source trajectory has {trajectory.shape[0]} steps but there are {s} "
@@ -212,12 +213,12 @@ class GuidedSampler:
                 )
             trajectory = jnp.asarray(trajectory)
         else:
-            z0 = np.asarray(z0, np.float32)
+            z0 = np.asarray(z0, self.dtype)
             if z0.shape != lat:
                 raise UserError(f"source latent z0 is {z0.shape}, expected {lat}")
             z0 = jnp.asarray(z0)
         cond, uncond = (
-            jnp.broadcast_to(jnp.asarray(c, jnp.float32), (b,) + c.shape[-2:])
+            jnp.broadcast_to(jnp.asarray(c, self.dtype), (b,) + c.shape[-2:])
             for c in (cond, uncond)
         )
         occ = (
@@ -239,7 +240,7 @@ class GuidedSampler:
 
     def init(self, edit: Edit, z_T, seeds) -> SamplerState:
         """Start state from z_T f32[B,C,h,w]; seeds: one int per image (or a single int)."""
-        z_T = jnp.asarray(z_T, jnp.float32)
+        z_T = jnp.asarray(z_T, self.dtype)
         expected = edit.frozen.shape
         if z_T.shape != expected:
             raise UserError(f"initial latent z_T is {z_T.shape}, expected {expected}")
@@ -266,7 +267,7 @@ class GuidedSampler:
         cfg, sch = self.config, self.schedule
         abar, abar_prev, t = sch.abar[i], sch.abar_prev[i], sch.timesteps[i]
         s = jnp.sqrt(1.0 - abar)
-        n_src, n_eta, n_re = eval_noise(keys, i, j, cfg.recursive_steps, z.shape)
+        n_src, n_eta, n_re = eval_noise(keys, i, j, cfg.recursive_steps, z.shape, z.dtype)
         if edit.trajectory is not None:
             g = edit.trajectory[i]
         else:
@@ -310,7 +311,7 @@ class GuidedSampler:
                     snap = jnp.where(j == 0, x, snap)
                 return (z_next, z_prev, snap), logs
 
-            snap0 = jnp.zeros(edit.source.shape if cfg.snapshot_every else (), jnp.float32)
+            snap0 = jnp.zeros(edit.source.shape if cfg.snapshot_every else (), self.dtype)
             (_, z_prev, snap), logs = lax.scan(
                 recursive, (z, z, snap0), jnp.arange(cfg.recursive_steps)
             )

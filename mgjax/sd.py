@@ -53,7 +53,7 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 DEFAULT_REVISION = "flax"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 # Tiny models for tests: same classes as SD v1.x, a few MB of parameters.
 TINY_UNET = dict(
@@ -70,12 +70,12 @@ TINY_UNET = dict(
 TINY_VAE = dict(
     in_channels=3,
     out_channels=3,
-    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    block_out_channels=(32, 64),
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(32, 32, 64),
     layers_per_block=1,
     latent_channels=4,
-    sample_size=32,
+    sample_size=128,
 )
 TINY_CLIP = dict(
     vocab_size=1000,
@@ -117,6 +117,11 @@ class StableDiffusion:
         self._embeddings: dict[str, np.ndarray] = {}
 
     @property
+    def out_dtype(self):
+        """dtype of latents and images handed out: float32, or float64 for exactness tests."""
+        return jnp.float64 if jnp.dtype(self.dtype) == jnp.float64 else jnp.float32
+
+    @property
     def latent_channels(self) -> int:
         return self.vae.config.latent_channels
 
@@ -133,11 +138,11 @@ class StableDiffusion:
         """UNet noise estimate: z f32[N,C,h,w], t i32[N], context [N,L,D] -> f32[N,C,h,w]."""
         out = self.unet.apply(
             {"params": params["unet"]},
-            z.astype(self.dtype),
-            t,
-            context.astype(self.dtype),
+            jnp.asarray(z).astype(self.dtype),
+            jnp.asarray(t, jnp.int32),
+            jnp.asarray(context).astype(self.dtype),
         ).sample
-        return out.astype(jnp.float32)
+        return out.astype(self.out_dtype)
 
     def decode(self, params, latents):
         """Latents f32[N,C,h,w] (scaled) -> images f32[N,H,W,3], about [-1, 1], not clamped."""
@@ -146,14 +151,14 @@ class StableDiffusion:
             (latents / self.scaling_factor).astype(self.dtype),
             method=self.vae.decode,
         ).sample
-        return jnp.transpose(x.astype(jnp.float32), (0, 2, 3, 1))
+        return jnp.transpose(x.astype(self.out_dtype), (0, 2, 3, 1))
 
     def encode(self, params, images):
         """Images f32[N,H,W,3] in [-1, 1] -> posterior mean * scaling factor, f32[N,C,h,w]."""
         x = jnp.transpose(images, (0, 3, 1, 2)).astype(self.dtype)
         dist = self.vae.apply({"params": params["vae"]}, x, method=self.vae.encode).latent_dist
         mean = jnp.transpose(dist.mean, (0, 3, 1, 2))  # Flax's encoder answers in NHWC
-        return mean.astype(jnp.float32) * self.scaling_factor
+        return mean.astype(self.out_dtype) * self.scaling_factor
 
     def embed(self, prompts) -> jnp.ndarray:
         """CLIP last hidden states f32[N,L,D] for a list of prompts, each computed once."""
@@ -173,7 +178,8 @@ class StableDiffusion:
         return jnp.asarray(np.stack([self._embeddings[p] for p in prompts]))
 
     def astype(self, dtype: str) -> "StableDiffusion":
-        """The same models with parameters and computation in `dtype` (float32 or bfloat16)."""
+        """The same models with parameters and computation in `dtype` (float32 or bfloat16;
+        float64 under jax_enable_x64, for exactness tests)."""
         return build(
             self.unet.config,
             self.vae.config,
@@ -185,8 +191,10 @@ class StableDiffusion:
 
 
 def _dtype(name: str):
-    if name not in DTYPES:
-        raise UserError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    if name not in ("float32", "bfloat16") and not (
+        name == "float64" and jax.config.jax_enable_x64
+    ):
+        raise UserError(f"dtype must be float32 or bfloat16, got {name!r}")
     return DTYPES[name]
 
 
@@ -246,7 +254,7 @@ def random_params(shapes, seed: int):
 
 
 def tiny(seed: int = 0, dtype: str = "float32") -> StableDiffusion:
-    """Random-init SD-class models at toy size: 4-channel latents, VAE factor 2, 32-d text."""
+    """Random-init SD-class models at toy size: 4-channel latents, VAE factor 4, 32-d text."""
     unet = FlaxUNet2DConditionModel(**TINY_UNET)
     vae = FlaxAutoencoderKL(**TINY_VAE)
     text = FlaxCLIPTextModel(CLIPTextConfig(**TINY_CLIP), _do_init=False)
