@@ -8,7 +8,6 @@ is reported apart from run time; times are medians over --repeats after one warm
 """
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -18,18 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.timing import median_time  # noqa: E402
 from flow.checkpoint import to_variables  # noqa: E402
 from flow.raft import Raft, RaftConfig  # noqa: E402
-
-
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def bench_jax(state, small, dtype, a, b, c, iters, repeats):
@@ -43,7 +33,7 @@ def bench_jax(state, small, dtype, a, b, c, iters, repeats):
         t = time.perf_counter()
         compiled = fn.lower(*args).compile()
         compile_s = time.perf_counter() - t
-        run_s = _median_time(lambda f=compiled, x=args: jax.block_until_ready(f(*x)), repeats)
+        run_s = median_time(lambda f=compiled, x=args: jax.block_until_ready(f(*x)), repeats)
         out[name] = (compile_s, run_s)
     return out
 
@@ -70,8 +60,8 @@ def bench_torch(model, a, b, c, iters, repeats, autocast: bool):
         sync()
 
     return {
-        "forward": (0.0, _median_time(fwd, repeats)),
-        "fwd+bwd": (0.0, _median_time(fwd_bwd, repeats)),
+        "forward": (0.0, median_time(fwd, repeats)),
+        "fwd+bwd": (0.0, median_time(fwd_bwd, repeats)),
     }
 
 

@@ -122,7 +122,9 @@ def bilinear_upsample8(flow: jnp.ndarray) -> jnp.ndarray:
     return 8.0 * jnp.einsum("xw,bywc->byxc", mx, out, precision=hp)
 
 
-def raft_forward(config: RaftConfig, variables: dict, image1, image2, iters: int = 12):
+def raft_forward(
+    config: RaftConfig, variables: dict, image1, image2, iters: int = 12, unroll: bool = False
+):
     """Flow from image1 to image2.
 
     Args:
@@ -130,6 +132,8 @@ def raft_forward(config: RaftConfig, variables: dict, image1, image2, iters: int
       variables: {"params": ..., "batch_stats": ...} as produced by init_raft / the loaders.
       image1, image2: f[B,H,W,3] in [0, 255], H and W multiples of 8.
       iters: refinement iterations (a Python int).
+      unroll: unroll the refinement scan (XLA's cost analysis counts a loop body once, so FLOP
+        counts need it; also a speed lever to measure).
     Returns:
       f32[B,H,W,2] flow in pixels, (dx, dy): image1 pixel p matches image2 at p + flow(p).
     """
@@ -161,7 +165,7 @@ def raft_forward(config: RaftConfig, variables: dict, image1, image2, iters: int
         net, delta = update.apply({"params": upd_params}, net, inp, corr, coords1 - coords0)
         return (net, coords1 + delta), None
 
-    (net, coords1), _ = lax.scan(refine, (net, coords0), None, length=iters)
+    (net, coords1), _ = lax.scan(refine, (net, coords0), None, length=iters, unroll=unroll)
     flow = coords1 - coords0
     if mask_head is None:
         return bilinear_upsample8(flow)

@@ -198,6 +198,8 @@ class GuidedSampler:
             raise UserError(
                 f"guidance schedule has {schedule.size} entries but there are {s} DDIM steps"
             )
+        if not np.isfinite(schedule).all():
+            raise UserError("guidance schedule contains NaN or inf values")
         if (trajectory is None) == (z0 is None):
             raise UserError("give exactly one of trajectory (cached source latents) or z0")
         if trajectory is not None:
@@ -211,6 +213,8 @@ class GuidedSampler:
                 raise UserError(
                     f"source trajectory latents are {trajectory.shape[1:]}, expected {lat}"
                 )
+            if not np.isfinite(trajectory).all():
+                raise UserError("source trajectory contains NaN or inf values")
             trajectory = jnp.asarray(trajectory)
         else:
             z0 = np.asarray(z0, self.dtype)

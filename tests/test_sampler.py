@@ -17,7 +17,7 @@ from flow.convert import convert
 from flow.errors import UserError
 from mgjax import ddim, source
 from mgjax import sd as sdm
-from mgjax.sampler import GuidanceConfig, GuidedSampler, eval_noise
+from mgjax.sampler import DivergenceError, GuidanceConfig, GuidedSampler, Progress, eval_noise
 from tests.torch_raft import image_pair, random_torchvision_raft
 from tests.torch_reference import ReferenceFlowLoss, reference_sample
 
@@ -95,6 +95,36 @@ def test_prompt_embedding_computed_once(models, monkeypatch):
     b = sd.embed("y")
     assert calls == [2]
     np.testing.assert_array_equal(a[1], b[0])
+
+
+def test_hub_id_and_revision_are_passed_through(monkeypatch, tmp_path):
+    """No network here: the hub loaders are replaced by recorders that serve a local folder."""
+    tiny = sdm.tiny(seed=2)
+    sdm.save(tiny, tmp_path)
+    calls = []
+
+    def recorder(cls_method):
+        def load(where, *args, subfolder=None, revision=None, **kw):
+            calls.append((where, subfolder, revision))
+            return cls_method(str(tmp_path), *args, subfolder=subfolder, **kw)
+
+        return load
+
+    for cls in (
+        sdm.CLIPTokenizer,
+        sdm.FlaxUNet2DConditionModel,
+        sdm.FlaxAutoencoderKL,
+        sdm.FlaxCLIPTextModel,
+    ):
+        monkeypatch.setattr(cls, "from_pretrained", recorder(cls.from_pretrained))
+    sd = sdm.load("CompVis/stable-diffusion-v1-4", revision="bf16")
+    assert sorted(calls) == sorted(
+        ("CompVis/stable-diffusion-v1-4", sub, "bf16")
+        for sub in ("tokenizer", "unet", "vae", "text_encoder")
+    )
+    assert sd.latent_channels == 4 and sd.vae_factor == 4
+    with pytest.raises(UserError, match="no such folder"):
+        sdm.load(str(tmp_path / "missing"))
 
 
 def test_flax_folder_roundtrip_and_bf16(tmp_path):
@@ -257,7 +287,7 @@ class Recording:
 
 def test_frozen_latents_before_every_unet_call_and_traces_once(models):
     sd = Recording(models["sd"])
-    cfg = GuidanceConfig(num_steps=6, recursive_steps=2, chunk=2, clip=0.0)
+    cfg = GuidanceConfig(num_steps=6, recursive_steps=2, chunk=2, clip=0.0, snapshot_every=4)
     img, flow = _scene(seed=3)
     rng = np.random.default_rng(2)
     traj = rng.standard_normal((6, 1, 4, 32, 32)).astype(np.float32)
@@ -267,8 +297,22 @@ def test_frozen_latents_before_every_unet_call_and_traces_once(models):
     sampler = GuidedSampler(sd, models["raft"], cfg)
     edit = sampler.prepare(img, flow, cond, uncond, frozen=frozen, trajectory=traj)
     z_T = rng.standard_normal((1, 4, 32, 32)).astype(np.float32)
-    state, logs, _ = sampler.sample(edit, sampler.init(edit, z_T, seeds=0))
+    lines = []
+    state, logs, snaps = sampler.sample(
+        edit, sampler.init(edit, z_T, seeds=0), on_chunk=Progress(6, 2, print_fn=lines.append)
+    )
     assert int(state.step) == 6 and logs["energy"].shape == (6, 2, 1)
+    assert len(lines) == 3 and "evals/s" in lines[-1] and "ETA" in lines[-1], lines
+    assert sorted(snaps) == [0, 4] and snaps[4].shape == (1, H, W, 3)
+    # the snapshot is the first evaluation's decoded x0 estimate of that step
+    base, i = models["sd"], 4
+    z_in = jnp.asarray(sd.seen[2 * i])  # [z, z] for [uncond, cond]
+    t = jnp.full((2,), sampler.schedule.timesteps[i])
+    e = base.eps(base.params, z_in, t, jnp.concatenate([edit.uncond, edit.cond]))
+    eps = e[:1] + cfg.cfg_scale * (e[1:] - e[:1])
+    x0 = base.decode(base.params, ddim.predict_x0(z_in[:1], eps, sampler.schedule.abar[i]))
+    x0 = x0 * 0.5 + 0.5
+    np.testing.assert_allclose(snaps[4], np.asarray(x0), atol=1e-4)
     assert len(sd.seen) == 6 * 2
     mask = np.broadcast_to(frozen, (1, 4, 32, 32))
     for n, z in enumerate(sd.seen):
@@ -279,6 +323,12 @@ def test_frozen_latents_before_every_unet_call_and_traces_once(models):
     # a second edit of the same shapes reuses the compiled chunk
     edit2 = sampler.prepare(1 - img, -flow, cond, uncond, frozen=frozen, trajectory=traj * 0.5)
     sampler.sample(edit2, sampler.init(edit2, z_T, seeds=1))
+    # divergence is noticed and named, not returned as an image
+    huge = np.ones(6, np.float32)
+    huge[3] = 1e38
+    edit3 = sampler.prepare(img, flow, cond, uncond, frozen=frozen, trajectory=traj, schedule=huge)
+    with pytest.raises(DivergenceError, match=r"DDIM steps 2\.\.3"):
+        sampler.sample(edit3, sampler.init(edit3, z_T, seeds=0))
     assert sampler.traces == 1
 
 
@@ -395,6 +445,7 @@ def test_bad_inputs_rejected_before_compute(models):
         (dict(target_flow=np.where(flow > 2, np.nan, flow)), "NaN or inf"),
         (dict(frozen=np.zeros((1, 4, 16, 16), bool)), "frozen mask shape"),
         (dict(schedule=np.ones(5)), "guidance schedule has 5 entries"),
+        (dict(schedule=np.full(4, np.inf)), "schedule contains NaN"),
         (dict(z0=None, trajectory=np.zeros((3, 1, 4, 32, 32))), "has 3 steps"),
         (dict(source=img[:, :112, :112], target_flow=flow[:, :112, :112]), "not a multiple of 32"),
         (dict(z0=None), "exactly one of"),

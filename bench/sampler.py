@@ -1,0 +1,243 @@
+"""Guided-sampler cost: (a) tiny models, JAX vs the PyTorch reference transcription, same run;
+(b) full SD v1.4 + RAFT-large shapes: XLA's FLOP count and peak memory of one guided evaluation.
+
+  python bench/sampler.py tiny [--steps 2] [--recursive 2] [--repeats 3]
+  python bench/sampler.py full [--dtype float32 bfloat16] [--raft-iters 5]
+
+(a) builds random tiny models in torch (UNet2DConditionModel, AutoencoderKL, CLIPTextModel,
+torchvision raft_small), loads the same weights into mgjax through its from_pt path, and times
+guided evaluations (UNet fwd+bwd at CFG batch 2, VAE decoder fwd+bwd, RAFT fwd+bwd) on 128x128
+images; compile time is reported apart. (b) allocates nothing: parameters are abstract
+(jax.eval_shape), one guided evaluation is lowered and compiled for the current backend, and
+XLA's cost and memory analyses are printed. Nothing is downloaded.
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from flax import struct  # noqa: E402
+
+from bench.timing import median_time  # noqa: E402
+from flow.raft import Raft, RaftConfig, init_raft, raft_forward  # noqa: E402
+from mgjax import sd as sdm  # noqa: E402
+from mgjax.sampler import Edit, GuidanceConfig, GuidedSampler, eval_noise  # noqa: E402
+
+SD14_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    attention_head_dim=8,
+    cross_attention_dim=768,
+)
+SD14_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=512,
+)
+
+
+def bench_tiny(args):
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import torch_reference
+    from torch_raft import image_pair, random_torchvision_raft
+
+    from flow.checkpoint import load_raft
+    from flow.convert import convert
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**sdm.TINY_UNET).eval()
+    vae = AutoencoderKL(**sdm.TINY_VAE).eval()
+    text = CLIPTextModel(CLIPTextConfig(**sdm.TINY_CLIP)).eval()
+    raft_t = random_torchvision_raft(small=True, seed=3)
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        unet.save_pretrained(d / "unet")
+        vae.save_pretrained(d / "vae")
+        text.save_pretrained(d / "text_encoder")
+        sdm.tiny_tokenizer(d / "tokenizer")
+        torch.save(raft_t.state_dict(), d / "raft.pth")
+        convert(str(d / "raft.pth"), str(d / "raft.mgjax"))
+        sd = sdm.load(str(d), from_pt=True)
+        raft = load_raft(str(d / "raft.mgjax"), context_norm="batch")
+
+    size, steps, k = 128, args.steps, args.recursive
+    a, _ = image_pair(1, size, size)
+    img = a / 255.0
+    flow = np.zeros((1, size, size, 2), np.float32)
+    flow[:, 40:88, 32:80] = (6.0, 4.0)
+    traj = np.random.default_rng(0).standard_normal((500, 1, 4, 32, 32)).astype(np.float32)
+    cond, uncond = np.asarray(sd.embed("a cat")), np.asarray(sd.embed(""))
+    cfg = GuidanceConfig(recursive_steps=k, guidance_weight=30.0, chunk=steps)
+    sampler = GuidedSampler(sd, raft, cfg)
+    edit = sampler.prepare(img, flow, cond, uncond, trajectory=traj)
+    state = sampler.init(edit, traj[0], seeds=0)
+
+    t = time.perf_counter()
+    compiled = sampler._chunk.lower(sd.params, raft, edit, state, length=steps).compile()
+    compile_s = time.perf_counter() - t
+    jax_s = median_time(
+        lambda: jax.block_until_ready(compiled(sd.params, raft, edit, state)), args.repeats
+    )
+
+    keys = np.asarray(state.keys)
+    energy = torch_reference.ReferenceFlowLoss(
+        raft_t, torch.from_numpy(flow).permute(0, 3, 1, 2), 100.0, 3.0, False, True
+    )
+
+    def noise_fn(i, j):
+        noise = eval_noise(keys, i, j, k, (1, 4, 32, 32))
+        return tuple(torch.from_numpy(np.array(n)) for n in noise)
+
+    def run_torch():
+        torch_reference.reference_sample(
+            unet,
+            vae,
+            energy,
+            torch.from_numpy(img).permute(0, 3, 1, 2) * 2 - 1,
+            torch.from_numpy(cond),
+            torch.from_numpy(uncond),
+            torch.from_numpy(traj[0]),
+            noise_fn,
+            max_steps=steps,
+            cached_latents=torch.from_numpy(traj),
+            num_recursive_steps=k,
+            guidance_weight=30.0,
+            clip_grad=200.0,
+        )
+
+    torch_s = median_time(run_torch, args.repeats)
+    evals = steps * k
+    print(
+        f"tiny guided sampler, {size}x{size} images, {steps} DDIM steps x {k} recursive "
+        f"= {evals} guided evaluations, backend {jax.default_backend()}"
+    )
+    print(
+        f"  jax   : {evals / jax_s:7.2f} evals/s  ({jax_s / evals * 1e3:.1f} ms/eval; "
+        f"compile {compile_s:.1f} s)"
+    )
+    print(f"  torch : {evals / torch_s:7.2f} evals/s  ({torch_s / evals * 1e3:.1f} ms/eval)")
+    print(f"  speed-up jax/torch: {torch_s / jax_s:.2f}x")
+
+
+@struct.dataclass
+class Unrolled:
+    """RAFT with its refinement scan unrolled: XLA's cost analysis counts a loop body once."""
+
+    raft: Raft
+
+    def __call__(self, image1, image2, iters):
+        net = self.raft
+        return raft_forward(net.config, net.variables, image1, image2, iters, unroll=True)
+
+
+def bench_full(args):
+    for dtype in args.dtype:
+        _full_one(dtype, args.raft_iters)
+
+
+def _full_one(dtype: str, raft_iters: int):
+    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
+
+    jdt = sdm.DTYPES[dtype]
+    unet = FlaxUNet2DConditionModel(**SD14_UNET, dtype=jdt)
+    vae = FlaxAutoencoderKL(**SD14_VAE, dtype=jdt)
+    shapes = {
+        "unet": jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0)),
+        "vae": jax.eval_shape(vae.init_weights, jax.random.PRNGKey(0)),
+    }
+    params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jdt), shapes)
+    sd = sdm.StableDiffusion(unet, vae, None, None, params, jdt)
+    rcfg = RaftConfig(small=False, context_norm="batch", dtype=dtype)
+    raft_vars = jax.eval_shape(lambda k: init_raft(rcfg, k), jax.random.PRNGKey(0))
+    raft = Unrolled(Raft(raft_vars, rcfg))
+    cfg = GuidanceConfig(raft_iters=raft_iters)
+    sampler = GuidedSampler(sd, raft, cfg)
+    b, h, w = 1, 512, 512
+    f32 = jnp.float32
+    edit = Edit(
+        source=jax.ShapeDtypeStruct((b, h, w, 3), f32),
+        target_flow=jax.ShapeDtypeStruct((b, h, w, 2), f32),
+        occlusion=jax.ShapeDtypeStruct((b, h, w, 1), f32),
+        frozen=jax.ShapeDtypeStruct((b, 4, 64, 64), jnp.bool_),
+        cond=jax.ShapeDtypeStruct((b, 77, 768), f32),
+        uncond=jax.ShapeDtypeStruct((b, 77, 768), f32),
+        schedule=jax.ShapeDtypeStruct((500,), f32),
+        trajectory=jax.ShapeDtypeStruct((500, b, 4, 64, 64), f32),
+    )
+    z = jax.ShapeDtypeStruct((b, 4, 64, 64), f32)
+    keys = jax.ShapeDtypeStruct((b, 2), jnp.uint32)
+
+    def one_eval(params, raft, edit, z, keys):
+        return sampler._evaluate(params, raft, edit, z, 0, 0, keys)[0]
+
+    t = time.perf_counter()
+    compiled = jax.jit(one_eval).lower(params, raft, edit, z, keys).compile()
+    compile_s = time.perf_counter() - t
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    mem = compiled.memory_analysis()
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    flops = cost.get("flops", float("nan"))
+    print(
+        f"SD v1.4 UNet (CFG batch 2) + VAE decoder + RAFT-large ({raft_iters} iters), "
+        f"512x512, one guided evaluation (fwd+bwd), {dtype}, backend "
+        f"{jax.default_backend()}:"
+    )
+    print(f"  parameters (UNet+VAE): {n_params / 1e6:.0f} M")
+    print(
+        f"  XLA flops: {flops / 1e12:.2f} TFLOP per evaluation "
+        f"-> {flops * 5000 / 1e15:.1f} PFLOP per edit at paper settings (500 x 10)"
+    )
+    if mem is not None:
+        gib = 2**30
+        print(
+            f"  memory: arguments {mem.argument_size_in_bytes / gib:.2f} GiB, temporaries "
+            f"{mem.temp_size_in_bytes / gib:.2f} GiB, output "
+            f"{mem.output_size_in_bytes / gib:.3f} GiB, peak ~"
+            f"{(mem.argument_size_in_bytes + mem.temp_size_in_bytes) / gib:.2f} GiB"
+        )
+    print(f"  compile: {compile_s:.1f} s")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    tiny = sub.add_parser("tiny")
+    tiny.add_argument("--steps", type=int, default=2)
+    tiny.add_argument("--recursive", type=int, default=2)
+    tiny.add_argument("--repeats", type=int, default=3)
+    full = sub.add_parser("full")
+    full.add_argument(
+        "--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"]
+    )
+    full.add_argument("--raft-iters", type=int, default=5)
+    args = parser.parse_args()
+    bench_tiny(args) if args.mode == "tiny" else bench_full(args)
+
+
+if __name__ == "__main__":
+    main()
