@@ -1,0 +1,140 @@
+"""Motion primitives vs their analytic formulas, composition, masks, the automatic frozen mask."""
+
+import numpy as np
+import pytest
+
+from flow.errors import UserError
+from mgjax.motion import (
+    auto_frozen_mask,
+    box_mask,
+    centroid,
+    motion_flow,
+    parse_motion,
+)
+
+H, W = 48, 64
+YS, XS = np.mgrid[0:H, 0:W].astype(np.float64)
+
+
+def _flow(spec, center=(0.0, 0.0), mask=None):
+    return motion_flow(parse_motion(spec, center), H, W, mask).astype(np.float64)
+
+
+def test_translate():
+    f = _flow("translate:5,-3.5")
+    np.testing.assert_allclose(f[..., 0], 5.0)
+    np.testing.assert_allclose(f[..., 1], -3.5)
+
+
+@pytest.mark.parametrize("deg", [30.0, -90.0, 180.0])
+def test_rotate_is_the_true_displacement(deg):
+    """f = (R - I)(p - c), R counter-clockwise on screen (y down): not the GUI's R(p - c)."""
+    cx, cy = 20.0, 10.0
+    f = _flow(f"rotate:{deg}@{cx},{cy}")
+    t = np.deg2rad(deg)
+    dx, dy = XS - cx, YS - cy
+    # counter-clockwise on screen = clockwise in y-down maths coordinates
+    ex = np.cos(t) * dx + np.sin(t) * dy - dx
+    ey = -np.sin(t) * dx + np.cos(t) * dy - dy
+    np.testing.assert_allclose(f[..., 0], ex, atol=1e-4)
+    np.testing.assert_allclose(f[..., 1], ey, atol=1e-4)
+    assert np.abs(f[int(cy), int(cx)]).max() < 1e-4  # the centre stays
+
+
+def test_rotate_90_moves_right_of_centre_to_above():
+    f = _flow("rotate:90@10,10")
+    np.testing.assert_allclose(f[10, 20], [-10.0, -10.0], atol=1e-4)  # (20,10) -> (10,0)
+
+
+def test_scale_and_default_centre():
+    f = _flow("scale:1.5", center=(30.0, 20.0))
+    np.testing.assert_allclose(f[..., 0], 0.5 * (XS - 30.0), atol=1e-4)
+    np.testing.assert_allclose(f[..., 1], 0.5 * (YS - 20.0), atol=1e-4)
+
+
+def test_stretch_along_direction():
+    s, deg, c = 1.3, 30.0, np.array([32.0, 24.0])
+    f = _flow(f"stretch:{s},{deg}@32,24")
+    d = np.array([np.cos(np.deg2rad(deg)), -np.sin(np.deg2rad(deg))])
+    proj = (XS - c[0]) * d[0] + (YS - c[1]) * d[1]
+    np.testing.assert_allclose(f[..., 0], (s - 1) * proj * d[0], atol=1e-4)
+    np.testing.assert_allclose(f[..., 1], (s - 1) * proj * d[1], atol=1e-4)
+
+
+def test_homography_maps_the_four_points():
+    src = [(10, 10), (50, 10), (50, 40), (10, 40)]
+    dst = [(12, 14), (48, 8), (52, 44), (6, 38)]
+    spec = "homography:" + ",".join(f"{x},{y}" for x, y in src) + ":"
+    spec += ",".join(f"{x},{y}" for x, y in dst)
+    f = _flow(spec)
+    for (x, y), (u, v) in zip(src, dst, strict=True):
+        np.testing.assert_allclose(f[y, x], [u - x, v - y], atol=1e-3)
+    # a pure translation written as a homography is that translation everywhere
+    g = _flow("homography:0,0,10,0,10,10,0,10:3,4,13,4,13,14,3,14")
+    np.testing.assert_allclose(g, _flow("translate:3,4"), atol=1e-4)
+
+
+def test_composition_applies_left_to_right():
+    f = _flow("rotate:90@0,0+translate:10,0")
+    # p -> R p -> R p + (10, 0)
+    ex = YS + 10.0 - XS  # R(x, y) = (y, -x) for 90 deg counter-clockwise on screen
+    ey = -XS - YS
+    np.testing.assert_allclose(f[..., 0], ex, atol=1e-4)
+    np.testing.assert_allclose(f[..., 1], ey, atol=1e-4)
+    other = _flow("translate:10,0+rotate:90@0,0")
+    assert np.abs(other - f).max() > 1.0  # order matters
+
+
+def test_mask_and_box():
+    mask = box_mask("8,4,24,20", H, W)
+    assert mask.sum() == 16 * 16 and mask[4, 8] and not mask[20, 24]
+    assert centroid(mask) == (15.5, 11.5)
+    f = _flow("translate:3,0", mask=mask)
+    assert (f[mask] == [3.0, 0.0]).all() and (f[~mask] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("translate:1", "needs 2 numbers"),
+        ("rotate:abc", "not a list of numbers"),
+        ("twist:3", "unknown motion 'twist'"),
+        ("scale:-1", "must be > 0"),
+        ("homography:0,0,1,1,2,2,3,3:0,0,1,1,2,2,3,3", "collinear"),
+        ("homography:0,0,1,0,1,1,0,1", "needs source and target"),
+        ("", "empty"),
+    ],
+)
+def test_syntax_errors_show_an_example(spec, message):
+    with pytest.raises(UserError, match=message):
+        parse_motion(spec, (0.0, 0.0))
+    if "numbers" in message or "unknown" in message:
+        with pytest.raises(UserError, match="e.g. rotate:30"):
+            parse_motion(spec, (0.0, 0.0))
+
+
+def test_box_errors():
+    with pytest.raises(UserError, match="needs 0 <= x0 < x1"):
+        box_mask("10,10,5,20", H, W)
+
+
+def test_auto_frozen_mask_known_case():
+    """A 16x16 square at (16..32, 16..32) moved 8 px right, factor 8 latents, dilation 1."""
+    mask = box_mask("16,16,32,32", H, W)
+    flow = _flow("translate:8,0", mask=mask).astype(np.float32)
+    frozen = auto_frozen_mask(flow, factor=8, dilate=1)
+    assert frozen.shape == (1, 1, 6, 8) and frozen.dtype == bool
+    editable = ~frozen[0, 0]
+    expected = np.zeros((6, 8), bool)
+    expected[2:4, 2:5] = True  # source cells x 2..3, landing x 3..4 (pixels 24..39), y 2..3
+    expected[1:5, 1:6] = True  # dilated by one latent pixel
+    np.testing.assert_array_equal(editable, expected)
+
+
+def test_auto_frozen_mask_edge_cases():
+    zero = np.zeros((H, W, 2), np.float32)
+    assert not auto_frozen_mask(zero, 8).any()  # nothing moves: nothing frozen
+    mask = box_mask("0,0,16,16", H, W)
+    away = _flow("translate:-100,0", mask=mask).astype(np.float32)
+    with pytest.raises(UserError, match="entirely out of the frame"):
+        auto_frozen_mask(away, 8)
