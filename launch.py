@@ -1,18 +1,130 @@
-"""mgjax command line: edit an image so that it shows a given motion.
+"""mgjax: edit an image so that it shows a given motion (Motion Guidance, in JAX).
 
-The editing workflow is not implemented yet (it builds on the guided sampler); for now this
-prints its help. Optical flow is available today: python -m flow.estimate --help
+  # a generated source: prompt + seed, then move the object in a box 40 px right
+  python launch.py --prompt "a photo of an apple on a table" --seed 0 \\
+      --motion translate:40,0 --object_box 180,200,330,350 --raft_weights raft-things.pth \\
+      --out_dir out/apple
+  # a real image (inverted first), rotated 30 degrees inside a mask
+  python launch.py --image cat.png --motion rotate:30 --object_mask cat_mask.png ...
+  # the authors' example folders
+  python launch.py --data_dir data/apple --target_flow_name right.pth \\
+      --edit_mask_name right.mask.pth ...
+
+Every guidance flag defaults to the reference's value; --preset fast trades quality for time
+(explicit flags override a preset). Ctrl-C leaves a checkpoint; --resume continues it.
 """
 
-from absl import app, flags
+import sys
 
+from absl import app, flags, logging
+
+from flow.errors import UserError, run_cli
+from mgjax.edit import PRESETS, Options
+
+_P = PRESETS["paper"]
+# source
+flags.DEFINE_string("image", None, "Real source image (RGB); it is DDIM-inverted first.")
+flags.DEFINE_string(
+    "prompt",
+    "",
+    "Prompt: generates the source with --seed when no --image / "
+    "--data_dir is given, and conditions the edit.",
+)
+flags.DEFINE_integer(
+    "seed", 0, "Seed of the generated source's z_T and of the re-noising (sample n uses seed + n)."
+)
+flags.DEFINE_string(
+    "data_dir", None, "A folder in the reference format (pred.png, start_zt.pth, latents/, flows/)."
+)
+flags.DEFINE_string("target_flow_name", None, "With --data_dir: the flow file in flows/.")
+flags.DEFINE_string("edit_mask_name", None, "With --data_dir: the frozen mask in flows/.")
+flags.DEFINE_bool("resize", False, "Resize an --image whose size the model cannot take.")
+# models
+flags.DEFINE_string("model", "CompVis/stable-diffusion-v1-4", "Hub id or local diffusers folder.")
+flags.DEFINE_string("revision", "flax", "Hub revision (flax or bf16 for SD v1.4).")
+flags.DEFINE_bool("from_pt", False, "The model folder holds PyTorch weights (read without torch).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "UNet/VAE compute dtype.")
+flags.DEFINE_string(
+    "raft_weights",
+    None,
+    "RAFT checkpoint: raft-things.pth (princeton-vl/RAFT) or a file from python -m flow.convert.",
+)
+# motion
+flags.DEFINE_string(
+    "motion",
+    None,
+    "translate:dx,dy | rotate:deg[@cx,cy] | scale:s[@cx,cy] | "
+    "stretch:s,deg[@cx,cy] | homography:<4 src pts>:<4 dst pts>, joined by '+'.",
+)
+flags.DEFINE_string("object_mask", None, "Object mask image (non-zero = object) for --motion.")
+flags.DEFINE_string("object_box", None, "Object box x0,y0,x1,y1 (pixels) for --motion.")
+flags.DEFINE_string("flow", None, "Target flow file instead of --motion: .npy, .flo, .pth.")
+flags.DEFINE_string(
+    "frozen_mask",
+    "auto",
+    "auto (dilated union of where the object is and "
+    "goes), none, or a file (.pth/.npy/.png at latent size).",
+)
+flags.DEFINE_integer("dilate", 2, "Dilation of the automatic frozen mask, in latent pixels.")
+# guidance
+flags.DEFINE_enum(
+    "preset",
+    "paper",
+    sorted(PRESETS),
+    "Values: "
+    + "; ".join(
+        f"{name}: " + ", ".join(f"{k}={v:g}" for k, v in values.items())
+        for name, values in sorted(PRESETS.items())
+    ),
+)
+flags.DEFINE_integer("steps", _P["steps"], "DDIM steps.")
+flags.DEFINE_integer("recursive_steps", _P["recursive_steps"], "Recursive denoising steps K.")
+flags.DEFINE_float("guidance_weight", _P["guidance_weight"], "lambda_g.")
+flags.DEFINE_float("color_weight", _P["color_weight"], "lambda_color.")
+flags.DEFINE_float("flow_weight", _P["flow_weight"], "lambda_flow.")
+flags.DEFINE_float("clip", _P["clip"], "Max L2 norm of the guidance term per image; 0 = off.")
+flags.DEFINE_float("cfg_scale", _P["cfg_scale"], "Classifier-free guidance scale.")
+flags.DEFINE_float("eta", 0.0, "DDIM eta.")
+flags.DEFINE_bool("occlusion_masking", True, "Mask covered background in the colour loss.")
+flags.DEFINE_bool("oracle", False, "Warp with the target flow in the colour loss.")
+flags.DEFINE_string("schedule", None, "Guidance schedule .npy (one multiplier per step).")
+flags.DEFINE_integer("raft_iters", 5, "RAFT iterations inside the energy.")
+flags.DEFINE_integer("chunk", 10, "DDIM steps per compiled chunk (and per checkpoint).")
+# run
+flags.DEFINE_integer("num_samples", 1, "Edits of the same source, as one batch.")
+flags.DEFINE_string("out_dir", None, "Output folder.")
+flags.DEFINE_integer("log_every", 0, "Save the decoded x0 estimate every N steps (0 = never).")
+flags.DEFINE_bool("resume", False, "Continue the run in --out_dir from its checkpoint.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --out_dir.")
+flags.DEFINE_integer("stop_after_chunks", 0, "Testing aid: stop as if interrupted.")
 FLAGS = flags.FLAGS
 
 
+def options() -> Options:
+    """Options from the flags: a preset's values unless the flag was given explicitly."""
+    if not FLAGS.out_dir:
+        raise UserError("--out_dir is required")
+    values = {f.name: getattr(FLAGS, f.name) for f in Options.__dataclass_fields__.values()}
+    for name, value in PRESETS[FLAGS.preset].items():
+        if not FLAGS[name].present:
+            values[name] = value
+    return Options(**values)
+
+
 def main(argv: list[str]) -> None:
-    del argv
-    print(__doc__.strip())
-    print("\nUsage: python launch.py --helpfull")
+    logging.set_verbosity(logging.WARNING)
+
+    def run() -> None:
+        if len(argv) > 1:
+            raise UserError(f"unexpected arguments {argv[1:]}; see --help")
+        from mgjax.edit import run as run_edit
+
+        try:
+            run_edit(options(), log=lambda s: print(s, flush=True))
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+    run_cli(run)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,9 @@ class GuidedSampler:
         self.schedule = ddim.make_schedule(config.num_steps)
         self.dtype = getattr(sd, "out_dtype", jnp.float32)  # float64 only in exactness tests
         self.traces = 0  # how many times a chunk function was traced (a retrace tripwire)
+        self.compile_seconds = 0.0  # time spent tracing + compiling chunk functions
         self._chunk = jax.jit(self._chunk_fn, static_argnames=("length",))
+        self._compiled: dict = {}
 
     # ------------------------------------------------------------------ inputs
 
@@ -334,8 +336,16 @@ class GuidedSampler:
         length = min(length or self.config.chunk, left)
         if length <= 0:
             raise UserError("the sampler state is already at the last DDIM step")
-        params = self.sd.params
-        return self._chunk(params, self.raft, edit, state, length=length)
+        args = (self.sd.params, self.raft, edit, state)
+        leaves, treedef = jax.tree_util.tree_flatten(args)
+        key = (length, treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+        fn = self._compiled.get(key)
+        if fn is None:  # compile ahead of time, so that compile time is measured apart
+            t = time.perf_counter()
+            fn = self._chunk.lower(*args, length=length).compile()
+            self.compile_seconds += time.perf_counter() - t
+            self._compiled[key] = fn
+        return fn(*args)
 
     def sample(
         self,
@@ -377,24 +387,25 @@ class GuidedSampler:
 
 
 class Progress:
-    """Prints steps/s, evaluations/s, ETA and the mean energy after each chunk."""
+    """A progress bar with steps, evaluations/s and ETA, printed after each chunk."""
 
-    def __init__(self, total_steps: int, recursive_steps: int, print_fn=print):
-        self.total, self.k, self.print = total_steps, recursive_steps, print_fn
-        self.t0 = time.perf_counter()
-        self.first = None
+    def __init__(self, total_steps: int, recursive_steps: int, print_fn=print, width: int = 30):
+        self.total, self.k, self.print, self.width = total_steps, recursive_steps, print_fn, width
+        self.start = None
 
     def __call__(self, state: SamplerState, logs: dict) -> None:
-        done = int(state.step)
-        now = time.perf_counter()
-        if self.first is None:  # the first chunk includes compilation: rate from then on
-            self.first = (done, now)
-            rate = done / max(now - self.t0, 1e-9)
+        done, now = int(state.step), time.perf_counter()
+        n = logs["energy"].shape[0]
+        if self.start is None:  # the rate counts from the end of the first chunk
+            self.start = (done, now)
+            rate = float("nan")
         else:
-            rate = (done - self.first[0]) / max(now - self.first[1], 1e-9)
-        eta = (self.total - done) / max(rate, 1e-9)
-        energy = float(np.mean(logs["energy"][-1]))
+            rate = (done - self.start[0]) / max(now - self.start[1], 1e-9)
+        eta = (self.total - done) / rate if rate == rate and rate > 0 else float("nan")
+        fill = int(self.width * done / self.total)
+        bar = "#" * fill + "." * (self.width - fill)
+        eta_s = "--" if eta != eta else f"{math.floor(eta / 60):d}m{eta % 60:04.1f}s"
         self.print(
-            f"step {done}/{self.total}  {rate:.2f} steps/s  {rate * self.k:.2f} evals/s  "
-            f"ETA {math.floor(eta / 60):d}m{eta % 60:04.1f}s  energy {energy:.4g}"
+            f"[{bar}] {done}/{self.total} steps  {rate * self.k:.2f} evals/s  ETA {eta_s}  "
+            f"energy {float(np.mean(logs['energy'][-1])):.4g}  (chunk of {n})"
         )

@@ -57,7 +57,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float
 
 # Tiny models for tests: same classes as SD v1.x, a few MB of parameters.
 TINY_UNET = dict(
-    sample_size=16,
+    sample_size=32,
     in_channels=4,
     out_channels=4,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),

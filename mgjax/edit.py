@@ -1,0 +1,557 @@
+"""The editing workflow behind launch.py: inputs -> source -> guided sampling -> outputs.
+
+`Options` holds every setting (launch.py fills it from flags); `run(options)` validates all
+cheap inputs before loading a model, writes a checkpoint after every chunk of DDIM steps (so
+Ctrl-C or a kill loses at most one chunk and `resume` continues to the identical image), and
+writes each sample's pictures, metrics and config atomically at the end.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+
+import numpy as np
+
+from flow.errors import UserError
+from flow.files import read_rgb, write_atomic
+
+_PAPER = dict(
+    steps=500,
+    recursive_steps=10,
+    guidance_weight=300.0,
+    color_weight=100.0,
+    flow_weight=3.0,
+    clip=200.0,
+    cfg_scale=7.5,
+)
+# fast: 250 x 4 = 1000 guided evaluations instead of 5000; the weights are the paper's, untuned
+PRESETS = {"paper": _PAPER, "fast": dict(_PAPER, steps=250, recursive_steps=4)}
+
+
+@dataclasses.dataclass
+class Options:
+    out_dir: str
+    raft_weights: str
+    image: str | None = None
+    prompt: str = ""
+    seed: int = 0
+    data_dir: str | None = None
+    target_flow_name: str | None = None
+    edit_mask_name: str | None = None
+    resize: bool = False
+    model: str = "CompVis/stable-diffusion-v1-4"
+    revision: str | None = "flax"
+    from_pt: bool = False
+    dtype: str = "float32"
+    motion: str | None = None
+    object_mask: str | None = None
+    object_box: str | None = None
+    flow: str | None = None
+    frozen_mask: str = "auto"
+    dilate: int = 2
+    steps: int = 500
+    recursive_steps: int = 10
+    guidance_weight: float = 300.0
+    color_weight: float = 100.0
+    flow_weight: float = 3.0
+    clip: float = 200.0
+    cfg_scale: float = 7.5
+    eta: float = 0.0
+    occlusion_masking: bool = True
+    oracle: bool = False
+    schedule: str | None = None
+    raft_iters: int = 5
+    chunk: int = 10
+    num_samples: int = 1
+    log_every: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    stop_after_chunks: int = 0  # testing aid: simulate an interruption
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _exists(path: str, what: str) -> None:
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such {what}")
+
+
+def read_mask_image(path: str, h: int, w: int) -> np.ndarray:
+    """A mask PNG/JPG (non-zero = object) or .npy (bool/0-1) -> bool[H,W] of the image size."""
+    _exists(path, "mask file")
+    if path.endswith(".npy"):
+        m = np.load(path, allow_pickle=False)
+    else:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                m = np.asarray(im.convert("L"))
+        except (UnidentifiedImageError, OSError) as e:
+            raise UserError(f"{path}: not a readable mask image ({e})") from None
+    m = np.asarray(m)
+    if m.ndim == 3:
+        m = m[..., 0]
+    if m.shape != (h, w):
+        raise UserError(f"{path}: mask is {m.shape[1]}x{m.shape[0]} but the image is {w}x{h}")
+    return m > (127 if m.dtype == np.uint8 else 0.5)
+
+
+def read_flow_file(path: str, h: int, w: int) -> np.ndarray:
+    """.npy (H,W,2), .flo, or a reference .pth (1,2,H,W) -> f32[H,W,2]."""
+    _exists(path, "flow file")
+    if path.endswith(".npy"):
+        f = np.load(path, allow_pickle=False)
+    elif path.endswith(".flo"):
+        from flow.flo import read_flo
+
+        f = read_flo(path)
+    elif path.endswith(".pth"):
+        from flow.pth import read_pth
+
+        f = read_pth(path)
+        if not isinstance(f, np.ndarray):
+            raise UserError(f"{path}: expected one flow tensor (1, 2, H, W)")
+        f = np.transpose(f.reshape((-1,) + f.shape[-3:])[0], (1, 2, 0))
+    else:
+        raise UserError(f"{path}: flow files must be .npy, .flo or .pth")
+    f = np.asarray(f, np.float32)
+    if f.shape != (h, w, 2):
+        raise UserError(f"{path}: flow is {f.shape} but the image needs ({h}, {w}, 2)")
+    if not np.isfinite(f).all():
+        raise UserError(f"{path}: flow contains NaN or inf values")
+    return f
+
+
+def read_frozen(path: str, lat_shape) -> np.ndarray:
+    """A frozen mask file: reference .pth (1,4,h,w) bool, .npy, or a PNG at latent size."""
+    _exists(path, "frozen mask file")
+    if path.endswith(".pth"):
+        from flow.pth import read_pth
+
+        m = read_pth(path)
+    elif path.endswith(".npy"):
+        m = np.load(path, allow_pickle=False)
+    else:
+        m = read_mask_image(path, lat_shape[-2], lat_shape[-1])
+    m = np.asarray(m).astype(bool)
+    m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+    if m.shape[-2:] != tuple(lat_shape[-2:]):
+        raise UserError(
+            f"{path}: frozen mask is {m.shape[-1]}x{m.shape[-2]}, the latent grid is "
+            f"{lat_shape[-1]}x{lat_shape[-2]}"
+        )
+    return m[:1]
+
+
+def _config_digest(o: Options) -> str:
+    keep = {
+        k: v
+        for k, v in dataclasses.asdict(o).items()
+        if k not in ("resume", "overwrite", "stop_after_chunks", "out_dir", "log_every")
+    }
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_options(o: Options) -> None:
+    """Everything that can be checked without a model, before anything is loaded or written."""
+    kinds = [k for k, v in (("--image", o.image), ("--data_dir", o.data_dir)) if v]
+    if len(kinds) > 1:
+        raise UserError("give one source: --image (real image), --data_dir, or --prompt alone")
+    if not o.image and not o.data_dir and not o.prompt:
+        raise UserError("no source: give --image PATH, --data_dir PATH, or --prompt TEXT")
+    if o.image:
+        _exists(o.image, "image file")
+    if o.data_dir:
+        _exists(o.data_dir, "data folder")
+    motions = [k for k, v in (("--motion", o.motion), ("--flow", o.flow)) if v]
+    if len(motions) > 1:
+        raise UserError("give --motion or --flow, not both")
+    if not motions and not (o.data_dir and o.target_flow_name):
+        raise UserError(
+            "no motion: give --motion (e.g. translate:40,0), --flow FILE, or --data_dir with "
+            "--target_flow_name"
+        )
+    if o.object_mask and o.object_box:
+        raise UserError("give --object_mask or --object_box, not both")
+    if o.motion:
+        from mgjax.motion import parse_motion
+
+        parse_motion(o.motion, (0.0, 0.0))  # syntax errors now, not after loading models
+    if o.object_mask:
+        _exists(o.object_mask, "object mask file")
+    if o.flow:
+        _exists(o.flow, "flow file")
+    if not o.raft_weights:
+        raise UserError(
+            "--raft_weights is required: download raft-things.pth (princeton-vl/RAFT, "
+            "download_models.sh) and pass it, or convert it with python -m flow.convert"
+        )
+    _exists(o.raft_weights, "RAFT weights file (get raft-things.pth from princeton-vl/RAFT)")
+    if o.schedule:
+        _exists(o.schedule, "guidance schedule file")
+    for name in ("steps", "recursive_steps", "num_samples", "chunk", "raft_iters"):
+        if getattr(o, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if o.log_every < 0 or o.dilate < 0:
+        raise UserError("--log_every and --dilate must be >= 0")
+    if o.resume and o.overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    if os.path.exists(o.out_dir) and not (o.resume or o.overwrite):
+        raise UserError(
+            f"{o.out_dir} exists; pass --resume to continue it or --overwrite to replace it"
+        )
+    if o.resume and not os.path.isfile(os.path.join(o.out_dir, "checkpoint.npz")):
+        raise UserError(f"--resume: no checkpoint.npz in {o.out_dir}; start without --resume")
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _load_models(o: Options):
+    from flow.checkpoint import load_raft
+    from mgjax import sd as sdm
+
+    if os.path.isdir(o.model) or o.model == "CompVis/stable-diffusion-v1-4" or "/" in o.model:
+        sd = sdm.load(o.model, revision=o.revision, dtype=o.dtype, from_pt=o.from_pt)
+    else:
+        raise UserError(f"--model {o.model}: give a hub id (owner/name) or a local folder")
+    raft = load_raft(o.raft_weights, context_norm="batch")
+    return sd, raft
+
+
+def _source_image(o: Options, sd):
+    """(H, W, source image f32[1,H,W,3] in [0,1] or None if generated later, reference data)."""
+    from mgjax.reference import read_reference_folder
+
+    if o.data_dir:
+        data = read_reference_folder(o.data_dir, o.target_flow_name, o.edit_mask_name, o.steps)
+        if data.trajectory is None or data.z_T is None:
+            raise UserError(f"{o.data_dir}: needs start_zt.pth and latents/zt.*.pth")
+        image = _fit(data.source, sd, False, os.path.join(o.data_dir, "pred.png"))
+        return image.shape[1], image.shape[2], image, data
+    if o.image:
+        image = _fit(read_rgb(o.image)[None] / 255.0, sd, o.resize, o.image)
+        return image.shape[1], image.shape[2], image, None
+    size = sd.unet.config.sample_size * sd.vae_factor
+    return size, size, None, None
+
+
+def _source(o: Options, sd, uncond, cond, out_dir, log, image, data):
+    """(image f32[1,H,W,3] in [0,1], z_T, latents f32[S,1,C,h,w]); cached in out_dir."""
+    import jax
+    import jax.numpy as jnp
+
+    from mgjax import source as src_lib
+
+    cache = os.path.join(out_dir, "source.npz")
+    if os.path.isfile(cache):
+        with np.load(cache, allow_pickle=False) as z:
+            return z["image"], z["z_T"], z["latents"]
+    if data is not None:
+        z_T, latents = data.z_T, data.trajectory
+    elif image is not None:
+        log(f"inverting {o.image} over {o.steps} DDIM steps ...")
+        traj = src_lib.invert(sd, image, uncond, uncond, o.steps, o.cfg_scale, chunk=50)
+        z_T, latents = traj.z_T, traj.latents
+    else:
+        h = sd.unet.config.sample_size
+        z_T = np.asarray(
+            jax.random.normal(jax.random.PRNGKey(o.seed), (1, sd.latent_channels, h, h))
+        )
+        log(f"generating the source from {o.prompt!r}, seed {o.seed} ...")
+        traj = src_lib.generate(sd, z_T, cond, uncond, o.steps, o.cfg_scale, chunk=50)
+        x = np.asarray(jax.jit(sd.decode)(sd.params, jnp.asarray(traj.z0)))
+        image = np.rint(np.clip(x * 0.5 + 0.5, 0.0, 1.0) * 255.0) / 255.0  # as its PNG holds it
+        latents = traj.latents
+    image = np.asarray(image, np.float32)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                image=image,
+                z_T=np.asarray(z_T, np.float32),
+                latents=np.asarray(latents, np.float32),
+            )
+
+    write_atomic(cache, write)
+    return image, np.asarray(z_T, np.float32), np.asarray(latents, np.float32)
+
+
+def _fit(image, sd, resize: bool, path: str):
+    factor = sd.vae_factor * 8
+    h, w = image.shape[1:3]
+    if h % factor == 0 and w % factor == 0:
+        return image
+    th, tw = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
+    if not resize:
+        raise UserError(
+            f"{path}: {w}x{h} is not a multiple of {factor}; resize it to {tw}x{th} "
+            "(or pass --resize)"
+        )
+    from PIL import Image
+
+    im = Image.fromarray(np.clip(np.rint(image[0] * 255), 0, 255).astype(np.uint8))
+    return (np.asarray(im.resize((tw, th), Image.LANCZOS), np.float32) / 255.0)[None]
+
+
+def _target(o: Options, data, h: int, w: int):
+    """(flow f32[H,W,2], object mask bool[H,W] or None)."""
+    from mgjax.motion import box_mask, centroid, motion_flow, parse_motion
+
+    obj = None
+    if o.object_mask:
+        obj = read_mask_image(o.object_mask, h, w)
+        if not obj.any():
+            raise UserError(f"{o.object_mask}: the object mask is empty")
+    elif o.object_box:
+        obj = box_mask(o.object_box, h, w)
+    if o.flow:
+        return read_flow_file(o.flow, h, w), obj
+    if o.motion:
+        center = centroid(obj) if obj is not None else ((w - 1) / 2, (h - 1) / 2)
+        flow = motion_flow(parse_motion(o.motion, center), h, w, obj)
+        return flow, obj
+    f = data.target_flow[0]
+    if f.shape[:2] != (h, w):
+        raise UserError(f"{o.target_flow_name}: flow is {f.shape[:2]}, the image {(h, w)}")
+    return f, obj
+
+
+def run(o: Options, log=print) -> str:
+    """The whole edit. Returns the output folder."""
+    check_options(o)
+    t_start = time.perf_counter()
+    schedule = None
+    if o.schedule:
+        try:
+            schedule = np.load(o.schedule, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{o.schedule}: not a readable .npy schedule ({e})") from None
+    digest = _config_digest(o)
+    ckpt_path = os.path.join(o.out_dir, "checkpoint.npz")
+    if o.resume:
+        with np.load(ckpt_path, allow_pickle=False) as c:
+            if str(c["digest"]) != digest:
+                raise UserError(
+                    f"--resume: the settings differ from the run in {o.out_dir}; use the same "
+                    "flags, or --overwrite to start again"
+                )
+
+    created = o.overwrite or not os.path.exists(o.out_dir)
+    try:
+        return _run(o, digest, ckpt_path, schedule, log, t_start)
+    except UserError:
+        if created and os.path.isdir(o.out_dir) and not os.path.exists(ckpt_path):
+            shutil.rmtree(o.out_dir)  # nothing half-written
+        raise
+
+
+def _run(o, digest, ckpt_path, schedule, log, t_start):
+    import jax
+    import jax.numpy as jnp
+
+    from mgjax.motion import auto_frozen_mask
+    from mgjax.sampler import DivergenceError, GuidanceConfig, GuidedSampler, Progress
+
+    sd, raft = _load_models(o)
+    h, w, image, data = _source_image(o, sd)
+    flow, obj = _target(o, data, h, w)  # cheap checks before the expensive source trajectory
+    cond, uncond = sd.embed(o.prompt), sd.embed("")
+    if o.overwrite and os.path.exists(o.out_dir):
+        shutil.rmtree(o.out_dir)  # only now that the inputs were read and checked
+    os.makedirs(o.out_dir, exist_ok=True)
+    image, z_T, latents = _source(o, sd, uncond, cond, o.out_dir, log, image, data)
+    lat = (1, sd.latent_channels, h // sd.vae_factor, w // sd.vae_factor)
+    if o.frozen_mask == "auto":
+        frozen = auto_frozen_mask(flow, sd.vae_factor, o.dilate)
+    elif o.frozen_mask == "none":
+        frozen = np.zeros(lat, bool)
+    else:
+        frozen = read_frozen(o.frozen_mask, lat)
+    if data is not None and data.frozen is not None and o.frozen_mask == "auto":
+        frozen = data.frozen
+    if data is not None and data.schedule is not None and schedule is None:
+        schedule = data.schedule[: o.steps]
+
+    b = o.num_samples
+    shared = (
+        "recursive_steps",
+        "guidance_weight",
+        "flow_weight",
+        "color_weight",
+        "clip",
+        "cfg_scale",
+        "eta",
+        "occlusion_masking",
+        "oracle",
+        "raft_iters",
+        "chunk",
+    )
+    cfg = GuidanceConfig(
+        num_steps=o.steps, snapshot_every=o.log_every, **{k: getattr(o, k) for k in shared}
+    )
+    sampler = GuidedSampler(sd, raft, cfg)
+    rep = lambda x: np.repeat(np.asarray(x), b, axis=0)  # noqa: E731
+    edit = sampler.prepare(
+        rep(image),
+        rep(flow[None]),
+        cond,
+        uncond,
+        frozen=rep(np.broadcast_to(frozen, lat)),
+        trajectory=np.repeat(latents, b, axis=1),
+        schedule=schedule,
+    )
+    state = sampler.init(edit, rep(z_T), seeds=[o.seed + n for n in range(b)])
+    logs: dict[str, list] = {}
+    snapshots: dict[int, np.ndarray] = {}
+    if o.resume:
+        with np.load(ckpt_path, allow_pickle=False) as c:
+            state = state.replace(
+                z=jnp.asarray(c["z"]), step=jnp.asarray(c["step"]), keys=jnp.asarray(c["keys"])
+            )
+            logs = {k[4:]: [c[k]] for k in c.files if k.startswith("log_")}
+        log(f"resuming {o.out_dir} at DDIM step {int(state.step)}/{o.steps}")
+
+    progress = Progress(o.steps, o.recursive_steps, print_fn=log)
+    chunks = 0
+    t_run = time.perf_counter()
+    try:
+        while int(state.step) < o.steps:
+            start = int(state.step)
+            state, chunk_logs, snaps = sampler.run_chunk(edit, state)
+            chunk_logs = {k: np.asarray(v) for k, v in chunk_logs.items()}
+            if (
+                not np.isfinite(np.asarray(state.z)).all()
+                or not np.isfinite(chunk_logs["energy"]).all()
+            ):
+                raise DivergenceError(
+                    f"guidance diverged (NaN/inf) in DDIM steps {start}..{int(state.step) - 1}; "
+                    "lower --guidance_weight or --clip; nothing was written for this chunk"
+                )
+            for k, v in chunk_logs.items():
+                logs.setdefault(k, []).append(v)
+            if o.log_every:
+                snaps = np.asarray(snaps)
+                for n in range(snaps.shape[0]):
+                    if (start + n) % o.log_every == 0:
+                        snapshots[start + n] = snaps[n]
+            _save_checkpoint(ckpt_path, state, logs, digest)
+            _save_snapshots(o.out_dir, snapshots, b)
+            snapshots.clear()
+            if chunks == 0:
+                log(f"compiled the guided chunk in {sampler.compile_seconds:.1f} s")
+            progress(state, chunk_logs)
+            chunks += 1
+            if o.stop_after_chunks and chunks >= o.stop_after_chunks:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        log(
+            f"interrupted: checkpoint at DDIM step {int(state.step)} in {ckpt_path}; "
+            "rerun with --resume to continue"
+        )
+        raise
+    except DivergenceError as e:
+        raise UserError(str(e)) from None
+    run_s = time.perf_counter() - t_run
+
+    edited = sampler.decode(state.z)
+    all_logs = {k: np.concatenate(v) for k, v in logs.items()}
+    _write_outputs(
+        o,
+        sd,
+        raft,
+        image,
+        flow,
+        obj,
+        edited,
+        all_logs,
+        sampler,
+        run_s,
+        time.perf_counter() - t_start,
+        jax,
+    )
+    log(f"done: {o.out_dir}")
+    return o.out_dir
+
+
+def _save_checkpoint(path, state, logs, digest):
+    arrays = {f"log_{k}": np.concatenate(v) for k, v in logs.items()}
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                z=np.asarray(state.z),
+                step=np.asarray(state.step),
+                keys=np.asarray(state.keys),
+                digest=np.asarray(digest),
+                **arrays,
+            )
+
+    write_atomic(path, write)
+
+
+def _save_snapshots(out_dir, snapshots, b):
+    from mgjax.outputs import save_png, snapshot_name, to_uint8
+
+    for step, x in snapshots.items():
+        for n in range(b):
+            folder = os.path.join(out_dir, f"sample_{n:02d}", "snapshots")
+            os.makedirs(folder, exist_ok=True)
+            save_png(snapshot_name(folder, step), to_uint8(x[n]))
+
+
+def _write_outputs(o, sd, raft, image, flow, obj, edited, logs, sampler, run_s, wall_s, jax):
+    from flow.viz import flow_to_color
+    from mgjax import outputs as out
+
+    achieved = np.asarray(
+        jax.jit(lambda r, a, c: r(a, c, iters=12))(
+            raft, 255.0 * np.repeat(image, len(edited), 0), 255.0 * edited
+        )
+    )
+    moving = np.any(flow != 0, axis=-1) if obj is None else obj
+    versions = {"python": platform.python_version()}
+    for mod in ("jax", "flax", "diffusers", "transformers", "numpy"):
+        versions[mod] = __import__(mod).__version__
+    for n in range(len(edited)):
+        folder = os.path.join(o.out_dir, f"sample_{n:02d}")
+        os.makedirs(folder, exist_ok=True)
+        src_u8, ed_u8 = out.to_uint8(image[0]), out.to_uint8(edited[n])
+        out.save_png(os.path.join(folder, "source.png"), src_u8)
+        out.save_png(os.path.join(folder, "edited.png"), ed_u8)
+        norm = max(float(np.linalg.norm(flow, axis=-1).max()), 1e-6)
+        out.save_png(os.path.join(folder, "target_flow.png"), flow_to_color(flow, norm))
+        out.save_png(os.path.join(folder, "achieved_flow.png"), flow_to_color(achieved[n], norm))
+        out.save_png(
+            os.path.join(folder, "panel.png"),
+            out.panel(image[0], flow, edited[n], achieved[n], norm),
+        )
+        out.save_toggle_gif(os.path.join(folder, "toggle.gif"), src_u8, ed_u8)
+        curves = {k: logs[k][..., n].reshape(-1) for k in ("energy", "flow_loss", "color_loss")}
+        out.save_png(os.path.join(folder, "losses.png"), out.loss_plot(curves))
+        epe = np.linalg.norm(achieved[n] - flow, axis=-1)
+        metrics = {
+            "flow_epe_inside_object": float(epe[moving].mean()) if moving.any() else None,
+            "flow_epe_outside_object": float(epe[~moving].mean()) if (~moving).any() else None,
+            "flow_l1_final": float(np.abs(achieved[n] - flow).mean()),
+            "raft_iters_for_metrics": 12,
+            "energy_final": float(logs["energy"][-1, -1, n]),
+            "color_loss_final": float(logs["color_loss"][-1, -1, n]),
+            "flow_loss_final": float(logs["flow_loss"][-1, -1, n]),
+            "guided_evaluations": int(logs["energy"].shape[0] * logs["energy"].shape[1]),
+            "sampling_seconds": run_s,
+            "compile_seconds": sampler.compile_seconds,
+            "wall_seconds": wall_s,
+            "seed": o.seed + n,
+        }
+        out.save_json(os.path.join(folder, "metrics.json"), metrics)
+        config = dataclasses.asdict(o) | {"sample_seed": o.seed + n, "versions": versions}
+        out.save_json(os.path.join(folder, "config.json"), config)

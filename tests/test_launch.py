@@ -1,0 +1,162 @@
+"""launch.py end to end on tiny random models: outputs, resume, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flow.errors import UserError
+from mgjax import sd as sdm
+from mgjax.edit import Options, run
+from tests.torch_raft import image_pair, random_torchvision_raft
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 128  # tiny VAE factor 4: latents 4x32x32
+FAST = dict(steps=4, recursive_steps=2, chunk=2, guidance_weight=30.0, clip=10.0)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("launch")
+    sdm.save(sdm.tiny(seed=1), folder / "sd")
+    torch.save(random_torchvision_raft(small=True, seed=2).state_dict(), folder / "raft.pth")
+    a, _ = image_pair(1, SIZE, SIZE, seed=4)
+    Image.fromarray(np.round(a[0]).astype(np.uint8)).save(folder / "image.png")
+    Image.fromarray(np.zeros((SIZE, 100, 3), np.uint8)).save(folder / "odd.png")
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[40:90, 30:80] = 255
+    Image.fromarray(mask).save(folder / "mask.png")
+    return folder
+
+
+def _options(assets, out, **kw):
+    base = dict(
+        out_dir=str(out),
+        raft_weights=str(assets / "raft.pth"),
+        model=str(assets / "sd"),
+        image=str(assets / "image.png"),
+        motion="translate:8,0",
+        object_mask=str(assets / "mask.png"),
+        **FAST,
+    )
+    return Options(**(base | kw))
+
+
+def test_end_to_end_cli_run_writes_every_output(assets, tmp_path):
+    out = tmp_path / "edit"
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch.py"),
+        f"--out_dir={out}",
+        f"--raft_weights={assets / 'raft.pth'}",
+        f"--model={assets / 'sd'}",
+        f"--image={assets / 'image.png'}",
+        "--motion=rotate:20+translate:6,0",
+        f"--object_mask={assets / 'mask.png'}",
+        "--steps=4",
+        "--recursive_steps=2",
+        "--chunk=2",
+        "--guidance_weight=30",
+        "--clip=10",
+        "--log_every=2",
+        "--num_samples=2",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "evals/s" in res.stdout and "ETA" in res.stdout and "compiled" in res.stdout
+    for n in range(2):
+        folder = out / f"sample_{n:02d}"
+        for name in ("edited.png", "source.png", "target_flow.png", "achieved_flow.png"):
+            assert Image.open(folder / name).size == (SIZE, SIZE), name
+        assert Image.open(folder / "panel.png").size == (5 * SIZE, SIZE + 14)
+        gif = Image.open(folder / "toggle.gif")
+        assert gif.n_frames == 2
+        assert Image.open(folder / "losses.png").size == (640, 420)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        for key in (
+            "flow_epe_inside_object",
+            "flow_epe_outside_object",
+            "color_loss_final",
+            "guided_evaluations",
+            "wall_seconds",
+            "compile_seconds",
+        ):
+            assert key in metrics, key
+        assert metrics["guided_evaluations"] == 8
+        config = json.loads((folder / "config.json").read_text())
+        assert config["sample_seed"] == n and config["motion"] == "rotate:20+translate:6,0"
+        assert "jax" in config["versions"]
+        assert sorted(os.listdir(folder / "snapshots")) == ["x0_step0000.png", "x0_step0002.png"]
+    a = np.asarray(Image.open(out / "sample_00" / "edited.png"))
+    b = np.asarray(Image.open(out / "sample_01" / "edited.png"))
+    assert np.abs(a.astype(int) - b).max() > 0  # two samples, two seeds
+
+
+def test_resume_equals_uninterrupted(assets, tmp_path):
+    whole = run(_options(assets, tmp_path / "whole"), log=lambda s: None)
+    with pytest.raises(KeyboardInterrupt):
+        run(_options(assets, tmp_path / "cut", stop_after_chunks=1), log=lambda s: None)
+    assert not (tmp_path / "cut" / "sample_00").exists()  # nothing half-written
+    run(_options(assets, tmp_path / "cut", resume=True), log=lambda s: None)
+    a = np.asarray(Image.open(Path(whole) / "sample_00" / "edited.png"))
+    b = np.asarray(Image.open(tmp_path / "cut" / "sample_00" / "edited.png"))
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(UserError, match="settings differ"):
+        run(_options(assets, tmp_path / "cut", resume=True, seed=3), log=lambda s: None)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(image="missing.png"), "no such image file"),
+        (dict(raft_weights="nope.pth"), "raft-things.pth"),
+        (dict(motion="spin:3"), "unknown motion 'spin'"),
+        (dict(motion=None), "no motion"),
+        (dict(image=None, prompt=""), "no source"),
+        (dict(resume=True), "no checkpoint.npz"),
+        (dict(steps=0), "--steps must be at least 1"),
+    ],
+)
+def test_bad_options_fail_before_loading(assets, tmp_path, change, message):
+    opts = _options(assets, tmp_path / "o", **change)
+    if change.get("image") == "missing.png":
+        opts.image = str(tmp_path / "missing.png")
+    with pytest.raises(UserError, match=message):
+        run(opts, log=lambda s: None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_inputs_after_reading(assets, tmp_path):
+    with pytest.raises(UserError, match="not a multiple of 32; resize it to 96x128"):
+        run(_options(assets, tmp_path / "a", image=str(assets / "odd.png")), log=lambda s: None)
+    with pytest.raises(UserError, match="entirely out of the frame"):
+        run(_options(assets, tmp_path / "b", motion="translate:-500,0"), log=lambda s: None)
+    small = tmp_path / "small.png"
+    Image.fromarray(np.ones((64, 64), np.uint8) * 255).save(small)
+    with pytest.raises(UserError, match="mask is 64x64 but the image is 128x128"):
+        run(_options(assets, tmp_path / "c", object_mask=str(small)), log=lambda s: None)
+
+
+def test_cli_errors_are_one_line(assets, tmp_path):
+    (tmp_path / "exists").mkdir()
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch.py"),
+        f"--out_dir={tmp_path / 'exists'}",
+        f"--raft_weights={assets / 'raft.pth'}",
+        f"--image={assets / 'image.png'}",
+        "--motion=translate:1,0",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'exists'} exists; pass --resume to continue it or --overwrite "
+        "to replace it"
+    ]
+    assert "Traceback" not in res.stderr
