@@ -114,6 +114,11 @@ def options() -> Options:
 def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
 
+    if len(sys.argv) == 1:  # no flags at all: say what this is and how to ask for more
+        print(__doc__.strip())
+        print("\nAll flags: python launch.py --helpshort")
+        return
+
     def run() -> None:
         if len(argv) > 1:
             raise UserError(f"unexpected arguments {argv[1:]}; see --help")
