@@ -363,7 +363,22 @@ def load(
     from_pt: bool = False,
 ) -> StableDiffusion:
     """Load SD from a hub id + revision or a local diffusers folder (Flax or, with from_pt,
-    PyTorch weights). Parameters are cast to `dtype`, which is also the computation dtype."""
+    PyTorch weights). Parameters are cast to `dtype`, which is also the computation dtype.
+    A model that cannot be fetched or read is a one-line UserError."""
+    try:
+        return _load(model, revision, dtype, from_pt)
+    except (OSError, ValueError, KeyError) as e:
+        if isinstance(e, UserError):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"cannot load Stable Diffusion from {model!r} (revision {revision}): {first}; "
+            "give a local diffusers folder with --model (and --from_pt for PyTorch weights), "
+            "or check the hub id, revision and network"
+        ) from None
+
+
+def _load(model, revision, dtype, from_pt) -> StableDiffusion:
     _dtype(dtype)
     where, local = _resolve(model, revision, from_pt)
     rev = None if local else revision

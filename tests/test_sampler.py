@@ -144,6 +144,9 @@ def test_flax_folder_roundtrip_and_bf16(tmp_path):
         sdm.load(str(tmp_path), dtype="float16")
     with pytest.raises(UserError, match="not a diffusers-format folder"):
         sdm.load(str(tmp_path / "unet"))
+    (tmp_path / "vae" / "diffusion_flax_model.msgpack").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="cannot load Stable Diffusion from"):
+        sdm.load(str(tmp_path))
 
 
 def _reference_run(
