@@ -14,6 +14,7 @@ Every guidance flag defaults to the reference's value; --preset fast trades qual
 (explicit flags override a preset). Ctrl-C leaves a checkpoint; --resume continues it.
 """
 
+import functools
 import sys
 
 from absl import app, flags, logging
@@ -22,52 +23,66 @@ from flow.errors import UserError, run_cli
 from mgjax.edit import PRESETS, Options
 
 _P = PRESETS["paper"]
+
+
+class _Group:
+    """flags.DEFINE_<kind> bound to a --helpfull group (absl groups flags by module name)."""
+
+    def __init__(self, name: str):
+        for kind in ("string", "integer", "float", "bool", "enum"):
+            define = getattr(flags, f"DEFINE_{kind}")
+            setattr(self, kind, functools.partial(define, module_name=f"launch.py {name}"))
+
+
+source, models, motion, guidance, run = (
+    _Group(g) for g in ("source", "models", "motion", "guidance", "run")
+)
 # source
-flags.DEFINE_string("image", None, "Real source image (RGB); it is DDIM-inverted first.")
-flags.DEFINE_string(
+source.string("image", None, "Real source image (RGB); it is DDIM-inverted first.")
+source.string(
     "prompt",
     "",
     "Prompt: generates the source with --seed when no --image / "
     "--data_dir is given, and conditions the edit.",
 )
-flags.DEFINE_integer(
+source.integer(
     "seed", 0, "Seed of the generated source's z_T and of the re-noising (sample n uses seed + n)."
 )
-flags.DEFINE_string(
+source.string(
     "data_dir", None, "A folder in the reference format (pred.png, start_zt.pth, latents/, flows/)."
 )
-flags.DEFINE_string("target_flow_name", None, "With --data_dir: the flow file in flows/.")
-flags.DEFINE_string("edit_mask_name", None, "With --data_dir: the frozen mask in flows/.")
-flags.DEFINE_bool("resize", False, "Resize an --image whose size the model cannot take.")
+source.string("target_flow_name", None, "With --data_dir: the flow file in flows/.")
+source.string("edit_mask_name", None, "With --data_dir: the frozen mask in flows/.")
+source.bool("resize", False, "Resize an --image whose size the model cannot take.")
 # models
-flags.DEFINE_string("model", "CompVis/stable-diffusion-v1-4", "Hub id or local diffusers folder.")
-flags.DEFINE_string("revision", "flax", "Hub revision (flax or bf16 for SD v1.4).")
-flags.DEFINE_bool("from_pt", False, "The model folder holds PyTorch weights (read without torch).")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "UNet/VAE compute dtype.")
-flags.DEFINE_string(
+models.string("model", "CompVis/stable-diffusion-v1-4", "Hub id or local diffusers folder.")
+models.string("revision", "flax", "Hub revision (flax or bf16 for SD v1.4).")
+models.bool("from_pt", False, "The model folder holds PyTorch weights (read without torch).")
+models.enum("dtype", "float32", ["float32", "bfloat16"], "UNet/VAE compute dtype.")
+models.string(
     "raft_weights",
     None,
     "RAFT checkpoint: raft-things.pth (princeton-vl/RAFT) or a file from python -m flow.convert.",
 )
 # motion
-flags.DEFINE_string(
+motion.string(
     "motion",
     None,
     "translate:dx,dy | rotate:deg[@cx,cy] | scale:s[@cx,cy] | "
     "stretch:s,deg[@cx,cy] | homography:<4 src pts>:<4 dst pts>, joined by '+'.",
 )
-flags.DEFINE_string("object_mask", None, "Object mask image (non-zero = object) for --motion.")
-flags.DEFINE_string("object_box", None, "Object box x0,y0,x1,y1 (pixels) for --motion.")
-flags.DEFINE_string("flow", None, "Target flow file instead of --motion: .npy, .flo, .pth.")
-flags.DEFINE_string(
+motion.string("object_mask", None, "Object mask image (non-zero = object) for --motion.")
+motion.string("object_box", None, "Object box x0,y0,x1,y1 (pixels) for --motion.")
+motion.string("flow", None, "Target flow file instead of --motion: .npy, .flo, .pth.")
+motion.string(
     "frozen_mask",
     "auto",
     "auto (dilated union of where the object is and "
     "goes), none, or a file (.pth/.npy/.png at latent size).",
 )
-flags.DEFINE_integer("dilate", 2, "Dilation of the automatic frozen mask, in latent pixels.")
+motion.integer("dilate", 2, "Dilation of the automatic frozen mask, in latent pixels.")
 # guidance
-flags.DEFINE_enum(
+guidance.enum(
     "preset",
     "paper",
     sorted(PRESETS),
@@ -77,27 +92,29 @@ flags.DEFINE_enum(
         for name, values in sorted(PRESETS.items())
     ),
 )
-flags.DEFINE_integer("steps", _P["steps"], "DDIM steps.")
-flags.DEFINE_integer("recursive_steps", _P["recursive_steps"], "Recursive denoising steps K.")
-flags.DEFINE_float("guidance_weight", _P["guidance_weight"], "lambda_g.")
-flags.DEFINE_float("color_weight", _P["color_weight"], "lambda_color.")
-flags.DEFINE_float("flow_weight", _P["flow_weight"], "lambda_flow.")
-flags.DEFINE_float("clip", _P["clip"], "Max L2 norm of the guidance term per image; 0 = off.")
-flags.DEFINE_float("cfg_scale", _P["cfg_scale"], "Classifier-free guidance scale.")
-flags.DEFINE_float("eta", 0.0, "DDIM eta.")
-flags.DEFINE_bool("occlusion_masking", True, "Mask covered background in the colour loss.")
-flags.DEFINE_bool("oracle", False, "Warp with the target flow in the colour loss.")
-flags.DEFINE_string("schedule", None, "Guidance schedule .npy (one multiplier per step).")
-flags.DEFINE_integer("raft_iters", 5, "RAFT iterations inside the energy.")
-flags.DEFINE_integer("chunk", 10, "DDIM steps per compiled chunk (and per checkpoint).")
+guidance.integer("steps", _P["steps"], "DDIM steps.")
+guidance.integer("recursive_steps", _P["recursive_steps"], "Recursive denoising steps K.")
+guidance.float("guidance_weight", _P["guidance_weight"], "lambda_g.")
+guidance.float("color_weight", _P["color_weight"], "lambda_color.")
+guidance.float("flow_weight", _P["flow_weight"], "lambda_flow.")
+guidance.float("clip", _P["clip"], "Max L2 norm of the guidance term per image; 0 = off.")
+guidance.float("cfg_scale", _P["cfg_scale"], "Classifier-free guidance scale.")
+guidance.float("eta", 0.0, "DDIM eta.")
+guidance.bool("occlusion_masking", True, "Mask covered background in the colour loss.")
+guidance.bool("oracle", False, "Warp with the target flow in the colour loss.")
+guidance.string("schedule", None, "Guidance schedule .npy (one multiplier per step).")
+guidance.integer("raft_iters", 5, "RAFT iterations inside the energy.")
+guidance.integer("chunk", 10, "DDIM steps per compiled chunk (and per checkpoint).")
 # run
-flags.DEFINE_integer("num_samples", 1, "Edits of the same source, as one batch.")
-flags.DEFINE_string("out_dir", None, "Output folder.")
-flags.DEFINE_integer("log_every", 0, "Save the decoded x0 estimate every N steps (0 = never).")
-flags.DEFINE_bool("resume", False, "Continue the run in --out_dir from its checkpoint.")
-flags.DEFINE_bool("overwrite", False, "Replace an existing --out_dir.")
-flags.DEFINE_integer("stop_after_chunks", 0, "Testing aid: stop as if interrupted.")
+run.integer("num_samples", 1, "Edits of the same source, as one batch.")
+run.string("out_dir", None, "Output folder.")
+run.integer("log_every", 0, "Save the decoded x0 estimate every N steps (0 = never).")
+run.bool("resume", False, "Continue the run in --out_dir from its checkpoint.")
+run.bool("overwrite", False, "Replace an existing --out_dir.")
+run.integer("stop_after_chunks", 0, "Testing aid: stop as if interrupted.")
 FLAGS = flags.FLAGS
+for _name in [*Options.__dataclass_fields__, "preset"]:  # --helpshort lists them all
+    flags.declare_key_flag(_name)
 
 
 def options() -> Options:
@@ -116,10 +133,10 @@ def main(argv: list[str]) -> None:
 
     if len(sys.argv) == 1:  # no flags at all: say what this is and how to ask for more
         print(__doc__.strip())
-        print("\nAll flags: python launch.py --helpshort")
+        print("\nAll flags: python launch.py --helpshort (by group: --helpfull)")
         return
 
-    def run() -> None:
+    def edit() -> None:
         if len(argv) > 1:
             raise UserError(f"unexpected arguments {argv[1:]}; see --help")
         from mgjax.edit import run as run_edit
@@ -129,7 +146,7 @@ def main(argv: list[str]) -> None:
         except KeyboardInterrupt:
             sys.exit(130)
 
-    run_cli(run)
+    run_cli(edit)
 
 
 if __name__ == "__main__":

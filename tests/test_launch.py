@@ -160,3 +160,44 @@ def test_cli_errors_are_one_line(assets, tmp_path):
         "to replace it"
     ]
     assert "Traceback" not in res.stderr
+
+
+def test_reference_data_folder_source(assets, tmp_path):
+    """--data_dir in the authors' format: its latents, flow, frozen mask and schedule are used."""
+    data = tmp_path / "example"
+    (data / "latents").mkdir(parents=True)
+    (data / "flows").mkdir()
+    rng = np.random.default_rng(0)
+    Image.open(assets / "image.png").save(data / "pred.png")
+    torch.save(
+        torch.from_numpy(rng.standard_normal((1, 4, 32, 32)).astype(np.float32)),
+        data / "start_zt.pth",
+    )
+    for i in range(4):
+        z = rng.standard_normal((1, 4, 32, 32)).astype(np.float32)
+        torch.save(torch.from_numpy(z), data / "latents" / f"zt.{i:05}.pth")
+    flow = torch.zeros(1, 2, SIZE, SIZE)
+    flow[0, 0, 40:90, 30:80] = 6.0
+    torch.save(flow, data / "flows" / "right.pth")
+    frozen = torch.ones(1, 4, 32, 32, dtype=torch.bool)
+    frozen[..., 8:24, 6:24] = False
+    torch.save(frozen, data / "flows" / "right.mask.pth")
+    np.save(data / "guidance_schedule.npy", np.linspace(1.0, 0.5, 4))
+    opts = _options(
+        assets,
+        tmp_path / "out",
+        image=None,
+        motion=None,
+        object_mask=None,
+        data_dir=str(data),
+        target_flow_name="right.pth",
+        edit_mask_name="right.mask.pth",
+    )
+    run(opts, log=lambda s: None)
+    folder = tmp_path / "out" / "sample_00"
+    assert Image.open(folder / "edited.png").size == (SIZE, SIZE)
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(folder / "source.png")), np.asarray(Image.open(data / "pred.png"))
+    )
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["guided_evaluations"] == 8
