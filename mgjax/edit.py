@@ -410,7 +410,6 @@ def _run(o, digest, ckpt_path, schedule, log, t_start):
     )
     state = sampler.init(edit, rep(z_T), seeds=[o.seed + n for n in range(b)])
     logs: dict[str, list] = {}
-    snapshots: dict[int, np.ndarray] = {}
     if o.resume:
         with np.load(ckpt_path, allow_pickle=False) as c:
             state = state.replace(
@@ -424,27 +423,11 @@ def _run(o, digest, ckpt_path, schedule, log, t_start):
     t_run = time.perf_counter()
     try:
         while int(state.step) < o.steps:
-            start = int(state.step)
-            state, chunk_logs, snaps = sampler.run_chunk(edit, state)
-            chunk_logs = {k: np.asarray(v) for k, v in chunk_logs.items()}
-            if (
-                not np.isfinite(np.asarray(state.z)).all()
-                or not np.isfinite(chunk_logs["energy"]).all()
-            ):
-                raise DivergenceError(
-                    f"guidance diverged (NaN/inf) in DDIM steps {start}..{int(state.step) - 1}; "
-                    "lower --guidance_weight or --clip; nothing was written for this chunk"
-                )
+            state, chunk_logs, snapshots = sampler.advance(edit, state)
             for k, v in chunk_logs.items():
                 logs.setdefault(k, []).append(v)
-            if o.log_every:
-                snaps = np.asarray(snaps)
-                for n in range(snaps.shape[0]):
-                    if (start + n) % o.log_every == 0:
-                        snapshots[start + n] = snaps[n]
             _save_checkpoint(ckpt_path, state, logs, digest)
             _save_snapshots(o.out_dir, snapshots, b)
-            snapshots.clear()
             if chunks == 0:
                 log(f"compiled the guided chunk in {sampler.compile_seconds:.1f} s")
             progress(state, chunk_logs)
@@ -458,21 +441,20 @@ def _run(o, digest, ckpt_path, schedule, log, t_start):
         )
         raise
     except DivergenceError as e:
-        raise UserError(str(e)) from None
+        raise UserError(f"{e}; nothing was written for that chunk") from None
     run_s = time.perf_counter() - t_run
 
     edited = sampler.decode(state.z)
     all_logs = {k: np.concatenate(v) for k, v in logs.items()}
     _write_outputs(
         o,
-        sd,
-        raft,
+        sampler,
+        edit,
         image,
         flow,
         obj,
         edited,
         all_logs,
-        sampler,
         run_s,
         time.perf_counter() - t_start,
         jax,
@@ -508,33 +490,37 @@ def _save_snapshots(out_dir, snapshots, b):
             save_png(snapshot_name(folder, step), to_uint8(x[n]))
 
 
-def _final_energy(o, raft, image, flow, edited, jax):
+def _final_energy(sampler, edit, edited, jax):
     """The guidance energy's terms measured on the final images (not a one-step estimate)."""
-    import jax.numpy as jnp
+    from mgjax.energy import motion_energy
 
-    from mgjax.energy import EnergyWeights, motion_energy, occlusion_mask
-
-    b = len(edited)
-    flows = jnp.asarray(np.repeat(flow[None], b, 0))
-    occ = occlusion_mask(flows) if o.occlusion_masking else jnp.ones(flows.shape[:3] + (1,))
-    weights = EnergyWeights(flow=o.flow_weight, color=o.color_weight)
+    cfg = sampler.config
     _, terms = jax.jit(
-        lambda r, x, s, f, m: motion_energy(x, s, f, m, r, weights, o.raft_iters, o.oracle)
-    )(raft, jnp.asarray(edited), jnp.asarray(np.repeat(image, b, 0)), flows, occ)
+        lambda r, x, e: motion_energy(
+            x,
+            e.source,
+            e.target_flow,
+            e.occlusion,
+            r,
+            cfg.energy_weights,
+            cfg.raft_iters,
+            cfg.oracle,
+        )
+    )(sampler.raft, edited, edit)
     return {k: np.asarray(v) for k, v in terms.items()}
 
 
-def _write_outputs(o, sd, raft, image, flow, obj, edited, logs, sampler, run_s, wall_s, jax):
+def _write_outputs(o, sampler, edit, image, flow, obj, edited, logs, run_s, wall_s, jax):
     from flow.viz import flow_to_color
     from mgjax import outputs as out
 
     achieved = np.asarray(
         jax.jit(lambda r, a, c: r(a, c, iters=12))(
-            raft, 255.0 * np.repeat(image, len(edited), 0), 255.0 * edited
+            sampler.raft, 255.0 * edit.source, 255.0 * edited
         )
     )
     moving = np.any(flow != 0, axis=-1) if obj is None else obj
-    final = _final_energy(o, raft, image, flow, edited, jax)
+    final = _final_energy(sampler, edit, edited, jax)
     versions = {"python": platform.python_version()}
     for mod in ("jax", "flax", "diffusers", "transformers", "numpy"):
         versions[mod] = __import__(mod).__version__

@@ -33,6 +33,7 @@ from flow.errors import UserError
 from flow.raft import Raft
 from mgjax import ddim
 from mgjax.energy import EnergyWeights, motion_energy, occlusion_mask
+from mgjax.source import cfg_eps
 
 LOG_NAMES = ("energy", "flow_loss", "color_loss", "noise_norm", "guidance_norm")
 
@@ -257,16 +258,8 @@ class GuidedSampler:
     # ------------------------------------------------------------------ one evaluation
 
     def cfg_eps(self, params, z, t, edit: Edit):
-        """Classifier-free guided noise estimate, one UNet call on [uncond, cond]."""
-        b = z.shape[0]
-        eps = self.sd.eps(
-            params,
-            jnp.concatenate([z, z]),
-            jnp.full((2 * b,), t, jnp.int32),
-            jnp.concatenate([edit.uncond, edit.cond]),
-        )
-        eps_u, eps_c = eps[:b], eps[b:]
-        return eps_u + self.config.cfg_scale * (eps_c - eps_u)
+        """Classifier-free guided noise estimate for the edit's prompts."""
+        return cfg_eps(self.sd, params, z, t, edit.cond, edit.uncond, self.config.cfg_scale)
 
     def _evaluate(self, params, raft, edit: Edit, z, i, j, keys):
         """Guided evaluation j of DDIM step i: returns (z_prev, renoised z_t, logs, x)."""
@@ -347,6 +340,29 @@ class GuidedSampler:
             self._compiled[key] = fn
         return fn(*args)
 
+    def advance(self, edit: Edit, state: SamplerState):
+        """One chunk, checked: (state, logs name -> f32[L, K, B] numpy, snapshots step ->
+        f32[B,H,W,3] for the steps of this chunk that fall on `snapshot_every`).
+        Raises DivergenceError on NaN/inf in the latents or the energy."""
+        start = int(state.step)
+        state, logs, snaps = self.run_chunk(edit, state)
+        logs = {k: np.asarray(v) for k, v in logs.items()}
+        z_ok = np.asarray(jnp.isfinite(state.z).all(axis=(1, 2, 3)))
+        e_ok = np.isfinite(logs["energy"]).all(axis=(0, 1))
+        if not (z_ok.all() and e_ok.all()):
+            bad = np.flatnonzero(~(z_ok & e_ok)).tolist()
+            raise DivergenceError(
+                f"guidance diverged (NaN/inf) in DDIM steps {start}..{int(state.step) - 1} "
+                f"for batch images {bad}; lower the guidance weight or the clip norm"
+            )
+        snapshots = {}
+        if self.config.snapshot_every:
+            snaps = np.asarray(snaps)
+            for n in range(snaps.shape[0]):
+                if (start + n) % self.config.snapshot_every == 0:
+                    snapshots[start + n] = snaps[n]
+        return state, logs, snapshots
+
     def sample(
         self,
         edit: Edit,
@@ -358,24 +374,10 @@ class GuidedSampler:
         all_logs: dict[str, list] = {k: [] for k in LOG_NAMES}
         snapshots = {}
         while int(state.step) < self.config.num_steps:
-            start = int(state.step)
-            state, logs, snaps = self.run_chunk(edit, state)
-            logs = {k: np.asarray(v) for k, v in logs.items()}
-            z_ok = np.asarray(jnp.isfinite(state.z).all(axis=(1, 2, 3)))
-            e_ok = np.isfinite(logs["energy"]).all(axis=(0, 1))
-            if not (z_ok.all() and e_ok.all()):
-                bad = np.flatnonzero(~(z_ok & e_ok)).tolist()
-                raise DivergenceError(
-                    f"guidance diverged (NaN/inf) in DDIM steps {start}..{int(state.step) - 1} "
-                    f"for batch images {bad}; lower the guidance weight or the clip norm"
-                )
+            state, logs, snaps = self.advance(edit, state)
             for k in LOG_NAMES:
                 all_logs[k].append(logs[k])
-            if self.config.snapshot_every:
-                snaps = np.asarray(snaps)
-                for n in range(snaps.shape[0]):
-                    if (start + n) % self.config.snapshot_every == 0:
-                        snapshots[start + n] = snaps[n]
+            snapshots.update(snaps)
             if on_chunk is not None:
                 on_chunk(state, logs)
         return state, {k: np.concatenate(v) for k, v in all_logs.items()}, snapshots

@@ -27,7 +27,8 @@ class Trajectory(NamedTuple):
     z0: np.ndarray  # f32[B,C,h,w] clean latent (the sample, or the encoded real image)
 
 
-def _cfg_eps(sd, params, z, t, cond, uncond, cfg_scale):
+def cfg_eps(sd, params, z, t, cond, uncond, cfg_scale):
+    """Classifier-free guided noise estimate, one UNet call on the batch [uncond, cond]."""
     b = z.shape[0]
     eps = sd.eps(
         params,
@@ -45,10 +46,10 @@ def _chunk(sd, schedule_steps, params, z, first, cond, uncond, *, length, cfg_sc
     def body(z, n):
         if inverse:  # ascending t: step n of the inversion uses the pair of sampling step S-1-n
             i = schedule_steps - 1 - n
-            eps = _cfg_eps(sd, params, z, sch.timesteps[i], cond, uncond, cfg_scale)
+            eps = cfg_eps(sd, params, z, sch.timesteps[i], cond, uncond, cfg_scale)
             z_next = ddim.invert_step(z, eps, sch.abar[i], sch.abar_prev[i])
             return z_next, z_next
-        eps = _cfg_eps(sd, params, z, sch.timesteps[n], cond, uncond, cfg_scale)
+        eps = cfg_eps(sd, params, z, sch.timesteps[n], cond, uncond, cfg_scale)
         return ddim.step(z, eps, sch.abar[n], sch.abar_prev[n]), z
 
     return lax.scan(body, z, first + jnp.arange(length))

@@ -18,6 +18,7 @@ from flow.errors import UserError
 from mgjax import ddim, source
 from mgjax import sd as sdm
 from mgjax.sampler import DivergenceError, GuidanceConfig, GuidedSampler, Progress, eval_noise
+from tests.test_ddim import _oracle
 from tests.torch_raft import image_pair, random_torchvision_raft
 from tests.torch_reference import ReferenceFlowLoss, reference_sample
 
@@ -336,8 +337,6 @@ def test_frozen_latents_before_every_unet_call_and_traces_once(models):
 
 
 def test_zero_guidance_is_plain_ddim_and_diffusers_scheduler(models):
-    from diffusers import FlaxDDIMScheduler
-
     sd, steps = models["sd"], 8
     img, flow = _scene()
     cond, uncond = sd.embed("a red ball"), sd.embed("")
@@ -350,15 +349,7 @@ def test_zero_guidance_is_plain_ddim_and_diffusers_scheduler(models):
     np.testing.assert_allclose(np.asarray(state.z), traj.z0, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(traj.latents[0], z_T)
 
-    sched = FlaxDDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    st = sched.set_timesteps(sched.create_state(), steps, z_T.shape)
+    sched, st = _oracle(steps)
     z = jnp.asarray(z_T)
     for n, t in enumerate(np.asarray(st.timesteps)):
         np.testing.assert_allclose(np.asarray(z), traj.latents[n], rtol=1e-4, atol=1e-4)
