@@ -20,7 +20,8 @@ import sys
 from absl import app, flags, logging
 
 from flow.errors import UserError, run_cli
-from mgjax.edit import PRESETS, Options
+from mgjax.edit import PRESETS, Options, default_compilation_cache
+from mgjax.levers import ATTENTION, REMAT_POLICIES
 
 _P = PRESETS["paper"]
 
@@ -58,7 +59,18 @@ source.bool("resize", False, "Resize an --image whose size the model cannot take
 models.string("model", "CompVis/stable-diffusion-v1-4", "Hub id or local diffusers folder.")
 models.string("revision", "flax", "Hub revision (flax or bf16 for SD v1.4).")
 models.bool("from_pt", False, "The model folder holds PyTorch weights (read without torch).")
-models.enum("dtype", "float32", ["float32", "bfloat16"], "UNet/VAE compute dtype.")
+models.enum(
+    "dtype",
+    "float32",
+    ["float32", "bfloat16"],
+    "Compute dtype of UNet, VAE and RAFT (the latents and the guidance stay float32).",
+)
+models.enum(
+    "attention",
+    "plain",
+    list(ATTENTION),
+    "UNet attention: plain, or diffusers' memory-efficient chunked version.",
+)
 models.string(
     "raft_weights",
     None,
@@ -105,12 +117,29 @@ guidance.bool("oracle", False, "Warp with the target flow in the colour loss.")
 guidance.string("schedule", None, "Guidance schedule .npy (one multiplier per step).")
 guidance.integer("raft_iters", 5, "RAFT iterations inside the energy.")
 guidance.integer("chunk", 10, "DDIM steps per compiled chunk (and per checkpoint).")
+guidance.enum(
+    "remat",
+    "none",
+    list(REMAT_POLICIES),
+    "Recompute activations in the backward pass, per model (UNet, decoder, RAFT): none; dots "
+    "(keep matmul/conv outputs); full (keep only each model's inputs). Less memory, more time.",
+)
+guidance.bool(
+    "skip_unguided",
+    True,
+    "Steps whose guidance weight x schedule is 0 run the UNet only (no energy, no backward).",
+)
 # run
 run.integer("num_samples", 1, "Edits of the same source, as one batch.")
 run.string("out_dir", None, "Output folder.")
 run.integer("log_every", 0, "Save the decoded x0 estimate every N steps (0 = never).")
 run.bool("resume", False, "Continue the run in --out_dir from its checkpoint.")
 run.bool("overwrite", False, "Replace an existing --out_dir.")
+run.string(
+    "compilation_cache",
+    default_compilation_cache(),
+    "Persistent XLA compilation cache folder (empty: off); reruns skip compilation.",
+)
 run.integer("stop_after_chunks", 0, "Testing aid: stop as if interrupted.")
 FLAGS = flags.FLAGS
 for _name in [*Options.__dataclass_fields__, "preset"]:  # --helpshort lists them all

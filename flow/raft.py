@@ -123,7 +123,13 @@ def bilinear_upsample8(flow: jnp.ndarray) -> jnp.ndarray:
 
 
 def raft_forward(
-    config: RaftConfig, variables: dict, image1, image2, iters: int = 12, unroll: bool = False
+    config: RaftConfig,
+    variables: dict,
+    image1,
+    image2,
+    iters: int = 12,
+    unroll: bool = False,
+    sequence: bool = False,
 ):
     """Flow from image1 to image2.
 
@@ -134,6 +140,8 @@ def raft_forward(
       iters: refinement iterations (a Python int).
       unroll: unroll the refinement scan (XLA's cost analysis counts a loop body once, so FLOP
         counts need it; also a speed lever to measure).
+      sequence: return every iteration's upsampled flow, f32[iters,B,H,W,2] (for training with
+        RAFT's sequence loss).
     Returns:
       f32[B,H,W,2] flow in pixels, (dx, dy): image1 pixel p matches image2 at p + flow(p).
     """
@@ -158,19 +166,23 @@ def raft_forward(
     coords0 = coords_grid(b, h, w, acc)
     upd_params = {k: v for k, v in params["update_block"].items() if not k.startswith("mask")}
 
+    mask_params = {k: v for k, v in params["update_block"].items() if k.startswith("mask")}
+
+    def upsample(net, coords1):
+        if mask_head is None:
+            return bilinear_upsample8(coords1 - coords0)
+        return convex_upsample(coords1 - coords0, mask_head.apply({"params": mask_params}, net))
+
     def refine(carry, _):
         net, coords1 = carry
         coords1 = lax.stop_gradient(coords1)  # upstream detaches coords1 every iteration
         corr = corr_lib.lookup(pyramid, coords1, config.radius)
         net, delta = update.apply({"params": upd_params}, net, inp, corr, coords1 - coords0)
-        return (net, coords1 + delta), None
+        coords1 = coords1 + delta
+        return (net, coords1), (upsample(net, coords1) if sequence else None)
 
-    (net, coords1), _ = lax.scan(refine, (net, coords0), None, length=iters, unroll=unroll)
-    flow = coords1 - coords0
-    if mask_head is None:
-        return bilinear_upsample8(flow)
-    mask_params = {k: v for k, v in params["update_block"].items() if k.startswith("mask")}
-    return convex_upsample(flow, mask_head.apply({"params": mask_params}, net))
+    (net, coords1), flows = lax.scan(refine, (net, coords0), None, length=iters, unroll=unroll)
+    return flows if sequence else upsample(net, coords1)
 
 
 def init_raft(config: RaftConfig, key: jax.Array, size: tuple[int, int] = (128, 128)) -> dict:

@@ -47,6 +47,10 @@ class Options:
     revision: str | None = "flax"
     from_pt: bool = False
     dtype: str = "float32"
+    attention: str = "plain"
+    remat: str = "none"
+    skip_unguided: bool = True
+    compilation_cache: str = ""
     motion: str | None = None
     object_mask: str | None = None
     object_box: str | None = None
@@ -149,12 +153,19 @@ def read_frozen(path: str, lat_shape) -> np.ndarray:
     return m[:1]
 
 
+# Settings that may change between a run and its --resume (they do not change the result).
+_NOT_IN_DIGEST = (
+    "resume",
+    "overwrite",
+    "stop_after_chunks",
+    "out_dir",
+    "log_every",
+    "compilation_cache",
+)
+
+
 def _config_digest(o: Options) -> str:
-    keep = {
-        k: v
-        for k, v in dataclasses.asdict(o).items()
-        if k not in ("resume", "overwrite", "stop_after_chunks", "out_dir", "log_every")
-    }
+    keep = {k: v for k, v in dataclasses.asdict(o).items() if k not in _NOT_IN_DIGEST}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -200,6 +211,12 @@ def check_options(o: Options) -> None:
             raise UserError(f"--{name} must be at least 1")
     if o.log_every < 0 or o.dilate < 0:
         raise UserError("--log_every and --dilate must be >= 0")
+    from mgjax.levers import ATTENTION, REMAT_POLICIES
+
+    if o.remat not in REMAT_POLICIES:
+        raise UserError(f"--remat must be one of {', '.join(REMAT_POLICIES)}, got {o.remat!r}")
+    if o.attention not in ATTENTION:
+        raise UserError(f"--attention must be one of {', '.join(ATTENTION)}, got {o.attention!r}")
     if o.resume and o.overwrite:
         raise UserError("--resume and --overwrite exclude each other")
     if os.path.exists(o.out_dir) and not (o.resume or o.overwrite):
@@ -218,10 +235,12 @@ def _load_models(o: Options):
     from mgjax import sd as sdm
 
     if os.path.isdir(o.model) or o.model == "CompVis/stable-diffusion-v1-4" or "/" in o.model:
-        sd = sdm.load(o.model, revision=o.revision, dtype=o.dtype, from_pt=o.from_pt)
+        sd = sdm.load(
+            o.model, revision=o.revision, dtype=o.dtype, from_pt=o.from_pt, attention=o.attention
+        )
     else:
         raise UserError(f"--model {o.model}: give a hub id (owner/name) or a local folder")
-    raft = load_raft(o.raft_weights, context_norm="batch")
+    raft = load_raft(o.raft_weights, context_norm="batch", dtype=o.dtype)
     return sd, raft
 
 
@@ -324,6 +343,28 @@ def _target(o: Options, data, h: int, w: int):
     return f, obj
 
 
+def default_compilation_cache() -> str:
+    """Where compiled samplers are kept between runs: $XDG_CACHE_HOME/mgjax/xla."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "mgjax", "xla")
+
+
+def enable_compilation_cache(path: str) -> None:
+    """JAX's persistent compilation cache in `path`: a rerun with the same shapes and settings
+    loads the compiled chunk instead of compiling it again."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"--compilation_cache {path}: cannot create it ({e.strerror}); give a writable "
+            "folder, or --compilation_cache= to switch the cache off"
+        ) from None
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def run(o: Options, log=print) -> str:
     """The whole edit. Returns the output folder."""
     check_options(o)
@@ -335,6 +376,8 @@ def run(o: Options, log=print) -> str:
         except (OSError, ValueError) as e:
             raise UserError(f"{o.schedule}: not a readable .npy schedule ({e})") from None
     digest = _config_digest(o)
+    if o.compilation_cache:
+        enable_compilation_cache(o.compilation_cache)
     ckpt_path = os.path.join(o.out_dir, "checkpoint.npz")
     if o.resume:
         with np.load(ckpt_path, allow_pickle=False) as c:
@@ -393,6 +436,8 @@ def _run(o, digest, ckpt_path, schedule, log, t_start):
         "oracle",
         "raft_iters",
         "chunk",
+        "remat",
+        "skip_unguided",
     )
     cfg = GuidanceConfig(
         num_steps=o.steps, snapshot_every=o.log_every, **{k: getattr(o, k) for k in shared}
@@ -540,6 +585,8 @@ def _write_outputs(o, sampler, edit, image, flow, obj, edited, logs, run_s, wall
         out.save_toggle_gif(os.path.join(folder, "toggle.gif"), src_u8, ed_u8)
         curves = {k: logs[k][..., n].reshape(-1) for k in ("energy", "flow_loss", "color_loss")}
         out.save_png(os.path.join(folder, "losses.png"), out.loss_plot(curves))
+        energies = logs["energy"][..., n].reshape(-1)
+        guided = energies[np.isfinite(energies)]
         epe = np.linalg.norm(achieved[n] - flow, axis=-1)
         metrics = {
             "flow_epe_inside_object": float(epe[moving].mean()) if moving.any() else None,
@@ -549,8 +596,9 @@ def _write_outputs(o, sampler, edit, image, flow, obj, edited, logs, run_s, wall
             "energy_final": float(final["energy"][n]),
             "flow_loss_final": float(final["flow_loss"][n]),
             "color_loss_final": float(final["color_loss"][n]),
-            "energy_last_evaluation": float(logs["energy"][-1, -1, n]),
-            "guided_evaluations": int(logs["energy"].shape[0] * logs["energy"].shape[1]),
+            "energy_last_evaluation": float(guided[-1]) if guided.size else None,
+            "guided_evaluations": int(guided.size),  # steps with guidance 0 are skipped
+            "unguided_evaluations": int(logs["energy"][..., n].size - guided.size),
             "sampling_seconds": run_s,
             "compile_seconds": sampler.compile_seconds,
             "wall_seconds": wall_s,

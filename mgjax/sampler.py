@@ -33,6 +33,7 @@ from flow.errors import UserError
 from flow.raft import Raft
 from mgjax import ddim
 from mgjax.energy import EnergyWeights, motion_energy, occlusion_mask
+from mgjax.levers import REMAT_POLICIES
 from mgjax.source import cfg_eps
 
 LOG_NAMES = ("energy", "flow_loss", "color_loss", "noise_norm", "guidance_norm")
@@ -55,6 +56,10 @@ class GuidanceConfig:
     raft_iters: int = 5
     chunk: int = 10  # DDIM steps per compiled scan
     snapshot_every: int = 0  # keep the decoded x0 estimate every N steps (0: none)
+    remat: str = "none"  # REMAT_POLICIES: none | dots | full
+    # Steps whose guidance multiplier (lambda_g * schedule[i]) is 0 run the UNet alone: no
+    # decoder, RAFT or backward pass; their energy logs are NaN (not evaluated).
+    skip_unguided: bool = True
 
     def __post_init__(self):
         checks = (
@@ -65,6 +70,7 @@ class GuidanceConfig:
             (self.eta >= 0, "eta must be >= 0"),
             (self.raft_iters >= 1, "raft_iters must be >= 1"),
             (self.snapshot_every >= 0, "snapshot_every must be >= 0"),
+            (self.remat in REMAT_POLICIES, f"remat must be one of {tuple(REMAT_POLICIES)}"),
         )
         for ok, message in checks:
             if not ok:
@@ -139,7 +145,10 @@ class GuidedSampler:
         self.dtype = getattr(sd, "out_dtype", jnp.float32)  # float64 only in exactness tests
         self.traces = 0  # how many times a chunk function was traced (a retrace tripwire)
         self.compile_seconds = 0.0  # time spent tracing + compiling chunk functions
-        self._chunk = jax.jit(self._chunk_fn, static_argnames=("length",))
+        # The carried state is donated: its buffers are reused for the next chunk's state.
+        self._chunk = jax.jit(
+            self._chunk_fn, static_argnames=("length",), donate_argnames=("state",)
+        )
         self._compiled: dict = {}
 
     # ------------------------------------------------------------------ inputs
@@ -247,7 +256,7 @@ class GuidedSampler:
 
     def init(self, edit: Edit, z_T, seeds) -> SamplerState:
         """Start state from z_T f32[B,C,h,w]; seeds: one int per image (or a single int)."""
-        z_T = jnp.asarray(z_T, self.dtype)
+        z_T = jnp.array(z_T, self.dtype)  # a copy: the state is donated to the first chunk
         expected = edit.frozen.shape
         if z_T.shape != expected:
             raise UserError(f"initial latent z_T is {z_T.shape}, expected {expected}")
@@ -261,6 +270,12 @@ class GuidedSampler:
         """Classifier-free guided noise estimate for the edit's prompts."""
         return cfg_eps(self.sd, params, z, t, edit.cond, edit.uncond, self.config.cfg_scale)
 
+    def _remat(self, fn):
+        """`fn` under the configured rematerialization policy."""
+        if self.config.remat == "none":
+            return fn
+        return jax.checkpoint(fn, policy=REMAT_POLICIES[self.config.remat])
+
     def _evaluate(self, params, raft, edit: Edit, z, i, j, keys):
         """Guided evaluation j of DDIM step i: returns (z_prev, renoised z_t, logs, x)."""
         cfg, sch = self.config, self.schedule
@@ -272,26 +287,47 @@ class GuidedSampler:
         else:
             g = ddim.add_noise(edit.z0, n_src, abar)
         z = jnp.where(edit.frozen, g, z)
+        weight = cfg.guidance_weight * edit.schedule[i]
+        unet = self._remat(lambda p, z_in: self.cfg_eps(p, z_in, t, edit))
+        decode = self._remat(self.sd.decode)
+        flow_net = lambda a, b, iters: self._remat(  # noqa: E731
+            lambda r, a, b: r(a, b, iters=iters)
+        )(raft, a, b)
 
         def energy(z_in):
-            eps = self.cfg_eps(params, z_in, t, edit)
-            x = self.sd.decode(params, ddim.predict_x0(z_in, eps, abar)) * 0.5 + 0.5
+            eps = unet(params, z_in)
+            x = decode(params, ddim.predict_x0(z_in, eps, abar)) * 0.5 + 0.5
             e, logs = motion_energy(
                 x,
                 edit.source,
                 edit.target_flow,
                 edit.occlusion,
-                raft,
+                flow_net,
                 cfg.energy_weights,
                 cfg.raft_iters,
                 cfg.oracle,
             )
             return e, (eps, logs, x)
 
-        (_, (eps, logs, x)), grad = jax.value_and_grad(energy, has_aux=True)(z)
-        d = s * cfg.guidance_weight * edit.schedule[i] * grad
-        d, d_norm = clip_norm(d, cfg.clip)
-        eps = eps + d
+        def guided(z):
+            (_, (eps, logs, x)), grad = jax.value_and_grad(energy, has_aux=True)(z)
+            d, d_norm = clip_norm(s * weight * grad, cfg.clip)
+            return eps + d, logs, x, d_norm
+
+        def unguided(z):
+            eps = self.cfg_eps(params, z, t, edit)
+            if cfg.snapshot_every:
+                x = self.sd.decode(params, ddim.predict_x0(z, eps, abar)) * 0.5 + 0.5
+            else:
+                x = jnp.zeros(edit.source.shape, self.dtype)
+            nan = jnp.full(z.shape[:1], jnp.nan, self.dtype)
+            logs = {"energy": nan, "flow_loss": nan, "color_loss": nan}
+            return eps, logs, x, jnp.zeros(z.shape[:1], self.dtype)
+
+        if cfg.skip_unguided:
+            eps, logs, x, d_norm = lax.cond(weight != 0, guided, unguided, z)
+        else:
+            eps, logs, x, d_norm = guided(z)
         z_prev = ddim.step(z, eps, abar, abar_prev, cfg.eta, n_eta if cfg.eta else None)
         logs = dict(logs)
         logs["noise_norm"] = jnp.sqrt(jnp.sum(jnp.square(eps), axis=(1, 2, 3)))
@@ -348,7 +384,11 @@ class GuidedSampler:
         state, logs, snaps = self.run_chunk(edit, state)
         logs = {k: np.asarray(v) for k, v in logs.items()}
         z_ok = np.asarray(jnp.isfinite(state.z).all(axis=(1, 2, 3)))
-        e_ok = np.isfinite(logs["energy"]).all(axis=(0, 1))
+        evaluated = np.ones(logs["energy"].shape[0], bool)
+        if self.config.skip_unguided:  # unguided steps log NaN energies by design
+            weights = np.asarray(edit.schedule, np.float64)[start : int(state.step)]
+            evaluated = weights * self.config.guidance_weight != 0
+        e_ok = (np.isfinite(logs["energy"]) | ~evaluated[:, None, None]).all(axis=(0, 1))
         if not (z_ok.all() and e_ok.all()):
             bad = np.flatnonzero(~(z_ok & e_ok)).tolist()
             raise DivergenceError(

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flow.errors import UserError
+from mgjax.levers import ATTENTION
 
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -177,16 +178,25 @@ class StableDiffusion:
                 self._embeddings[p] = e
         return jnp.asarray(np.stack([self._embeddings[p] for p in prompts]))
 
+    @property
+    def attention(self) -> str:
+        return ATTENTION[int(bool(self.unet.use_memory_efficient_attention))]
+
     def astype(self, dtype: str) -> "StableDiffusion":
         """The same models with parameters and computation in `dtype` (float32 or bfloat16;
         float64 under jax_enable_x64, for exactness tests)."""
+        return self.configure(dtype=dtype)
+
+    def configure(self, dtype: str | None = None, attention: str | None = None):
+        """The same weights with another computation dtype and/or UNet attention (ATTENTION)."""
         return build(
             self.unet.config,
             self.vae.config,
             self.text_encoder.config,
             self.tokenizer,
             self.params,
-            dtype,
+            dtype or jnp.dtype(self.dtype).name,
+            attention or self.attention,
         )
 
 
@@ -198,10 +208,21 @@ def _dtype(name: str):
     return DTYPES[name]
 
 
-def build(unet_config, vae_config, text_config, tokenizer, params, dtype="float32"):
-    """Instantiate the Flax modules from configs with computation dtype `dtype`."""
+def _attention(name: str) -> bool:
+    if name not in ATTENTION:
+        raise UserError(f"attention must be one of {ATTENTION}, got {name!r}")
+    return name == "memory_efficient"
+
+
+def build(
+    unet_config, vae_config, text_config, tokenizer, params, dtype="float32", attention="plain"
+):
+    """Instantiate the Flax modules from configs with computation dtype `dtype` and the UNet
+    attention implementation `attention` (ATTENTION)."""
     jdt = _dtype(dtype)
-    unet = FlaxUNet2DConditionModel.from_config(dict(unet_config), dtype=jdt)
+    unet = FlaxUNet2DConditionModel.from_config(
+        dict(unet_config), dtype=jdt, use_memory_efficient_attention=_attention(attention)
+    )
     vae = FlaxAutoencoderKL.from_config(dict(vae_config), dtype=jdt)
     text = FlaxCLIPTextModel(text_config, dtype=jdt, _do_init=False)
     params = {
@@ -253,7 +274,7 @@ def random_params(shapes, seed: int):
     return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
-def tiny(seed: int = 0, dtype: str = "float32") -> StableDiffusion:
+def tiny(seed: int = 0, dtype: str = "float32", attention: str = "plain") -> StableDiffusion:
     """Random-init SD-class models at toy size: 4-channel latents, VAE factor 4, 32-d text."""
     unet = FlaxUNet2DConditionModel(**TINY_UNET)
     vae = FlaxAutoencoderKL(**TINY_VAE)
@@ -264,7 +285,7 @@ def tiny(seed: int = 0, dtype: str = "float32") -> StableDiffusion:
         name: random_params(_param_shapes(m), seed * 3 + i)
         for i, (name, m) in enumerate((("unet", unet), ("vae", vae), ("text", text)))
     }
-    return build(unet.config, vae.config, text.config, tok, params, dtype)
+    return build(unet.config, vae.config, text.config, tok, params, dtype, attention)
 
 
 def save(sd: StableDiffusion, folder) -> None:
@@ -361,12 +382,14 @@ def load(
     revision: str | None = DEFAULT_REVISION,
     dtype: str = "float32",
     from_pt: bool = False,
+    attention: str = "plain",
 ) -> StableDiffusion:
     """Load SD from a hub id + revision or a local diffusers folder (Flax or, with from_pt,
     PyTorch weights). Parameters are cast to `dtype`, which is also the computation dtype.
     A model that cannot be fetched or read is a one-line UserError."""
+    _attention(attention)
     try:
-        return _load(model, revision, dtype, from_pt)
+        return _load(model, revision, dtype, from_pt).configure(attention=attention)
     except (OSError, ValueError, KeyError) as e:
         if isinstance(e, UserError):
             raise

@@ -66,6 +66,9 @@ def test_end_to_end_cli_run_writes_every_output(assets, tmp_path):
         "--clip=10",
         "--log_every=2",
         "--num_samples=2",
+        "--remat=full",
+        "--attention=memory_efficient",
+        f"--compilation_cache={tmp_path / 'xla'}",
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -88,14 +91,16 @@ def test_end_to_end_cli_run_writes_every_output(assets, tmp_path):
             "compile_seconds",
         ):
             assert key in metrics, key
-        assert metrics["guided_evaluations"] == 8
+        assert metrics["guided_evaluations"] == 8 and metrics["unguided_evaluations"] == 0
         config = json.loads((folder / "config.json").read_text())
         assert config["sample_seed"] == n and config["motion"] == "rotate:20+translate:6,0"
         assert "jax" in config["versions"]
         assert sorted(os.listdir(folder / "snapshots")) == ["x0_step0000.png", "x0_step0002.png"]
+        assert config["remat"] == "full" and config["attention"] == "memory_efficient"
     a = np.asarray(Image.open(out / "sample_00" / "edited.png"))
     b = np.asarray(Image.open(out / "sample_01" / "edited.png"))
     assert np.abs(a.astype(int) - b).max() > 0  # two samples, two seeds
+    assert any((tmp_path / "xla").iterdir())  # compiled chunks went to the persistent cache
 
 
 def test_resume_equals_uninterrupted(assets, tmp_path):

@@ -32,9 +32,10 @@ def reference_schedule(num_steps: int, eta: float = 0.0):
 def normalize_flow(flow):
     """Pixel offsets (B,2,H,W) -> absolute grid_sample coordinates (B,H,W,2) in [-1, 1]."""
     _, _, h, w = flow.shape
-    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    dev = flow.device
+    ys, xs = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij")
     pos = flow + torch.stack([xs, ys]).float()[None]
-    size = torch.tensor([w, h]).float()
+    size = torch.tensor([w, h], device=dev).float()
     return (-1 + 2.0 * pos / (size - 1)[:, None, None]).permute(0, 2, 3, 1)
 
 
@@ -46,9 +47,18 @@ class ReferenceFlowLoss:
     """losses.FlowLoss: flow L1 + (occlusion-masked) colour L1, RAFT(source, edit)."""
 
     def __init__(
-        self, raft, target_flow, color_weight, flow_weight, oracle, occlusion_masking, iters=5
+        self,
+        raft,
+        target_flow,
+        color_weight,
+        flow_weight,
+        oracle,
+        occlusion_masking,
+        iters=5,
+        autocast=False,
     ):
         self.raft = copy.deepcopy(raft).train()  # the reference never calls .eval() on RAFT
+        self.autocast = autocast  # RAFT under fp16 autocast, as the reference ran it on CUDA
         self.target_flow = target_flow
         self.color_weight, self.flow_weight = color_weight, flow_weight
         self.oracle, self.occlusion_masking, self.iters = oracle, occlusion_masking, iters
@@ -62,7 +72,9 @@ class ReferenceFlowLoss:
 
     def __call__(self, pred, target):
         target, pred = target / 2.0 + 0.5, pred / 2.0 + 0.5
-        flow = self.raft(2 * target - 1, 2 * pred - 1, num_flow_updates=self.iters)[-1]
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.autocast):
+            flow = self.raft(2 * target - 1, 2 * pred - 1, num_flow_updates=self.iters)[-1]
+        flow = flow.float()
         flow_loss = F.l1_loss(self.target_flow, flow)
         warped = warp(pred, self.target_flow if self.oracle else flow)
         if self.occlusion_masking:
@@ -110,7 +122,7 @@ def reference_sample(
     }
     for i, step in enumerate(time_range[:max_steps]):
         index = total - 1 - i
-        ts = torch.full((b,), int(step), dtype=torch.long)
+        ts = torch.full((b,), int(step), dtype=torch.long, device=start_zt.device)
         a_t, a_prev = alphas[index], alphas_prev[index]
         sigma_t = sigmas[index]
         sqrt_one_minus_at = (1 - a_t).sqrt()

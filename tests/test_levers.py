@@ -1,0 +1,147 @@
+"""Performance levers (mgjax.levers): each keeps the result and does what it is for.
+
+Tiny random models (no torch): the SD-class UNet/VAE of `sd.tiny()` and a random RAFT-small at
+64x64 images, 16x16 latents.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flow.raft import Raft, RaftConfig, init_raft
+from mgjax import sd as sdm
+from mgjax.sampler import GuidanceConfig, GuidedSampler
+
+H = W = 64
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    sd = sdm.tiny(seed=0)
+    rc = RaftConfig(small=True, context_norm="batch")
+    raft = Raft(init_raft(rc, jax.random.PRNGKey(1)), rc)
+    rng = np.random.default_rng(0)
+    img = rng.uniform(size=(1, H, W, 3)).astype(np.float32)
+    flow = np.zeros((1, H, W, 2), np.float32)
+    flow[:, 16:40, 16:40] = (4.0, 2.0)
+    z0 = rng.standard_normal((1, 4, 16, 16)).astype(np.float32)
+    cond, uncond = np.asarray(sd.embed("a ball")), np.asarray(sd.embed(""))
+    return dict(sd=sd, raft=raft, img=img, flow=flow, z0=z0, cond=cond, uncond=uncond)
+
+
+def _one_evaluation(t, sd, raft, **config):
+    """Compiled guided evaluation (DDIM step 1, j = 0) and its inputs."""
+    config = dict(num_steps=4, recursive_steps=2, guidance_weight=10.0, clip=0.0) | config
+    cfg = GuidanceConfig(**config)
+    sampler = GuidedSampler(sd, raft, cfg)
+    edit = sampler.prepare(t["img"], t["flow"], t["cond"], t["uncond"], z0=t["z0"])
+    state = sampler.init(edit, t["z0"], seeds=0)
+
+    def evaluate(p, r, e, z, k):
+        z_prev, _, logs, x = sampler._evaluate(p, r, e, z, 1, 0, k)
+        return z_prev, logs, x
+
+    fn = jax.jit(evaluate)
+    compiled = fn.lower(sd.params, raft, edit, state.z, state.keys).compile()
+    return compiled, (sd.params, raft, edit, state.z, state.keys)
+
+
+def test_remat_recomputes_and_keeps_the_result(tiny):
+    results, temps, flops = {}, {}, {}
+    for policy in ("none", "dots", "full"):
+        compiled, args = _one_evaluation(tiny, tiny["sd"], tiny["raft"], remat=policy)
+        temps[policy] = compiled.memory_analysis().temp_size_in_bytes
+        cost = compiled.cost_analysis()
+        flops[policy] = (cost[0] if isinstance(cost, list | tuple) else cost)["flops"]
+        z_prev, logs, x = compiled(*args)
+        results[policy] = (np.asarray(z_prev), float(logs["energy"][0]))
+        if policy == "none":
+            tiny["fp32"] = (float(logs["energy"][0]), np.asarray(x))  # for the bf16 test
+            # the noise floor: the same evaluation, input moved by 1e-7
+            params, raft, edit, z, keys = args
+            moved = compiled(params, raft, edit, z * (1 + 1e-7), keys)[0]
+            floor = np.abs(np.asarray(moved) - results["none"][0]).max()
+    # full recomputes each model's forward pass in the backward pass: about +1/3 FLOPs
+    assert flops["full"] > 1.2 * flops["none"], flops
+    assert flops["none"] < flops["dots"] < flops["full"], flops
+    # Per-model remat frees one model's activations before the next model's backward pass, so
+    # it helps only where no single model dominates: here dots saves memory, full barely does
+    # (at full scale neither does without memory-efficient attention: BENCHMARKS.md).
+    assert temps["dots"] < 0.9 * temps["none"] and temps["full"] <= temps["none"], temps
+    z_ref, e_ref = results["none"]
+    for policy in ("dots", "full"):
+        z, e = results[policy]
+        assert e == pytest.approx(e_ref, rel=1e-6)  # the forward pass is the same
+        # The guidance gradient through a random RAFT is ill-conditioned (bilinear lookups):
+        # recomputing it may differ by rounding, amplified, but not by more than a 1e-7
+        # relative change of the input does.
+        assert np.abs(z - z_ref).max() <= max(floor, 1e-5), (policy, floor)
+
+
+def test_memory_efficient_attention_matches_plain(tiny):
+    sd = tiny["sd"]
+    mea = sd.configure(attention="memory_efficient")
+    assert mea.attention == "memory_efficient" and sd.attention == "plain"
+    assert mea.astype("float32").attention == "memory_efficient"  # kept across a dtype change
+    # 64x64 latents: 4096 tokens in the first attention layers, four query chunks of 1024
+    z = jnp.asarray(np.random.default_rng(1).standard_normal((2, 4, 64, 64)), jnp.float32)
+    t = jnp.array([500, 20])
+    ctx = jnp.concatenate([sd.embed("a"), sd.embed("b")])
+    a = np.asarray(jax.jit(sd.eps)(sd.params, z, t, ctx))
+    b = np.asarray(jax.jit(mea.eps)(mea.params, z, t, ctx))
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    with pytest.raises(Exception, match="attention must be one of"):
+        sd.configure(attention="flash")
+
+
+def test_skip_unguided_steps_same_result_nan_logs_and_state_donated(tiny):
+    schedule = np.array([1.0, 0.0, 1.0, 0.0], np.float32)
+    finals = {}
+    for skip in (True, False):
+        cfg = GuidanceConfig(
+            num_steps=4, recursive_steps=2, guidance_weight=10.0, chunk=4, skip_unguided=skip
+        )
+        sampler = GuidedSampler(tiny["sd"], tiny["raft"], cfg)
+        edit = sampler.prepare(
+            tiny["img"],
+            tiny["flow"],
+            tiny["cond"],
+            tiny["uncond"],
+            z0=tiny["z0"],
+            schedule=schedule,
+        )
+        z_T = jnp.asarray(tiny["z0"])
+        start = sampler.init(edit, z_T, seeds=0)
+        state, logs, _ = sampler.advance(edit, start)
+        finals[skip] = (np.asarray(state.z), logs)
+        assert start.z.is_deleted()  # the carried state is donated to the chunk
+        assert not z_T.is_deleted()  # init copied the caller's array
+    z_skip, logs_skip = finals[True]
+    z_full, logs_full = finals[False]
+    np.testing.assert_allclose(z_skip, z_full, rtol=1e-6, atol=1e-6)
+    energy = logs_skip["energy"][:, :, 0]
+    assert np.isnan(energy[[1, 3]]).all() and np.isfinite(energy[[0, 2]]).all()
+    assert np.isfinite(logs_full["energy"]).all()  # without skipping, every energy is computed
+    np.testing.assert_array_equal(logs_skip["guidance_norm"][[1, 3]], 0.0)
+
+
+def test_bf16_evaluation_close_to_fp32(tiny):
+    """bf16 UNet, VAE and RAFT against fp32 on what is well conditioned: the energy and the
+    decoded x0 estimate (forward passes). The guided step's drift is stated by bench/levers.py:
+    at random weights RAFT's gradient moves more under a 1e-7 input change than that."""
+    sd, raft = tiny["sd"], tiny["raft"]
+    if "fp32" not in tiny:  # normally left by the remat test
+        compiled, args = _one_evaluation(tiny, sd, raft)
+        _, logs, x = compiled(*args)
+        tiny["fp32"] = (float(logs["energy"][0]), np.asarray(x))
+    e32, x32 = tiny["fp32"]
+    half = (sd.astype("bfloat16"), raft.replace_config(dtype="bfloat16"))
+    compiled, args = _one_evaluation(tiny, *half)
+    z16, logs, x16 = compiled(*args)
+    assert z16.dtype == jnp.float32  # the guidance state stays float32
+    assert float(logs["energy"][0]) == pytest.approx(e32, rel=0.05)
+    # bf16 keeps 8 mantissa bits (2^-9 relative per rounding). Two-sided: bf16 is really used,
+    # and the decoded estimate stays close.
+    rel = np.linalg.norm(np.asarray(x16) - x32) / np.linalg.norm(x32)
+    assert 1e-4 < rel < 0.05, rel
