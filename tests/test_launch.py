@@ -66,7 +66,6 @@ def test_end_to_end_cli_run_writes_every_output(assets, tmp_path):
         "--clip=10",
         "--log_every=2",
         "--num_samples=2",
-        "--remat=full",
         "--attention=memory_efficient",
         f"--compilation_cache={tmp_path / 'xla'}",
     ]
@@ -96,7 +95,7 @@ def test_end_to_end_cli_run_writes_every_output(assets, tmp_path):
         assert config["sample_seed"] == n and config["motion"] == "rotate:20+translate:6,0"
         assert "jax" in config["versions"]
         assert sorted(os.listdir(folder / "snapshots")) == ["x0_step0000.png", "x0_step0002.png"]
-        assert config["remat"] == "full" and config["attention"] == "memory_efficient"
+        assert config["attention"] == "memory_efficient" and config["remat"] == "none"
     a = np.asarray(Image.open(out / "sample_00" / "edited.png"))
     b = np.asarray(Image.open(out / "sample_01" / "edited.png"))
     assert np.abs(a.astype(int) - b).max() > 0  # two samples, two seeds
@@ -126,6 +125,8 @@ def test_resume_equals_uninterrupted(assets, tmp_path):
         (dict(image=None, prompt=""), "no source"),
         (dict(resume=True), "no checkpoint.npz"),
         (dict(steps=0), "--steps must be at least 1"),
+        (dict(remat="some"), "--remat must be one of none, dots, full"),
+        (dict(attention="flash"), "--attention must be one of plain, memory_efficient"),
     ],
 )
 def test_bad_options_fail_before_loading(assets, tmp_path, change, message):
