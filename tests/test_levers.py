@@ -67,7 +67,7 @@ def test_remat_recomputes_and_keeps_the_result(tiny):
     assert flops["none"] < flops["dots"] < flops["full"], flops
     # Per-model remat frees one model's activations before the next model's backward pass, so
     # it helps only where no single model dominates: here dots saves memory, full barely does
-    # (at full scale neither does without memory-efficient attention: BENCHMARKS.md).
+    # (at full scale neither lowers XLA's peak: BENCHMARKS.md).
     assert temps["dots"] < 0.9 * temps["none"] and temps["full"] <= temps["none"], temps
     z_ref, e_ref = results["none"]
     for policy in ("dots", "full"):
