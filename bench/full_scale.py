@@ -43,7 +43,7 @@ VARIANTS = {
     "bf16-dots-mea": ("bfloat16", "dots", "memory_efficient"),
     "fp32-full-mea": ("float32", "full", "memory_efficient"),
 }
-DEFAULT_VARIANTS = ["fp32", "bf16", "bf16-dots", "bf16-full", "bf16-mea"]
+DEFAULT_VARIANTS = ["bf16", "bf16-mea", "fp32", "bf16-full", "bf16-dots"]  # most telling first
 TORCH = {"torch-fp32": False, "torch-ref": True}  # name -> RAFT under fp16 autocast
 # Dense peak FLOP/s by device kind (datasheet, SXM): bf16 tensor cores, tf32 tensor cores.
 HOPPER = {"bfloat16": 989e12, "float32": 494e12}
