@@ -45,7 +45,7 @@ def _floats(text: str, n: int | None, what: str) -> list[float]:
     return values
 
 
-def _about(center, m2: np.ndarray) -> np.ndarray:
+def about(center, m2: np.ndarray) -> np.ndarray:
     """The 3x3 map p -> c + m2 (p - c)."""
     c = np.asarray(center, np.float64)
     out = np.eye(3)
@@ -95,18 +95,18 @@ def _primitive(term: str, default_center) -> np.ndarray:
         return out
     if name == "rotate":
         (deg,) = _floats(rest, 1, "rotate:degrees[@cx,cy]")
-        return _about(center, rotation(deg))
+        return about(center, rotation(deg))
     if name == "scale":
         (s,) = _floats(rest, 1, "scale:s[@cx,cy]")
         if s <= 0:
             raise UserError("--motion scale: s must be > 0")
-        return _about(center, s * np.eye(2))
+        return about(center, s * np.eye(2))
     if name == "stretch":
         s, deg = _floats(rest, 2, "stretch:s,degrees[@cx,cy]")
         if s <= 0:
             raise UserError("--motion stretch: s must be > 0")
         d = direction(deg)
-        return _about(center, np.eye(2) + (s - 1) * np.outer(d, d))
+        return about(center, np.eye(2) + (s - 1) * np.outer(d, d))
     if name == "homography":
         src, sep, dst = rest.partition(":")
         if not sep:
@@ -177,7 +177,8 @@ def landing(flow: np.ndarray, moving: np.ndarray) -> np.ndarray:
     return out
 
 
-def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+def dilate_mask(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Square dilation of bool[H,W] by `radius` pixels (nothing enters from outside)."""
     out = mask.copy()
     h, w = mask.shape
     for dy in range(-radius, radius + 1):
@@ -208,4 +209,4 @@ def auto_frozen_mask(flow: np.ndarray, factor: int, dilate: int = 2) -> np.ndarr
             "the motion moves the object entirely out of the frame; use a smaller motion"
         )
     touched = (moving | lands).reshape(h // factor, factor, w // factor, factor).any(axis=(1, 3))
-    return ~_dilate(touched, dilate)[None, None]
+    return ~dilate_mask(touched, dilate)[None, None]

@@ -11,6 +11,7 @@ rendered with the object moved. Measures (images f32[H,W,3] in [0, 1]):
 
 import numpy as np
 
+from mgjax.motion import dilate_mask
 from mgjax.toy import shapes
 
 
@@ -31,16 +32,6 @@ def color_mask(image, scene: shapes.Scene, k: int, tolerance: float = 0.2) -> np
     return dist < tolerance
 
 
-def _dilate(mask, radius: int = 1):
-    out = mask.copy()
-    padded = np.pad(mask, radius)
-    h, w = mask.shape
-    for dy in range(2 * radius + 1):
-        for dx in range(2 * radius + 1):
-            out |= padded[dy : dy + h, dx : dx + w]
-    return out
-
-
 def centroid(mask) -> np.ndarray | None:
     ys, xs = np.nonzero(mask)
     return None if xs.size == 0 else np.array([xs.mean(), ys.mean()])
@@ -55,7 +46,7 @@ def edit_scores(edited, scene: shapes.Scene, k: int, matrix) -> dict:
     c_found, c_target = centroid(found), centroid(target)
     placement = None if c_found is None else float(np.linalg.norm(c_found - c_target))
     union = (found | target).sum()
-    still = ~_dilate(before["masks"][k] | target)  # anti-aliased edges belong to the object
+    still = ~dilate_mask(before["masks"][k] | target, 1)  # anti-aliased edges belong to the object
     uncovered = before["masks"][k] & ~target
     return {
         "placement_px": placement,

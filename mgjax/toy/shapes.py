@@ -18,6 +18,8 @@ import dataclasses
 
 import numpy as np
 
+from mgjax import motion
+
 COLORS = {
     "red": (0.86, 0.16, 0.14),
     "orange": (0.95, 0.55, 0.10),
@@ -186,33 +188,17 @@ def render(
     return {"image": image, "masks": masks}
 
 
-def _displacement(matrix, n: int) -> np.ndarray:
-    """T(p) - p, f64[n,n,2], at pixel centres."""
-    ys, xs = np.mgrid[0:n, 0:n].astype(np.float64)
-    m = np.asarray(matrix, np.float64)
-    w = m[2, 0] * xs + m[2, 1] * ys + m[2, 2]
-    tx = (m[0, 0] * xs + m[0, 1] * ys + m[0, 2]) / w
-    ty = (m[1, 0] * xs + m[1, 1] * ys + m[1, 2]) / w
-    return np.stack([tx - xs, ty - ys], -1)
-
-
 def object_flow(scene: Scene, k: int, matrix) -> np.ndarray:
     """The exact flow f32[H,W,2] of moving object k by `matrix`: T(p) - p on the pixels where k
     is visible in the source, zero elsewhere."""
-    flow = np.zeros((scene.size, scene.size, 2))
     mask = render(scene)["masks"][k]
-    flow[mask] = _displacement(matrix, scene.size)[mask]
-    return flow.astype(np.float32)
+    return motion.motion_flow(motion.Motion(matrix, ""), scene.size, scene.size, mask)
 
 
 def affine_about(center, shift=(0.0, 0.0), degrees=0.0, scale=1.0) -> np.ndarray:
     """3x3 map p -> c + s R(deg) (p - c) + shift (R counter-clockwise on screen, y down)."""
-    t = np.deg2rad(degrees)
-    m2 = scale * np.array([[np.cos(t), np.sin(t)], [-np.sin(t), np.cos(t)]])
-    c = np.asarray(center, np.float64)
-    out = np.eye(3)
-    out[:2, :2] = m2
-    out[:2, 2] = c - m2 @ c + np.asarray(shift, np.float64)
+    out = motion.about(center, scale * motion.rotation(degrees))
+    out[:2, 2] += np.asarray(shift, np.float64)
     return out
 
 
@@ -235,5 +221,6 @@ def flow_pair(rng: np.random.Generator, size: int = 64, supersample: int = 2):
     dst = render(scene, moves, shift, supersample)
     flow = np.broadcast_to(shift, (size, size, 2)).copy()
     for k, m in moves.items():
-        flow[src["masks"][k]] = _displacement(m, size)[src["masks"][k]]
+        moved = src["masks"][k]
+        flow[moved] = motion.motion_flow(motion.Motion(m, ""), size, size)[moved]
     return src["image"], dst["image"], flow.astype(np.float32)
