@@ -1,17 +1,24 @@
 """mgjax: edit an image so that it shows a given motion (Motion Guidance, in JAX).
 
+  # the demo: the embedded toy pack (mgjax/toy/pack) moves a shape 10 px right, on CPU
+  python launch.py --out_dir out/demo
+  # the toy pack on a source and motion of your own
+  python launch.py --image shapes.png --object_mask shape_mask.png --motion rotate:30 \\
+      --out_dir out/mine
+  # Stable Diffusion v1.4 and RAFT (raft-things.pth) for real images:
   # a generated source: prompt + seed, then move the object in a box 40 px right
   python launch.py --prompt "a photo of an apple on a table" --seed 0 \\
       --motion translate:40,0 --object_box 180,200,330,350 --raft_weights raft-things.pth \\
-      --out_dir out/apple
+      --model CompVis/stable-diffusion-v1-4 --out_dir out/apple
   # a real image (inverted first), rotated 30 degrees inside a mask
   python launch.py --image cat.png --motion rotate:30 --object_mask cat_mask.png ...
   # the authors' example folders
   python launch.py --data_dir data/apple --target_flow_name right.pth \\
       --edit_mask_name right.mask.pth ...
 
-Every guidance flag defaults to the reference's value; --preset fast trades quality for time
-(explicit flags override a preset). Ctrl-C leaves a checkpoint; --resume continues it.
+Every guidance flag defaults to the reference's value (--preset paper, the default for real
+models); --preset fast trades quality for time; the toy pack runs --preset toy (scaled for its
+64x64 images). Explicit flags override a preset. Ctrl-C leaves a checkpoint; --resume continues.
 """
 
 import functools
@@ -56,7 +63,12 @@ source.string("target_flow_name", None, "With --data_dir: the flow file in flows
 source.string("edit_mask_name", None, "With --data_dir: the frozen mask in flows/.")
 source.bool("resize", False, "Resize an --image whose size the model cannot take.")
 # models
-models.string("model", "CompVis/stable-diffusion-v1-4", "Hub id or local diffusers folder.")
+models.string(
+    "model",
+    "toy",
+    "toy (the embedded toy pack, mgjax/toy/pack; with no source and motion flags it runs its "
+    "demo edit), a hub id (CompVis/stable-diffusion-v1-4) or a local diffusers folder.",
+)
 models.string("revision", "flax", "Hub revision (flax or bf16 for SD v1.4).")
 models.bool("from_pt", False, "The model folder holds PyTorch weights (read without torch).")
 models.enum(
@@ -74,7 +86,8 @@ models.enum(
 models.string(
     "raft_weights",
     None,
-    "RAFT checkpoint: raft-things.pth (princeton-vl/RAFT) or a file from python -m flow.convert.",
+    "RAFT checkpoint: raft-things.pth (princeton-vl/RAFT) or a file from python -m flow.convert"
+    " (default with --model toy: the pack's RAFT-small).",
 )
 # motion
 motion.string(
@@ -96,9 +109,9 @@ motion.integer("dilate", 2, "Dilation of the automatic frozen mask, in latent pi
 # guidance
 guidance.enum(
     "preset",
-    "paper",
-    sorted(PRESETS),
-    "Values: "
+    "auto",
+    ["auto", *sorted(PRESETS)],
+    "auto: toy with the toy pack (--model toy), else paper. Values: "
     + "; ".join(
         f"{name}: " + ", ".join(f"{k}={v:g}" for k, v in values.items())
         for name, values in sorted(PRESETS.items())
@@ -129,6 +142,11 @@ guidance.bool(
     True,
     "Steps whose guidance weight x schedule is 0 run the UNet only (no energy, no backward).",
 )
+guidance.bool(
+    "raft_unroll",
+    True,
+    "Unroll RAFT's refinement loop in the energy (faster backward pass on CPU; longer compile).",
+)
 # run
 run.integer("num_samples", 1, "Edits of the same source, as one batch.")
 run.string("out_dir", None, "Output folder.")
@@ -151,7 +169,10 @@ def options() -> Options:
     if not FLAGS.out_dir:
         raise UserError("--out_dir is required")
     values = {f.name: getattr(FLAGS, f.name) for f in Options.__dataclass_fields__.values()}
-    for name, value in PRESETS[FLAGS.preset].items():
+    preset = FLAGS.preset
+    if preset == "auto":
+        preset = "toy" if FLAGS.model == "toy" else "paper"
+    for name, value in PRESETS[preset].items():
         if not FLAGS[name].present:
             values[name] = value
     return Options(**values)

@@ -29,13 +29,37 @@ _PAPER = dict(
     cfg_scale=7.5,
 )
 # fast: 250 x 4 = 1000 guided evaluations instead of 5000; the weights are the paper's, untuned
-PRESETS = {"paper": _PAPER, "fast": dict(_PAPER, steps=250, recursive_steps=4)}
+# toy: for the 64x64 toy pack (16x16x4 latents, 16x fewer elements than SD's 64x64x4). The
+# guidance is the gradient of a mean over pixels, so each latent element's share is 16x larger
+# than at 512x512: lambda_g / 16; the clip bounds an L2 norm over 16x fewer elements: clip / 4
+# (the same per-element bound); flows are in pixels, 8x smaller for the same relative motion:
+# lambda_flow x 8 keeps the flow/colour balance. Fewer steps: the demo runs in minutes on a CPU.
+PRESETS = {
+    "paper": _PAPER,
+    "fast": dict(_PAPER, steps=250, recursive_steps=4),
+    "toy": dict(
+        _PAPER,
+        steps=100,
+        recursive_steps=5,
+        guidance_weight=300.0 / 16,
+        clip=200.0 / 4,
+        flow_weight=3.0 * 8,
+    ),  # fmt: skip
+}
+
+
+def preset_config(preset: str | dict, **overrides):
+    """A GuidanceConfig from a preset (a PRESETS name or a dict of its keys) plus overrides."""
+    from mgjax.sampler import GuidanceConfig
+
+    values = dict(PRESETS[preset] if isinstance(preset, str) else preset) | overrides
+    return GuidanceConfig(num_steps=values.pop("steps"), **values)
 
 
 @dataclasses.dataclass
 class Options:
     out_dir: str
-    raft_weights: str
+    raft_weights: str | None = None  # None with model "toy": the toy pack's RAFT-small
     image: str | None = None
     prompt: str = ""
     seed: int = 0
@@ -43,13 +67,14 @@ class Options:
     target_flow_name: str | None = None
     edit_mask_name: str | None = None
     resize: bool = False
-    model: str = "CompVis/stable-diffusion-v1-4"
+    model: str = "toy"  # the embedded toy pack (mgjax/toy/pack), a hub id, or a folder
     revision: str | None = "flax"
     from_pt: bool = False
     dtype: str = "float32"
     attention: str = "plain"
     remat: str = "none"
     skip_unguided: bool = True
+    raft_unroll: bool = True
     compilation_cache: str = ""
     motion: str | None = None
     object_mask: str | None = None
@@ -167,6 +192,30 @@ _NOT_IN_DIGEST = (
 def _config_digest(o: Options) -> str:
     keep = {k: v for k, v in dataclasses.asdict(o).items() if k not in _NOT_IN_DIGEST}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_toy(o: Options) -> Options:
+    """With model "toy" (the default): the pack's folder and RAFT-small unless --raft_weights is
+    given, and, when no source and no motion are given, the pack's demo edit (a rendered scene,
+    its object mask, prompt and motion). Other models pass through unchanged."""
+    from mgjax.toy import pack
+
+    if o.model != pack.TOY:
+        return o
+    if not (pack.PACK / "pack.json").is_file():
+        raise UserError(
+            f"the toy pack is missing from {pack.PACK}; restore it from git, or give --model"
+        )
+    o = dataclasses.replace(o, model=pack.sd_folder(), revision=None)
+    if not o.raft_weights:
+        o.raft_weights = pack.raft_file()
+    bare = not (o.image or o.data_dir or o.prompt or o.motion or o.flow)
+    if bare:
+        demo = pack.demo_files()
+        o.image, o.prompt, o.motion = demo["image"], demo["prompt"], demo["motion"]
+        if not o.object_box:
+            o.object_mask = o.object_mask or demo["object_mask"]
+    return o
 
 
 def check_options(o: Options) -> None:
@@ -367,6 +416,7 @@ def enable_compilation_cache(path: str) -> None:
 
 def run(o: Options, log=print) -> str:
     """The whole edit. Returns the output folder."""
+    o = resolve_toy(o)
     check_options(o)
     t_start = time.perf_counter()
     schedule = None
@@ -438,6 +488,7 @@ def _run(o, digest, ckpt_path, schedule, log, t_start):
         "chunk",
         "remat",
         "skip_unguided",
+        "raft_unroll",
     )
     cfg = GuidanceConfig(
         num_steps=o.steps, snapshot_every=o.log_every, **{k: getattr(o, k) for k in shared}

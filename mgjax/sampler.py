@@ -60,6 +60,9 @@ class GuidanceConfig:
     # Steps whose guidance multiplier (lambda_g * schedule[i]) is 0 run the UNet alone: no
     # decoder, RAFT or backward pass; their energy logs are NaN (not evaluated).
     skip_unguided: bool = True
+    # Unroll RAFT's refinement loop inside the energy: XLA:CPU runs the backward pass of a
+    # `lax.scan` of convolutions several times slower than the unrolled loop (bench/levers.py).
+    raft_unroll: bool = True
 
     def __post_init__(self):
         checks = (
@@ -291,7 +294,7 @@ class GuidedSampler:
         unet = self._remat(lambda p, z_in: self.cfg_eps(p, z_in, t, edit))
         decode = self._remat(self.sd.decode)
         flow_net = lambda a, b, iters: self._remat(  # noqa: E731
-            lambda r, a, b: r(a, b, iters=iters)
+            lambda r, a, b: r(a, b, iters=iters, unroll=cfg.raft_unroll)
         )(raft, a, b)
 
         def energy(z_in):
@@ -324,7 +327,9 @@ class GuidedSampler:
             logs = {"energy": nan, "flow_loss": nan, "color_loss": nan}
             return eps, logs, x, jnp.zeros(z.shape[:1], self.dtype)
 
-        if cfg.skip_unguided:
+        if cfg.skip_unguided and cfg.guidance_weight == 0:  # never guided: no energy compiled
+            eps, logs, x, d_norm = unguided(z)
+        elif cfg.skip_unguided:
             eps, logs, x, d_norm = lax.cond(weight != 0, guided, unguided, z)
         else:
             eps, logs, x, d_norm = guided(z)

@@ -3,7 +3,8 @@
 An edit of a shapes-world scene moves object k by a known map; the ground truth is the scene
 rendered with the object moved. Measures (images f32[H,W,3] in [0, 1]):
   placement error: distance between the centroids of the edited object's mask and of the
-    ground-truth mask (px); the edited mask is found by colour (the object's own colour);
+    ground-truth mask (px); the edited mask is found by colour (the object's own colour, as
+    rendered: the median over its true mask);
   IoU of the two masks;
   PSNR of the region that should not change (1 px away from the object before and after);
   PSNR of the disoccluded region (the object before, not after) against the ground truth.
@@ -16,20 +17,16 @@ from mgjax.toy import shapes
 
 
 def psnr(a, b, region) -> float | None:
-    """PSNR (dB) of a vs b over the pixels of bool[H,W] `region`; None if it is empty."""
+    """PSNR (dB, at most 60) of a vs b over the pixels of bool[H,W] `region`; None if empty."""
     if not region.any():
         return None
     mse = float(np.mean(np.square(a[region] - b[region])))
-    return float(10 * np.log10(1.0 / max(mse, 1e-10)))
+    return float(10 * np.log10(1.0 / max(mse, 1e-6)))  # capped at 60 dB (exact copies)
 
 
-def color_mask(image, scene: shapes.Scene, k: int, tolerance: float = 0.2) -> np.ndarray:
-    """Pixels whose colour is within `tolerance` (RMS over RGB) of object k's base colour, as
-    rendered (solid fills vary by +-10%, dots by +-20%: the median over its true mask is used)."""
-    truth = shapes.render(scene)
-    ref = np.median(truth["image"][truth["masks"][k]], axis=0)
-    dist = np.sqrt(np.mean(np.square(image - ref), axis=-1))
-    return dist < tolerance
+def segment(image, color, tolerance: float = 0.2) -> np.ndarray:
+    """bool[H,W]: pixels whose colour is within `tolerance` (RMS over RGB) of `color`."""
+    return np.sqrt(np.mean(np.square(image - np.asarray(color)), axis=-1)) < tolerance
 
 
 def centroid(mask) -> np.ndarray | None:
@@ -37,23 +34,45 @@ def centroid(mask) -> np.ndarray | None:
     return None if xs.size == 0 else np.array([xs.mean(), ys.mean()])
 
 
-def edit_scores(edited, scene: shapes.Scene, k: int, matrix) -> dict:
-    """The measures above for `edited` (f32[H,W,3]) against moving object k by `matrix`."""
-    before = shapes.render(scene)
-    after = shapes.render(scene, {k: matrix})
-    found = color_mask(edited, scene, k)
-    target = after["masks"][k]
-    c_found, c_target = centroid(found), centroid(target)
+def move_mask(mask, matrix) -> np.ndarray:
+    """bool[H,W] mask moved by the 3x3 point map: out(p) = mask(matrix^-1 p), nearest pixel."""
+    h, w = mask.shape
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    inv = np.linalg.inv(np.asarray(matrix, np.float64))
+    d = inv[2, 0] * xs + inv[2, 1] * ys + inv[2, 2]
+    sx = np.rint((inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]) / d).astype(int)
+    sy = np.rint((inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]) / d).astype(int)
+    ok = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
+    return ok & mask[np.clip(sy, 0, h - 1), np.clip(sx, 0, w - 1)]
+
+
+def scores(edited, reference, before, after, color, truth=None, tolerance: float = 0.2) -> dict:
+    """The measures for `edited` (f32[H,W,3]) of an object (bool[H,W] masks `before` in the
+    source and `after` where it should land; RGB `color` its typical colour). `reference` is
+    the image the unchanged region is compared with (the ground truth, or the source);
+    `truth` the exact edited image, when known (else no disoccluded PSNR)."""
+    found = segment(edited, color, tolerance)
+    c_found, c_target = centroid(found), centroid(after)
     placement = None if c_found is None else float(np.linalg.norm(c_found - c_target))
-    union = (found | target).sum()
-    still = ~dilate_mask(before["masks"][k] | target, 1)  # anti-aliased edges belong to the object
-    uncovered = before["masks"][k] & ~target
+    union = (found | after).sum()
+    still = ~dilate_mask(before | after, 1)  # anti-aliased edges belong to the object
     return {
         "placement_px": placement,
-        "iou": float((found & target).sum() / union) if union else None,
-        "psnr_unchanged": psnr(edited, after["image"], still),
-        "psnr_disoccluded": psnr(edited, after["image"], uncovered),
+        "iou": float((found & after).sum() / union) if union else None,
+        "psnr_unchanged": psnr(edited, reference, still),
+        "psnr_disoccluded": None if truth is None else psnr(edited, truth, before & ~after),
     }
+
+
+def edit_scores(edited, scene: shapes.Scene, k: int, matrix) -> dict:
+    """The measures for `edited` (f32[H,W,3]) against moving object k of `scene` by `matrix`,
+    with the exact ground truth (the scene rendered with the object moved)."""
+    before = shapes.render(scene)
+    after = shapes.render(scene, {k: matrix})
+    color = np.median(before["image"][before["masks"][k]], axis=0)
+    return scores(
+        edited, after["image"], before["masks"][k], after["masks"][k], color, after["image"]
+    )
 
 
 def forward_warp(image, flow, moving) -> tuple[np.ndarray, np.ndarray]:

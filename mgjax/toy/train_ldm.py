@@ -27,14 +27,6 @@ from mgjax import sd as sdm
 from mgjax.toy import shapes
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out_dir", None, "Output folder.")
-flags.DEFINE_float("vae_minutes", 15.0, "Time budget of the autoencoder.")
-flags.DEFINE_float("unet_minutes", 40.0, "Time budget of the UNet + text encoder.")
-flags.DEFINE_integer("vae_steps", 3000, "Autoencoder step limit (its schedule's length).")
-flags.DEFINE_integer("unet_steps", 8000, "UNet step limit (its schedule's length).")
-flags.DEFINE_integer("pool", 8192, "Training scenes rendered once for the UNet stage.")
-flags.DEFINE_integer("seed", 0, "Seed of data and weights.")
-flags.DEFINE_integer("log_every", 50, "Steps between progress lines.")
 
 SIZE = 64
 TOY_VAE = dict(
@@ -165,7 +157,7 @@ def _progress(name, step, steps, start, minutes, loss, log):
 # ----------------------------------------------------------------------------- stages
 
 
-def train_vae(rng, minutes, steps, log_every, log):
+def train_vae(rng, minutes, steps, batch, log_every, log):
     from diffusers import FlaxAutoencoderKL
 
     vae = FlaxAutoencoderKL(**TOY_VAE)
@@ -190,7 +182,7 @@ def train_vae(rng, minutes, steps, log_every, log):
     key, curve, start, acc = jax.random.PRNGKey(0), [], time.perf_counter(), []
     for step in range(1, steps + 1):
         key, sub = jax.random.split(key)
-        params, state, loss = step_fn(params, state, jnp.asarray(render_batch(rng, 16)[0]), sub)
+        params, state, loss = step_fn(params, state, jnp.asarray(render_batch(rng, batch)[0]), sub)
         acc.append(float(loss))
         if step % log_every == 0 or step == steps:
             curve.append(float(np.mean(acc)))
@@ -289,6 +281,20 @@ def sample_grid(sd, prompts, seeds, steps: int = 50) -> np.ndarray:
     return outputs.to_uint8(np.concatenate(rows, axis=0))
 
 
+def _define_flags():
+    """Command-line flags (defined only when run as a script, so that the training modules
+    can be imported side by side)."""
+    flags.DEFINE_string("out_dir", None, "Output folder.")
+    flags.DEFINE_float("vae_minutes", 15.0, "Time budget of the autoencoder.")
+    flags.DEFINE_float("unet_minutes", 40.0, "Time budget of the UNet + text encoder.")
+    flags.DEFINE_integer("vae_batch", 8, "Autoencoder images per step.")
+    flags.DEFINE_integer("vae_steps", 800, "Autoencoder step limit (its schedule's length).")
+    flags.DEFINE_integer("unet_steps", 1500, "UNet step limit (its schedule's length).")
+    flags.DEFINE_integer("pool", 8192, "Training scenes rendered once for the UNet stage.")
+    flags.DEFINE_integer("seed", 0, "Seed of data and weights.")
+    flags.DEFINE_integer("log_every", 50, "Steps between progress lines.")
+
+
 def main(argv):
     del argv
     if not FLAGS.out_dir:
@@ -299,7 +305,7 @@ def main(argv):
     rng = np.random.default_rng(FLAGS.seed)
     t0 = time.perf_counter()
     vae, vae_params, vae_curve = train_vae(
-        rng, FLAGS.vae_minutes, FLAGS.vae_steps, FLAGS.log_every, log
+        rng, FLAGS.vae_minutes, FLAGS.vae_steps, FLAGS.vae_batch, FLAGS.log_every, log
     )
     outputs.save_png(str(out / "vae_losses.png"), outputs.loss_plot({"vae loss": vae_curve}))
     tokenizer = toy_tokenizer(out / "tokenizer_build")
@@ -324,11 +330,24 @@ def main(argv):
             "sample_prompts": prompts,
             "seconds": time.perf_counter() - t0,
             "scaling_factor": float(vae.config.scaling_factor),
+            "settings": {
+                k: getattr(FLAGS, k)
+                for k in (
+                    "vae_minutes",
+                    "unet_minutes",
+                    "vae_batch",
+                    "vae_steps",
+                    "unet_steps",
+                    "pool",
+                    "seed",
+                )
+            },  # fmt: skip
         },
     )
     log(f"done in {(time.perf_counter() - t0) / 60:.1f} min: {out / 'sd'}, samples.png")
 
 
 if __name__ == "__main__":
+    _define_flags()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     app.run(main)

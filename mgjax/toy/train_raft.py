@@ -6,6 +6,9 @@ exact flow. Seeded, optax, progress and a loss curve; CPU-sized (64x64 images).
 Writes OUT/raft-small.mgjax (read by flow.checkpoint.load_raft, like any converted RAFT),
 OUT/losses.png, OUT/log.json. The loss is RAFT's sequence loss (gamma 0.8) over the training
 iterations; the validation EPE (fixed 64 pairs, 12 iterations) is printed as it trains.
+
+The refinement loop is unrolled: on XLA:CPU the backward pass of RAFT's `lax.scan` is ~7x
+slower than the unrolled one (2.35 s vs 0.31 s per step of 8 pairs, 4 iterations, one core).
 """
 
 import os
@@ -23,15 +26,6 @@ from mgjax import outputs
 from mgjax.toy import shapes
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out_dir", None, "Output folder.")
-flags.DEFINE_float("minutes", 50.0, "Training time budget (the run stops at the next log).")
-flags.DEFINE_integer("max_steps", 100_000, "Step limit (the learning-rate schedule's length).")
-flags.DEFINE_integer("batch", 8, "Pairs per step.")
-flags.DEFINE_integer("iters", 8, "RAFT iterations while training.")
-flags.DEFINE_float("lr", 4e-4, "Peak learning rate (one-cycle).")
-flags.DEFINE_integer("seed", 0, "Seed of the data and the initial weights.")
-flags.DEFINE_integer("size", 64, "Image size.")
-flags.DEFINE_integer("log_every", 50, "Steps between progress lines.")
 
 CONFIG = RaftConfig(small=True, context_norm="batch")
 
@@ -50,7 +44,9 @@ def sequence_loss(flows, target, gamma: float = 0.8):
 
 def make_step(optimizer, iters: int):
     def loss_fn(params, img1, img2, flow):
-        flows = raft_forward(CONFIG, {"params": params}, img1, img2, iters, sequence=True)
+        flows = raft_forward(
+            CONFIG, {"params": params}, img1, img2, iters, unroll=True, sequence=True
+        )
         epe = jnp.linalg.norm(flows[-1] - flow, axis=-1).mean()
         return sequence_loss(flows, flow), epe
 
@@ -65,7 +61,7 @@ def make_step(optimizer, iters: int):
 
 @jax.jit
 def _val_epe(params, img1, img2, flow):
-    pred = raft_forward(CONFIG, {"params": params}, img1, img2, 12)
+    pred = raft_forward(CONFIG, {"params": params}, img1, img2, 12, unroll=True)
     return jnp.linalg.norm(pred - flow, axis=-1).mean()
 
 
@@ -75,7 +71,9 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
     rng = np.random.default_rng(seed)
     val = batch_of_pairs(np.random.default_rng(10_000 + seed), 64, size)
     params = init_raft(CONFIG, jax.random.PRNGKey(seed), (size, size))["params"]
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(500, max_steps // 10), max_steps)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, lr, min(200, max_steps // 10), max_steps, end_value=0.1 * lr
+    )
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, 1e-4))
     opt_state = optimizer.init(params)
     step_fn = make_step(optimizer, iters)
@@ -111,6 +109,9 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
                 break
     v = float(np.mean([_val_epe(params, *(x[i : i + 16] for x in val)) for i in range(0, 64, 16)]))
     history["final_val_epe"] = v
+    history["steps"] = step
+    history["settings"] = dict(batch=batch, iters=iters, lr=lr, seed=seed, size=size,
+                               max_steps=max_steps, minutes=minutes)  # fmt: skip
     history["seconds"] = time.perf_counter() - start
     zero = float(np.linalg.norm(val[2], axis=-1).mean())
     history["zero_flow_val_epe"] = zero
@@ -125,6 +126,20 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
     return history
 
 
+def _define_flags():
+    """Command-line flags (defined only when run as a script, so that the training modules
+    can be imported side by side)."""
+    flags.DEFINE_string("out_dir", None, "Output folder.")
+    flags.DEFINE_float("minutes", 30.0, "Training time budget (the run stops at the next log).")
+    flags.DEFINE_integer("max_steps", 4000, "Step limit (the learning-rate schedule's length).")
+    flags.DEFINE_integer("batch", 8, "Pairs per step.")
+    flags.DEFINE_integer("iters", 4, "RAFT iterations while training.")
+    flags.DEFINE_float("lr", 5e-4, "Peak learning rate (warm-up, then cosine decay to a tenth).")
+    flags.DEFINE_integer("seed", 0, "Seed of the data and the initial weights.")
+    flags.DEFINE_integer("size", 64, "Image size.")
+    flags.DEFINE_integer("log_every", 50, "Steps between progress lines.")
+
+
 def main(argv):
     del argv
     if not FLAGS.out_dir:
@@ -134,4 +149,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

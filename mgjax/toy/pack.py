@@ -1,0 +1,126 @@
+"""The toy model pack: the self-trained tiny Stable Diffusion and RAFT-small shipped in
+`mgjax/toy/pack/`, in the formats the real loaders read, plus the demo edit that
+`python launch.py --out_dir DIR` runs when no model or source is given.
+
+  pack/sd/           diffusers folder (model_index.json; unet/, vae/, text_encoder/ with Flax
+                     msgpack weights and config.json; tokenizer/ with vocab.json, merges.txt)
+  pack/raft-small.mgjax   RAFT-small weights (flow.checkpoint format, as python -m flow.convert)
+  pack/demo.png, pack/demo_mask.png   a rendered shapes-world scene and its object's mask
+  pack/pack.json     demo prompt and motion, training provenance (runs, losses, EPE, minutes)
+
+Rebuild it from training runs (python -m mgjax.toy.train_ldm / train_raft):
+
+  python -m mgjax.toy.pack --ldm runs/ldm/sd --raft runs/raft/raft-small.mgjax \\
+      --ldm_log runs/ldm/log.json --raft_log runs/raft/log.json
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+PACK = Path(__file__).resolve().parent / "pack"
+TOY = "toy"  # --model value (the default) that names this pack
+DEMO_SEED = 7  # shapes.sample_scene seed of the demo scene
+DEMO_OBJECT = 0
+DEMO_SHIFT = (10.0, 0.0)  # the demo motion: the object 10 px to the right
+
+
+def sd_folder() -> str:
+    return str(PACK / "sd")
+
+
+def raft_file() -> str:
+    return str(PACK / "raft-small.mgjax")
+
+
+def info() -> dict:
+    """pack.json: demo prompt/motion and how the weights were trained."""
+    return json.loads((PACK / "pack.json").read_text())
+
+
+def demo_files() -> dict:
+    """The demo edit's inputs: {"image", "object_mask", "prompt", "motion"}."""
+    meta = info()["demo"]
+    return {
+        "image": str(PACK / "demo.png"),
+        "object_mask": str(PACK / "demo_mask.png"),
+        "prompt": meta["prompt"],
+        "motion": meta["motion"],
+    }
+
+
+def _demo(size: int):
+    from mgjax.toy import shapes
+
+    scene = shapes.sample_scene(np.random.default_rng(DEMO_SEED), size, n_objects=1)
+    out = shapes.render(scene)
+    return scene, out["image"], out["masks"][DEMO_OBJECT]
+
+
+def build(ldm: str, raft: str, ldm_log: str | None, raft_log: str | None, out: Path = PACK):
+    """Copy trained weights into `out` and write the demo and pack.json."""
+    from mgjax import outputs
+    from mgjax.toy import shapes
+
+    if not (Path(ldm) / "unet").is_dir():
+        raise SystemExit(f"{ldm}: not a diffusers folder (no unet/)")
+    tmp = Path(str(out) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copytree(ldm, tmp / "sd")
+    shutil.copyfile(raft, tmp / "raft-small.mgjax")
+    unet_cfg = json.loads((tmp / "sd" / "unet" / "config.json").read_text())
+    vae_cfg = json.loads((tmp / "sd" / "vae" / "config.json").read_text())
+    size = unet_cfg["sample_size"] * 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    scene, image, mask = _demo(size)
+    outputs.save_png(str(tmp / "demo.png"), outputs.to_uint8(image))
+    outputs.save_png(str(tmp / "demo_mask.png"), (mask * 255).astype(np.uint8))
+    logs = {}
+    for name, path in (("ldm", ldm_log), ("raft", raft_log)):
+        if path:
+            logs[name] = json.loads(Path(path).read_text())
+    meta = {
+        "demo": {
+            "prompt": shapes.prompt(scene),
+            "motion": f"translate:{DEMO_SHIFT[0]:g},{DEMO_SHIFT[1]:g}",
+            "scene_seed": DEMO_SEED,
+        },
+        "image_size": size,
+        "training": {
+            "ldm": {
+                k: logs["ldm"][k]
+                for k in ("seconds", "scaling_factor", "vae_loss", "unet_loss", "settings")
+                if k in logs.get("ldm", {})
+            },
+            "raft": {
+                k: logs["raft"][k]
+                for k in ("seconds", "final_val_epe", "zero_flow_val_epe", "steps", "settings")
+                if k in logs.get("raft", {})
+            },
+        },
+    }
+    (tmp / "pack.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out} ({total / 2**20:.1f} MiB)")
+
+
+def main():
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ldm", required=True, help="diffusers folder written by train_ldm (OUT/sd)")
+    p.add_argument("--raft", required=True, help="raft-small.mgjax written by train_raft")
+    p.add_argument("--ldm_log", help="train_ldm's log.json")
+    p.add_argument("--raft_log", help="train_raft's log.json")
+    p.add_argument("--out", default=str(PACK))
+    a = p.parse_args()
+    build(a.ldm, a.raft, a.ldm_log, a.raft_log, Path(a.out))
+
+
+if __name__ == "__main__":
+    main()
