@@ -65,9 +65,9 @@ source.bool("resize", False, "Resize an --image whose size the model cannot take
 # models
 models.string(
     "model",
-    "toy",
-    "toy (the embedded toy pack, mgjax/toy/pack; with no source and motion flags it runs its "
-    "demo edit), a hub id (CompVis/stable-diffusion-v1-4) or a local diffusers folder.",
+    "CompVis/stable-diffusion-v1-4",
+    "Hub id, local diffusers folder, or toy (the toy pack in mgjax/toy/pack; with no source "
+    "and motion flags it runs its demo edit).",
 )
 models.string("revision", "flax", "Hub revision (flax or bf16 for SD v1.4).")
 models.bool("from_pt", False, "The model folder holds PyTorch weights (read without torch).")
@@ -141,11 +141,6 @@ guidance.bool(
     "skip_unguided",
     True,
     "Steps whose guidance weight x schedule is 0 run the UNet only (no energy, no backward).",
-)
-guidance.bool(
-    "raft_unroll",
-    True,
-    "Unroll RAFT's refinement loop in the energy (faster backward pass on CPU; longer compile).",
 )
 # run
 run.integer("num_samples", 1, "Edits of the same source, as one batch.")

@@ -78,8 +78,6 @@ def main():
         ("memory-efficient attention", {}, "float32", "memory_efficient", None, img),
         ("bf16 UNet + VAE + RAFT", {}, "bfloat16", "plain", None, img),
         ("bf16 + remat full", dict(remat="full"), "bfloat16", "plain", None, img),
-        ("RAFT loop as lax.scan (raft_unroll off)", dict(raft_unroll=False), "float32", "plain",
-         None, img),
         ("every other step unguided, computed", dict(skip_unguided=False), "float32", "plain",
          half, img),
         ("every other step unguided, skipped", {}, "float32", "plain", half, img),

@@ -67,14 +67,13 @@ class Options:
     target_flow_name: str | None = None
     edit_mask_name: str | None = None
     resize: bool = False
-    model: str = "toy"  # the embedded toy pack (mgjax/toy/pack), a hub id, or a folder
+    model: str = "CompVis/stable-diffusion-v1-4"  # a hub id, a folder, or "toy" (the toy pack)
     revision: str | None = "flax"
     from_pt: bool = False
     dtype: str = "float32"
     attention: str = "plain"
     remat: str = "none"
     skip_unguided: bool = True
-    raft_unroll: bool = True
     compilation_cache: str = ""
     motion: str | None = None
     object_mask: str | None = None
@@ -204,7 +203,8 @@ def resolve_toy(o: Options) -> Options:
         return o
     if not (pack.PACK / "pack.json").is_file():
         raise UserError(
-            f"the toy pack is missing from {pack.PACK}; restore it from git, or give --model"
+            f"--model toy: no toy pack in {pack.PACK}; build it with python -m mgjax.toy.pack "
+            "(see its --help), or give --model"
         )
     o = dataclasses.replace(o, model=pack.sd_folder(), revision=None)
     if not o.raft_weights:
@@ -488,7 +488,6 @@ def _run(o, digest, ckpt_path, schedule, log, t_start):
         "chunk",
         "remat",
         "skip_unguided",
-        "raft_unroll",
     )
     cfg = GuidanceConfig(
         num_steps=o.steps, snapshot_every=o.log_every, **{k: getattr(o, k) for k in shared}

@@ -45,8 +45,10 @@ def panel(source, target_flow, edited, achieved_flow, max_norm=None) -> np.ndarr
         flow_to_color(achieved_flow, max_norm=norm),
         to_uint8(diff),
     ]
-    labels = ["source", "target flow", "edit", "achieved flow (RAFT)", "|edit - source|"]
     h, w, _ = tiles[0].shape
+    labels = ["source", "target flow", "edit", "achieved flow (RAFT)", "|edit - source|"]
+    if w < 150:  # small images (the toy world): labels that fit their tiles
+        labels = ["source", "target", "edit", "RAFT", "diff"]
     bar = 14
     out = Image.new("RGB", (5 * w, h + bar), "white")
     draw = ImageDraw.Draw(out)

@@ -60,9 +60,6 @@ class GuidanceConfig:
     # Steps whose guidance multiplier (lambda_g * schedule[i]) is 0 run the UNet alone: no
     # decoder, RAFT or backward pass; their energy logs are NaN (not evaluated).
     skip_unguided: bool = True
-    # Unroll RAFT's refinement loop inside the energy: XLA:CPU runs the backward pass of a
-    # `lax.scan` of convolutions several times slower than the unrolled loop (bench/levers.py).
-    raft_unroll: bool = True
 
     def __post_init__(self):
         checks = (
@@ -294,7 +291,7 @@ class GuidedSampler:
         unet = self._remat(lambda p, z_in: self.cfg_eps(p, z_in, t, edit))
         decode = self._remat(self.sd.decode)
         flow_net = lambda a, b, iters: self._remat(  # noqa: E731
-            lambda r, a, b: r(a, b, iters=iters, unroll=cfg.raft_unroll)
+            lambda r, a, b: r(a, b, iters=iters)
         )(raft, a, b)
 
         def energy(z_in):

@@ -207,3 +207,29 @@ def test_reference_data_folder_source(assets, tmp_path):
     )
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["guided_evaluations"] == 8
+
+
+def test_toy_model_resolves_to_the_pack_and_its_demo(tmp_path, monkeypatch):
+    from mgjax.edit import resolve_toy
+    from mgjax.toy import pack
+
+    monkeypatch.setattr(pack, "PACK", tmp_path / "pack")
+    with pytest.raises(UserError, match="no toy pack"):
+        resolve_toy(Options(out_dir=str(tmp_path / "o"), model="toy"))
+    (tmp_path / "pack").mkdir()
+    demo = {"prompt": "a red square on a striped blue background", "motion": "translate:10,0"}
+    (tmp_path / "pack" / "pack.json").write_text(json.dumps({"demo": demo}))
+    o = resolve_toy(Options(out_dir=str(tmp_path / "o"), model="toy"))
+    assert (o.model, o.revision) == (str(tmp_path / "pack" / "sd"), None)
+    assert o.raft_weights == str(tmp_path / "pack" / "raft-small.mgjax")
+    assert o.image == str(tmp_path / "pack" / "demo.png") and o.motion == demo["motion"]
+    assert o.object_mask == str(tmp_path / "pack" / "demo_mask.png")
+    assert o.prompt == demo["prompt"]
+    own = resolve_toy(
+        Options(out_dir="o", model="toy", image="mine.png", motion="rotate:5", raft_weights="r")
+    )  # a source or motion of one's own: no demo, and one's own RAFT wins
+    assert (own.image, own.motion, own.object_mask, own.raft_weights) == (
+        "mine.png", "rotate:5", None, "r"
+    )  # fmt: skip
+    real = Options(out_dir="o", model="CompVis/stable-diffusion-v1-4")
+    assert resolve_toy(real) is real

@@ -77,10 +77,14 @@ def test_ground_truth_edit_and_measures():
     src = shapes.render(s)["image"]
     perfect = quality.edit_scores(gt["image"], s, 0, m)
     assert perfect["placement_px"] < 0.5 and perfect["iou"] > 0.9
-    assert perfect["psnr_unchanged"] > 60 and perfect["psnr_disoccluded"] > 60
+    assert perfect["psnr_unchanged"] == 60 and perfect["psnr_disoccluded"] == 60  # exact: capped
     unmoved = quality.edit_scores(src, s, 0, m)
     assert unmoved["placement_px"] == pytest.approx(np.hypot(8, 5), abs=0.5)
-    assert unmoved["psnr_unchanged"] > 60 and unmoved["psnr_disoccluded"] < 20
+    assert unmoved["psnr_unchanged"] == 60 and unmoved["psnr_disoccluded"] < 20
+    np.testing.assert_array_equal(quality.move_mask(mask, m), gt["masks"][0])
+    turn = shapes.affine_about((30.0, 26.0), degrees=35.0, scale=1.2)
+    moved, truth = quality.move_mask(mask, turn), shapes.render(s, {0: turn})["masks"][0]
+    assert (moved & truth).sum() / (moved | truth).sum() > 0.9  # nearest vs area coverage
     warped, holes = quality.forward_warp(src, flow, mask)
     # an integer shift lands exactly (inside the object: anti-aliased edges carry the old
     # background), and the uncovered part is a hole
