@@ -143,6 +143,8 @@ def save(path: str, variables: dict, config: RaftConfig, source: str = "") -> No
     """Writes our format to exactly `path`, atomically (nothing half-written on failure)."""
     arrays = {k: np.asarray(v, np.float32) for k, v in flatten(variables).items()}
     meta = {"format": FORMAT, "version": VERSION, "small": config.small, "source": source}
+    if config.input_scale != 1:
+        meta["input_scale"] = config.input_scale
     arrays[_META] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
 
     def write(tmp: str) -> None:
@@ -195,7 +197,7 @@ def load_variables(path: str) -> tuple[dict, RaftConfig]:
         for p in path_parts:
             node = node.setdefault(p, {})
         node[leaf] = value
-    config = RaftConfig(small=bool(meta["small"]))
+    config = RaftConfig(small=bool(meta["small"]), input_scale=int(meta.get("input_scale", 1)))
     check_variables(variables, config)
     return variables, config
 
@@ -209,7 +211,9 @@ def load_raft(path: str, context_norm: str = "batch", dtype: str = "float32") ->
       dtype: compute dtype, "float32" or "bfloat16" ("float64" under jax_enable_x64, for tests).
     """
     variables, config = load_variables(path)
-    config = RaftConfig(small=config.small, context_norm=context_norm, dtype=dtype)
+    config = RaftConfig(
+        small=config.small, context_norm=context_norm, dtype=dtype, input_scale=config.input_scale
+    )
     return Raft(
         jax.tree_util.tree_map(lambda v: jax.numpy.asarray(v, config.acc_dtype), variables), config
     )

@@ -28,6 +28,9 @@ class RaftConfig:
     # Compute dtype of the convolutions: "float32" or "bfloat16" (coordinates, correlation and
     # norm statistics stay fp32). "float64" (with jax_enable_x64) is for exact gradient tests.
     dtype: str = "float32"
+    # Images are bilinearly upsampled by this factor before the network and the flow is
+    # average-pooled back (and divided by it): a finer 1/8-resolution grid for small images.
+    input_scale: int = 1
 
     def __post_init__(self):
         if self.context_norm not in CONTEXT_NORMS:
@@ -36,6 +39,8 @@ class RaftConfig:
             )
         if self.dtype not in DTYPES:
             raise UserError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.input_scale not in (1, 2, 4):
+            raise UserError(f"input_scale must be 1, 2 or 4, got {self.input_scale}")
         if self.dtype == "float64" and not jax.config.jax_enable_x64:
             raise UserError("dtype float64 needs jax_enable_x64 (with jax.enable_x64(True): ...)")
 
@@ -146,6 +151,16 @@ def raft_forward(
       f32[B,H,W,2] flow in pixels, (dx, dy): image1 pixel p matches image2 at p + flow(p).
     """
     check_images(image1, image2)
+    s = config.input_scale
+    if s > 1:
+        b, h, w, _ = image1.shape
+        big = lambda x: jax.image.resize(
+            jnp.asarray(x, config.acc_dtype), (b, s * h, s * w, 3), "bilinear"
+        )  # noqa: E731
+        plain = dataclasses.replace(config, input_scale=1)
+        out = raft_forward(plain, variables, big(image1), big(image2), iters, unroll, sequence)
+        pooled = out.reshape(out.shape[:-3] + (h, s, w, s, 2)).mean(axis=(-4, -2))
+        return pooled / s
     fnet, cnet, update, mask_head = config.modules()
     params = variables["params"]
     b = image1.shape[0]

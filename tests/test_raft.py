@@ -124,3 +124,27 @@ def test_bfloat16_runs_close_to_float32(models):
     drift = np.abs(bf16 - f32).mean() / np.abs(f32).mean()
     print(f"bf16 vs fp32 mean relative drift: {drift:.4f}")
     assert drift < 0.1
+
+
+def test_input_scale_runs_on_upsampled_images_and_pools_the_flow(tmp_path):
+    """input_scale 2: RAFT on 2x bilinearly upsampled images (half-pixel centres), the flow
+    2x2-averaged back and halved; the factor is kept by the checkpoint."""
+    from flow import checkpoint
+    from flow.errors import UserError
+    from flow.raft import RaftConfig, init_raft, raft_forward
+
+    scaled = RaftConfig(small=True, input_scale=2)
+    plain = RaftConfig(small=True)
+    variables = init_raft(plain, jax.random.PRNGKey(0), (64, 64))
+    a, b = (jnp.asarray(x) for x in image_pair(1, 64, 64, seed=3))
+    out = raft_forward(scaled, variables, a, b, 3)
+    big = [jax.image.resize(x, (1, 128, 128, 3), "bilinear") for x in (a, b)]
+    ref = raft_forward(plain, variables, *big, 3)
+    ref = np.asarray(ref).reshape(1, 64, 2, 64, 2, 2).mean(axis=(2, 4)) / 2
+    assert out.shape == (1, 64, 64, 2)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
+    path = str(tmp_path / "s.mgjax")
+    checkpoint.save(path, jax.tree_util.tree_map(np.asarray, variables), scaled)
+    assert load_raft(path).config.input_scale == 2
+    with pytest.raises(UserError, match="input_scale"):
+        RaftConfig(small=True, input_scale=3)
