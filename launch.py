@@ -1,15 +1,15 @@
 """mgjax: edit an image so that it shows a given motion (Motion Guidance, in JAX).
 
-  # the demo: the embedded toy pack (mgjax/toy/pack) moves a shape 10 px right, on CPU
-  python launch.py --out_dir out/demo
+  # the toy pack (mgjax/toy/pack, built by python -m mgjax.toy.pack): its demo edit, on CPU
+  python launch.py --model toy --out_dir out/demo
   # the toy pack on a source and motion of your own
-  python launch.py --image shapes.png --object_mask shape_mask.png --motion rotate:30 \\
-      --out_dir out/mine
+  python launch.py --model toy --image shapes.png --object_mask shape_mask.png \\
+      --motion rotate:30 --out_dir out/mine
   # Stable Diffusion v1.4 and RAFT (raft-things.pth) for real images:
   # a generated source: prompt + seed, then move the object in a box 40 px right
   python launch.py --prompt "a photo of an apple on a table" --seed 0 \\
       --motion translate:40,0 --object_box 180,200,330,350 --raft_weights raft-things.pth \\
-      --model CompVis/stable-diffusion-v1-4 --out_dir out/apple
+      --out_dir out/apple
   # a real image (inverted first), rotated 30 degrees inside a mask
   python launch.py --image cat.png --motion rotate:30 --object_mask cat_mask.png ...
   # the authors' example folders

@@ -44,7 +44,7 @@ PRESETS = {
         guidance_weight=300.0 / 16,
         clip=200.0 / 4,
         flow_weight=3.0 * 8,
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -194,7 +194,7 @@ def _config_digest(o: Options) -> str:
 
 
 def resolve_toy(o: Options) -> Options:
-    """With model "toy" (the default): the pack's folder and RAFT-small unless --raft_weights is
+    """With model "toy": the pack's folder and RAFT-small unless --raft_weights is
     given, and, when no source and no motion are given, the pack's demo edit (a rendered scene,
     its object mask, prompt and motion). Other models pass through unchanged."""
     from mgjax.toy import pack

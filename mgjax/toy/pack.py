@@ -1,6 +1,6 @@
 """The toy model pack: the self-trained tiny Stable Diffusion and RAFT-small shipped in
 `mgjax/toy/pack/`, in the formats the real loaders read, plus the demo edit that
-`python launch.py --out_dir DIR` runs when no model or source is given.
+`python launch.py --model toy --out_dir DIR` runs when no source or motion is given.
 
   pack/sd/           diffusers folder (model_index.json; unet/, vae/, text_encoder/ with Flax
                      msgpack weights and config.json; tokenizer/ with vocab.json, merges.txt)
