@@ -96,6 +96,12 @@ motion.string(
     "translate:dx,dy | rotate:deg[@cx,cy] | scale:s[@cx,cy] | "
     "stretch:s,deg[@cx,cy] | homography:<4 src pts>:<4 dst pts>, joined by '+'.",
 )
+motion.string(
+    "drag",
+    None,
+    "Drag points instead of --motion: 'x1,y1>X1,Y1; x2,y2>X2,Y2' (one pair: a translation; "
+    "two: the rotation and scale they imply; more: a smooth flow through all of them).",
+)
 motion.string("object_mask", None, "Object mask image (non-zero = object) for --motion.")
 motion.string("object_box", None, "Object box x0,y0,x1,y1 (pixels) for --motion.")
 motion.string("flow", None, "Target flow file instead of --motion: .npy, .flo, .pth.")

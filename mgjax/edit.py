@@ -76,6 +76,7 @@ class Options:
     skip_unguided: bool = True
     compilation_cache: str = ""
     motion: str | None = None
+    drag: str | None = None
     object_mask: str | None = None
     object_box: str | None = None
     flow: str | None = None
@@ -209,7 +210,7 @@ def resolve_toy(o: Options) -> Options:
     o = dataclasses.replace(o, model=pack.sd_folder(), revision=None)
     if not o.raft_weights:
         o.raft_weights = pack.raft_file()
-    bare = not (o.image or o.data_dir or o.prompt or o.motion or o.flow)
+    bare = not (o.image or o.data_dir or o.prompt or o.motion or o.flow or o.drag)
     if bare:
         demo = pack.demo_files()
         o.image, o.prompt, o.motion = demo["image"], demo["prompt"], demo["motion"]
@@ -229,14 +230,18 @@ def check_options(o: Options) -> None:
         _exists(o.image, "image file")
     if o.data_dir:
         _exists(o.data_dir, "data folder")
-    motions = [k for k, v in (("--motion", o.motion), ("--flow", o.flow)) if v]
+    motions = [k for k, v in (("--motion", o.motion), ("--flow", o.flow), ("--drag", o.drag)) if v]
     if len(motions) > 1:
-        raise UserError("give --motion or --flow, not both")
+        raise UserError(f"give one of --motion, --flow, --drag, not {' and '.join(motions)}")
     if not motions and not (o.data_dir and o.target_flow_name):
         raise UserError(
-            "no motion: give --motion (e.g. translate:40,0), --flow FILE, or --data_dir with "
-            "--target_flow_name"
+            "no motion: give --motion (e.g. translate:40,0), --drag 'x,y>X,Y', --flow FILE, or "
+            "--data_dir with --target_flow_name"
         )
+    if o.drag:
+        from mgjax.drag import parse_drag
+
+        parse_drag(o.drag)  # syntax errors now, not after loading models
     if o.object_mask and o.object_box:
         raise UserError("give --object_mask or --object_box, not both")
     if o.motion:
@@ -382,6 +387,10 @@ def _target(o: Options, data, h: int, w: int):
         obj = box_mask(o.object_box, h, w)
     if o.flow:
         return read_flow_file(o.flow, h, w), obj
+    if o.drag:
+        from mgjax.drag import drag_flow, parse_drag
+
+        return drag_flow(*parse_drag(o.drag), h, w, obj), obj
     if o.motion:
         center = centroid(obj) if obj is not None else ((w - 1) / 2, (h - 1) / 2)
         flow = motion_flow(parse_motion(o.motion, center), h, w, obj)

@@ -122,6 +122,8 @@ def test_resume_equals_uninterrupted(assets, tmp_path):
         (dict(raft_weights="nope.pth"), "raft-things.pth"),
         (dict(motion="spin:3"), "unknown motion 'spin'"),
         (dict(motion=None), "no motion"),
+        (dict(motion=None, drag="1,2>3"), "is not 'x,y>X,Y'"),
+        (dict(drag="1,2>3,4"), "not --motion and --drag"),
         (dict(image=None, prompt=""), "no source"),
         (dict(resume=True), "no checkpoint.npz"),
         (dict(steps=0), "--steps must be at least 1"),
