@@ -5,6 +5,7 @@ classes the real pipeline loads; the result is written as a diffusers folder tha
 `mgjax.sd.load` reads. Seeded, optax, progress lines, loss curves, a sample grid.
 
   python -m mgjax.toy.train_ldm --out_dir runs/ldm [--vae_minutes 15] [--unet_minutes 40]
+  python -m mgjax.toy.train_ldm --out_dir runs/ldm2 --vae_from runs/ldm/sd/vae  # UNet only
 
 Writes OUT/sd/ (unet/, vae/, text_encoder/, tokenizer/, model_index.json), OUT/vae_losses.png,
 OUT/unet_losses.png, OUT/samples.png (prompts x seeds, CFG 7.5, 50 DDIM steps), OUT/log.json.
@@ -293,6 +294,9 @@ def _define_flags():
     flags.DEFINE_integer("pool", 8192, "Training scenes rendered once for the UNet stage.")
     flags.DEFINE_integer("seed", 0, "Seed of data and weights.")
     flags.DEFINE_integer("log_every", 50, "Steps between progress lines.")
+    flags.DEFINE_string(
+        "vae_from", None, "Skip the autoencoder stage: a trained one's folder (OUT/sd/vae)."
+    )
 
 
 def main(argv):
@@ -304,10 +308,17 @@ def main(argv):
     log = lambda s: print(s, flush=True)  # noqa: E731
     rng = np.random.default_rng(FLAGS.seed)
     t0 = time.perf_counter()
-    vae, vae_params, vae_curve = train_vae(
-        rng, FLAGS.vae_minutes, FLAGS.vae_steps, FLAGS.vae_batch, FLAGS.log_every, log
-    )
-    outputs.save_png(str(out / "vae_losses.png"), outputs.loss_plot({"vae loss": vae_curve}))
+    if FLAGS.vae_from:  # an autoencoder trained before (its own run): the UNet stage only
+        from diffusers import FlaxAutoencoderKL
+
+        vae, vae_params = FlaxAutoencoderKL.from_pretrained(FLAGS.vae_from)
+        vae_curve = np.zeros(0)
+        log(f"autoencoder from {FLAGS.vae_from}")
+    else:
+        vae, vae_params, vae_curve = train_vae(
+            rng, FLAGS.vae_minutes, FLAGS.vae_steps, FLAGS.vae_batch, FLAGS.log_every, log
+        )
+        outputs.save_png(str(out / "vae_losses.png"), outputs.loss_plot({"vae loss": vae_curve}))
     tokenizer = toy_tokenizer(out / "tokenizer_build")
     unet, vae, text, params, unet_curve = train_unet(
         rng, vae, vae_params, tokenizer, FLAGS.unet_minutes, FLAGS.unet_steps, FLAGS.pool,
@@ -340,6 +351,7 @@ def main(argv):
                     "unet_steps",
                     "pool",
                     "seed",
+                    "vae_from",
                 )
             },  # fmt: skip
         },
