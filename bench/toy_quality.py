@@ -44,7 +44,7 @@ from mgjax import ddim, outputs  # noqa: E402
 from mgjax import sd as sdm  # noqa: E402
 from mgjax import source as src_lib  # noqa: E402
 from mgjax.edit import PRESETS, preset_config  # noqa: E402
-from mgjax.motion import auto_frozen_mask, centroid  # noqa: E402
+from mgjax.motion import Motion, auto_frozen_mask, centroid, motion_flow  # noqa: E402
 from mgjax.sampler import GuidedSampler  # noqa: E402
 from mgjax.toy import pack, quality, shapes  # noqa: E402
 from mgjax.toy.shapes import affine_about  # noqa: E402
@@ -114,11 +114,7 @@ def target_of(case: Case, mask):
         label, matrix = motion_for(case.n, rng, centroid(mask))
         if _inside(mask, matrix):
             break
-    h = w = case.size
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
-    p = np.stack([xs, ys, np.ones_like(xs)], -1) @ matrix.T
-    flow = np.where(mask[..., None], p[..., :2] / p[..., 2:] - np.stack([xs, ys], -1), 0.0)
-    return label, matrix, flow.astype(np.float32)
+    return label, matrix, motion_flow(Motion(matrix, label), case.size, case.size, mask)
 
 
 def flow_epe(raft, source, edited, flow, mask) -> float:
@@ -168,7 +164,7 @@ def main():
     raft = load_raft(pack.raft_file())
     size = sd.unet.config.sample_size * sd.vae_factor
     cases = [Case(n, size) for n in range(args.edits)]
-    results, pictures, timing = {}, {}, {}
+    results, timing = {}, {}
     for method in methods:
         preset = PRESETS["toy" if method in ("none", "warp", "warp_sdedit") else method]
         if args.steps:
@@ -199,7 +195,7 @@ def main():
                     flow=flow,
                     truth=truth,
                     target=target,
-                )  # fmt: skip
+                )
             )
         ok = [p for p in prepared if p is not None]
         t_src = time.perf_counter() - t0
@@ -213,7 +209,7 @@ def main():
             rows.append(r)
         results[method] = rows
         timing[method] = {"sources_s": t_src, "total_s": time.perf_counter() - t0}
-        pictures[method] = np.concatenate(
+        picture = np.concatenate(
             [
                 np.concatenate([p["image"], p["truth"] if p["truth"] is not None else
                                 np.where(p["target"][..., None], p["color"], p["image"]), e], 1)
@@ -221,7 +217,7 @@ def main():
             ],
             0,
         )  # fmt: skip
-        outputs.save_png(str(out / f"edits_{method}.png"), outputs.to_uint8(pictures[method]))
+        outputs.save_png(str(out / f"edits_{method}.png"), outputs.to_uint8(picture))
         print(f"{method}: {len(rows)} edits in {timing[method]['total_s']:.0f} s", flush=True)
         print(table({method: rows}), flush=True)
     text = table(results)

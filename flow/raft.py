@@ -154,9 +154,12 @@ def raft_forward(
     s = config.input_scale
     if s > 1:
         b, h, w, _ = image1.shape
-        big = lambda x: jax.image.resize(
-            jnp.asarray(x, config.acc_dtype), (b, s * h, s * w, 3), "bilinear"
-        )  # noqa: E731
+
+        def big(x):
+            return jax.image.resize(
+                jnp.asarray(x, config.acc_dtype), (b, s * h, s * w, 3), "bilinear"
+            )
+
         plain = dataclasses.replace(config, input_scale=1)
         out = raft_forward(plain, variables, big(image1), big(image2), iters, unroll, sequence)
         pooled = out.reshape(out.shape[:-3] + (h, s, w, s, 2)).mean(axis=(-4, -2))

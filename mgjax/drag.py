@@ -57,7 +57,7 @@ def fit_similarity(handles, targets) -> np.ndarray:
         return out
     # unknowns (a, b, tx, ty): x' = a x + b y + tx, y' = -b x + a y + ty
     rows = []
-    for (x, y), _ in zip(h, t, strict=True):
+    for x, y in h:
         rows.append([x, y, 1.0, 0.0])
         rows.append([y, -x, 0.0, 1.0])
     a, b, tx, ty = np.linalg.lstsq(np.asarray(rows), t.reshape(-1), rcond=None)[0]

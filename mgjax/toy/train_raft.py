@@ -72,6 +72,13 @@ def _val_epe(config, params, img1, img2, flow):
     return jnp.linalg.norm(pred - flow, axis=-1).mean()
 
 
+def validate(config, params, val) -> float:
+    """Mean EPE over the validation pairs, in batches of 16."""
+    n = len(val[0])
+    return float(np.mean([_val_epe(config, params, *(x[i : i + 16] for x in val))
+                          for i in range(0, n, 16)]))  # fmt: skip
+
+
 def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, lr: float,
           seed: int, size: int, log_every: int, input_scale: int = 2,
           log=print) -> dict:  # fmt: skip
@@ -102,9 +109,7 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
             history["train_epe"].append(float(np.mean(epes)))
             losses, epes = [], []
             if step % (log_every * 10) == 0:
-                v = float(np.mean([_val_epe(config, params, *(x[i : i + 16] for x in val))
-                                   for i in range(0, 64, 16)]))  # fmt: skip
-                history["val_epe"].append(v)
+                history["val_epe"].append(validate(config, params, val))
                 history["val_step"].append(step)
             rate = step / elapsed
             left = min(max_steps - step, (minutes * 60 - elapsed) * rate)
@@ -116,9 +121,7 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
             )
             if elapsed > minutes * 60:
                 break
-    v = float(
-        np.mean([_val_epe(config, params, *(x[i : i + 16] for x in val)) for i in range(0, 64, 16)])
-    )
+    v = validate(config, params, val)
     history["final_val_epe"] = v
     history["steps"] = step
     history["settings"] = dict(batch=batch, iters=iters, lr=lr, seed=seed, size=size,
