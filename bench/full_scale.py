@@ -17,6 +17,12 @@ tests/torch_reference.py (the authors' loop, statement by statement) on diffuser
 UNet/VAE and torchvision raft_large: fp32, and with RAFT under fp16
 autocast as the reference ran it. `--memory-only` compiles (never runs) the variants at a few
 batch sizes, and reports the largest batch per 80 GiB from a linear fit of XLA's analysis.
+
+XLA:GPU's cost analysis leaves out the convolutions and matmuls it hands to cuDNN/cuBLAS (custom
+calls), so on a GPU its count is a small fraction of the work (0.3-0.8 of 8.9 TFLOP). There,
+pass the CPU backend's count of the same graph (`bench/sampler.py full`, RAFT unrolled):
+`--flops_per_eval bfloat16=8.94 float32=8.87`. `--table rows.jsonl` prints the table again
+from the rows a run wrote with `--json` (a device run cut short still leaves them).
 """
 
 import argparse
@@ -173,6 +179,7 @@ def run_jax(name: str, k: int, repeats: int, batch: int) -> dict:
         eval_s=per_eval,
         evals_timed=k * max(repeats, 1),
         flops=flops,
+        flops_source=f"XLA {jax.default_backend()} cost analysis",
         tflops_s=flops / per_eval / 1e12 if flops else None,
         peak_share=(flops / per_eval / peak) if peak and flops else None,
         peak_bytes=stats.get("peak_bytes_in_use"),
@@ -303,6 +310,36 @@ def _child(args, name: str) -> dict | None:
     return row
 
 
+def with_flops(rows: list[dict], tflops: dict[str, float]) -> list[dict]:
+    """Achieved FLOP/s from a given count per dtype (TFLOP per evaluation) instead of the
+    backend's own; the backend's count stays in `xla_flops`."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        if r.get("dtype") in tflops and "eval_s" in r:
+            r["xla_flops"] = r.get("flops")
+            r["flops"] = tflops[r["dtype"]] * 1e12
+            r["flops_source"] = "given (--flops_per_eval)"
+            r["tflops_s"] = r["flops"] / r["eval_s"] / 1e12
+            peak = _peak(r.get("device", ""), r["dtype"])
+            r["peak_share"] = r["flops"] / r["eval_s"] / peak if peak else None
+        out.append(r)
+    return out
+
+
+def _parse_flops(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        dtype, sep, value = item.partition("=")
+        try:
+            if not sep or dtype not in ("float32", "bfloat16"):
+                raise ValueError
+            out[dtype] = float(value)
+        except ValueError:
+            sys.exit(f"--flops_per_eval: expected DTYPE=TFLOP, e.g. bfloat16=8.94, got {item!r}")
+    return out
+
+
 def _fmt(x, spec, scale=1.0):
     return "-" if x is None else format(x * scale, spec)
 
@@ -341,7 +378,26 @@ def main():
     parser.add_argument("--memory-only", action="store_true")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument(
+        "--flops_per_eval",
+        nargs="+",
+        default=[],
+        metavar="DTYPE=TFLOP",
+        help="FLOP count per evaluation to use for FLOP/s (XLA:GPU's leaves out cuDNN/cuBLAS)",
+    )
+    parser.add_argument("--table", default=None, help="print the table from a --json file")
     args = parser.parse_args()
+    tflops = _parse_flops(args.flops_per_eval)
+
+    if args.table:
+        try:
+            rows = [json.loads(ln) for ln in Path(args.table).read_text().splitlines() if ln]
+        except (OSError, ValueError) as e:
+            sys.exit(f"--table: cannot read {args.table}: {e}")
+        rows = with_flops(rows, tflops)
+        is_torch = [r for r in rows if r.get("name") in TORCH]
+        print_table([r for r in rows if r.get("name") not in TORCH], is_torch)
+        return
 
     if args.one:  # child process
         row = (
@@ -372,7 +428,7 @@ def main():
     rows = [_child(args, n) for n in args.variants]
     torch_rows = [] if "none" in args.torch else [_child(args, n) for n in args.torch]
     print()
-    print_table(rows, torch_rows)
+    print_table(with_flops(rows, tflops), torch_rows)
 
 
 def _memory_table(rows):
