@@ -129,6 +129,12 @@ guidance.float("guidance_weight", _P["guidance_weight"], "lambda_g.")
 guidance.float("color_weight", _P["color_weight"], "lambda_color.")
 guidance.float("flow_weight", _P["flow_weight"], "lambda_flow.")
 guidance.float("clip", _P["clip"], "Max L2 norm of the guidance term per image; 0 = off.")
+guidance.float(
+    "preserve_weight",
+    0.0,
+    "Adds this x PreservationEnergy (L1 to the source where nothing should move) to the "
+    "paper's energy; 0 = the paper's energy alone.",
+)
 guidance.float("cfg_scale", _P["cfg_scale"], "Classifier-free guidance scale.")
 guidance.float("eta", 0.0, "DDIM eta.")
 guidance.bool("occlusion_masking", True, "Mask covered background in the colour loss.")

@@ -88,6 +88,7 @@ class Options:
     color_weight: float = 100.0
     flow_weight: float = 3.0
     clip: float = 200.0
+    preserve_weight: float = 0.0  # > 0 adds PreservationEnergy to the paper's energy
     cfg_scale: float = 7.5
     eta: float = 0.0
     occlusion_masking: bool = True
@@ -265,6 +266,8 @@ def check_options(o: Options) -> None:
             raise UserError(f"--{name} must be at least 1")
     if o.log_every < 0 or o.dilate < 0:
         raise UserError("--log_every and --dilate must be >= 0")
+    if not o.preserve_weight >= 0:
+        raise UserError(f"--preserve_weight must be >= 0 (0 = off), got {o.preserve_weight}")
     from mgjax.levers import ATTENTION, REMAT_POLICIES
 
     if o.remat not in REMAT_POLICIES:
@@ -501,7 +504,12 @@ def _run(o, digest, ckpt_path, schedule, log, t_start):
     cfg = GuidanceConfig(
         num_steps=o.steps, snapshot_every=o.log_every, **{k: getattr(o, k) for k in shared}
     )
-    sampler = GuidedSampler(sd, raft, cfg)
+    energy = cfg.paper_energy()
+    if o.preserve_weight:
+        from mgjax.energy import PreservationEnergy
+
+        energy = energy + o.preserve_weight * PreservationEnergy()
+    sampler = GuidedSampler(sd, raft, cfg, energy=energy)
     rep = lambda x: np.repeat(np.asarray(x), b, axis=0)  # noqa: E731
     edit = sampler.prepare(
         rep(image),
@@ -594,26 +602,6 @@ def _save_snapshots(out_dir, snapshots, b):
             save_png(snapshot_name(folder, step), to_uint8(x[n]))
 
 
-def _final_energy(sampler, edit, edited, jax):
-    """The guidance energy's terms measured on the final images (not a one-step estimate)."""
-    from mgjax.energy import motion_energy
-
-    cfg = sampler.config
-    _, terms = jax.jit(
-        lambda r, x, e: motion_energy(
-            x,
-            e.source,
-            e.target_flow,
-            e.occlusion,
-            r,
-            cfg.energy_weights,
-            cfg.raft_iters,
-            cfg.oracle,
-        )
-    )(sampler.raft, edited, edit)
-    return {k: np.asarray(v) for k, v in terms.items()}
-
-
 def _write_outputs(o, sampler, edit, image, flow, obj, edited, logs, run_s, wall_s, jax):
     from flow.viz import flow_to_color
     from mgjax import outputs as out
@@ -624,7 +612,7 @@ def _write_outputs(o, sampler, edit, image, flow, obj, edited, logs, run_s, wall
         )
     )
     moving = np.any(flow != 0, axis=-1) if obj is None else obj
-    final = _final_energy(sampler, edit, edited, jax)
+    final = sampler.final_energy(edit, edited)
     versions = {"python": platform.python_version()}
     for mod in ("jax", "flax", "diffusers", "transformers", "numpy"):
         versions[mod] = __import__(mod).__version__
@@ -642,7 +630,8 @@ def _write_outputs(o, sampler, edit, image, flow, obj, edited, logs, run_s, wall
             out.panel(image[0], flow, edited[n], achieved[n], norm),
         )
         out.save_toggle_gif(os.path.join(folder, "toggle.gif"), src_u8, ed_u8)
-        curves = {k: logs[k][..., n].reshape(-1) for k in ("energy", "flow_loss", "color_loss")}
+        terms = [k for k in sampler.log_names if k not in ("noise_norm", "guidance_norm")]
+        curves = {k: logs[k][..., n].reshape(-1) for k in terms}
         out.save_png(os.path.join(folder, "losses.png"), out.loss_plot(curves))
         energies = logs["energy"][..., n].reshape(-1)
         guided = energies[np.isfinite(energies)]
@@ -652,9 +641,7 @@ def _write_outputs(o, sampler, edit, image, flow, obj, edited, logs, run_s, wall
             "flow_epe_outside_object": float(epe[~moving].mean()) if (~moving).any() else None,
             "flow_l1_final": float(np.abs(achieved[n] - flow).mean()),
             "raft_iters_for_metrics": 12,
-            "energy_final": float(final["energy"][n]),
-            "flow_loss_final": float(final["flow_loss"][n]),
-            "color_loss_final": float(final["color_loss"][n]),
+            **{f"{k}_final": float(v[n]) for k, v in final.items()},
             "energy_last_evaluation": float(guided[-1]) if guided.size else None,
             "guided_evaluations": int(guided.size),  # steps with guidance 0 are skipped
             "unguided_evaluations": int(logs["energy"][..., n].size - guided.size),

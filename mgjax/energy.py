@@ -1,9 +1,36 @@
-"""The Motion Guidance energy: flow L1 + occlusion-masked colour L1 (Geng & Owens, Sec. 3)."""
+"""Guidance energies. The paper's (Geng & Owens, Sec. 3) is flow L1 + occlusion-masked colour L1;
+the sampler takes any `Energy`: a pure function of the decoded one-step estimate and a `Context`.
 
-from typing import NamedTuple
+Writing one (it runs inside the jitted sampler: jnp only, no Python side effects)::
+
+    import dataclasses
+    import jax.numpy as jnp
+    from mgjax.energy import Energy, MotionEnergy
+
+    @dataclasses.dataclass(frozen=True)       # hashable: part of the compiled chunk
+    class Brightness(Energy):
+        target: float = 0.6
+        log_names = ("brightness_loss",)
+
+        def __call__(self, x, ctx):           # x: f32[B,H,W,3] in [0, 1], ctx: Context
+            loss = jnp.abs(x.mean(axis=(1, 2, 3)) - self.target)   # f32[B]
+            return loss, {"brightness_loss": loss}
+
+    energy = MotionEnergy() + 50.0 * Brightness()  # weighted sums compose
+    sampler = GuidedSampler(sd, raft, config, energy=energy)
+
+Per-edit arrays an energy needs (a reference image, a region mask) go in `prepare(...,
+extras={"name": array [B, ...]})` and arrive as `ctx.extras["name"]`; they are arguments of the
+compiled chunk, so new values never retrace it.
+"""
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import ClassVar, NamedTuple
 
 import jax.numpy as jnp
 
+from flow.errors import UserError
 from flow.raft import Raft
 from flow.sampling import warp
 
@@ -79,3 +106,121 @@ def motion_energy(
     color_loss = jnp.abs(mask * source - mask * warped).mean(axis=(1, 2, 3))  # masked in mean
     energy = weights.flow * flow_loss + weights.color * color_loss
     return energy.sum(), {"energy": energy, "flow_loss": flow_loss, "color_loss": color_loss}
+
+
+# ----------------------------------------------------------------------------- pluggable energies
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What an energy sees besides the decoded estimate. Arrays are batch-first (B edits)."""
+
+    source: jnp.ndarray  # f32[B,H,W,3] source image, in [0, 1]
+    target_flow: jnp.ndarray  # f32[B,H,W,2] in pixels
+    occlusion: jnp.ndarray  # f32[B,H,W,1] 1 = used by the colour loss
+    # flow(image1, image2, iters) -> f32[B,H,W,2]: the sampler's RAFT on [0, 255] images, under
+    # its dtype and remat settings
+    flow: Callable
+    extras: Mapping[str, jnp.ndarray] = dataclasses.field(default_factory=dict)
+
+
+class Energy:
+    """Base of guidance energies: `energy(x, ctx) -> (f32[B], {name: f32[B]})`, per image, with
+    the logged terms named in `log_names`. Subclasses are frozen dataclasses (hashable).
+    `w * energy` and `energy + other` build a `WeightedSum`."""
+
+    log_names: ClassVar[tuple[str, ...]] = ()
+
+    def __call__(self, x, ctx: Context):
+        raise NotImplementedError
+
+    def terms(self) -> tuple[tuple[float, "Energy"], ...]:
+        return ((1.0, self),)
+
+    def __mul__(self, weight: float) -> "WeightedSum":
+        return WeightedSum(tuple((weight * w, e) for w, e in self.terms()))
+
+    __rmul__ = __mul__
+
+    def __add__(self, other: "Energy") -> "WeightedSum":
+        if not isinstance(other, Energy):
+            return NotImplemented
+        return WeightedSum(self.terms() + other.terms())
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightedSum(Energy):
+    """sum_k w_k E_k; logs the union of the terms' logs (their names must differ)."""
+
+    parts: tuple[tuple[float, Energy], ...]
+
+    def __post_init__(self):
+        names = [n for _, e in self.parts for n in e.log_names]
+        clash = sorted({n for n in names if names.count(n) > 1})
+        if clash:
+            raise UserError(f"energy terms log the same names {clash}; give each term its own")
+        if "energy" in names:
+            raise UserError("an energy term may not log 'energy' (the sampler logs the total)")
+
+    @property
+    def log_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(n for _, e in self.parts for n in e.log_names)
+
+    def terms(self):
+        return self.parts
+
+    def __call__(self, x, ctx: Context):
+        total, logs = 0.0, {}
+        for w, e in self.parts:
+            value, part = e(x, ctx)
+            total = total + w * value
+            logs.update(part)
+        return total, logs
+
+
+@dataclasses.dataclass(frozen=True)
+class MotionEnergy(Energy):
+    """The paper's energy: lambda_flow * L1(RAFT(source, x), f) + lambda_color * masked colour L1
+    of x warped back by RAFT's flow (or by f with `oracle`)."""
+
+    flow_weight: float = 3.0
+    color_weight: float = 100.0
+    raft_iters: int = 5
+    oracle: bool = False
+    log_names: ClassVar[tuple[str, ...]] = ("flow_loss", "color_loss")
+
+    def __call__(self, x, ctx: Context):
+        _, logs = motion_energy(
+            x,
+            ctx.source,
+            ctx.target_flow,
+            ctx.occlusion,
+            ctx.flow,
+            EnergyWeights(self.flow_weight, self.color_weight),
+            self.raft_iters,
+            self.oracle,
+        )
+        return logs["energy"], {k: logs[k] for k in self.log_names}
+
+
+def still_region(target_flow: jnp.ndarray, occlusion: jnp.ndarray) -> jnp.ndarray:
+    """f32[B,H,W,1]: 1 where nothing should change (zero target flow, not covered by the moving
+    object), 0 on the object, where it goes and where it uncovers."""
+    still = jnp.all(target_flow == 0, axis=-1, keepdims=True)
+    return (still & (occlusion > 0)).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreservationEnergy(Energy):
+    """Mean L1 between the estimate and the source over the region that should not change
+    (`still_region`, or `ctx.extras["keep"]` f32[B,H,W,1] when given). A second built-in: no
+    flow network, so it pulls the background back to the source directly."""
+
+    log_names: ClassVar[tuple[str, ...]] = ("keep_loss",)
+
+    def __call__(self, x, ctx: Context):
+        keep = ctx.extras.get("keep")
+        if keep is None:
+            keep = still_region(ctx.target_flow, ctx.occlusion)
+        loss = jnp.abs(keep * (x - ctx.source)).mean(axis=(1, 2, 3))
+        return loss, {"keep_loss": loss}

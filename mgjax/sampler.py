@@ -32,11 +32,9 @@ from jax import lax
 from flow.errors import UserError
 from flow.raft import Raft
 from mgjax import ddim
-from mgjax.energy import EnergyWeights, motion_energy, occlusion_mask
+from mgjax.energy import Context, Energy, EnergyWeights, MotionEnergy, occlusion_mask
 from mgjax.levers import REMAT_POLICIES
 from mgjax.source import cfg_eps
-
-LOG_NAMES = ("energy", "flow_loss", "color_loss", "noise_norm", "guidance_norm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +78,10 @@ class GuidanceConfig:
     def energy_weights(self) -> EnergyWeights:
         return EnergyWeights(flow=self.flow_weight, color=self.color_weight)
 
+    def paper_energy(self) -> MotionEnergy:
+        """The energy these settings describe (the sampler's default)."""
+        return MotionEnergy(self.flow_weight, self.color_weight, self.raft_iters, self.oracle)
+
 
 @struct.dataclass
 class Edit:
@@ -94,6 +96,7 @@ class Edit:
     schedule: jnp.ndarray  # f32[S] guidance multiplier per DDIM step, index 0 = noisiest
     trajectory: jnp.ndarray | None = None  # f32[S,B,C,h,w] source latents, sampling order
     z0: jnp.ndarray | None = None  # f32[B,C,h,w] source latent, when there is no trajectory
+    extras: dict | None = None  # name -> [B, ...] arrays for custom energies (Context.extras)
 
 
 @struct.dataclass
@@ -134,13 +137,28 @@ class GuidedSampler:
     """Motion-guided DDIM over a StableDiffusion seam and a RAFT network.
 
     `sd` is `mgjax.sd.StableDiffusion` (or anything with its `eps`, `decode`, `params`,
-    `latent_channels`, `vae_factor` members).
+    `latent_channels`, `vae_factor` members). `energy` (an `mgjax.energy.Energy`) defaults to
+    the paper's, `config.paper_energy()`; with another energy the config's flow/colour
+    weights, raft_iters and oracle settings are unused.
     """
 
-    def __init__(self, sd, raft: Raft, config: GuidanceConfig = GuidanceConfig()):
+    def __init__(
+        self,
+        sd,
+        raft: Raft,
+        config: GuidanceConfig = GuidanceConfig(),
+        energy: Energy | None = None,
+    ):
         self.sd = sd
         self.raft = raft
         self.config = config
+        self.energy = config.paper_energy() if energy is None else energy
+        if not isinstance(self.energy, Energy):
+            raise UserError(
+                f"energy must be an mgjax.energy.Energy, got {type(self.energy).__name__}"
+            )
+        # what every chunk logs, name -> f32[L, K, B]
+        self.log_names = ("energy", *self.energy.log_names, "noise_norm", "guidance_norm")
         self.schedule = ddim.make_schedule(config.num_steps)
         self.dtype = getattr(sd, "out_dtype", jnp.float32)  # float64 only in exactness tests
         self.traces = 0  # how many times a chunk function was traced (a retrace tripwire)
@@ -163,11 +181,13 @@ class GuidedSampler:
         trajectory=None,
         z0=None,
         schedule=None,
+        extras=None,
     ) -> Edit:
         """Validate and assemble the per-edit inputs; every shape problem is a UserError here,
         before anything is compiled. Arrays: source [B,H,W,3] in [0,1]; target_flow [B,H,W,2];
         frozen [B,C,h,w] or [B,1,h,w] (True = frozen) or None; trajectory [S,B,C,h,w] or z0
-        [B,C,h,w] (one of them); schedule [S] or None (all ones)."""
+        [B,C,h,w] (one of them); schedule [S] or None (all ones); extras {name: [B, ...]} for
+        the energy (or None)."""
         cfg = self.config
         source = np.asarray(source, self.dtype)
         flow = np.asarray(target_flow, self.dtype)
@@ -237,6 +257,14 @@ class GuidedSampler:
             jnp.broadcast_to(jnp.asarray(c, self.dtype), (b,) + c.shape[-2:])
             for c in (cond, uncond)
         )
+        extras = {} if extras is None else dict(extras)
+        for name, x in extras.items():
+            if np.ndim(x) == 0 or np.shape(x)[0] != b:
+                raise UserError(
+                    f"energy extra {name!r} has shape {np.shape(x)}; extras are per edit, "
+                    f"with the batch ({b}) first"
+                )
+        extras = {k: jnp.asarray(v) for k, v in extras.items()}
         occ = (
             occlusion_mask(jnp.asarray(flow))
             if cfg.occlusion_masking
@@ -252,6 +280,7 @@ class GuidedSampler:
             schedule=jnp.asarray(schedule),
             trajectory=trajectory,
             z0=z0,
+            extras=extras,
         )
 
     def init(self, edit: Edit, z_T, seeds) -> SamplerState:
@@ -294,20 +323,14 @@ class GuidedSampler:
             lambda r, a, b: r(a, b, iters=iters)
         )(raft, a, b)
 
+        ctx = self.context(edit, flow_net)
+
         def energy(z_in):
             eps = unet(params, z_in)
             x = decode(params, ddim.predict_x0(z_in, eps, abar)) * 0.5 + 0.5
-            e, logs = motion_energy(
-                x,
-                edit.source,
-                edit.target_flow,
-                edit.occlusion,
-                flow_net,
-                cfg.energy_weights,
-                cfg.raft_iters,
-                cfg.oracle,
-            )
-            return e, (eps, logs, x)
+            e, terms = self.energy(x, ctx)
+            logs = {"energy": e, **{k: terms[k] for k in self.energy.log_names}}
+            return e.sum(), (eps, logs, x)
 
         def guided(z):
             (_, (eps, logs, x)), grad = jax.value_and_grad(energy, has_aux=True)(z)
@@ -321,7 +344,7 @@ class GuidedSampler:
             else:
                 x = jnp.zeros(edit.source.shape, self.dtype)
             nan = jnp.full(z.shape[:1], jnp.nan, self.dtype)
-            logs = {"energy": nan, "flow_loss": nan, "color_loss": nan}
+            logs = {k: nan for k in ("energy", *self.energy.log_names)}
             return eps, logs, x, jnp.zeros(z.shape[:1], self.dtype)
 
         if cfg.skip_unguided and cfg.guidance_weight == 0:  # never guided: no energy compiled
@@ -335,6 +358,30 @@ class GuidedSampler:
         logs["noise_norm"] = jnp.sqrt(jnp.sum(jnp.square(eps), axis=(1, 2, 3)))
         logs["guidance_norm"] = d_norm
         return z_prev, ddim.renoise(z_prev, abar, abar_prev, n_re), logs, x
+
+    @staticmethod
+    def context(edit: Edit, flow_net) -> Context:
+        """The energy's view of an edit; flow_net(a, b, iters) is the flow network."""
+        return Context(
+            source=edit.source,
+            target_flow=edit.target_flow,
+            occlusion=edit.occlusion,
+            flow=flow_net,
+            extras=edit.extras or {},
+        )
+
+    def final_energy(self, edit: Edit, images) -> dict[str, np.ndarray]:
+        """The energy and its terms on final images f32[B,H,W,3] in [0, 1] (not a one-step
+        estimate): name -> f32[B]."""
+
+        def measure(raft, x, edit):
+            e, terms = self.energy(
+                x, self.context(edit, lambda a, b, iters: raft(a, b, iters=iters))
+            )
+            return {"energy": e, **{k: terms[k] for k in self.energy.log_names}}
+
+        out = jax.jit(measure)(self.raft, jnp.asarray(images, self.dtype), edit)
+        return {k: np.asarray(v) for k, v in out.items()}
 
     def _chunk_fn(self, params, raft, edit: Edit, state: SamplerState, length: int):
         self.traces += 1
@@ -413,11 +460,11 @@ class GuidedSampler:
     ) -> tuple[SamplerState, dict, dict]:
         """Run to the end. Returns (final state, logs name -> f32[S_run, K, B],
         snapshots step -> f32[B,H,W,3]). Raises DivergenceError on NaN/inf."""
-        all_logs: dict[str, list] = {k: [] for k in LOG_NAMES}
+        all_logs: dict[str, list] = {k: [] for k in self.log_names}
         snapshots = {}
         while int(state.step) < self.config.num_steps:
             state, logs, snaps = self.advance(edit, state)
-            for k in LOG_NAMES:
+            for k in self.log_names:
                 all_logs[k].append(logs[k])
             snapshots.update(snaps)
             if on_chunk is not None:

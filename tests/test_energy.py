@@ -1,5 +1,7 @@
 """Occlusion mask on hand-made flows; the energy's terms against direct numpy formulas."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -36,15 +38,21 @@ def test_no_motion_no_mask_and_out_of_frame_ignored():
     assert m.min() == 1
 
 
-@pytest.mark.parametrize("oracle", [False, True])
-def test_energy_terms_match_numpy(oracle):
+def _case(b: int, seed: int):
+    """A random RAFT-small, b random source/edit pairs at 64x64, a square moved 3 px right."""
     cfg = RaftConfig(small=True)
     raft = Raft(init_raft(cfg, jax.random.PRNGKey(0)), cfg)
-    rng = np.random.default_rng(0)
-    src = rng.uniform(size=(1, 64, 64, 3)).astype(np.float32)
-    edit = rng.uniform(size=(1, 64, 64, 3)).astype(np.float32)
-    f = np.zeros((1, 64, 64, 2), np.float32)
-    f[0, 20:40, 20:40, 0] = 3.0
+    rng = np.random.default_rng(seed)
+    src = rng.uniform(size=(b, 64, 64, 3)).astype(np.float32)
+    edit = rng.uniform(size=(b, 64, 64, 3)).astype(np.float32)
+    f = np.zeros((b, 64, 64, 2), np.float32)
+    f[:, 20:40, 20:40, 0] = 3.0
+    return raft, src, edit, f
+
+
+@pytest.mark.parametrize("oracle", [False, True])
+def test_energy_terms_match_numpy(oracle):
+    raft, src, edit, f = _case(1, 0)
     mask = occlusion_mask(f)
     energy, logs = motion_energy(edit, src, f, mask, raft, EnergyWeights(2.0, 10.0), 3, oracle)
     flow = np.asarray(raft(255 * src, 255 * edit, iters=3))
@@ -72,3 +80,49 @@ def test_energy_terms_match_numpy(oracle):
     want_color = np.abs(m * src[0] - m * warped).mean()
     np.testing.assert_allclose(logs["color_loss"][0], want_color, rtol=1e-4)
     np.testing.assert_allclose(energy, 2.0 * want_flow + 10.0 * want_color, rtol=1e-4)
+
+
+def _context(f, src, raft=None):
+    from mgjax.energy import Context
+
+    flow_net = (lambda a, b, iters: raft(a, b, iters=iters)) if raft else None
+    return Context(source=src, target_flow=f, occlusion=occlusion_mask(f), flow=flow_net)
+
+
+def test_still_region_excludes_object_landing_and_uncovered():
+    from mgjax.energy import still_region
+
+    f = _square_flow(4.0)
+    keep = np.asarray(still_region(f, occlusion_mask(f)))[0, ..., 0]
+    want = np.ones((32, 32))
+    want[8:16, 8:20] = 0  # the square (its old place included) and where it lands
+    np.testing.assert_array_equal(keep, want)
+
+
+def test_weighted_sum_of_built_ins_matches_its_parts():
+    from mgjax.energy import MotionEnergy, PreservationEnergy
+
+    raft, src, x, f = _case(2, 1)
+    ctx = _context(f, src, raft)
+    energy = 2.0 * MotionEnergy(1.5, 7.0, 3) + 0.5 * PreservationEnergy()
+    assert energy.log_names == ("flow_loss", "color_loss", "keep_loss")
+    total, logs = energy(x, ctx)
+    _, paper = motion_energy(x, src, f, occlusion_mask(f), raft, EnergyWeights(1.5, 7.0), 3)
+    keep = np.ones((2, 64, 64, 1))
+    keep[:, 20:40, 20:43] = 0
+    want_keep = np.abs(keep * (x - src)).mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(logs["keep_loss"], want_keep, rtol=1e-5)
+    np.testing.assert_allclose(logs["flow_loss"], paper["flow_loss"], rtol=1e-6)
+    np.testing.assert_allclose(total, 2.0 * paper["energy"] + 0.5 * want_keep, rtol=1e-5)
+    # an explicit keep region replaces the derived one
+    ctx2 = dataclasses.replace(ctx, extras={"keep": np.ones((2, 64, 64, 1), np.float32)})
+    _, logs2 = PreservationEnergy()(x, ctx2)
+    np.testing.assert_allclose(logs2["keep_loss"], np.abs(x - src).mean(axis=(1, 2, 3)), rtol=1e-5)
+
+
+def test_energy_terms_with_the_same_names_are_refused():
+    from flow.errors import UserError
+    from mgjax.energy import MotionEnergy
+
+    with pytest.raises(UserError, match="same names"):
+        MotionEnergy() + 2.0 * MotionEnergy(oracle=True)

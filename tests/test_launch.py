@@ -67,6 +67,7 @@ def test_end_to_end_cli_run_writes_every_output(assets, tmp_path):
         "--log_every=2",
         "--num_samples=2",
         "--attention=memory_efficient",
+        "--preserve_weight=5",
         f"--compilation_cache={tmp_path / 'xla'}",
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -85,6 +86,7 @@ def test_end_to_end_cli_run_writes_every_output(assets, tmp_path):
             "flow_epe_inside_object",
             "flow_epe_outside_object",
             "color_loss_final",
+            "keep_loss_final",  # --preserve_weight adds the preservation term
             "guided_evaluations",
             "wall_seconds",
             "compile_seconds",
@@ -129,6 +131,7 @@ def test_resume_equals_uninterrupted(assets, tmp_path):
         (dict(steps=0), "--steps must be at least 1"),
         (dict(remat="some"), "--remat must be one of none, dots, full"),
         (dict(attention="flash"), "--attention must be one of plain, memory_efficient"),
+        (dict(preserve_weight=-1.0), "--preserve_weight must be >= 0"),
     ],
 )
 def test_bad_options_fail_before_loading(assets, tmp_path, change, message):
