@@ -166,8 +166,26 @@ run.string(
     "Persistent XLA compilation cache folder (empty: off); reruns skip compilation.",
 )
 run.integer("stop_after_chunks", 0, "Testing aid: stop as if interrupted.")
+# batch
+batch = _Group("batch")
+batch.string(
+    "jobs",
+    None,
+    "Jobs file (JSONL, one edit per line, keys = these flag names plus name/preset/points): "
+    "edits in batches sharded over the local devices; the other flags are every job's defaults.",
+)
+batch.integer("batch_size", 0, "Edits per batch with --jobs (0: one per local device).")
+batch.string(
+    "coordinator",
+    None,
+    "host:port of process 0, for several processes (hosts) on one --jobs run; automatic on a "
+    "Cloud TPU pod slice.",
+)
+batch.integer("num_processes", 1, "Processes in the run (with --coordinator).")
+batch.integer("process_id", 0, "This process's id, 0 .. num_processes - 1 (with --coordinator).")
 FLAGS = flags.FLAGS
-for _name in [*Options.__dataclass_fields__, "preset"]:  # --helpshort lists them all
+_BATCH = ["jobs", "batch_size", "coordinator", "num_processes", "process_id"]
+for _name in [*Options.__dataclass_fields__, "preset", *_BATCH]:  # --helpshort lists them all
     flags.declare_key_flag(_name)
 
 
@@ -196,10 +214,29 @@ def main(argv: list[str]) -> None:
     def edit() -> None:
         if len(argv) > 1:
             raise UserError(f"unexpected arguments {argv[1:]}; see --help")
-        from mgjax.edit import run as run_edit
-
+        log = lambda s: print(s, flush=True)  # noqa: E731
         try:
-            run_edit(options(), log=lambda s: print(s, flush=True))
+            if FLAGS.jobs:
+                from mgjax import batch
+
+                batch.initialize_distributed(
+                    FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id
+                )
+                import jax
+
+                rows = batch.run_jobs(
+                    FLAGS.jobs,
+                    options(),
+                    FLAGS.batch_size,
+                    log,
+                    jax.process_index(),
+                    jax.process_count(),
+                )
+                batch.report(rows, log)
+                return
+            from mgjax.edit import run as run_edit
+
+            run_edit(options(), log=log)
         except KeyboardInterrupt:
             sys.exit(130)
 

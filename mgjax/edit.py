@@ -7,6 +7,7 @@ writes each sample's pictures, metrics and config atomically at the end.
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -178,6 +179,8 @@ def read_frozen(path: str, lat_shape) -> np.ndarray:
         )
     return m[:1]
 
+
+METRIC_RAFT_ITERS = 12  # RAFT iterations of the achieved flow in the outputs and metrics
 
 # Settings that may change between a run and its --resume (they do not change the result).
 _NOT_IN_DIGEST = (
@@ -426,17 +429,22 @@ def enable_compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def read_schedule(o: Options) -> np.ndarray | None:
+    """The --schedule file's guidance multipliers, or None."""
+    if not o.schedule:
+        return None
+    try:
+        return np.load(o.schedule, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{o.schedule}: not a readable .npy schedule ({e})") from None
+
+
 def run(o: Options, log=print) -> str:
     """The whole edit. Returns the output folder."""
     o = resolve_toy(o)
     check_options(o)
     t_start = time.perf_counter()
-    schedule = None
-    if o.schedule:
-        try:
-            schedule = np.load(o.schedule, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{o.schedule}: not a readable .npy schedule ({e})") from None
+    schedule = read_schedule(o)
     digest = _config_digest(o)
     if o.compilation_cache:
         enable_compilation_cache(o.compilation_cache)
@@ -458,14 +466,25 @@ def run(o: Options, log=print) -> str:
         raise
 
 
-def _run(o, digest, ckpt_path, schedule, log, t_start):
-    import jax
-    import jax.numpy as jnp
+@dataclasses.dataclass
+class Inputs:
+    """One edit's inputs, read and checked (nothing written yet)."""
 
+    h: int
+    w: int
+    image: np.ndarray | None  # f32[1,H,W,3] in [0,1]; None: generated from the prompt
+    data: object  # the reference folder's contents, or None
+    flow: np.ndarray  # f32[H,W,2]
+    obj: np.ndarray | None  # bool[H,W] object mask
+    frozen: np.ndarray  # bool[1,C,h,w] or [1,1,h,w]
+    cond: np.ndarray
+    uncond: np.ndarray
+
+
+def read_inputs(o: Options, sd) -> Inputs:
+    """Source image, target flow, masks and prompt embeddings of an edit; UserError on bad input."""
     from mgjax.motion import auto_frozen_mask
-    from mgjax.sampler import DivergenceError, GuidanceConfig, GuidedSampler, Progress
 
-    sd, raft = _load_models(o)
     h, w, image, data = _source_image(o, sd)
     flow, obj = _target(o, data, h, w)  # cheap checks before the expensive source trajectory
     lat = (1, sd.latent_channels, h // sd.vae_factor, w // sd.vae_factor)
@@ -478,37 +497,62 @@ def _run(o, digest, ckpt_path, schedule, log, t_start):
     else:
         frozen = read_frozen(o.frozen_mask, lat)
     cond, uncond = sd.embed(o.prompt), sd.embed("")
-    if o.overwrite and os.path.exists(o.out_dir):
-        shutil.rmtree(o.out_dir)  # only now that the inputs were read and checked
-    os.makedirs(o.out_dir, exist_ok=True)
-    image, z_T, latents = _source(o, sd, uncond, cond, o.out_dir, log, image, data)
-    if data is not None and data.schedule is not None and schedule is None:
-        schedule = data.schedule[: o.steps]
+    return Inputs(h, w, image, data, flow, obj, frozen, cond, uncond)
 
-    b = o.num_samples
-    shared = (
-        "recursive_steps",
-        "guidance_weight",
-        "flow_weight",
-        "color_weight",
-        "clip",
-        "cfg_scale",
-        "eta",
-        "occlusion_masking",
-        "oracle",
-        "raft_iters",
-        "chunk",
-        "remat",
-        "skip_unguided",
-    )
+
+GUIDANCE_FIELDS = (
+    "recursive_steps",
+    "guidance_weight",
+    "flow_weight",
+    "color_weight",
+    "clip",
+    "cfg_scale",
+    "eta",
+    "occlusion_masking",
+    "oracle",
+    "raft_iters",
+    "chunk",
+    "remat",
+    "skip_unguided",
+)
+
+
+def guidance(o: Options):
+    """(GuidanceConfig, energy) of an edit's options."""
+    from mgjax.sampler import GuidanceConfig
+
     cfg = GuidanceConfig(
-        num_steps=o.steps, snapshot_every=o.log_every, **{k: getattr(o, k) for k in shared}
+        num_steps=o.steps,
+        snapshot_every=o.log_every,
+        **{k: getattr(o, k) for k in GUIDANCE_FIELDS},
     )
     energy = cfg.paper_energy()
     if o.preserve_weight:
         from mgjax.energy import PreservationEnergy
 
         energy = energy + o.preserve_weight * PreservationEnergy()
+    return cfg, energy
+
+
+def _run(o, digest, ckpt_path, schedule, log, t_start):
+    import jax
+    import jax.numpy as jnp
+
+    from mgjax.sampler import DivergenceError, GuidedSampler, Progress
+
+    sd, raft = _load_models(o)
+    inp = read_inputs(o, sd)
+    lat = (1, sd.latent_channels, inp.h // sd.vae_factor, inp.w // sd.vae_factor)
+    if o.overwrite and os.path.exists(o.out_dir):
+        shutil.rmtree(o.out_dir)  # only now that the inputs were read and checked
+    os.makedirs(o.out_dir, exist_ok=True)
+    image, z_T, latents = _source(o, sd, inp.uncond, inp.cond, o.out_dir, log, inp.image, inp.data)
+    if inp.data is not None and inp.data.schedule is not None and schedule is None:
+        schedule = inp.data.schedule[: o.steps]
+    flow, obj, frozen, cond, uncond = inp.flow, inp.obj, inp.frozen, inp.cond, inp.uncond
+
+    b = o.num_samples
+    cfg, energy = guidance(o)
     sampler = GuidedSampler(sd, raft, cfg, energy=energy)
     rep = lambda x: np.repeat(np.asarray(x), b, axis=0)  # noqa: E731
     edit = sampler.prepare(
@@ -602,15 +646,25 @@ def _save_snapshots(out_dir, snapshots, b):
             save_png(snapshot_name(folder, step), to_uint8(x[n]))
 
 
-def _write_outputs(o, sampler, edit, image, flow, obj, edited, logs, run_s, wall_s, jax):
+@functools.cache
+def _metric_flow_fn():
+    import jax
+
+    return jax.jit(lambda raft, a, b: raft(a, b, iters=METRIC_RAFT_ITERS))
+
+
+def _metric_flow(raft, a, b):
+    """RAFT's flow a -> b at METRIC_RAFT_ITERS iterations (a, b in [0, 255]), compiled once."""
+    return _metric_flow_fn()(raft, a, b)
+
+
+def _write_outputs(
+    o, sampler, edit, image, flow, obj, edited, logs, run_s, wall_s, jax, extra=None
+):
     from flow.viz import flow_to_color
     from mgjax import outputs as out
 
-    achieved = np.asarray(
-        jax.jit(lambda r, a, c: r(a, c, iters=12))(
-            sampler.raft, 255.0 * edit.source, 255.0 * edited
-        )
-    )
+    achieved = np.asarray(_metric_flow(sampler.raft, 255.0 * edit.source, 255.0 * edited))
     moving = np.any(flow != 0, axis=-1) if obj is None else obj
     final = sampler.final_energy(edit, edited)
     versions = {"python": platform.python_version()}
@@ -624,6 +678,9 @@ def _write_outputs(o, sampler, edit, image, flow, obj, edited, logs, run_s, wall
         out.save_png(os.path.join(folder, "edited.png"), ed_u8)
         norm = max(float(np.linalg.norm(flow, axis=-1).max()), 1e-6)
         out.save_png(os.path.join(folder, "target_flow.png"), flow_to_color(flow, norm))
+        out.save_npy(os.path.join(folder, "target_flow.npy"), np.asarray(flow, np.float32))
+        if obj is not None:
+            out.save_png(os.path.join(folder, "object_mask.png"), obj.astype(np.uint8) * 255)
         out.save_png(os.path.join(folder, "achieved_flow.png"), flow_to_color(achieved[n], norm))
         out.save_png(
             os.path.join(folder, "panel.png"),
@@ -640,7 +697,7 @@ def _write_outputs(o, sampler, edit, image, flow, obj, edited, logs, run_s, wall
             "flow_epe_inside_object": float(epe[moving].mean()) if moving.any() else None,
             "flow_epe_outside_object": float(epe[~moving].mean()) if (~moving).any() else None,
             "flow_l1_final": float(np.abs(achieved[n] - flow).mean()),
-            "raft_iters_for_metrics": 12,
+            "raft_iters_for_metrics": METRIC_RAFT_ITERS,
             **{f"{k}_final": float(v[n]) for k, v in final.items()},
             "energy_last_evaluation": float(guided[-1]) if guided.size else None,
             "guided_evaluations": int(guided.size),  # steps with guidance 0 are skipped
@@ -649,6 +706,7 @@ def _write_outputs(o, sampler, edit, image, flow, obj, edited, logs, run_s, wall
             "compile_seconds": sampler.compile_seconds,
             "wall_seconds": wall_s,
             "seed": o.seed + n,
+            **(extra or {}),
         }
         out.save_json(os.path.join(folder, "metrics.json"), metrics)
         config = dataclasses.asdict(o) | {"sample_seed": o.seed + n, "versions": versions}

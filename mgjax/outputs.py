@@ -22,6 +22,14 @@ def save_png(path: str, image_u8: np.ndarray) -> None:
     write_atomic(path, lambda tmp: Image.fromarray(image_u8).save(tmp, format="PNG"))
 
 
+def save_npy(path: str, array: np.ndarray) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+
+    write_atomic(path, write)
+
+
 def save_json(path: str, obj) -> None:
     def write(tmp):
         with open(tmp, "w") as f:

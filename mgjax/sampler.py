@@ -107,7 +107,11 @@ class SamplerState:
 
 
 class DivergenceError(RuntimeError):
-    """The latents or the energy became NaN/inf."""
+    """The latents or the energy became NaN/inf; `bad` lists the batch images affected."""
+
+    def __init__(self, message: str, bad: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.bad = tuple(bad)
 
 
 def eval_noise(keys, i, j, recursive_steps: int, shape, dtype=jnp.float32):
@@ -168,6 +172,7 @@ class GuidedSampler:
             self._chunk_fn, static_argnames=("length",), donate_argnames=("state",)
         )
         self._compiled: dict = {}
+        self._final = None  # jitted final_energy
 
     # ------------------------------------------------------------------ inputs
 
@@ -374,13 +379,15 @@ class GuidedSampler:
         """The energy and its terms on final images f32[B,H,W,3] in [0, 1] (not a one-step
         estimate): name -> f32[B]."""
 
-        def measure(raft, x, edit):
-            e, terms = self.energy(
-                x, self.context(edit, lambda a, b, iters: raft(a, b, iters=iters))
-            )
-            return {"energy": e, **{k: terms[k] for k in self.energy.log_names}}
+        if self._final is None:
 
-        out = jax.jit(measure)(self.raft, jnp.asarray(images, self.dtype), edit)
+            def measure(raft, x, edit):
+                ctx = self.context(edit, lambda a, b, iters: raft(a, b, iters=iters))
+                e, terms = self.energy(x, ctx)
+                return {"energy": e, **{k: terms[k] for k in self.energy.log_names}}
+
+            self._final = jax.jit(measure)
+        out = self._final(self.raft, jnp.asarray(images, self.dtype), edit)
         return {k: np.asarray(v) for k, v in out.items()}
 
     def _chunk_fn(self, params, raft, edit: Edit, state: SamplerState, length: int):
@@ -442,7 +449,8 @@ class GuidedSampler:
             bad = np.flatnonzero(~(z_ok & e_ok)).tolist()
             raise DivergenceError(
                 f"guidance diverged (NaN/inf) in DDIM steps {start}..{int(state.step) - 1} "
-                f"for batch images {bad}; lower the guidance weight or the clip norm"
+                f"for batch images {bad}; lower the guidance weight or the clip norm",
+                bad,
             )
         snapshots = {}
         if self.config.snapshot_every:

@@ -1,0 +1,274 @@
+"""Batch editing (--jobs) on 8 simulated CPU devices: batched and sharded equals single edits, a
+job count that is not a multiple of the devices, a bad job among good ones, resume of a
+half-finished run, and two processes through jax.distributed on localhost. Each run is a
+subprocess: the device count is fixed when JAX starts."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flow.errors import UserError
+from mgjax import sd as sdm
+from mgjax.batch import points_to_drag, read_jobs
+from mgjax.edit import Options
+from tests.torch_raft import image_pair, random_torchvision_raft
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 64  # tiny VAE factor 4: latents 4x16x16
+FAST = ["--steps=2", "--recursive_steps=1", "--chunk=1", "--guidance_weight=30", "--clip=10"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("batch")
+    sdm.save(sdm.tiny(seed=1), folder / "sd")
+    torch.save(random_torchvision_raft(small=True, seed=2).state_dict(), folder / "raft.pth")
+    for n in range(2):
+        a, _ = image_pair(1, SIZE, SIZE, seed=10 + n)
+        Image.fromarray(np.round(a[0]).astype(np.uint8)).save(folder / f"image{n}.png")
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[20:44, 16:40] = 255
+    Image.fromarray(mask).save(folder / "mask.png")
+    return folder
+
+
+def _flags(assets, out, cache):
+    return [
+        f"--out_dir={out}",
+        f"--model={assets / 'sd'}",
+        f"--raft_weights={assets / 'raft.pth'}",
+        f"--image={assets / 'image0.png'}",
+        f"--object_mask={assets / 'mask.png'}",
+        f"--compilation_cache={cache}",
+        *FAST,
+    ]
+
+
+def _jobs(path: Path, assets, n: int, bad_at: int | None = None) -> Path:
+    motions = ["translate:6,0", "translate:-6,2", "rotate:15", "scale:1.2", "translate:0,5"]
+    lines = []
+    for i in range(n):
+        job = {"name": f"e{i}", "seed": i, "motion": motions[i % len(motions)]}
+        if i % 2:
+            job["image"] = str(assets / "image1.png")
+        if i == bad_at:
+            job = {"name": f"e{i}", "image": str(assets / "missing.png"), "motion": "rotate:3"}
+        lines.append(json.dumps(job))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def _launch(args, devices, timeout=900):
+    cmd = [sys.executable, str(ROOT / "launch.py"), *args]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, env=_env(devices), timeout=timeout
+    )
+
+
+# Runs a jobs file through the API and keeps the edited images as floats (PNGs are rounded):
+# python -c _API OUT.npz [launch.py flags]
+_API = """
+import sys
+import numpy as np
+import launch
+from mgjax import batch
+out, sys.argv = sys.argv[1], ["launch.py", *sys.argv[2:]]
+launch.FLAGS(sys.argv)
+images = {}
+batch.run_jobs(launch.FLAGS.jobs, launch.options(), launch.FLAGS.batch_size,
+               lambda s: print(s, flush=True), images=images)
+np.savez(out, **images)
+"""
+
+
+def _api(args, out_npz, devices):
+    cmd = [sys.executable, "-c", _API, str(out_npz), *args]
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, env=_env(devices), timeout=900
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout, dict(np.load(out_npz))
+
+
+def test_batch_of_eight_equals_single_edits_with_padding_and_a_bad_job(assets, tmp_path):
+    """10 lines: 9 good jobs (two source images, five motions, nine seeds) and one missing image.
+    Batches of 8 over 8 devices: 8 + 1 (padded to 8), one compile. Batch size 1 on one device
+    gives the single edits.
+
+    Tolerance. With guidance 0 the sharded batch equals the single edits bit for bit (measured).
+    Guided edits with these random tiny models amplify rounding: bilinear lookups in RAFT have a
+    gradient that jumps at integer coordinates. Measured on single edits, z_T x (1 + 1e-6) moves
+    the final image by ~2e-6 (relative L2) for jobs on image0 and by 3-4e-4 for jobs on image1.
+    Sharding's rounding (~1e-5, the UNet gradient's) then moves image0 jobs by ~2e-6 and image1
+    jobs by ~3e-3. So: every edit within 1e-2 (the rtol tests/test_sampler.py gives the
+    guidance norm for the same reason), and the image0 jobs, which amplify little, within 1e-5.
+    A sharding bug would move all of them.
+    """
+    jobs = _jobs(tmp_path / "jobs.jsonl", assets, 10, bad_at=4)
+    cache = tmp_path / "xla"
+    out8, b8 = _api(
+        [*_flags(assets, tmp_path / "b8", cache), f"--jobs={jobs}", "--batch_size=8"],
+        tmp_path / "b8.npz",
+        8,
+    )
+    assert "batches of 8 over 8 local device(s)" in out8, out8
+    assert out8.count("compiled the guided chunk") == 1, out8  # the padded batch reuses it
+    assert "batch 2/2" in out8
+    out1, b1 = _api(
+        [*_flags(assets, tmp_path / "b1", cache), f"--jobs={jobs}", "--batch_size=1"],
+        tmp_path / "b1.npz",
+        8,
+    )
+    assert "over 1 local device(s)" in out1
+    names = [f"e{i}" for i in range(10) if i != 4]
+    assert sorted(b8) == sorted(b1) == sorted(names)
+    rel = [np.linalg.norm(b8[n] - b1[n]) / np.linalg.norm(b1[n]) for n in names]
+    print("batched (8 devices) vs single edits, relative L2: " + " ".join(f"{r:.1e}" for r in rel))
+    assert max(rel) < 1e-2, rel
+    assert max(r for n, r in zip(names, rel, strict=True) if int(n[1:]) % 2 == 0) < 1e-5, rel
+    assert np.abs(b8["e0"] - b8["e1"]).max() > 1e-2  # different jobs, different edits
+    rows = [json.loads(ln) for ln in (tmp_path / "b8" / "summary.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in rows] == [f"e{i}" for i in range(10)]
+    status = {r["name"]: r["status"] for r in rows}
+    assert status.pop("e4") == "invalid" and set(status.values()) == {"done"}
+    assert "missing.png" in rows[4]["error"]
+    assert not (tmp_path / "b8" / "e4").exists()  # nothing written for the bad job
+    metrics = json.loads((tmp_path / "b8" / "e9" / "sample_00" / "metrics.json").read_text())
+    assert metrics["batch_jobs"] == ["e9"] and metrics["devices"] == 8  # the padded batch
+    assert metrics["guided_evaluations"] == 2 and metrics["seed"] == 9
+    header = (tmp_path / "b8" / "summary.csv").read_text().splitlines()[0]
+    assert header.startswith("index,name,status,error")
+
+
+def test_resume_of_a_half_finished_run(assets, tmp_path):
+    """3 jobs in batches of 2: stop in the second batch; --resume skips the finished batch's
+    jobs and continues the second batch from its checkpoint, to what an uninterrupted run gives
+    (the same PNG bytes)."""
+    jobs = _jobs(tmp_path / "jobs.jsonl", assets, 3)
+    cache = tmp_path / "xla"
+    base = [f"--jobs={jobs}", "--batch_size=2"]
+    whole = _launch([*_flags(assets, tmp_path / "whole", cache), *base], 2)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    cut_dir = tmp_path / "cut"
+    cut = _launch([*_flags(assets, cut_dir, cache), *base, "--stop_after_chunks=3"], 2)
+    assert cut.returncode == 130, cut.stderr[-3000:]  # interrupted in batch 2's second chunk
+    assert (cut_dir / "e1" / "sample_00" / "metrics.json").exists()
+    assert not (cut_dir / "e2" / "sample_00").exists()
+    assert len(list((cut_dir / "_batches").iterdir())) == 1
+    again = _launch([*_flags(assets, cut_dir, cache), *base], 2)
+    assert again.returncode == 2 and "--resume" in again.stderr  # no silent overwrite
+    res = _launch([*_flags(assets, cut_dir, cache), *base, "--resume"], 2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming at DDIM step 1/2" in res.stdout and "batch 1/1" in res.stdout
+    for name in ("e0", "e1", "e2"):
+        a = (tmp_path / "whole" / name / "sample_00" / "edited.png").read_bytes()
+        assert (cut_dir / name / "sample_00" / "edited.png").read_bytes() == a, name
+    assert not (cut_dir / "_batches").exists()
+    rows = (cut_dir / "summary.jsonl").read_text().splitlines()
+    assert [json.loads(r)["status"] for r in rows] == ["done"] * 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_share_the_jobs_through_jax_distributed(assets, tmp_path):
+    """Two processes on localhost, two devices each: process p runs jobs p, p + 2, ...; process
+    0 writes one summary with every job, including the other process's invalid one."""
+    jobs = _jobs(tmp_path / "jobs.jsonl", assets, 4, bad_at=3)
+    port = _free_port()
+    common = [*_flags(assets, tmp_path / "out", tmp_path / "xla"), f"--jobs={jobs}"]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "launch.py"),
+                *common,
+                f"--coordinator=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={p}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=_env(2),
+        )
+        for p in range(2)
+    ]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert "4 jobs, 2 for process 0/2" in outs[0][0]
+    assert "4 jobs, 2 for process 1/2" in outs[1][0]
+    rows = [json.loads(ln) for ln in (tmp_path / "out" / "summary.jsonl").read_text().splitlines()]
+    assert [(r["name"], r["process"], r["status"]) for r in rows] == [
+        ("e0", 0, "done"),
+        ("e1", 1, "done"),
+        ("e2", 0, "done"),
+        ("e3", 1, "invalid"),
+    ]
+    assert (tmp_path / "out" / "summary.p1.jsonl").exists()
+
+
+def test_jobs_file_problems_are_per_job(tmp_path):
+    base = Options(out_dir=str(tmp_path / "out"), image="a.png", motion="translate:1,0")
+    lines = [
+        '{"name": "ok", "seed": 3, "guidance_weight": 10}',
+        "not json",
+        '{"name": "ok", "seed": 4}',
+        '{"colour": 1}',
+        '{"seed": "7"}',
+        '{"out_dir": "x"}',
+        '["a"]',
+        '{"name": "../up"}',
+        "# a comment, then a blank line",
+        "",
+        '{"name": "dragged", "points": [[[1, 2], [5, 2]], [[10, 10], [12, 11.5]]]}',
+        '{"name": "fast", "preset": "fast", "steps": 20}',
+    ]
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    jobs = read_jobs(str(path), base)
+    by = {j.line: j for j in jobs}
+    assert by[1].status == "pending" and by[1].options.seed == 3
+    assert by[1].options.guidance_weight == 10.0 and by[1].options.out_dir.endswith("/ok")
+    assert by[1].options.image == "a.png"  # the command line's default
+    for line, message in (
+        (2, "not JSON"),
+        (3, "used by an earlier job"),
+        (4, "unknown key(s) ['colour']"),
+        (5, 'seed: expected int, got "7"'),
+        (6, "belong to the whole run"),
+        (7, "a job is a JSON object"),
+        (8, "letters, digits"),
+    ):
+        assert by[line].status == "invalid" and message in by[line].error, (line, by[line].error)
+        assert by[line].error.startswith(f"line {line}: ")
+    assert by[11].options.drag == "1,2>5,2; 10,10>12,11.5"
+    assert by[12].options.steps == 20 and by[12].options.recursive_steps == 4  # preset + own
+    assert len(jobs) == 10 and [j.index for j in jobs] == list(range(10))
+    with pytest.raises(UserError, match="handle, target pairs"):
+        points_to_drag([[1, 2, 3]])
+    with pytest.raises(UserError, match="cannot read"):
+        read_jobs(str(tmp_path / "none.jsonl"), base)
+    (tmp_path / "empty.jsonl").write_text("\n# nothing\n")
+    with pytest.raises(UserError, match="no jobs"):
+        read_jobs(str(tmp_path / "empty.jsonl"), base)
