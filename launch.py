@@ -12,6 +12,8 @@
       --out_dir out/apple
   # a real image (inverted first), rotated 30 degrees inside a mask
   python launch.py --image cat.png --motion rotate:30 --object_mask cat_mask.png ...
+  # many edits, batched over the local devices (one JSON object of flags per line)
+  python launch.py --jobs jobs.jsonl --out_dir runs/batch --raft_weights raft-things.pth
   # the authors' example folders
   python launch.py --data_dir data/apple --target_flow_name right.pth \\
       --edit_mask_name right.mask.pth ...

@@ -464,6 +464,10 @@ def run_jobs(
             )
     if base.resume and base.overwrite:
         raise UserError("--resume and --overwrite exclude each other")
+    if base.num_samples != 1:
+        raise UserError(
+            "--num_samples does not apply to --jobs: give each sample its own job (its own seed)"
+        )
     if base.overwrite:  # each process clears its own share
         for j in mine:
             shutil.rmtree(os.path.join(out, j.name), ignore_errors=True)
