@@ -1,7 +1,7 @@
 """Batch editing (--jobs) on 8 simulated CPU devices: batched and sharded equals single edits, a
 job count that is not a multiple of the devices, a bad job among good ones, resume of a
-half-finished run, and two processes through jax.distributed on localhost. Each run is a
-subprocess: the device count is fixed when JAX starts."""
+half-finished run, and two processes through jax.distributed on localhost. Runs on several
+devices are subprocesses (the device count is fixed when JAX starts); one-device runs are here."""
 
 import json
 import os
@@ -17,7 +17,7 @@ from PIL import Image
 
 from flow.errors import UserError
 from mgjax import sd as sdm
-from mgjax.batch import points_to_drag, read_jobs
+from mgjax.batch import points_to_drag, read_jobs, run_jobs
 from mgjax.edit import Options
 from tests.torch_raft import image_pair, random_torchvision_raft
 
@@ -40,16 +40,34 @@ def assets(tmp_path_factory):
     return folder
 
 
-def _flags(assets, out, cache):
+def _flags(assets, out):
+    """Flags of every run here; one compilation cache for all (shared programs compile once)."""
     return [
         f"--out_dir={out}",
         f"--model={assets / 'sd'}",
         f"--raft_weights={assets / 'raft.pth'}",
         f"--image={assets / 'image0.png'}",
         f"--object_mask={assets / 'mask.png'}",
-        f"--compilation_cache={cache}",
+        f"--compilation_cache={assets / 'xla'}",
         *FAST,
     ]
+
+
+def _options(assets, out, **kw) -> Options:
+    """The same settings as _flags, for runs in this process."""
+    base = dict(
+        out_dir=str(out),
+        model=str(assets / "sd"),
+        raft_weights=str(assets / "raft.pth"),
+        image=str(assets / "image0.png"),
+        object_mask=str(assets / "mask.png"),
+        steps=2,
+        recursive_steps=1,
+        chunk=1,
+        guidance_weight=30.0,
+        clip=10.0,
+    )
+    return Options(**(base | kw))
 
 
 def _jobs(path: Path, assets, n: int, bad_at: int | None = None) -> Path:
@@ -105,10 +123,10 @@ def _api(args, out_npz, devices):
     return res.stdout, dict(np.load(out_npz))
 
 
-def test_batch_of_eight_equals_single_edits_with_padding_and_a_bad_job(assets, tmp_path):
-    """10 lines: 9 good jobs (two source images, five motions, nine seeds) and one missing image.
-    Batches of 8 over 8 devices: 8 + 1 (padded to 8), one compile. Batch size 1 on one device
-    gives the single edits.
+def test_batch_of_eight_equals_single_edits_and_a_bad_job_is_skipped(assets, tmp_path):
+    """9 lines: 8 good jobs (two source images, five motions, eight seeds) and one missing image,
+    in one batch of 8 over 8 devices. Batch size 1 on one device
+    in this (one-device) process gives the single edits.
 
     Tolerance. With guidance 0 the sharded batch equals the single edits bit for bit (measured).
     Guided edits with these random tiny models amplify rounding: bilinear lookups in RAFT have a
@@ -119,23 +137,18 @@ def test_batch_of_eight_equals_single_edits_with_padding_and_a_bad_job(assets, t
     guidance norm for the same reason), and the image0 jobs, which amplify little, within 1e-5.
     A sharding bug would move all of them.
     """
-    jobs = _jobs(tmp_path / "jobs.jsonl", assets, 10, bad_at=4)
-    cache = tmp_path / "xla"
+    jobs = _jobs(tmp_path / "jobs.jsonl", assets, 9, bad_at=4)
     out8, b8 = _api(
-        [*_flags(assets, tmp_path / "b8", cache), f"--jobs={jobs}", "--batch_size=8"],
+        [*_flags(assets, tmp_path / "b8"), f"--jobs={jobs}", "--batch_size=8"],
         tmp_path / "b8.npz",
         8,
     )
     assert "batches of 8 over 8 local device(s)" in out8, out8
-    assert out8.count("compiled the guided chunk") == 1, out8  # the padded batch reuses it
-    assert "batch 2/2" in out8
-    out1, b1 = _api(
-        [*_flags(assets, tmp_path / "b1", cache), f"--jobs={jobs}", "--batch_size=1"],
-        tmp_path / "b1.npz",
-        8,
-    )
-    assert "over 1 local device(s)" in out1
-    names = [f"e{i}" for i in range(10) if i != 4]
+    assert out8.count("compiled the guided chunk") == 1 and "batch 1/1" in out8, out8
+    b1, lines = {}, []
+    run_jobs(str(jobs), _options(assets, tmp_path / "b1"), 1, lines.append, images=b1)
+    assert "batches of 1 over 1 local device(s)" in lines[0]
+    names = [f"e{i}" for i in range(9) if i != 4]
     assert sorted(b8) == sorted(b1) == sorted(names)
     rel = [np.linalg.norm(b8[n] - b1[n]) / np.linalg.norm(b1[n]) for n in names]
     print("batched (8 devices) vs single edits, relative L2: " + " ".join(f"{r:.1e}" for r in rel))
@@ -143,44 +156,44 @@ def test_batch_of_eight_equals_single_edits_with_padding_and_a_bad_job(assets, t
     assert max(r for n, r in zip(names, rel, strict=True) if int(n[1:]) % 2 == 0) < 1e-5, rel
     assert np.abs(b8["e0"] - b8["e1"]).max() > 1e-2  # different jobs, different edits
     rows = [json.loads(ln) for ln in (tmp_path / "b8" / "summary.jsonl").read_text().splitlines()]
-    assert [r["name"] for r in rows] == [f"e{i}" for i in range(10)]
+    assert [r["name"] for r in rows] == [f"e{i}" for i in range(9)]
     status = {r["name"]: r["status"] for r in rows}
     assert status.pop("e4") == "invalid" and set(status.values()) == {"done"}
     assert "missing.png" in rows[4]["error"]
     assert not (tmp_path / "b8" / "e4").exists()  # nothing written for the bad job
-    metrics = json.loads((tmp_path / "b8" / "e9" / "sample_00" / "metrics.json").read_text())
-    assert metrics["batch_jobs"] == ["e9"] and metrics["devices"] == 8  # the padded batch
-    assert metrics["guided_evaluations"] == 2 and metrics["seed"] == 9
+    metrics = json.loads((tmp_path / "b8" / "e8" / "sample_00" / "metrics.json").read_text())
+    assert metrics["batch_jobs"] == names and metrics["devices"] == 8
+    assert metrics["guided_evaluations"] == 2 and metrics["seed"] == 8
     header = (tmp_path / "b8" / "summary.csv").read_text().splitlines()[0]
     assert header.startswith("index,name,status,error")
 
 
 def test_resume_of_a_half_finished_run(assets, tmp_path):
-    """3 jobs in batches of 2: stop in the second batch; --resume skips the finished batch's
-    jobs and continues the second batch from its checkpoint, to what an uninterrupted run gives
-    (the same PNG bytes)."""
-    jobs = _jobs(tmp_path / "jobs.jsonl", assets, 3)
-    cache = tmp_path / "xla"
-    base = [f"--jobs={jobs}", "--batch_size=2"]
-    whole = _launch([*_flags(assets, tmp_path / "whole", cache), *base], 2)
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    """3 jobs in batches of 2 (in this process, one device): stop in the second batch; resume
+    skips the finished batch's jobs and continues the second batch from its checkpoint, to what
+    an uninterrupted run gives (the same PNG bytes)."""
+    jobs = str(_jobs(tmp_path / "jobs.jsonl", assets, 3))
+    quiet = lambda s: None  # noqa: E731
+    run_jobs(jobs, _options(assets, tmp_path / "whole"), 2, quiet)
     cut_dir = tmp_path / "cut"
-    cut = _launch([*_flags(assets, cut_dir, cache), *base, "--stop_after_chunks=3"], 2)
-    assert cut.returncode == 130, cut.stderr[-3000:]  # interrupted in batch 2's second chunk
+    with pytest.raises(KeyboardInterrupt):  # in batch 2's second chunk
+        run_jobs(jobs, _options(assets, cut_dir, stop_after_chunks=3), 2, quiet)
     assert (cut_dir / "e1" / "sample_00" / "metrics.json").exists()
     assert not (cut_dir / "e2" / "sample_00").exists()
     assert len(list((cut_dir / "_batches").iterdir())) == 1
-    again = _launch([*_flags(assets, cut_dir, cache), *base], 2)
-    assert again.returncode == 2 and "--resume" in again.stderr  # no silent overwrite
-    res = _launch([*_flags(assets, cut_dir, cache), *base, "--resume"], 2)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "resuming at DDIM step 1/2" in res.stdout and "batch 1/1" in res.stdout
+    with pytest.raises(UserError, match="--resume"):  # no silent overwrite
+        run_jobs(jobs, _options(assets, cut_dir), 2, quiet)
+    lines = []
+    run_jobs(jobs, _options(assets, cut_dir, resume=True), 2, lines.append)
+    assert any("batch 1/1: resuming at DDIM step 1/2" in ln for ln in lines), lines
     for name in ("e0", "e1", "e2"):
         a = (tmp_path / "whole" / name / "sample_00" / "edited.png").read_bytes()
         assert (cut_dir / name / "sample_00" / "edited.png").read_bytes() == a, name
     assert not (cut_dir / "_batches").exists()
     rows = (cut_dir / "summary.jsonl").read_text().splitlines()
     assert [json.loads(r)["status"] for r in rows] == ["done"] * 3
+    with pytest.raises(UserError, match="num_samples"):
+        run_jobs(jobs, _options(assets, tmp_path / "n", num_samples=2), 2, quiet)
 
 
 def _free_port() -> int:
@@ -191,10 +204,12 @@ def _free_port() -> int:
 
 def test_two_processes_share_the_jobs_through_jax_distributed(assets, tmp_path):
     """Two processes on localhost, two devices each: process p runs jobs p, p + 2, ...; process
-    0 writes one summary with every job, including the other process's invalid one."""
+    0 writes one summary with every job, including the other process's invalid one. Process 1
+    has one good job for two devices: a job count that is not a multiple of the devices, padded
+    to a batch of 2."""
     jobs = _jobs(tmp_path / "jobs.jsonl", assets, 4, bad_at=3)
     port = _free_port()
-    common = [*_flags(assets, tmp_path / "out", tmp_path / "xla"), f"--jobs={jobs}"]
+    common = [*_flags(assets, tmp_path / "out"), f"--jobs={jobs}"]
     procs = [
         subprocess.Popen(
             [
@@ -226,6 +241,10 @@ def test_two_processes_share_the_jobs_through_jax_distributed(assets, tmp_path):
         ("e3", 1, "invalid"),
     ]
     assert (tmp_path / "out" / "summary.p1.jsonl").exists()
+    metrics = json.loads((tmp_path / "out" / "e1" / "sample_00" / "metrics.json").read_text())
+    assert (
+        metrics["batch_jobs"] == ["e1"] and metrics["devices"] == 2 and metrics["batch_size"] == 2
+    )
 
 
 def test_jobs_file_problems_are_per_job(tmp_path):
