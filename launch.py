@@ -30,7 +30,7 @@ from absl import app, flags, logging
 
 from flow.errors import UserError, run_cli
 from mgjax.edit import PRESETS, Options, default_compilation_cache
-from mgjax.levers import ATTENTION, REMAT_POLICIES
+from mgjax.levers import ATTENTION, RAFT_GRADIENTS, REMAT_POLICIES
 
 _P = PRESETS["paper"]
 
@@ -121,7 +121,10 @@ guidance.enum(
     ["auto", *sorted(PRESETS)],
     "auto: toy with the toy pack (--model toy), else paper. Values: "
     + "; ".join(
-        f"{name}: " + ", ".join(f"{k}={v:g}" for k, v in values.items())
+        f"{name}: "
+        + ", ".join(
+            f"{k}={v:g}" if not isinstance(v, str) else f"{k}={v}" for k, v in values.items()
+        )
         for name, values in sorted(PRESETS.items())
     ),
 )
@@ -143,6 +146,13 @@ guidance.bool("occlusion_masking", True, "Mask covered background in the colour 
 guidance.bool("oracle", False, "Warp with the target flow in the colour loss.")
 guidance.string("schedule", None, "Guidance schedule .npy (one multiplier per step).")
 guidance.integer("raft_iters", 5, "RAFT iterations inside the energy.")
+guidance.enum(
+    "raft_gradient",
+    "detached",
+    list(RAFT_GRADIENTS),
+    "detached: the gradient through RAFT as the reference takes it (the flow estimate detached "
+    "at every iteration); full: the exact gradient through all iterations.",
+)
 guidance.integer("chunk", 10, "DDIM steps per compiled chunk (and per checkpoint).")
 guidance.enum(
     "remat",

@@ -31,6 +31,10 @@ class RaftConfig:
     # Images are bilinearly upsampled by this factor before the network and the flow is
     # average-pooled back (and divided by it): a finer 1/8-resolution grid for small images.
     input_scale: int = 1
+    # Upstream RAFT detaches the flow estimate at every refinement iteration, so gradients reach
+    # image2 only through the last lookup's correlation values (the Motion Guidance reference
+    # runs it so). False keeps the whole unrolled graph: the exact gradient of the output.
+    detach: bool = True
 
     def __post_init__(self):
         if self.context_norm not in CONTEXT_NORMS:
@@ -193,7 +197,8 @@ def raft_forward(
 
     def refine(carry, _):
         net, coords1 = carry
-        coords1 = lax.stop_gradient(coords1)  # upstream detaches coords1 every iteration
+        if config.detach:
+            coords1 = lax.stop_gradient(coords1)
         corr = corr_lib.lookup(pyramid, coords1, config.radius)
         net, delta = update.apply({"params": upd_params}, net, inp, corr, coords1 - coords0)
         coords1 = coords1 + delta

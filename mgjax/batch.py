@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from flow.errors import UserError
-from flow.files import write_atomic
 from mgjax import edit as ed
+from mgjax.outputs import save_text
 
 # Options that belong to the whole run, not to a job.
 RUN_ONLY = (
@@ -206,16 +206,10 @@ def _sharded(x, mesh, axis: int | None):
 
 def shard_edit(edit, mesh):
     """The edit's per-image arrays split over the mesh on their batch axis, the rest replicated."""
-    batch_first = ("source", "target_flow", "occlusion", "frozen", "cond", "uncond", "z0")
-    changes = {
-        k: _sharded(getattr(edit, k), mesh, 0) for k in batch_first if getattr(edit, k) is not None
-    }
-    changes["schedule"] = _sharded(edit.schedule, mesh, None)
-    if edit.trajectory is not None:
-        changes["trajectory"] = _sharded(edit.trajectory, mesh, 1)
-    if edit.extras:
-        changes["extras"] = {k: _sharded(v, mesh, 0) for k, v in edit.extras.items()}
-    return edit.replace(**changes)
+    from mgjax.sampler import map_images
+
+    edit = map_images(edit, lambda x, axis: _sharded(x, mesh, axis))
+    return edit.replace(schedule=_sharded(edit.schedule, mesh, None))
 
 
 def shard_state(state, mesh):
@@ -230,19 +224,10 @@ def one_edit(edit, j: int):
     """Image j of a batched edit, on the host (numpy arrays)."""
     import jax
 
+    from mgjax.sampler import map_images
+
     host = jax.tree_util.tree_map(np.asarray, edit)
-    pick = lambda x, axis=0: None if x is None else np.take(x, [j], axis=axis)  # noqa: E731
-    return host.replace(
-        source=pick(host.source),
-        target_flow=pick(host.target_flow),
-        occlusion=pick(host.occlusion),
-        frozen=pick(host.frozen),
-        cond=pick(host.cond),
-        uncond=pick(host.uncond),
-        z0=pick(host.z0),
-        trajectory=pick(host.trajectory, 1),
-        extras={k: pick(v) for k, v in (host.extras or {}).items()},
-    )
+    return map_images(host, lambda x, axis: np.take(x, [j], axis=axis))
 
 
 # ----------------------------------------------------------------------------- preparing jobs
@@ -286,15 +271,10 @@ def _prepare(job: Job, models: _Models, log) -> Prepared:
     job.options = o
     # the run manages the job folders: skip single-edit checks of out_dir
     ed.check_options(dataclasses.replace(o, resume=False, overwrite=True))
-    schedule = ed.read_schedule(o)
     key, (sd, _) = models.get(o)
     inp = ed.read_inputs(o, sd)
     os.makedirs(o.out_dir, exist_ok=True)
-    image, z_T, latents = ed._source(
-        o, sd, inp.uncond, inp.cond, o.out_dir, log, inp.image, inp.data
-    )
-    if inp.data is not None and inp.data.schedule is not None and schedule is None:
-        schedule = inp.data.schedule[: o.steps]
+    image, z_T, latents, schedule = ed.source_of(o, sd, inp, ed.read_schedule(o), log)
     cfg, energy = ed.guidance(o)
     sched_id = (
         None
@@ -539,33 +519,16 @@ def _row(job: Job, process_id: int) -> dict:
 
 
 def _write_part(path: str, jobs: list[Job], process_id: int) -> None:
-    text = "".join(json.dumps(_row(j, process_id)) + "\n" for j in jobs)
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    write_atomic(path, write)
+    save_text(path, "".join(json.dumps(_row(j, process_id)) + "\n" for j in jobs))
 
 
 def _write_summary(out: str, rows: list[dict]) -> None:
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-
-    def write_jsonl(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-
-    def write_csv(tmp):
-        with open(tmp, "w", newline="") as f:
-            f.write(buf.getvalue())
-
-    write_atomic(os.path.join(out, "summary.jsonl"), write_jsonl)
-    write_atomic(os.path.join(out, "summary.csv"), write_csv)
+    save_text(os.path.join(out, "summary.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    save_text(os.path.join(out, "summary.csv"), buf.getvalue())
 
 
 def _client():

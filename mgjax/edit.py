@@ -96,6 +96,7 @@ class Options:
     oracle: bool = False
     schedule: str | None = None
     raft_iters: int = 5
+    raft_gradient: str = "detached"
     chunk: int = 10
     num_samples: int = 1
     log_every: int = 0
@@ -511,6 +512,7 @@ GUIDANCE_FIELDS = (
     "occlusion_masking",
     "oracle",
     "raft_iters",
+    "raft_gradient",
     "chunk",
     "remat",
     "skip_unguided",
@@ -534,6 +536,15 @@ def guidance(o: Options):
     return cfg, energy
 
 
+def source_of(o: Options, sd, inp: Inputs, schedule, log):
+    """The edit's source in o.out_dir (which must exist): (image, z_T, source trajectory,
+    timestep schedule). A reference folder's own schedule applies unless --schedule gave one."""
+    image, z_T, latents = _source(o, sd, inp.uncond, inp.cond, o.out_dir, log, inp.image, inp.data)
+    if inp.data is not None and inp.data.schedule is not None and schedule is None:
+        schedule = inp.data.schedule[: o.steps]
+    return image, z_T, latents, schedule
+
+
 def _run(o, digest, ckpt_path, schedule, log, t_start):
     import jax
     import jax.numpy as jnp
@@ -546,9 +557,7 @@ def _run(o, digest, ckpt_path, schedule, log, t_start):
     if o.overwrite and os.path.exists(o.out_dir):
         shutil.rmtree(o.out_dir)  # only now that the inputs were read and checked
     os.makedirs(o.out_dir, exist_ok=True)
-    image, z_T, latents = _source(o, sd, inp.uncond, inp.cond, o.out_dir, log, inp.image, inp.data)
-    if inp.data is not None and inp.data.schedule is not None and schedule is None:
-        schedule = inp.data.schedule[: o.steps]
+    image, z_T, latents, schedule = source_of(o, sd, inp, schedule, log)
     flow, obj, frozen, cond, uncond = inp.flow, inp.obj, inp.frozen, inp.cond, inp.uncond
 
     b = o.num_samples

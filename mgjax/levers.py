@@ -1,5 +1,6 @@
-"""Performance settings that do not change the method, shared by the sampler, the model seam
-and the command line (this module imports no model code, so `launch.py --help` stays fast)."""
+"""Settings shared by the sampler, the model seam and the command line: performance levers that
+do not change the method, and the choice of RAFT gradient (this module imports no model code,
+so `launch.py --help` stays fast)."""
 
 import jax
 
@@ -17,3 +18,9 @@ REMAT_POLICIES = {
 # UNet attention: diffusers' plain softmax(QK^T)V, or its memory-efficient version (query and
 # key chunks with a running softmax; diffusers computes it at HIGHEST matmul precision).
 ATTENTION = ("plain", "memory_efficient")
+
+# The gradient through RAFT inside the energy: "detached" as upstream RAFT and the Motion
+# Guidance reference take it (the flow estimate detached at every refinement iteration, so only
+# the last correlation lookup carries gradient), or "full", the exact gradient through every
+# iteration (flow.raft.RaftConfig.detach = False).
+RAFT_GRADIENTS = ("detached", "full")

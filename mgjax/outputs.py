@@ -30,6 +30,14 @@ def save_npy(path: str, array: np.ndarray) -> None:
     write_atomic(path, write)
 
 
+def save_text(path: str, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+
+    write_atomic(path, write)
+
+
 def save_json(path: str, obj) -> None:
     def write(tmp):
         with open(tmp, "w") as f:

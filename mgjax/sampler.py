@@ -33,7 +33,7 @@ from flow.errors import UserError
 from flow.raft import Raft
 from mgjax import ddim
 from mgjax.energy import Context, Energy, EnergyWeights, MotionEnergy, occlusion_mask
-from mgjax.levers import REMAT_POLICIES
+from mgjax.levers import RAFT_GRADIENTS, REMAT_POLICIES
 from mgjax.source import cfg_eps
 
 
@@ -52,6 +52,7 @@ class GuidanceConfig:
     occlusion_masking: bool = True
     oracle: bool = False
     raft_iters: int = 5
+    raft_gradient: str = "detached"  # RAFT_GRADIENTS (mgjax.levers)
     chunk: int = 10  # DDIM steps per compiled scan
     snapshot_every: int = 0  # keep the decoded x0 estimate every N steps (0: none)
     remat: str = "none"  # REMAT_POLICIES: none | dots | full
@@ -67,6 +68,10 @@ class GuidanceConfig:
             (self.clip >= 0, "clip must be >= 0 (0 disables clipping)"),
             (self.eta >= 0, "eta must be >= 0"),
             (self.raft_iters >= 1, "raft_iters must be >= 1"),
+            (
+                self.raft_gradient in RAFT_GRADIENTS,
+                f"raft_gradient must be one of {RAFT_GRADIENTS}, got {self.raft_gradient!r}",
+            ),
             (self.snapshot_every >= 0, "snapshot_every must be >= 0"),
             (self.remat in REMAT_POLICIES, f"remat must be one of {tuple(REMAT_POLICIES)}"),
         )
@@ -97,6 +102,32 @@ class Edit:
     trajectory: jnp.ndarray | None = None  # f32[S,B,C,h,w] source latents, sampling order
     z0: jnp.ndarray | None = None  # f32[B,C,h,w] source latent, when there is no trajectory
     extras: dict | None = None  # name -> [B, ...] arrays for custom energies (Context.extras)
+
+
+# The batch axis of each per-image field of Edit (the schedule is shared by the batch).
+EDIT_BATCH_AXIS = {
+    "source": 0,
+    "target_flow": 0,
+    "occlusion": 0,
+    "frozen": 0,
+    "cond": 0,
+    "uncond": 0,
+    "z0": 0,
+    "trajectory": 1,
+}
+
+
+def map_images(edit: Edit, fn) -> Edit:
+    """`edit` with fn(array, batch_axis) applied to each per-image array, extras included
+    (absent fields stay absent); the schedule is kept."""
+    changes = {
+        k: fn(getattr(edit, k), axis)
+        for k, axis in EDIT_BATCH_AXIS.items()
+        if getattr(edit, k) is not None
+    }
+    if edit.extras:
+        changes["extras"] = {k: fn(v, 0) for k, v in edit.extras.items()}
+    return edit.replace(**changes)
 
 
 @struct.dataclass
@@ -324,6 +355,8 @@ class GuidedSampler:
         weight = cfg.guidance_weight * edit.schedule[i]
         unet = self._remat(lambda p, z_in: self.cfg_eps(p, z_in, t, edit))
         decode = self._remat(self.sd.decode)
+        if cfg.raft_gradient == "full":
+            raft = raft.replace_config(detach=False)
         flow_net = lambda a, b, iters: self._remat(  # noqa: E731
             lambda r, a, b: r(a, b, iters=iters)
         )(raft, a, b)
