@@ -153,7 +153,23 @@ def main():
     parser.add_argument(
         "--steps", type=int, default=0, help="override every preset's DDIM steps (smoke runs)"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a preset value in every method (e.g. --set recursive_steps=3); repeatable",
+    )
     args = parser.parse_args()
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in PRESETS["toy"] or not value:
+            sys.exit(f"--set {item}: give KEY=VALUE with KEY one of {sorted(PRESETS['toy'])}")
+        kind = type(PRESETS["toy"][key])
+        overrides[key] = (
+            value if kind is str else (value == "true" if kind is bool else kind(value))
+        )
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -169,6 +185,7 @@ def main():
         preset = PRESETS["toy" if method in ("none", "warp", "warp_sdedit") else method]
         if args.steps:
             preset = dict(preset, steps=args.steps, recursive_steps=1)
+        preset = dict(preset, **overrides)
         steps = preset["steps"]
         t0 = time.perf_counter()
         prepared = []

@@ -276,6 +276,25 @@ def test_guided_steps_match_reference_transcription(models):
     assert moved > 30 * rel, (moved, rel)
 
 
+def test_full_raft_gradient_changes_the_gradient_not_the_energy(models):
+    """--raft_gradient full: the first evaluation's energy is the detached run's (the same
+    forward pass), its guidance differs (the gradient through RAFT's refinement is added), and
+    a bad value is refused."""
+    sd = models["sd"]
+    img, flow, traj, frozen, cond, uncond = _parity_inputs(sd)
+    cfg = dataclasses.replace(PARITY, clip=0.0, recursive_steps=1, chunk=1)
+    logs = {
+        g: _ours(sd, models["raft"], dataclasses.replace(cfg, raft_gradient=g), img, flow,
+                 traj, frozen, cond, uncond, steps=1)[1]
+        for g in ("detached", "full")
+    }  # fmt: skip
+    np.testing.assert_allclose(logs["full"]["energy"], logs["detached"]["energy"], rtol=1e-6)
+    a, b = logs["full"]["guidance_norm"], logs["detached"]["guidance_norm"]
+    assert abs(a - b) > 1e-2 * b, (a, b)
+    with pytest.raises(UserError, match="raft_gradient must be one of"):
+        GuidanceConfig(raft_gradient="exact")
+
+
 class Recording:
     """The seam with every UNet input latent recorded (host callback under jit)."""
 
