@@ -10,7 +10,10 @@ weights:
      a correct gradient has slope = norm;
   2. the energy minimised directly over the autoencoder latent (normalised gradient steps,
      no diffusion model): flow loss and the object's shift (centroid of its colour) every
-     `--steps / 5` steps, per gradient.
+     `--steps / 5` steps, per gradient;
+  3. the energy of the exact answer: the scene rendered with the object moved d px right
+     (d = 0 is the source, 10 the target), as rendered and after the autoencoder's round trip
+     (what guidance sees). Guidance can only find the edit if the energy falls towards d = 10.
 Prints the figures (BENCHMARKS.md, "RAFT gradient").
 """
 
@@ -30,7 +33,7 @@ from mgjax import sd as sdm  # noqa: E402
 from mgjax import source as src_lib  # noqa: E402
 from mgjax.edit import PRESETS  # noqa: E402
 from mgjax.energy import EnergyWeights, motion_energy, occlusion_mask  # noqa: E402
-from mgjax.toy import pack, quality  # noqa: E402
+from mgjax.toy import pack, quality, shapes  # noqa: E402
 
 
 def main():
@@ -94,6 +97,28 @@ def main():
                 cells.append(f"{float(logs['flow_loss'][0]):.3f} {shift}")
             z = z - args.step_size * g / (jnp.linalg.norm(g) + 1e-12)
         print(f"{name}: " + " | ".join(cells), flush=True)
+
+    print("\n3. energy (flow loss, colour loss) of the scene with the object moved d px right")
+    print("| d px | rendered | after the autoencoder |")
+    print("| ---: | --- | --- |")
+    scene, rendered, _ = pack.demo_scene(image.shape[0])
+    assert np.abs(rendered - image).max() < 1 / 255 + 1e-6, "the pack's demo.png is another scene"
+    value = jax.jit(lambda x: energy(detached, x))
+    decode = jax.jit(sd.decode)
+
+    def roundtrip(x):
+        return jnp.clip(decode(sd.params, jnp.asarray(src_lib.encode(sd, x))) * 0.5 + 0.5, 0, 1)
+
+    for d in range(0, 13, 2):
+        moved = shapes.render(scene, {0: shapes.affine_about((0, 0), (d, 0))})["image"][None]
+        cells = []
+        for x in (jnp.asarray(moved), roundtrip(moved)):
+            e, logs = value(x)
+            cells.append(
+                f"{float(e):.2f} ({float(logs['flow_loss'][0]):.3f}, "
+                f"{float(logs['color_loss'][0]):.3f})"
+            )
+        print(f"| {d} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

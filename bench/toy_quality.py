@@ -91,7 +91,7 @@ def build_source(case: Case, sd, steps: int, cfg_scale: float):
     if case.rendered:
         out = shapes.render(case.scene)
         image, mask = out["image"], out["masks"][0]
-        traj = src_lib.invert(sd, image[None], uncond, uncond, steps, cfg_scale)
+        traj = src_lib.invert(sd, image[None], cond, uncond, steps, 1.0)  # as launch.py does
         color = np.median(image[mask], axis=0)
     else:
         h = sd.unet.config.sample_size

@@ -341,7 +341,9 @@ def _source(o: Options, sd, uncond, cond, out_dir, log, image, data):
         z_T, latents = data.z_T, data.trajectory
     elif image is not None:
         log(f"inverting {o.image} over {o.steps} DDIM steps ...")
-        traj = src_lib.invert(sd, image, uncond, uncond, o.steps, o.cfg_scale, chunk=50)
+        # with the prompt, no classifier-free guidance: plain DDIM inversion (with prompt "",
+        # the reference's setting for real images, the same as unconditional)
+        traj = src_lib.invert(sd, image, cond, uncond, o.steps, 1.0, chunk=50)
         z_T, latents = traj.z_T, traj.latents
     else:
         h = sd.unet.config.sample_size

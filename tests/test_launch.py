@@ -143,6 +143,30 @@ def test_bad_options_fail_before_loading(assets, tmp_path, change, message):
     assert not (tmp_path / "o").exists()
 
 
+def test_real_image_is_inverted_with_its_prompt_without_cfg(assets, tmp_path, monkeypatch):
+    """Plain DDIM inversion: the prompt's embedding and CFG scale 1, whatever --cfg_scale the
+    sampling uses (with prompt "" this is the reference's unconditional inversion)."""
+    from mgjax import source as src_lib
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def invert(sd, images, cond, uncond, num_steps, cfg_scale, **kw):
+        seen.update(sd=sd, cond=np.asarray(cond), uncond=np.asarray(uncond), cfg=cfg_scale)
+        raise Stop
+
+    monkeypatch.setattr(src_lib, "invert", invert)
+    with pytest.raises(Stop):
+        run(_options(assets, tmp_path / "o", prompt="a red square"), log=lambda s: None)
+    sd = seen["sd"]
+    np.testing.assert_array_equal(seen["cond"], np.asarray(sd.embed("a red square")))
+    np.testing.assert_array_equal(seen["uncond"], np.asarray(sd.embed("")))
+    assert np.abs(seen["cond"] - seen["uncond"]).max() > 1e-3  # the prompt made a difference
+    assert seen["cfg"] == 1.0
+
+
 def test_bad_inputs_after_reading(assets, tmp_path):
     with pytest.raises(UserError, match="not a multiple of 32; resize it to 96x128"):
         run(_options(assets, tmp_path / "a", image=str(assets / "odd.png")), log=lambda s: None)

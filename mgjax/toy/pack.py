@@ -52,7 +52,8 @@ def demo_files() -> dict:
     }
 
 
-def _demo(size: int):
+def demo_scene(size: int = 64):
+    """(scene, image, object mask) of the demo edit."""
     from mgjax.toy import shapes
 
     scene = shapes.sample_scene(np.random.default_rng(DEMO_SEED), size, n_objects=1)
@@ -75,7 +76,7 @@ def build(ldm: str, raft: str, ldm_log: str | None, raft_log: str | None, out: P
     unet_cfg = json.loads((tmp / "sd" / "unet" / "config.json").read_text())
     vae_cfg = json.loads((tmp / "sd" / "vae" / "config.json").read_text())
     size = unet_cfg["sample_size"] * 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    scene, image, mask = _demo(size)
+    scene, image, mask = demo_scene(size)
     outputs.save_png(str(tmp / "demo.png"), outputs.to_uint8(image))
     outputs.save_png(str(tmp / "demo_mask.png"), (mask * 255).astype(np.uint8))
     logs = {}

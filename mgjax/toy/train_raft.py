@@ -2,6 +2,9 @@
 exact flow. Seeded, optax, progress and a loss curve; CPU-sized (64x64 images).
 
   python -m mgjax.toy.train_raft --out_dir runs/raft [--minutes 50] [--seed 0]
+  # fine-tune on the autoencoder's round trips of the second image (what guidance compares)
+  python -m mgjax.toy.train_raft --out_dir runs/raft2 --init runs/raft/raft-small.mgjax \\
+      --autoencoder runs/ldm/sd/vae
 
 Writes OUT/raft-small.mgjax (read by flow.checkpoint.load_raft, like any converted RAFT),
 OUT/losses.png, OUT/log.json. The loss is RAFT's sequence loss (gamma 0.8) over the training
@@ -79,14 +82,43 @@ def validate(config, params, val) -> float:
                           for i in range(0, n, 16)]))  # fmt: skip
 
 
+def autoencoder_roundtrip(folder: str):
+    """images f[B,H,W,3] in [0, 255] -> the same through a diffusers AutoencoderKL (posterior
+    mean, decode), as guidance sees a decoded estimate."""
+    from diffusers import FlaxAutoencoderKL
+
+    vae, params = FlaxAutoencoderKL.from_pretrained(folder)
+
+    @jax.jit
+    def roundtrip(images):
+        x = jnp.transpose(images / 127.5 - 1.0, (0, 3, 1, 2))
+        z = vae.apply({"params": params}, x, method=vae.encode).latent_dist.mean
+        y = vae.apply({"params": params}, jnp.transpose(z, (0, 3, 1, 2)), method=vae.decode)
+        return jnp.clip(jnp.transpose(y.sample, (0, 2, 3, 1)) * 127.5 + 127.5, 0.0, 255.0)
+
+    return lambda images: np.asarray(roundtrip(jnp.asarray(images, jnp.float32)))
+
+
 def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, lr: float,
           seed: int, size: int, log_every: int, input_scale: int = 2,
-          log=print) -> dict:  # fmt: skip
+          log=print, init: str | None = None, autoencoder: str | None = None,
+          roundtrip_p: float = 0.5) -> dict:  # fmt: skip
+    """`init`: start from these weights (same input_scale); `autoencoder`: a diffusers
+    AutoencoderKL folder whose round trip replaces the second image of a pair with probability
+    `roundtrip_p` (guidance compares a rendered source with a decoded estimate)."""
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
     val = batch_of_pairs(np.random.default_rng(10_000 + seed), 64, size)
     config = raft_config(input_scale)
     params = init_raft(config, jax.random.PRNGKey(seed), (size, size))["params"]
+    if init:
+        variables, init_config = checkpoint.load_variables(init)
+        if init_config.input_scale != input_scale or not init_config.small:
+            raise ValueError(f"{init}: not a RAFT-small with input_scale {input_scale}")
+        params = variables["params"]
+        log(f"starting from {init}")
+    roundtrip = autoencoder_roundtrip(autoencoder) if autoencoder else None
+    val_rt = (val[0], roundtrip(val[1]), val[2]) if roundtrip else None
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, lr, min(200, max_steps // 10), max_steps, end_value=0.1 * lr
     )
@@ -97,7 +129,11 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
     start = time.perf_counter()
     losses, epes = [], []
     for step in range(1, max_steps + 1):
-        params, opt_state, loss, epe = step_fn(params, opt_state, *batch_of_pairs(rng, batch, size))
+        img1, img2, flow = batch_of_pairs(rng, batch, size)
+        if roundtrip is not None:
+            pick = rng.uniform(size=batch) < roundtrip_p
+            img2 = np.where(pick[:, None, None, None], roundtrip(img2), img2)
+        params, opt_state, loss, epe = step_fn(params, opt_state, img1, img2, flow)
         losses.append(float(loss))
         epes.append(float(epe))
         if not np.isfinite(losses[-1]):
@@ -111,6 +147,12 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
             if step % (log_every * 10) == 0:
                 history["val_epe"].append(validate(config, params, val))
                 history["val_step"].append(step)
+                if val_rt is not None:
+                    history.setdefault("val_epe_roundtrip", []).append(
+                        validate(config, params, val_rt)
+                    )
+                    log(f"val EPE, second image through the autoencoder "
+                        f"{history['val_epe_roundtrip'][-1]:.3f}")  # fmt: skip
             rate = step / elapsed
             left = min(max_steps - step, (minutes * 60 - elapsed) * rate)
             log(
@@ -123,10 +165,15 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
                 break
     v = validate(config, params, val)
     history["final_val_epe"] = v
+    if val_rt is not None:
+        history["final_val_epe_roundtrip"] = validate(config, params, val_rt)
+        log(f"final validation EPE, second image through the autoencoder "
+            f"{history['final_val_epe_roundtrip']:.3f} px")  # fmt: skip
     history["steps"] = step
     history["settings"] = dict(batch=batch, iters=iters, lr=lr, seed=seed, size=size,
                                max_steps=max_steps, minutes=minutes,
-                               input_scale=input_scale)  # fmt: skip
+                               input_scale=input_scale, init=init, autoencoder=autoencoder,
+                               roundtrip_p=roundtrip_p)  # fmt: skip
     history["seconds"] = time.perf_counter() - start
     zero = float(np.linalg.norm(val[2], axis=-1).mean())
     history["zero_flow_val_epe"] = zero
@@ -154,6 +201,11 @@ def _define_flags():
     flags.DEFINE_integer("size", 64, "Image size.")
     flags.DEFINE_integer("log_every", 50, "Steps between progress lines.")
     flags.DEFINE_integer("input_scale", 2, "RAFT runs on images upsampled by this factor.")
+    flags.DEFINE_string("init", None, "Start from these RAFT-small weights (fine-tuning).")
+    flags.DEFINE_string(
+        "autoencoder", None, "AutoencoderKL folder: train on its round trips of the second image."
+    )
+    flags.DEFINE_float("roundtrip_p", 0.5, "Share of pairs whose second image is round-tripped.")
 
 
 def main(argv):
@@ -162,7 +214,8 @@ def main(argv):
         raise app.UsageError("--out_dir is required")
     train(FLAGS.out_dir, FLAGS.minutes, FLAGS.max_steps, FLAGS.batch, FLAGS.iters, FLAGS.lr,
           FLAGS.seed, FLAGS.size, FLAGS.log_every, FLAGS.input_scale,
-          log=lambda s: print(s, flush=True))  # fmt: skip
+          log=lambda s: print(s, flush=True), init=FLAGS.init, autoencoder=FLAGS.autoencoder,
+          roundtrip_p=FLAGS.roundtrip_p)  # fmt: skip
 
 
 if __name__ == "__main__":
