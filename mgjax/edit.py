@@ -36,8 +36,8 @@ _PAPER = dict(
 # than at 512x512: lambda_g / 16; the clip bounds an L2 norm over 16x fewer elements: clip / 4
 # (the same per-element bound); flows are in pixels, 8x smaller for the same relative motion:
 # lambda_flow x 8 keeps the flow/colour balance. Fewer steps: the demo runs in minutes on a CPU.
-# The full gradient through RAFT: for the toy RAFT-small the detached one (the reference's) is
-# ~1% of the exact gradient's norm and does not lower the flow loss (BENCHMARKS.md).
+# The full gradient through RAFT: for the toy RAFT-small (runs/raft_v7) the detached one (the
+# reference's) is ~1% of the exact gradient's norm and barely lowers the flow loss (BENCHMARKS).
 PRESETS = {
     "paper": _PAPER,
     "fast": dict(_PAPER, steps=250, recursive_steps=4),
