@@ -166,10 +166,11 @@ def main():
         key, _, value = item.partition("=")
         if key not in PRESETS["toy"] or not value:
             sys.exit(f"--set {item}: give KEY=VALUE with KEY one of {sorted(PRESETS['toy'])}")
-        kind = type(PRESETS["toy"][key])
-        overrides[key] = (
-            value if kind is str else (value == "true" if kind is bool else kind(value))
-        )
+        kind = type(PRESETS["toy"][key])  # str, int or float: the presets hold no booleans
+        try:
+            overrides[key] = kind(value)
+        except ValueError:
+            sys.exit(f"--set {item}: {key} takes a {kind.__name__}")
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:

@@ -27,6 +27,7 @@ import optax
 from absl import app, flags
 
 from flow import checkpoint
+from flow.errors import UserError, run_cli
 from flow.raft import RaftConfig, init_raft, raft_forward
 from mgjax import outputs
 from mgjax.toy import shapes
@@ -110,13 +111,19 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
     rng = np.random.default_rng(seed)
     val = batch_of_pairs(np.random.default_rng(10_000 + seed), 64, size)
     config = raft_config(input_scale)
-    params = init_raft(config, jax.random.PRNGKey(seed), (size, size))["params"]
     if init:
         variables, init_config = checkpoint.load_variables(init)
         if init_config.input_scale != input_scale or not init_config.small:
-            raise ValueError(f"{init}: not a RAFT-small with input_scale {input_scale}")
+            raise UserError(
+                f"--init {init}: not a RAFT-small with input_scale {input_scale}; give "
+                "--input_scale to match it"
+            )
         params = variables["params"]
         log(f"starting from {init}")
+    else:
+        params = init_raft(config, jax.random.PRNGKey(seed), (size, size))["params"]
+    if autoencoder and not os.path.isfile(os.path.join(autoencoder, "config.json")):
+        raise UserError(f"--autoencoder {autoencoder}: no diffusers AutoencoderKL folder there")
     roundtrip = autoencoder_roundtrip(autoencoder) if autoencoder else None
     val_rt = (val[0], roundtrip(val[1]), val[2]) if roundtrip else None
     schedule = optax.warmup_cosine_decay_schedule(
@@ -212,10 +219,12 @@ def main(argv):
     del argv
     if not FLAGS.out_dir:
         raise app.UsageError("--out_dir is required")
-    train(FLAGS.out_dir, FLAGS.minutes, FLAGS.max_steps, FLAGS.batch, FLAGS.iters, FLAGS.lr,
-          FLAGS.seed, FLAGS.size, FLAGS.log_every, FLAGS.input_scale,
-          log=lambda s: print(s, flush=True), init=FLAGS.init, autoencoder=FLAGS.autoencoder,
-          roundtrip_p=FLAGS.roundtrip_p)  # fmt: skip
+    run_cli(lambda: train(
+        FLAGS.out_dir, FLAGS.minutes, FLAGS.max_steps, FLAGS.batch, FLAGS.iters, FLAGS.lr,
+        FLAGS.seed, FLAGS.size, FLAGS.log_every, FLAGS.input_scale,
+        log=lambda s: print(s, flush=True), init=FLAGS.init, autoencoder=FLAGS.autoencoder,
+        roundtrip_p=FLAGS.roundtrip_p,
+    ))  # fmt: skip
 
 
 if __name__ == "__main__":
