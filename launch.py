@@ -1,26 +1,29 @@
 """mgjax: edit an image so that it shows a given motion (Motion Guidance, in JAX).
 
-  # the toy pack (mgjax/toy/pack, built by python -m mgjax.toy.pack): its demo edit, on CPU
-  python launch.py --model toy --out_dir out/demo
+  # the shipped toy pack (mgjax/toy/pack, the default model): its demo edit, on CPU
+  python launch.py --out_dir out/demo
   # the toy pack on a source and motion of your own
-  python launch.py --model toy --image shapes.png --object_mask shape_mask.png \\
-      --motion rotate:30 --out_dir out/mine
+  python launch.py --image shapes.png --object_mask shape_mask.png --motion rotate:30 \\
+      --out_dir out/mine
   # Stable Diffusion v1.4 and RAFT (raft-things.pth) for real images:
   # a generated source: prompt + seed, then move the object in a box 40 px right
-  python launch.py --prompt "a photo of an apple on a table" --seed 0 \\
-      --motion translate:40,0 --object_box 180,200,330,350 --raft_weights raft-things.pth \\
-      --out_dir out/apple
+  python launch.py --model CompVis/stable-diffusion-v1-4 --raft_weights raft-things.pth \\
+      --prompt "a photo of an apple on a table" --seed 0 \\
+      --motion translate:40,0 --object_box 180,200,330,350 --out_dir out/apple
   # a real image (inverted first), rotated 30 degrees inside a mask
-  python launch.py --image cat.png --motion rotate:30 --object_mask cat_mask.png ...
+  python launch.py --model CompVis/stable-diffusion-v1-4 --image cat.png --motion rotate:30 \\
+      --object_mask cat_mask.png ...
   # many edits, batched over the local devices (one JSON object of flags per line)
-  python launch.py --jobs jobs.jsonl --out_dir runs/batch --raft_weights raft-things.pth
+  python launch.py --jobs jobs.jsonl --out_dir runs/batch --model CompVis/stable-diffusion-v1-4 \\
+      --raft_weights raft-things.pth
   # the authors' example folders
-  python launch.py --data_dir data/apple --target_flow_name right.pth \\
-      --edit_mask_name right.mask.pth ...
+  python launch.py --model CompVis/stable-diffusion-v1-4 --data_dir data/apple \\
+      --target_flow_name right.pth --edit_mask_name right.mask.pth ...
 
-Every guidance flag defaults to the reference's value (--preset paper, the default for real
-models); --preset fast trades quality for time; the toy pack runs --preset toy (scaled for its
-64x64 images). Explicit flags override a preset. Ctrl-C leaves a checkpoint; --resume continues.
+Guidance flags take their preset's values: --preset auto is toy for the toy pack (scaled for
+its 64x64 images, full RAFT gradient) and paper (the reference's values, shown as the flags'
+defaults) for real models; --preset fast trades quality for time. Explicit flags override a
+preset. Ctrl-C leaves a checkpoint; --resume continues.
 """
 
 import functools
@@ -67,9 +70,9 @@ source.bool("resize", False, "Resize an --image whose size the model cannot take
 # models
 models.string(
     "model",
-    "CompVis/stable-diffusion-v1-4",
-    "Hub id, local diffusers folder, or toy (the toy pack in mgjax/toy/pack; with no source "
-    "and motion flags it runs its demo edit).",
+    "toy",
+    "toy (the shipped toy pack in mgjax/toy/pack; with no source and motion flags it runs its "
+    "demo edit), a hub id (CompVis/stable-diffusion-v1-4), or a local diffusers folder.",
 )
 models.string("revision", "flax", "Hub revision (flax or bf16 for SD v1.4).")
 models.bool("from_pt", False, "The model folder holds PyTorch weights (read without torch).")

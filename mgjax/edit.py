@@ -35,19 +35,22 @@ _PAPER = dict(
 # guidance is the gradient of a mean over pixels, so each latent element's share is 16x larger
 # than at 512x512: lambda_g / 16; the clip bounds an L2 norm over 16x fewer elements: clip / 4
 # (the same per-element bound); flows are in pixels, 8x smaller for the same relative motion:
-# lambda_flow x 8 keeps the flow/colour balance. Fewer steps: the demo runs in minutes on a CPU.
-# The full gradient through RAFT: for the toy RAFT-small (runs/raft_v7) the detached one (the
-# reference's) is ~1% of the exact gradient's norm and barely lowers the flow loss (BENCHMARKS).
+# lambda_flow x 8 keeps the flow/colour balance. 50 steps, no recursion, CFG 1 (measured on the
+# demo, BENCHMARKS.md "Toy demo sweep"): the toy UNet reconstructs an inverted source exactly
+# only at the inversion's CFG 1 and K = 1; with K >= 2 or CFG 3 it regrows the object anywhere
+# in the unfrozen region even unguided, so a "moved" object proves nothing. The full gradient
+# through RAFT: with the detached one (the reference's) the demo's object is lost.
 PRESETS = {
     "paper": _PAPER,
     "fast": dict(_PAPER, steps=250, recursive_steps=4),
     "toy": dict(
         _PAPER,
-        steps=100,
-        recursive_steps=5,
+        steps=50,
+        recursive_steps=1,
         guidance_weight=300.0 / 16,
         clip=200.0 / 4,
         flow_weight=3.0 * 8,
+        cfg_scale=1.0,
         raft_gradient="full",
     ),
 }
@@ -72,7 +75,7 @@ class Options:
     target_flow_name: str | None = None
     edit_mask_name: str | None = None
     resize: bool = False
-    model: str = "CompVis/stable-diffusion-v1-4"  # a hub id, a folder, or "toy" (the toy pack)
+    model: str = "toy"  # "toy" (the shipped toy pack, the default), a hub id, or a folder
     revision: str | None = "flax"
     from_pt: bool = False
     dtype: str = "float32"

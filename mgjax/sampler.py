@@ -537,7 +537,8 @@ class Progress:
         fill = int(self.width * done / self.total)
         bar = "#" * fill + "." * (self.width - fill)
         eta_s = "--" if eta != eta else f"{math.floor(eta / 60):d}m{eta % 60:04.1f}s"
+        rate_s = "--" if rate != rate else f"{rate * self.k:.2f}"  # unknown until chunk 2
         self.print(
-            f"[{bar}] {done}/{self.total} steps  {rate * self.k:.2f} evals/s  ETA {eta_s}  "
+            f"[{bar}] {done}/{self.total} steps  {rate_s} evals/s  ETA {eta_s}  "
             f"energy {float(np.mean(logs['energy'][-1])):.4g}  (chunk of {n})"
         )
