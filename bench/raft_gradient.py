@@ -104,15 +104,10 @@ def main():
     scene, rendered, _ = pack.demo_scene(image.shape[0])
     assert np.abs(rendered - image).max() < 1 / 255 + 1e-6, "the pack's demo.png is another scene"
     value = jax.jit(lambda x: energy(detached, x))
-    decode = jax.jit(sd.decode)
-
-    def roundtrip(x):
-        return jnp.clip(decode(sd.params, jnp.asarray(src_lib.encode(sd, x))) * 0.5 + 0.5, 0, 1)
-
     for d in range(0, 13, 2):
         moved = shapes.render(scene, {0: shapes.affine_about((0, 0), (d, 0))})["image"][None]
         cells = []
-        for x in (jnp.asarray(moved), roundtrip(moved)):
+        for x in (jnp.asarray(moved), jnp.asarray(src_lib.roundtrip(sd, moved))):
             e, logs = value(x)
             cells.append(
                 f"{float(e):.2f} ({float(logs['flow_loss'][0]):.3f}, "

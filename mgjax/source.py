@@ -112,6 +112,17 @@ def encode(sd, images) -> np.ndarray:
     return np.asarray(jax.jit(sd.encode)(sd.params, jnp.asarray(images) * 2.0 - 1.0))
 
 
+@partial(jax.jit, static_argnums=0)
+def _decode01(sd, params, z):
+    return jnp.clip(sd.decode(params, z) * 0.5 + 0.5, 0.0, 1.0)
+
+
+def roundtrip(sd, images) -> np.ndarray:
+    """Images f32[B,H,W,3] in [0, 1] through the autoencoder (posterior mean, decode), as
+    guidance sees a decoded estimate: what the decoder keeps of them."""
+    return np.asarray(_decode01(sd, sd.params, jnp.asarray(encode(sd, images))))
+
+
 def invert(
     sd,
     images,

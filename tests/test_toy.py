@@ -110,6 +110,7 @@ def test_raft_training_roundtrip_is_the_seams_encode_decode(tmp_path):
     import jax.numpy as jnp
 
     from mgjax import sd as sdm
+    from mgjax import source
     from mgjax.toy.train_raft import autoencoder_roundtrip
 
     sd = sdm.tiny(seed=3)
@@ -123,3 +124,5 @@ def test_raft_training_roundtrip_is_the_seams_encode_decode(tmp_path):
     # the seam also multiplies the latent by the scaling factor and divides it back: fp32
     # rounding of ~1e-5 relative on a 0-255 scale (seen: 1.2e-3 at most)
     np.testing.assert_allclose(ours, ref, atol=255 * 1e-5)
+    # the benches' source.roundtrip: the same on [0, 1] images
+    np.testing.assert_allclose(source.roundtrip(sd, images / 255.0), ref / 255.0, atol=1e-5)

@@ -61,6 +61,24 @@ def demo_scene(size: int = 64):
     return scene, out["image"], out["masks"][DEMO_OBJECT]
 
 
+def _upstream(logs: dict) -> dict:
+    """Settings and time of the runs the shipped ones started from: the autoencoder of
+    train_ldm --vae_from (OUT/sd/vae -> OUT/log.json) and the RAFT of train_raft --init
+    (OUT/raft-small.mgjax -> OUT/log.json), where their logs are still there."""
+    found = {}
+    for name, key, up in (("ldm", "vae_from", 2), ("raft", "init", 1)):
+        start = logs.get(name, {}).get("settings", {}).get(key)
+        if not start:
+            continue
+        log = Path(start).parents[up - 1] / "log.json"
+        entry = {"from": start}
+        if log.is_file():
+            earlier = json.loads(log.read_text())
+            entry.update({k: earlier[k] for k in ("seconds", "settings") if k in earlier})
+        found[f"{name}_{key}"] = entry
+    return found
+
+
 def build(ldm: str, raft: str, ldm_log: str | None, raft_log: str | None, out: Path = PACK):
     """Copy trained weights into `out` and write the demo and pack.json."""
     from mgjax import outputs
@@ -103,6 +121,7 @@ def build(ldm: str, raft: str, ldm_log: str | None, raft_log: str | None, out: P
             },
         },
     }
+    meta["training"].update(_upstream(logs))
     (tmp / "pack.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
