@@ -28,8 +28,11 @@ class Trajectory(NamedTuple):
 
 
 def cfg_eps(sd, params, z, t, cond, uncond, cfg_scale):
-    """Classifier-free guided noise estimate, one UNet call on the batch [uncond, cond]."""
+    """Classifier-free guided noise estimate, one UNet call on the batch [uncond, cond]. At
+    `cfg_scale` 1 (a Python number) that is eps(cond) alone: the unconditional half is skipped."""
     b = z.shape[0]
+    if isinstance(cfg_scale, int | float) and cfg_scale == 1.0:
+        return sd.eps(params, z, jnp.full((b,), t, jnp.int32), cond)
     eps = sd.eps(
         params,
         jnp.concatenate([z, z]),
