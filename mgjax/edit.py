@@ -34,9 +34,10 @@ _PAPER = dict(
 # toy: for the 64x64 toy pack (16x16x4 latents, 16x fewer elements than SD's 64x64x4). The
 # guidance is the gradient of a mean over pixels, so each latent element's share is 16x larger
 # than at 512x512: lambda_g / 16; the clip bounds an L2 norm over 16x fewer elements: clip / 4
-# (the same per-element bound); flows are in pixels, 8x smaller for the same relative motion:
-# lambda_flow x 8 keeps the flow/colour balance. 50 steps, no recursion, CFG 1 (measured on the
-# demo, BENCHMARKS.md "Toy demo sweep"): the toy UNet reconstructs an inverted source exactly
+# would be the same per-element bound, clip / 8 (half that) keeps the object whole in every
+# rounding variant of the demo measured (BENCHMARKS.md); flows are in pixels, 8x smaller for the
+# same relative motion: lambda_flow x 8 keeps the flow/colour balance. 50 steps, no recursion,
+# CFG 1 (measured on the demo, BENCHMARKS.md): the toy UNet reconstructs an inverted source exactly
 # only at the inversion's CFG 1 and K = 1; with K >= 2 or CFG 3 it regrows the object anywhere
 # in the unfrozen region even unguided, so a "moved" object proves nothing. The full gradient
 # through RAFT: with the detached one (the reference's) the demo's object is lost.
@@ -48,7 +49,7 @@ PRESETS = {
         steps=50,
         recursive_steps=1,
         guidance_weight=300.0 / 16,
-        clip=200.0 / 4,
+        clip=200.0 / 8,
         flow_weight=3.0 * 8,
         cfg_scale=1.0,
         raft_gradient="full",
