@@ -333,7 +333,9 @@ class GuidedSampler:
 
     def cfg_eps(self, params, z, t, edit: Edit):
         """Classifier-free guided noise estimate for the edit's prompts."""
-        return cfg_eps(self.sd, params, z, t, edit.cond, edit.uncond, self.config.cfg_scale)
+        return cfg_eps(
+            self.sd, params, z, t, edit.cond, edit.uncond, self.config.cfg_scale, skip_at_one=True
+        )
 
     def _remat(self, fn):
         """`fn` under the configured rematerialization policy."""

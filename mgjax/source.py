@@ -27,11 +27,12 @@ class Trajectory(NamedTuple):
     z0: np.ndarray  # f32[B,C,h,w] clean latent (the sample, or the encoded real image)
 
 
-def cfg_eps(sd, params, z, t, cond, uncond, cfg_scale):
-    """Classifier-free guided noise estimate, one UNet call on the batch [uncond, cond]. At
-    `cfg_scale` 1 (a Python number) that is eps(cond) alone: the unconditional half is skipped."""
+def cfg_eps(sd, params, z, t, cond, uncond, cfg_scale, skip_at_one: bool = False):
+    """Classifier-free guided noise estimate, one UNet call on the batch [uncond, cond]. With
+    `skip_at_one` and `cfg_scale` 1 (a Python number) that is eps(cond) alone: the unconditional
+    half is skipped (the guided sampler asks for it; DDIM inversion keeps both halves)."""
     b = z.shape[0]
-    if isinstance(cfg_scale, int | float) and cfg_scale == 1.0:
+    if skip_at_one and isinstance(cfg_scale, int | float) and cfg_scale == 1.0:
         return sd.eps(params, z, jnp.full((b,), t, jnp.int32), cond)
     eps = sd.eps(
         params,

@@ -466,15 +466,19 @@ def test_batch_equals_single_images_and_seeds(models):
 
 def test_cfg_one_skips_the_unconditional_branch(models):
     """At CFG 1, uncond + 1 (cond - uncond) = cond: one UNet call at batch B instead of 2B, the
-    same noise estimate up to rounding, and about half the FLOPs (XLA's count)."""
+    same noise estimate up to rounding, and about half the FLOPs (XLA's count). The guided
+    sampler asks for it (skip_at_one); inversion keeps both halves."""
     sd = models["sd"]
     z = jnp.asarray(np.random.default_rng(2).standard_normal((1, 4, 32, 32)), jnp.float32)
     cond, uncond = sd.embed("a tree"), sd.embed("")
 
     skipped = jax.jit(
-        lambda p, z, s: source.cfg_eps(sd, p, z, 500, cond, uncond, s), static_argnums=2
+        lambda p, z, s: source.cfg_eps(sd, p, z, 500, cond, uncond, s, skip_at_one=True),
+        static_argnums=2,
     )
-    both = jax.jit(lambda p, z, s: source.cfg_eps(sd, p, z, 500, cond, uncond, s))  # traced s
+    both = jax.jit(
+        lambda p, z, s: source.cfg_eps(sd, p, z, 500, cond, uncond, s, skip_at_one=True)
+    )  # a traced scale: both halves
     np.testing.assert_allclose(
         skipped(sd.params, z, 1.0), both(sd.params, z, jnp.float32(1.0)), rtol=0, atol=1e-5
     )
