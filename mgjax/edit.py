@@ -333,7 +333,6 @@ def _source_image(o: Options, sd):
 def _source(o: Options, sd, uncond, cond, out_dir, log, image, data):
     """(image f32[1,H,W,3] in [0,1], z_T, latents f32[S,1,C,h,w]); cached in out_dir."""
     import jax
-    import jax.numpy as jnp
 
     from mgjax import source as src_lib
 
@@ -356,8 +355,7 @@ def _source(o: Options, sd, uncond, cond, out_dir, log, image, data):
         )
         log(f"generating the source from {o.prompt!r}, seed {o.seed} ...")
         traj = src_lib.generate(sd, z_T, cond, uncond, o.steps, o.cfg_scale, chunk=50)
-        x = np.asarray(jax.jit(sd.decode)(sd.params, jnp.asarray(traj.z0)))
-        image = np.rint(np.clip(x * 0.5 + 0.5, 0.0, 1.0) * 255.0) / 255.0  # as its PNG holds it
+        image = np.rint(src_lib.decode_images(sd, traj.z0) * 255.0) / 255.0  # as its PNG holds it
         latents = traj.latents
     image = np.asarray(image, np.float32)
 

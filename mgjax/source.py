@@ -121,10 +121,16 @@ def _decode01(sd, params, z):
     return jnp.clip(sd.decode(params, z) * 0.5 + 0.5, 0.0, 1.0)
 
 
+def decode_images(sd, z) -> np.ndarray:
+    """Latents f32[B,C,h,w] (scaled, as the sampler keeps them) -> images f32[B,H,W,3] in
+    [0, 1]; compiled once per model and shape."""
+    return np.asarray(_decode01(sd, sd.params, jnp.asarray(z, jnp.float32)))
+
+
 def roundtrip(sd, images) -> np.ndarray:
     """Images f32[B,H,W,3] in [0, 1] through the autoencoder (posterior mean, decode), as
     guidance sees a decoded estimate: what the decoder keeps of them."""
-    return np.asarray(_decode01(sd, sd.params, jnp.asarray(encode(sd, images))))
+    return decode_images(sd, encode(sd, images))
 
 
 def invert(

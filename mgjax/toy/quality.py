@@ -34,6 +34,12 @@ def centroid(mask) -> np.ndarray | None:
     return None if xs.size == 0 else np.array([xs.mean(), ys.mean()])
 
 
+def iou(a, b) -> float | None:
+    """Intersection over union of two bool[H,W] masks; None when both are empty."""
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else None
+
+
 def move_mask(mask, matrix) -> np.ndarray:
     """bool[H,W] mask moved by the 3x3 point map: out(p) = mask(matrix^-1 p), nearest pixel."""
     h, w = mask.shape
@@ -54,11 +60,10 @@ def scores(edited, reference, before, after, color, truth=None, tolerance: float
     found = segment(edited, color, tolerance)
     c_found, c_target = centroid(found), centroid(after)
     placement = None if c_found is None else float(np.linalg.norm(c_found - c_target))
-    union = (found | after).sum()
     still = ~dilate_mask(before | after, 1)  # anti-aliased edges belong to the object
     return {
         "placement_px": placement,
-        "iou": float((found & after).sum() / union) if union else None,
+        "iou": iou(found, after),
         "psnr_unchanged": psnr(edited, reference, still),
         "psnr_disoccluded": None if truth is None else psnr(edited, truth, before & ~after),
     }
