@@ -33,7 +33,7 @@ from absl import app, flags, logging
 
 from flow.errors import UserError, run_cli
 from mgjax.edit import PRESETS, Options, default_compilation_cache
-from mgjax.levers import ATTENTION, RAFT_GRADIENTS, REMAT_POLICIES
+from mgjax.levers import ATTENTION, LOOPS, RAFT_GRADIENTS, REMAT_POLICIES
 
 _P = PRESETS["paper"]
 
@@ -168,6 +168,14 @@ guidance.bool(
     "skip_unguided",
     True,
     "Steps whose guidance weight x schedule is 0 run the UNet only (no energy, no backward).",
+)
+guidance.enum(
+    "loops",
+    "auto",
+    list(LOOPS),
+    "scan: each chunk one compiled lax.scan; unrolled: one compiled evaluation per call, RAFT "
+    "unrolled (XLA:CPU runs backward convolutions inside loops ~3x slower); auto: unrolled on "
+    "CPU, scan on GPU/TPU.",
 )
 # run
 run.integer("num_samples", 1, "Edits of the same source, as one batch.")

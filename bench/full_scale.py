@@ -95,7 +95,7 @@ def _build(dtype: str, attention: str, batch: int, remat: str, k: int, abstract:
         raft_vars = init_raft(rcfg, jax.random.PRNGKey(1))
     sd = sdm.StableDiffusion(unet, vae, None, None, params, jdt)
     raft = Raft(raft_vars, rcfg)
-    cfg = GuidanceConfig(recursive_steps=k, chunk=1, remat=remat)
+    cfg = GuidanceConfig(recursive_steps=k, chunk=1, remat=remat, loops="scan")
     sampler = GuidedSampler(sd, raft, cfg)
     rng = np.random.default_rng(0)
     b, h, w = batch, 512, 512
@@ -153,7 +153,8 @@ def run_jax(name: str, k: int, repeats: int, batch: int) -> dict:
     dev = jax.devices()[0]
     args = (sampler.sd.params, sampler.raft, edit)
     t = time.perf_counter()
-    compiled = sampler._chunk.lower(*args, state, length=1).compile()
+    mode = sampler.chunk_mode(edit, 0, 1)  # "guided": what the sampler runs for this edit
+    compiled = sampler._chunk.lower(*args, state, length=1, mode=mode).compile()
     compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
     flops = _flops(compiled)
@@ -199,7 +200,7 @@ def memory_only(names: list[str], batches: list[int]) -> list[dict]:
             # abstract weights: only shapes; the edit arrays are concrete but small
             t = time.perf_counter()
             compiled = sampler._chunk.lower(
-                sampler.sd.params, sampler.raft, edit, state, length=1
+                sampler.sd.params, sampler.raft, edit, state, length=1, mode="guided"
             ).compile()
             mem = compiled.memory_analysis()
             rows.append(

@@ -24,10 +24,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from flax import struct  # noqa: E402
 
 from bench.timing import median_time  # noqa: E402
-from flow.raft import Raft, RaftConfig, init_raft, raft_forward  # noqa: E402
+from flow.raft import Raft, RaftConfig, init_raft  # noqa: E402
 from mgjax import sd as sdm  # noqa: E402
 from mgjax.sampler import Edit, GuidanceConfig, GuidedSampler, eval_noise  # noqa: E402
 
@@ -91,17 +90,20 @@ def bench_tiny(args):
     flow[:, 40:88, 32:80] = (6.0, 4.0)
     traj = np.random.default_rng(0).standard_normal((500, 1, 4, 32, 32)).astype(np.float32)
     cond, uncond = np.asarray(sd.embed("a cat")), np.asarray(sd.embed(""))
-    cfg = GuidanceConfig(recursive_steps=k, guidance_weight=30.0, chunk=steps)
-    sampler = GuidedSampler(sd, raft, cfg)
-    edit = sampler.prepare(img, flow, cond, uncond, trajectory=traj)
-    state = sampler.init(edit, traj[0], seeds=0)
+    jax_runs = {}
+    for loops in ("scan", "unrolled"):  # mgjax.levers.LOOPS; "auto" picks unrolled on CPU
+        cfg = GuidanceConfig(recursive_steps=k, guidance_weight=30.0, chunk=steps, loops=loops)
+        sampler = GuidedSampler(sd, raft, cfg)
+        edit = sampler.prepare(img, flow, cond, uncond, trajectory=traj)
+        state = sampler.init(edit, traj[0], seeds=0)
 
-    t = time.perf_counter()
-    compiled = sampler._chunk.lower(sd.params, raft, edit, state, length=steps).compile()
-    compile_s = time.perf_counter() - t
-    jax_s = median_time(
-        lambda: jax.block_until_ready(compiled(sd.params, raft, edit, state)), args.repeats
-    )
+        def run(sampler=sampler, edit=edit):  # a fresh state each time: run_chunk donates it
+            state = sampler.init(edit, traj[0], seeds=0)
+            return jax.block_until_ready(sampler.run_chunk(edit, state)[0].z)
+
+        run()  # compiles
+        run_s = median_time(run, args.repeats)
+        jax_runs[loops] = (run_s, sampler.compile_seconds)
 
     keys = np.asarray(state.keys)
     energy = torch_reference.ReferenceFlowLoss(
@@ -135,23 +137,13 @@ def bench_tiny(args):
         f"tiny guided sampler, {size}x{size} images, {steps} DDIM steps x {k} recursive "
         f"= {evals} guided evaluations, backend {jax.default_backend()}"
     )
-    print(
-        f"  jax   : {evals / jax_s:7.2f} evals/s  ({jax_s / evals * 1e3:.1f} ms/eval; "
-        f"compile {compile_s:.1f} s)"
-    )
-    print(f"  torch : {evals / torch_s:7.2f} evals/s  ({torch_s / evals * 1e3:.1f} ms/eval)")
-    print(f"  speed-up jax/torch: {torch_s / jax_s:.2f}x")
-
-
-@struct.dataclass
-class Unrolled:
-    """RAFT with its refinement scan unrolled: XLA's cost analysis counts a loop body once."""
-
-    raft: Raft
-
-    def __call__(self, image1, image2, iters):
-        net = self.raft
-        return raft_forward(net.config, net.variables, image1, image2, iters, unroll=True)
+    for loops, (jax_s, compile_s) in jax_runs.items():
+        print(
+            f"  jax, loops {loops:8s}: {evals / jax_s:7.2f} evals/s  ({jax_s / evals * 1e3:.1f} "
+            f"ms/eval; compile {compile_s:.1f} s; speed-up over torch {torch_s / jax_s:.2f}x)"
+        )
+    torch_ms = torch_s / evals * 1e3
+    print(f"  torch                : {evals / torch_s:7.2f} evals/s  ({torch_ms:.1f} ms/eval)")
 
 
 def bench_full(args):
@@ -173,8 +165,10 @@ def _full_one(dtype: str, raft_iters: int):
     sd = sdm.StableDiffusion(unet, vae, None, None, params, jdt)
     rcfg = RaftConfig(small=False, context_norm="batch", dtype=dtype)
     raft_vars = jax.eval_shape(lambda k: init_raft(rcfg, k), jax.random.PRNGKey(0))
-    raft = Unrolled(Raft(raft_vars, rcfg))
-    cfg = GuidanceConfig(raft_iters=raft_iters)
+    raft = Raft(raft_vars, rcfg)
+    # loops "unrolled": RAFT's refinement unrolled, since XLA's cost analysis counts a loop body
+    # once
+    cfg = GuidanceConfig(raft_iters=raft_iters, loops="unrolled")
     sampler = GuidedSampler(sd, raft, cfg)
     b, h, w = 1, 512, 512
     f32 = jnp.float32
@@ -192,7 +186,7 @@ def _full_one(dtype: str, raft_iters: int):
     keys = jax.ShapeDtypeStruct((b, 2), jnp.uint32)
 
     def one_eval(params, raft, edit, z, keys):
-        return sampler._evaluate(params, raft, edit, z, 0, 0, keys)[0]
+        return sampler._evaluate(params, raft, edit, z, 0, 0, keys, "guided")[0]
 
     t = time.perf_counter()
     compiled = jax.jit(one_eval).lower(params, raft, edit, z, keys).compile()

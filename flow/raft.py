@@ -244,9 +244,10 @@ class Raft:
     variables: dict
     config: RaftConfig = struct.field(pytree_node=False)
 
-    def __call__(self, image1, image2, iters: int = 12):
-        """f[B,H,W,3] in [0,255] x2 -> f32[B,H,W,2] flow in pixels (source -> target)."""
-        return raft_forward(self.config, self.variables, image1, image2, iters)
+    def __call__(self, image1, image2, iters: int = 12, unroll: bool = False):
+        """f[B,H,W,3] in [0,255] x2 -> f32[B,H,W,2] flow in pixels (source -> target);
+        `unroll`: the refinement loop unrolled (raft_forward)."""
+        return raft_forward(self.config, self.variables, image1, image2, iters, unroll)
 
     def replace_config(self, **changes: Any) -> "Raft":
         """The same weights under another context_norm / dtype."""

@@ -83,6 +83,7 @@ class Options:
     attention: str = "plain"
     remat: str = "none"
     skip_unguided: bool = True
+    loops: str = "auto"
     compilation_cache: str = ""
     motion: str | None = None
     drag: str | None = None
@@ -280,10 +281,12 @@ def check_options(o: Options) -> None:
         raise UserError("--log_every and --dilate must be >= 0")
     if not o.preserve_weight >= 0:
         raise UserError(f"--preserve_weight must be >= 0 (0 = off), got {o.preserve_weight}")
-    from mgjax.levers import ATTENTION, REMAT_POLICIES
+    from mgjax.levers import ATTENTION, LOOPS, REMAT_POLICIES
 
     if o.remat not in REMAT_POLICIES:
         raise UserError(f"--remat must be one of {', '.join(REMAT_POLICIES)}, got {o.remat!r}")
+    if o.loops not in LOOPS:
+        raise UserError(f"--loops must be one of {', '.join(LOOPS)}, got {o.loops!r}")
     if o.attention not in ATTENTION:
         raise UserError(f"--attention must be one of {', '.join(ATTENTION)}, got {o.attention!r}")
     if o.resume and o.overwrite:
@@ -524,6 +527,7 @@ GUIDANCE_FIELDS = (
     "chunk",
     "remat",
     "skip_unguided",
+    "loops",
 )
 
 

@@ -24,3 +24,21 @@ ATTENTION = ("plain", "memory_efficient")
 # the last correlation lookup carries gradient), or "full", the exact gradient through every
 # iteration (flow.raft.RaftConfig.detach = False).
 RAFT_GRADIENTS = ("detached", "full")
+
+# How a chunk's guided evaluations are composed:
+#   scan: the chunk is one compiled lax.scan over DDIM steps (the K evaluations an inner scan,
+#     RAFT's refinement a scan inside that);
+#   unrolled: one compiled evaluation per call, driven from Python, with RAFT's refinement
+#     unrolled, so that no XLA while loop holds a backward pass. XLA:CPU runs the input-gradient
+#     convolution inside a while loop on a slow path (the kernel stays in o,i order instead of
+#     being transposed for its fast convolution library): the toy pack's guided evaluation takes
+#     656 ms inside the scan and 236 ms unrolled on one core (BENCHMARKS.md).
+#   auto: unrolled on CPU, scan on GPU and TPU.
+LOOPS = ("auto", "scan", "unrolled")
+
+
+def resolve_loops(loops: str, backend: str | None = None) -> str:
+    """ "scan" or "unrolled" for a LOOPS value on `backend` (default: JAX's default backend)."""
+    if loops != "auto":
+        return loops
+    return "unrolled" if (backend or jax.default_backend()) == "cpu" else "scan"

@@ -13,9 +13,10 @@ the batch at once (MOTION_GUIDANCE.md, "The guided sampler"):
   8. repeated K times per step, re-noising z_prev back to t in between; the K-th z_prev is kept.
 
 A chunk of DDIM steps is one `lax.scan` (the K evaluations an inner scan), compiled once per
-chunk length and reused; the weights are jit arguments. The state is a flax.struct dataclass,
-so a run can stop after any chunk and resume. Each image has its own PRNG key, so an image's
-result does not depend on what else is in the batch.
+chunk length and reused; the weights are jit arguments. With `loops="unrolled"` (the default on
+CPU, mgjax.levers.LOOPS) the same evaluations run one compiled call each, RAFT unrolled. The
+state is a flax.struct dataclass, so a run can stop after any chunk and resume. Each image has
+its own PRNG key, so an image's result does not depend on what else is in the batch.
 """
 
 import dataclasses
@@ -33,7 +34,7 @@ from flow.errors import UserError
 from flow.raft import Raft
 from mgjax import ddim
 from mgjax.energy import Context, Energy, EnergyWeights, MotionEnergy, occlusion_mask
-from mgjax.levers import RAFT_GRADIENTS, REMAT_POLICIES
+from mgjax.levers import LOOPS, RAFT_GRADIENTS, REMAT_POLICIES, resolve_loops
 from mgjax.source import cfg_eps
 
 
@@ -59,6 +60,7 @@ class GuidanceConfig:
     # Steps whose guidance multiplier (lambda_g * schedule[i]) is 0 run the UNet alone: no
     # decoder, RAFT or backward pass; their energy logs are NaN (not evaluated).
     skip_unguided: bool = True
+    loops: str = "auto"  # LOOPS (mgjax.levers): scan | unrolled | auto (unrolled on CPU)
 
     def __post_init__(self):
         checks = (
@@ -74,6 +76,7 @@ class GuidanceConfig:
             ),
             (self.snapshot_every >= 0, "snapshot_every must be >= 0"),
             (self.remat in REMAT_POLICIES, f"remat must be one of {tuple(REMAT_POLICIES)}"),
+            (self.loops in LOOPS, f"loops must be one of {LOOPS}, got {self.loops!r}"),
         )
         for ok, message in checks:
             if not ok:
@@ -200,7 +203,12 @@ class GuidedSampler:
         self.compile_seconds = 0.0  # time spent tracing + compiling chunk functions
         # The carried state is donated: its buffers are reused for the next chunk's state.
         self._chunk = jax.jit(
-            self._chunk_fn, static_argnames=("length",), donate_argnames=("state",)
+            self._chunk_fn, static_argnames=("length", "mode"), donate_argnames=("state",)
+        )
+        self.loops = resolve_loops(config.loops)
+        # loops "unrolled": one evaluation per call; the latent it advances is donated
+        self._evaluation = jax.jit(
+            self._evaluation_fn, static_argnames=("mode",), donate_argnames=("z",)
         )
         self._compiled: dict = {}
         self._final = None  # jitted final_energy
@@ -343,8 +351,13 @@ class GuidedSampler:
             return fn
         return jax.checkpoint(fn, policy=REMAT_POLICIES[self.config.remat])
 
-    def _evaluate(self, params, raft, edit: Edit, z, i, j, keys):
-        """Guided evaluation j of DDIM step i: returns (z_prev, renoised z_t, logs, x)."""
+    def _evaluate(self, params, raft, edit: Edit, z, i, j, keys, mode: str = "mixed"):
+        """Guided evaluation j of DDIM step i: returns (z_prev, renoised z_t, logs, x).
+
+        mode (static, from the host's view of the chunk's guidance multipliers): "guided" (all
+        nonzero, or skip_unguided off), "unguided" (all zero: the UNet alone) or "mixed" (a
+        `lax.cond` per step; a lone toy evaluation on XLA:CPU took 709 ms with it and 416 ms
+        without, BENCHMARKS.md)."""
         cfg, sch = self.config, self.schedule
         abar, abar_prev, t = sch.abar[i], sch.abar_prev[i], sch.timesteps[i]
         s = jnp.sqrt(1.0 - abar)
@@ -359,8 +372,9 @@ class GuidedSampler:
         decode = self._remat(self.sd.decode)
         if cfg.raft_gradient == "full":
             raft = raft.replace_config(detach=False)
+        unroll = self.loops == "unrolled"
         flow_net = lambda a, b, iters: self._remat(  # noqa: E731
-            lambda r, a, b: r(a, b, iters=iters)
+            lambda r, a, b: r(a, b, iters=iters, unroll=unroll)
         )(raft, a, b)
 
         ctx = self.context(edit, flow_net)
@@ -387,9 +401,9 @@ class GuidedSampler:
             logs = {k: nan for k in ("energy", *self.energy.log_names)}
             return eps, logs, x, jnp.zeros(z.shape[:1], self.dtype)
 
-        if cfg.skip_unguided and cfg.guidance_weight == 0:  # never guided: no energy compiled
+        if mode == "unguided":  # no energy compiled
             eps, logs, x, d_norm = unguided(z)
-        elif cfg.skip_unguided:
+        elif mode == "mixed":
             eps, logs, x, d_norm = lax.cond(weight != 0, guided, unguided, z)
         else:
             eps, logs, x, d_norm = guided(z)
@@ -425,14 +439,26 @@ class GuidedSampler:
         out = self._final(self.raft, jnp.asarray(images, self.dtype), edit)
         return {k: np.asarray(v) for k, v in out.items()}
 
-    def _chunk_fn(self, params, raft, edit: Edit, state: SamplerState, length: int):
+    def chunk_mode(self, edit: Edit, start: int, length: int) -> str:
+        """How the chunk of DDIM steps start..start+length-1 treats guidance (see _evaluate)."""
+        if not self.config.skip_unguided:
+            return "guided"
+        weights = np.asarray(edit.schedule, np.float64)[start : start + length]
+        guided = weights * self.config.guidance_weight != 0
+        return "guided" if guided.all() else "unguided" if not guided.any() else "mixed"
+
+    def _chunk_fn(
+        self, params, raft, edit: Edit, state: SamplerState, length: int, mode: str = "mixed"
+    ):
         self.traces += 1
         cfg = self.config
 
         def ddim_step(z, i):
             def recursive(carry, j):
                 z_t, _, snap = carry
-                z_prev, z_next, logs, x = self._evaluate(params, raft, edit, z_t, i, j, state.keys)
+                z_prev, z_next, logs, x = self._evaluate(
+                    params, raft, edit, z_t, i, j, state.keys, mode
+                )
                 if cfg.snapshot_every:
                     snap = jnp.where(j == 0, x, snap)
                 return (z_next, z_prev, snap), logs
@@ -456,16 +482,59 @@ class GuidedSampler:
         length = min(length or self.config.chunk, left)
         if length <= 0:
             raise UserError("the sampler state is already at the last DDIM step")
+        if self.loops == "unrolled":
+            return self._run_unrolled(edit, state, length)
+        mode = self.chunk_mode(edit, int(state.step), length)
         args = (self.sd.params, self.raft, edit, state)
         leaves, treedef = jax.tree_util.tree_flatten(args)
-        key = (length, treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+        key = (length, mode, treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
         fn = self._compiled.get(key)
         if fn is None:  # compile ahead of time, so that compile time is measured apart
             t = time.perf_counter()
-            fn = self._chunk.lower(*args, length=length).compile()
+            fn = self._chunk.lower(*args, length=length, mode=mode).compile()
             self.compile_seconds += time.perf_counter() - t
             self._compiled[key] = fn
         return fn(*args)
+
+    def _evaluation_fn(self, params, raft, edit: Edit, z, i, j, keys, mode: str):
+        self.traces += 1
+        return self._evaluate(params, raft, edit, z, i, j, keys, mode)
+
+    def _run_unrolled(self, edit: Edit, state: SamplerState, length: int):
+        """run_chunk with loops "unrolled": the scan's evaluations in the same order, with the
+        same noise, one compiled call each; guided and unguided steps (skip_unguided) are two
+        compiled evaluations chosen per step on the host, so no lax.cond."""
+        cfg, start = self.config, int(state.step)
+        weights = np.asarray(edit.schedule, np.float64)[start : start + length]
+        z, logs, snaps, fns = state.z, [], [], {}
+        for n in range(length):
+            guided = not cfg.skip_unguided or weights[n] * cfg.guidance_weight != 0
+            i = jnp.asarray(start + n, jnp.int32)
+            z_t, step_logs = z, []
+            for j in range(cfg.recursive_steps):
+                args = (self.sd.params, self.raft, edit, z_t, i, jnp.asarray(j, jnp.int32))
+                if guided not in fns:
+                    fns[guided] = self._compiled_evaluation(args + (state.keys,), guided)
+                z, z_t, out, x = fns[guided](*args, state.keys)
+                step_logs.append(out)
+                if j == 0:
+                    snaps.append(x if cfg.snapshot_every else jnp.zeros((), self.dtype))
+            logs.append({k: jnp.stack([o[k] for o in step_logs]) for k in step_logs[0]})
+        logs = {k: jnp.stack([o[k] for o in logs]) for k in logs[0]}
+        new = state.replace(z=z, step=state.step + length)
+        return new, logs, jnp.stack(snaps)
+
+    def _compiled_evaluation(self, args, guided: bool):
+        mode = "guided" if guided else "unguided"
+        leaves, treedef = jax.tree_util.tree_flatten(args)
+        key = ("eval", mode, treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+        fn = self._compiled.get(key)
+        if fn is None:
+            t = time.perf_counter()
+            fn = self._evaluation.lower(*args, mode=mode).compile()
+            self.compile_seconds += time.perf_counter() - t
+            self._compiled[key] = fn
+        return fn
 
     def advance(self, edit: Edit, state: SamplerState):
         """One chunk, checked: (state, logs name -> f32[L, K, B] numpy, snapshots step ->

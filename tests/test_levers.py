@@ -4,13 +4,18 @@ Tiny random models (no torch): the SD-class UNet/VAE of `sd.tiny()` and a random
 64x64 images, 16x16 latents.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flow.errors import UserError
 from flow.raft import Raft, RaftConfig, init_raft
 from mgjax import sd as sdm
+from mgjax.energy import Energy
+from mgjax.levers import resolve_loops
 from mgjax.sampler import GuidanceConfig, GuidedSampler
 
 H = W = 64
@@ -124,6 +129,82 @@ def test_skip_unguided_steps_same_result_nan_logs_and_state_donated(tiny):
     assert np.isnan(energy[[1, 3]]).all() and np.isfinite(energy[[0, 2]]).all()
     assert np.isfinite(logs_full["energy"]).all()  # without skipping, every energy is computed
     np.testing.assert_array_equal(logs_skip["guidance_norm"][[1, 3]], 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pull(Energy):
+    """A smooth, well-conditioned energy (squared distance to the source): guided trajectories
+    under it are not chaotic, so two drivers can be compared over many steps."""
+
+    log_names = ("pull",)
+
+    def __call__(self, x, ctx):
+        loss = jnp.mean(jnp.square(x - ctx.source), axis=(1, 2, 3))
+        return loss, {"pull": loss}
+
+
+def test_unrolled_loops_run_the_scans_evaluations(tiny):
+    """loops "unrolled" (one compiled evaluation per call: the CPU default) runs the scan's
+    evaluations in the same order with the same noise: the same latents, logs and snapshots over
+    three chunks (guided, unguided, mixed; K = 2), the scan compiled once per chunk kind, the
+    unrolled evaluation once per guided/unguided, the carried latent donated."""
+    schedule = np.array([1.0, 1.0, 0.0, 0.0, 0.0, 1.0], np.float32)
+    out = {}
+    for loops in ("scan", "unrolled"):
+        cfg = GuidanceConfig(
+            num_steps=6, recursive_steps=2, guidance_weight=300.0, chunk=2, snapshot_every=3,
+            clip=0.0, loops=loops,
+        )  # fmt: skip
+        sampler = GuidedSampler(tiny["sd"], tiny["raft"], cfg, energy=_Pull())
+        assert sampler.loops == loops
+        edit = sampler.prepare(
+            tiny["img"], tiny["flow"], tiny["cond"], tiny["uncond"], z0=tiny["z0"],
+            schedule=schedule,
+        )  # fmt: skip
+        start = sampler.init(edit, jnp.asarray(tiny["z0"]), seeds=4)
+        state, logs, snaps = sampler.sample(edit, start)
+        assert start.z.is_deleted()
+        out[loops] = (np.asarray(state.z), logs, snaps, sampler.traces)
+    z_scan, logs_scan, snaps_scan, traces_scan = out["scan"]
+    z_unr, logs_unr, snaps_unr, traces_unr = out["unrolled"]
+    assert traces_scan == 3 and traces_unr == 2
+    assert np.isnan(logs_unr["pull"][2:5]).all() and np.isfinite(logs_unr["pull"][[0, 1, 5]]).all()
+    assert logs_scan["guidance_norm"][0, 0, 0] > 1.0  # guidance moves the latent
+    for k in logs_scan:
+        np.testing.assert_allclose(logs_unr[k], logs_scan[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert sorted(snaps_unr) == sorted(snaps_scan) == [0, 3]
+    for step in snaps_scan:
+        np.testing.assert_allclose(snaps_unr[step], snaps_scan[step], atol=1e-5)
+    # fp32 rounding of differently fused programs, carried over 12 evaluations: seen 1.7e-6
+    rel = np.linalg.norm(z_unr - z_scan) / np.linalg.norm(z_scan)
+    print(f"final latent, unrolled vs scan: relative L2 {rel:.1e}")
+    assert rel < 2e-5, rel
+
+
+def test_unrolled_raft_gradient_matches_the_scans(tiny):
+    """One guided evaluation with the paper's energy: RAFT unrolled ("unrolled") against its
+    scan ("scan"): the same energy, and a guided latent within the noise floor (the change a
+    1e-7 relative input change makes: the gradient through a random RAFT is ill-conditioned)."""
+    runs = {}
+    for loops in ("scan", "unrolled"):
+        compiled, args = _one_evaluation(tiny, tiny["sd"], tiny["raft"], loops=loops)
+        z_prev, logs, _ = compiled(*args)
+        runs[loops] = (np.asarray(z_prev), float(logs["energy"][0]))
+        if loops == "scan":
+            params, raft, edit, z, keys = args
+            moved = np.asarray(compiled(params, raft, edit, z * (1 + 1e-7), keys)[0])
+            floor = np.abs(moved - runs["scan"][0]).max()
+    (z_scan, e_scan), (z_unr, e_unr) = runs["scan"], runs["unrolled"]
+    assert e_unr == pytest.approx(e_scan, rel=1e-6)
+    assert np.abs(z_unr - z_scan).max() <= max(floor, 1e-5), floor
+
+
+def test_loops_setting():
+    assert resolve_loops("auto", "cpu") == "unrolled"
+    assert resolve_loops("auto", "gpu") == resolve_loops("auto", "tpu") == "scan"
+    assert resolve_loops("scan", "cpu") == "scan" and resolve_loops("unrolled", "gpu") == "unrolled"
+    with pytest.raises(UserError, match="loops must be one of"):
+        GuidanceConfig(loops="python")
 
 
 def test_bf16_evaluation_close_to_fp32(tiny):
