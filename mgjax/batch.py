@@ -379,7 +379,7 @@ class Runner:
                 )
             if chunks == 0 and sampler.compile_seconds > compiled_before:
                 took = sampler.compile_seconds - compiled_before
-                self.log(f"{label}: compiled the guided chunk in {took:.1f} s")
+                self.log(f"{label}: compiled the guided sampler ({sampler.loops}) in {took:.1f} s")
             progress(state, chunk_logs)
             chunks += 1
             self.chunks_run += 1

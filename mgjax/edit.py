@@ -606,7 +606,8 @@ def _run(o, digest, ckpt_path, schedule, log, t_start):
             _save_checkpoint(ckpt_path, state, logs, digest)
             _save_snapshots(o.out_dir, snapshots, b)
             if chunks == 0:
-                log(f"compiled the guided chunk in {sampler.compile_seconds:.1f} s")
+                took = sampler.compile_seconds
+                log(f"compiled the guided sampler ({sampler.loops}) in {took:.1f} s")
             progress(state, chunk_logs)
             chunks += 1
             if o.stop_after_chunks and chunks >= o.stop_after_chunks:
@@ -725,6 +726,7 @@ def _write_outputs(
             "unguided_evaluations": int(logs["energy"][..., n].size - guided.size),
             "sampling_seconds": run_s,
             "compile_seconds": sampler.compile_seconds,
+            "loops": sampler.loops,  # what --loops auto resolved to
             "wall_seconds": wall_s,
             "seed": o.seed + n,
             **(extra or {}),

@@ -13,7 +13,8 @@ the batch at once (MOTION_GUIDANCE.md, "The guided sampler"):
   8. repeated K times per step, re-noising z_prev back to t in between; the K-th z_prev is kept.
 
 A chunk of DDIM steps is one `lax.scan` (the K evaluations an inner scan), compiled once per
-chunk length and reused; the weights are jit arguments. With `loops="unrolled"` (the default on
+chunk length and kind (all steps guided, all unguided, mixed) and reused; the weights are jit
+arguments. With `loops="unrolled"` (the default on
 CPU, mgjax.levers.LOOPS) the same evaluations run one compiled call each, RAFT unrolled. The
 state is a flax.struct dataclass, so a run can stop after any chunk and resume. Each image has
 its own PRNG key, so an image's result does not depend on what else is in the batch.
@@ -54,7 +55,7 @@ class GuidanceConfig:
     oracle: bool = False
     raft_iters: int = 5
     raft_gradient: str = "detached"  # RAFT_GRADIENTS (mgjax.levers)
-    chunk: int = 10  # DDIM steps per compiled scan
+    chunk: int = 10  # DDIM steps per compiled scan (loops "unrolled": per checkpoint and log)
     snapshot_every: int = 0  # keep the decoded x0 estimate every N steps (0: none)
     remat: str = "none"  # REMAT_POLICIES: none | dots | full
     # Steps whose guidance multiplier (lambda_g * schedule[i]) is 0 run the UNet alone: no
@@ -351,13 +352,14 @@ class GuidedSampler:
             return fn
         return jax.checkpoint(fn, policy=REMAT_POLICIES[self.config.remat])
 
-    def _evaluate(self, params, raft, edit: Edit, z, i, j, keys, mode: str = "mixed"):
+    def _evaluate(self, params, raft, edit: Edit, z, i, j, keys, mode: str | None = None):
         """Guided evaluation j of DDIM step i: returns (z_prev, renoised z_t, logs, x).
 
         mode (static, from the host's view of the chunk's guidance multipliers): "guided" (all
         nonzero, or skip_unguided off), "unguided" (all zero: the UNet alone) or "mixed" (a
         `lax.cond` per step; a lone toy evaluation on XLA:CPU took 709 ms with it and 416 ms
-        without, BENCHMARKS.md)."""
+        without, BENCHMARKS.md). None: what the config alone says (mixed unless skip_unguided
+        is off or lambda_g is 0)."""
         cfg, sch = self.config, self.schedule
         abar, abar_prev, t = sch.abar[i], sch.abar_prev[i], sch.timesteps[i]
         s = jnp.sqrt(1.0 - abar)
@@ -372,9 +374,9 @@ class GuidedSampler:
         decode = self._remat(self.sd.decode)
         if cfg.raft_gradient == "full":
             raft = raft.replace_config(detach=False)
-        unroll = self.loops == "unrolled"
+        unroll = {"unroll": True} if self.loops == "unrolled" else {}  # a Raft's keyword
         flow_net = lambda a, b, iters: self._remat(  # noqa: E731
-            lambda r, a, b: r(a, b, iters=iters, unroll=unroll)
+            lambda r, a, b: r(a, b, iters=iters, **unroll)
         )(raft, a, b)
 
         ctx = self.context(edit, flow_net)
@@ -401,6 +403,9 @@ class GuidedSampler:
             logs = {k: nan for k in ("energy", *self.energy.log_names)}
             return eps, logs, x, jnp.zeros(z.shape[:1], self.dtype)
 
+        if mode is None:
+            never = cfg.guidance_weight == 0
+            mode = "guided" if not cfg.skip_unguided else "unguided" if never else "mixed"
         if mode == "unguided":  # no energy compiled
             eps, logs, x, d_norm = unguided(z)
         elif mode == "mixed":
@@ -448,7 +453,7 @@ class GuidedSampler:
         return "guided" if guided.all() else "unguided" if not guided.any() else "mixed"
 
     def _chunk_fn(
-        self, params, raft, edit: Edit, state: SamplerState, length: int, mode: str = "mixed"
+        self, params, raft, edit: Edit, state: SamplerState, length: int, mode: str | None = None
     ):
         self.traces += 1
         cfg = self.config

@@ -144,7 +144,7 @@ def test_batch_of_eight_equals_single_edits_and_a_bad_job_is_skipped(assets, tmp
         8,
     )
     assert "batches of 8 over 8 local device(s)" in out8, out8
-    assert out8.count("compiled the guided chunk") == 1 and "batch 1/1" in out8, out8
+    assert out8.count("compiled the guided sampler") == 1 and "batch 1/1" in out8, out8
     b1, lines = {}, []
     run_jobs(str(jobs), _options(assets, tmp_path / "b1"), 1, lines.append, images=b1)
     assert "batches of 1 over 1 local device(s)" in lines[0]

@@ -93,6 +93,7 @@ def test_end_to_end_cli_run_writes_every_output(assets, tmp_path):
         ):
             assert key in metrics, key
         assert metrics["guided_evaluations"] == 8 and metrics["unguided_evaluations"] == 0
+        assert metrics["loops"] == "unrolled"  # --loops auto on CPU
         config = json.loads((folder / "config.json").read_text())
         assert config["sample_seed"] == n and config["motion"] == "rotate:20+translate:6,0"
         assert "jax" in config["versions"]

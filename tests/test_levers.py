@@ -100,13 +100,15 @@ def test_memory_efficient_attention_matches_plain(tiny):
         sd.configure(attention="flash")
 
 
-def test_skip_unguided_steps_same_result_nan_logs_and_state_donated(tiny):
+@pytest.mark.parametrize("loops", ["scan", "unrolled"])
+def test_skip_unguided_steps_same_result_nan_logs_and_state_donated(tiny, loops):
     schedule = np.array([1.0, 0.0, 1.0, 0.0], np.float32)
     finals = {}
     for skip in (True, False):
         cfg = GuidanceConfig(
-            num_steps=4, recursive_steps=2, guidance_weight=10.0, chunk=4, skip_unguided=skip
-        )
+            num_steps=4, recursive_steps=2, guidance_weight=10.0, chunk=4, skip_unguided=skip,
+            loops=loops,
+        )  # fmt: skip
         sampler = GuidedSampler(tiny["sd"], tiny["raft"], cfg)
         edit = sampler.prepare(
             tiny["img"],

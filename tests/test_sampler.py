@@ -264,6 +264,14 @@ def test_guided_steps_match_reference_transcription(models):
     floor = np.linalg.norm(ours - nudged) / np.linalg.norm(ours)
     print(f"guided parity (fp32): vs torch {rel:.2e}; vs itself, source moved 1e-6: {floor:.2e}")
     assert rel < 1e-3, rel
+    # the scan chunk (the GPU/TPU default; this run is loops "auto" = unrolled on CPU) too
+    scan, *_ = _ours(
+        sd, models["raft"], dataclasses.replace(cfg, loops="scan"), img, flow, traj, frozen,
+        cond, uncond,
+    )  # fmt: skip
+    rel_scan = np.linalg.norm(scan - ref) / np.linalg.norm(ref)
+    print(f"guided parity, loops scan: vs torch {rel_scan:.2e}")
+    assert rel_scan < 1e-3, rel_scan
     for ours_name, ref_name in LOG_PAIRS:
         # an unclipped gradient norm is the most rounding-sensitive log: RAFT's fp32 gradient
         # moves ~0.7% under 1e-6 input noise (tests/test_raft.py), so it gets 1e-2
