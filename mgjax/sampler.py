@@ -14,10 +14,10 @@ the batch at once (MOTION_GUIDANCE.md, "The guided sampler"):
 
 A chunk of DDIM steps is one `lax.scan` (the K evaluations an inner scan), compiled once per
 chunk length and kind (all steps guided, all unguided, mixed) and reused; the weights are jit
-arguments. With `loops="unrolled"` (the default on
-CPU, mgjax.levers.LOOPS) the same evaluations run one compiled call each, RAFT unrolled. The
-state is a flax.struct dataclass, so a run can stop after any chunk and resume. Each image has
-its own PRNG key, so an image's result does not depend on what else is in the batch.
+arguments. With `loops="unrolled"` (the default on CPU, mgjax.levers.LOOPS) the same
+evaluations run one compiled call each, RAFT unrolled. The state is a flax.struct dataclass, so
+a run can stop after any chunk and resume. Each image has its own PRNG key, so an image's result
+does not depend on what else is in the batch.
 """
 
 import dataclasses
@@ -444,12 +444,17 @@ class GuidedSampler:
         out = self._final(self.raft, jnp.asarray(images, self.dtype), edit)
         return {k: np.asarray(v) for k, v in out.items()}
 
+    def guided_steps(self, edit: Edit, start: int, length: int) -> np.ndarray:
+        """bool[length]: which DDIM steps from `start` evaluate the energy (all of them unless
+        skip_unguided, which skips those whose lambda_g * schedule[i] is 0)."""
+        if not self.config.skip_unguided:
+            return np.ones(length, bool)
+        weights = np.asarray(edit.schedule, np.float64)[start : start + length]
+        return weights * self.config.guidance_weight != 0
+
     def chunk_mode(self, edit: Edit, start: int, length: int) -> str:
         """How the chunk of DDIM steps start..start+length-1 treats guidance (see _evaluate)."""
-        if not self.config.skip_unguided:
-            return "guided"
-        weights = np.asarray(edit.schedule, np.float64)[start : start + length]
-        guided = weights * self.config.guidance_weight != 0
+        guided = self.guided_steps(edit, start, length)
         return "guided" if guided.all() else "unguided" if not guided.any() else "mixed"
 
     def _chunk_fn(
@@ -491,15 +496,21 @@ class GuidedSampler:
             return self._run_unrolled(edit, state, length)
         mode = self.chunk_mode(edit, int(state.step), length)
         args = (self.sd.params, self.raft, edit, state)
+        return self._compiled_for(self._chunk, args, length=length, mode=mode)(*args)
+
+    def _compiled_for(self, jitted, args, **static):
+        """`jitted` compiled for these arguments' shapes and the static ones, cached; compiled
+        ahead of time, so that compile time is measured apart (compile_seconds)."""
         leaves, treedef = jax.tree_util.tree_flatten(args)
-        key = (length, mode, treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+        avals = tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
+        key = (jitted, tuple(sorted(static.items())), treedef, avals)
         fn = self._compiled.get(key)
-        if fn is None:  # compile ahead of time, so that compile time is measured apart
+        if fn is None:
             t = time.perf_counter()
-            fn = self._chunk.lower(*args, length=length, mode=mode).compile()
+            fn = jitted.lower(*args, **static).compile()
             self.compile_seconds += time.perf_counter() - t
             self._compiled[key] = fn
-        return fn(*args)
+        return fn
 
     def _evaluation_fn(self, params, raft, edit: Edit, z, i, j, keys, mode: str):
         self.traces += 1
@@ -510,17 +521,17 @@ class GuidedSampler:
         same noise, one compiled call each; guided and unguided steps (skip_unguided) are two
         compiled evaluations chosen per step on the host, so no lax.cond."""
         cfg, start = self.config, int(state.step)
-        weights = np.asarray(edit.schedule, np.float64)[start : start + length]
         z, logs, snaps, fns = state.z, [], [], {}
-        for n in range(length):
-            guided = not cfg.skip_unguided or weights[n] * cfg.guidance_weight != 0
+        for n, guided in enumerate(self.guided_steps(edit, start, length)):
             i = jnp.asarray(start + n, jnp.int32)
             z_t, step_logs = z, []
             for j in range(cfg.recursive_steps):
-                args = (self.sd.params, self.raft, edit, z_t, i, jnp.asarray(j, jnp.int32))
+                jj = jnp.asarray(j, jnp.int32)
+                args = (self.sd.params, self.raft, edit, z_t, i, jj, state.keys)
                 if guided not in fns:
-                    fns[guided] = self._compiled_evaluation(args + (state.keys,), guided)
-                z, z_t, out, x = fns[guided](*args, state.keys)
+                    mode = "guided" if guided else "unguided"
+                    fns[guided] = self._compiled_for(self._evaluation, args, mode=mode)
+                z, z_t, out, x = fns[guided](*args)
                 step_logs.append(out)
                 if j == 0:
                     snaps.append(x if cfg.snapshot_every else jnp.zeros((), self.dtype))
@@ -528,18 +539,6 @@ class GuidedSampler:
         logs = {k: jnp.stack([o[k] for o in logs]) for k in logs[0]}
         new = state.replace(z=z, step=state.step + length)
         return new, logs, jnp.stack(snaps)
-
-    def _compiled_evaluation(self, args, guided: bool):
-        mode = "guided" if guided else "unguided"
-        leaves, treedef = jax.tree_util.tree_flatten(args)
-        key = ("eval", mode, treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
-        fn = self._compiled.get(key)
-        if fn is None:
-            t = time.perf_counter()
-            fn = self._evaluation.lower(*args, mode=mode).compile()
-            self.compile_seconds += time.perf_counter() - t
-            self._compiled[key] = fn
-        return fn
 
     def advance(self, edit: Edit, state: SamplerState):
         """One chunk, checked: (state, logs name -> f32[L, K, B] numpy, snapshots step ->
@@ -549,10 +548,8 @@ class GuidedSampler:
         state, logs, snaps = self.run_chunk(edit, state)
         logs = {k: np.asarray(v) for k, v in logs.items()}
         z_ok = np.asarray(jnp.isfinite(state.z).all(axis=(1, 2, 3)))
-        evaluated = np.ones(logs["energy"].shape[0], bool)
-        if self.config.skip_unguided:  # unguided steps log NaN energies by design
-            weights = np.asarray(edit.schedule, np.float64)[start : int(state.step)]
-            evaluated = weights * self.config.guidance_weight != 0
+        # unguided steps (skip_unguided) log NaN energies by design
+        evaluated = self.guided_steps(edit, start, int(state.step) - start)
         e_ok = (np.isfinite(logs["energy"]) | ~evaluated[:, None, None]).all(axis=(0, 1))
         if not (z_ok.all() and e_ok.all()):
             bad = np.flatnonzero(~(z_ok & e_ok)).tolist()
