@@ -162,7 +162,8 @@ guidance.enum(
     "none",
     list(REMAT_POLICIES),
     "Recompute activations in the backward pass, per model (UNet, decoder, RAFT): none; dots "
-    "(keep matmul/conv outputs); full (keep only each model's inputs). Less memory, more time.",
+    "(keep matmul/conv outputs); full (keep only each model's inputs); blocks (keep only the "
+    "boundaries of each UNet and VAE block, RAFT as full). Less memory, more time.",
 )
 guidance.bool(
     "skip_unguided",

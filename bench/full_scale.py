@@ -45,6 +45,8 @@ VARIANTS = {
     "bf16-full": ("bfloat16", "full", "plain"),
     "bf16-mea": ("bfloat16", "none", "memory_efficient"),
     "bf16-full-mea": ("bfloat16", "full", "memory_efficient"),
+    "bf16-blocks": ("bfloat16", "blocks", "plain"),
+    "bf16-blocks-mea": ("bfloat16", "blocks", "memory_efficient"),
     "fp32-full": ("float32", "full", "plain"),
     "bf16-dots-mea": ("bfloat16", "dots", "memory_efficient"),
     "fp32-full-mea": ("float32", "full", "memory_efficient"),

@@ -34,7 +34,9 @@ OUT/table.md, OUT/results.json and OUT/edits_<method>.png (source | target | edi
 """
 
 import argparse
+import hashlib
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,12 +48,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from flow.checkpoint import load_raft  # noqa: E402
+from flow.files import write_atomic  # noqa: E402
 from mgjax import ddim, outputs  # noqa: E402
 from mgjax import sd as sdm  # noqa: E402
 from mgjax import source as src_lib  # noqa: E402
 from mgjax.edit import PRESETS, preset_config  # noqa: E402
+from mgjax.edit import _save_checkpoint as save_checkpoint  # noqa: E402
 from mgjax.motion import Motion, auto_frozen_mask, centroid, motion_flow  # noqa: E402
-from mgjax.sampler import GuidedSampler  # noqa: E402
+from mgjax.sampler import DivergenceError, GuidedSampler, Progress  # noqa: E402
 from mgjax.toy import pack, quality, shapes  # noqa: E402
 from mgjax.toy.shapes import affine_about  # noqa: E402
 
@@ -59,6 +63,7 @@ GUIDED = ("paper", "fast", "toy")
 METHODS = (*GUIDED, "none", "warp", "warp_sdedit")
 GENERATE_CFG = 7.5  # generated sources are sampled at this CFG (the toy UNet's objects need it)
 KEPT = 0.5  # autoencoder IoU from which an edit counts in the "kept" tables
+CHUNK = 10  # DDIM steps between checkpoints
 MEASURES = ("placement_px", "iou", "psnr_unchanged", "psnr_disoccluded", "flow_epe")
 
 
@@ -154,6 +159,10 @@ def sdedit(sd, images, prompts, strength=0.5, steps=50, cfg_scale=7.5, seed=0):
     return np.clip(np.asarray(run(sd.params, z)) * 0.5 + 0.5, 0.0, 1.0)
 
 
+class OutOfTime(Exception):
+    """--minutes ran out; every unit so far is on disk."""
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--edits", type=int, default=24)
@@ -170,6 +179,23 @@ def main():
         metavar="KEY=VALUE",
         help="override a preset value in every method (e.g. --set recursive_steps=3); repeatable",
     )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out (same settings)"
+    )
+    parser.add_argument(
+        "--shard",
+        default="0/1",
+        metavar="I/N",
+        help="run only the batches b with b %% N == I (N processes, e.g. one per core, may "
+        "share one --out; whichever finishes a method's last batch scores it)",
+    )
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=0.0,
+        help="stop after a checkpoint once this many minutes have passed (exit 3); "
+        "--resume continues",
+    )
     args = parser.parse_args()
     overrides = {}
     for item in args.set:
@@ -185,13 +211,31 @@ def main():
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         sys.exit(f"unknown methods {unknown}; choose from {','.join(METHODS)}")
+    shard, _, shards = args.shard.partition("/")
+    if not (shard.isdigit() and shards.isdigit() and int(shard) < int(shards)):
+        sys.exit(f"--shard {args.shard}: give I/N with 0 <= I < N, e.g. 0/2")
+    shard, shards = int(shard), int(shards)
+    if args.batch < 1 or args.edits < 1:
+        sys.exit("--batch and --edits must be at least 1")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    settings = dict(edits=args.edits, batch=args.batch, steps=args.steps, set=overrides)
+    if (out / "run.json").exists():
+        if not args.resume:
+            sys.exit(f"{out} holds a run; pass --resume to continue it or choose another --out")
+        if json.loads((out / "run.json").read_text()) != settings:
+            sys.exit(
+                f"--resume: {out} was run with {(out / 'run.json').read_text().strip()}; "
+                "give the same --edits, --batch, --steps and --set"
+            )
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text(json.dumps(settings) + "\n")
+    deadline = time.perf_counter() + 60 * args.minutes if args.minutes > 0 else float("inf")
+
     sd = sdm.load(pack.sd_folder())
     raft = load_raft(pack.raft_file())
     size = sd.unet.config.sample_size * sd.vae_factor
     cases = [Case(n, size) for n in range(args.edits)]
-
     kept_cache = {}
 
     def kept_by_autoencoder(case, image, mask, color) -> float:
@@ -205,69 +249,53 @@ def main():
             kept_cache[key] = quality.iou(found, mask) or 0.0
         return kept_cache[key]
 
-    results, timing = {}, {}
-    for method in methods:
-        preset = PRESETS["toy" if method in ("none", "warp", "warp_sdedit") else method]
-        if args.steps:
-            preset = dict(preset, steps=args.steps, recursive_steps=1)
-        preset = dict(preset, **overrides)
-        steps = preset["steps"]
-        t0 = time.perf_counter()
-        prepared = []
-        for case in cases:
-            src = build_source(case, sd, steps, preset["cfg_scale"])
-            if src is None:
-                prepared.append(None)
+    try:
+        for method in methods:
+            if (out / method / "rows.json").exists():
+                print(f"{method}: scored in an earlier run", flush=True)
                 continue
-            image, traj, mask, color = src
-            label, matrix, flow = target_of(case, mask)
-            if case.rendered:
-                after = shapes.render(case.scene, {0: matrix})
-                truth, target = after["image"], after["masks"][0]
-            else:
-                truth, target = None, quality.move_mask(mask, matrix)
-            prepared.append(
-                dict(
-                    case=case,
-                    image=image,
-                    traj=traj,
-                    mask=mask,
-                    color=color,
-                    label=label,
-                    flow=flow,
-                    truth=truth,
-                    target=target,
-                    kept=kept_by_autoencoder(case, image, mask, color),
-                )
-            )
-        ok = [p for p in prepared if p is not None]
-        t_src = time.perf_counter() - t0
-        edited = run_method(method, preset, sd, raft, ok, args.batch)
-        rows = []
-        for p, e in zip(ok, edited, strict=True):
-            ref = p["truth"] if p["truth"] is not None else p["image"]
-            r = quality.scores(e, ref, p["mask"], p["target"], p["color"], p["truth"])
-            r["flow_epe"] = flow_epe(raft, p["image"], e, p["flow"], p["mask"])
-            r.update(
-                edit=p["case"].n,
-                motion=p["label"],
-                rendered=p["case"].rendered,
-                autoencoder_iou=p["kept"],
-            )
-            rows.append(r)
-        results[method] = rows
-        timing[method] = {"sources_s": t_src, "total_s": time.perf_counter() - t0}
-        picture = np.concatenate(
-            [
-                np.concatenate([p["image"], p["truth"] if p["truth"] is not None else
-                                np.where(p["target"][..., None], p["color"], p["image"]), e], 1)
-                for p, e in zip(ok[:8], edited[:8], strict=False)
-            ],
-            0,
-        )  # fmt: skip
-        outputs.save_png(str(out / f"edits_{method}.png"), outputs.to_uint8(picture))
-        print(f"{method}: {len(rows)} edits in {timing[method]['total_s']:.0f} s", flush=True)
-        print(table({method: rows}), flush=True)
+            preset = PRESETS["toy" if method in ("none", "warp", "warp_sdedit") else method]
+            if args.steps:
+                preset = dict(preset, steps=args.steps, recursive_steps=1)
+            preset = dict(preset, **overrides)
+            t0 = time.perf_counter()
+            prepared = prepare(cases, sd, preset, kept_by_autoencoder)
+            t_src = time.perf_counter() - t0
+            (out / method).mkdir(exist_ok=True)
+            batch = args.batch if method in ("none", *GUIDED) else len(prepared)
+            units = range(0, len(prepared), batch)
+            runner = UnitRunner(method, preset, sd, raft, out / method, deadline)
+            for k, i in enumerate(units):
+                if k % shards == shard and not runner.done(k):
+                    runner.run(k, prepared[i : i + batch])
+            if not all(runner.done(k) for k in range(len(units))):
+                print(f"{method}: batches of other shards are still running", flush=True)
+                continue
+            edited = np.concatenate([runner.load(k)[0] for k in range(len(units))])
+            seconds = sum(runner.load(k)[1] for k in range(len(units)))
+            rows = score(method, prepared, edited, raft, out)
+            timing = {"sources_s": t_src, "batches_s": seconds, "commit": _commit()}
+            write_json(out / method / "rows.json", {"rows": rows, "timing": timing})
+            print(f"{method}: {len(rows)} edits, batches {seconds:.0f} s", flush=True)
+            print(table({method: rows}), flush=True)
+    except OutOfTime:
+        print(
+            f"stopped after --minutes {args.minutes:g}; every finished chunk is saved in {out}: "
+            "rerun with --resume to continue",
+            flush=True,
+        )
+        sys.exit(3)
+    except DivergenceError as e:
+        sys.exit(f"{e}")
+
+    results, timing = {}, {}
+    for method in METHODS:  # every method scored in this --out, whichever run scored it
+        if (out / method / "rows.json").exists():
+            saved = json.loads((out / method / "rows.json").read_text())
+            results[method], timing[method] = saved["rows"], saved["timing"]
+    missing = [m for m in methods if m not in results]
+    if missing:
+        print(f"not yet scored: {','.join(missing)} (rerun with --resume when they finish)")
     kept = {m: [r for r in rows if r["autoencoder_iou"] >= KEPT] for m, rows in results.items()}
     text = "\n\n".join(
         [
@@ -281,23 +309,140 @@ def main():
     )
     print(text)
     (out / "table.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps({"results": results, "timing": timing}, indent=1))
+    write_json(out / "results.json", {"results": results, "timing": timing})
 
 
-def run_method(method, preset, sd, raft, cases, batch) -> list[np.ndarray]:
-    """Edited images f32[H,W,3] of every prepared case."""
-    if method == "warp":
-        return [quality.forward_warp(p["image"], p["flow"], p["mask"])[0] for p in cases]
-    if method == "warp_sdedit":
-        warped = np.stack([quality.forward_warp(p["image"], p["flow"], p["mask"])[0]
-                           for p in cases])  # fmt: skip
-        return list(sdedit(sd, warped, [p["case"].prompt for p in cases]))
-    weight = 0.0 if method == "none" else preset["guidance_weight"]
-    sampler = GuidedSampler(sd, raft, preset_config(preset, guidance_weight=weight, chunk=50))
-    out = []
-    for i in range(0, len(cases), batch):
-        part = cases[i : i + batch]
-        b = len(part)
+def write_json(path: Path, obj) -> None:
+    text = json.dumps(obj, indent=1)
+    write_atomic(str(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def _commit() -> str:
+    """The code a method was measured with (a resumed run may span commits)."""
+
+    def git(*args) -> str:
+        run = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+        if run.returncode:
+            raise OSError(run.stderr)
+        return run.stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except OSError:
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
+def prepare(cases, sd, preset, kept_by_autoencoder) -> list[dict]:
+    """Each case whose source has a findable object: its source, trajectory, masks, target
+    flow and ground truth."""
+    prepared = []
+    for case in cases:
+        src = build_source(case, sd, preset["steps"], preset["cfg_scale"])
+        if src is None:
+            continue
+        image, traj, mask, color = src
+        label, matrix, flow = target_of(case, mask)
+        if case.rendered:
+            after = shapes.render(case.scene, {0: matrix})
+            truth, target = after["image"], after["masks"][0]
+        else:
+            truth, target = None, quality.move_mask(mask, matrix)
+        prepared.append(
+            dict(
+                case=case,
+                image=image,
+                traj=traj,
+                mask=mask,
+                color=color,
+                label=label,
+                flow=flow,
+                truth=truth,
+                target=target,
+                kept=kept_by_autoencoder(case, image, mask, color),
+            )
+        )
+    return prepared
+
+
+def score(method, prepared, edited, raft, out: Path) -> list[dict]:
+    """Per-edit measures, and OUT/edits_<method>.png (source | target | edit, first 8)."""
+    rows = []
+    for p, e in zip(prepared, edited, strict=True):
+        ref = p["truth"] if p["truth"] is not None else p["image"]
+        r = quality.scores(e, ref, p["mask"], p["target"], p["color"], p["truth"])
+        r["flow_epe"] = flow_epe(raft, p["image"], e, p["flow"], p["mask"])
+        r.update(
+            edit=p["case"].n,
+            motion=p["label"],
+            rendered=p["case"].rendered,
+            autoencoder_iou=p["kept"],
+        )
+        rows.append(r)
+    picture = np.concatenate(
+        [
+            np.concatenate([p["image"], p["truth"] if p["truth"] is not None else
+                            np.where(p["target"][..., None], p["color"], p["image"]), e], 1)
+            for p, e in zip(prepared[:8], edited[:8], strict=False)
+        ],
+        0,
+    )  # fmt: skip
+    outputs.save_png(str(out / f"edits_{method}.png"), outputs.to_uint8(picture))
+    return rows
+
+
+class UnitRunner:
+    """Runs one method's batches ("units"), each saved as FOLDER/batch_KK.npz (edited images
+    and seconds). A guided batch checkpoints its sampler state after every chunk, so a stop
+    (--minutes, Ctrl-C, a kill) loses at most one chunk and --resume continues to the same
+    images."""
+
+    def __init__(self, method, preset, sd, raft, folder: Path, deadline: float):
+        self.method, self.preset, self.sd, self.raft = method, preset, sd, raft
+        self.folder, self.deadline = folder, deadline
+        self._sampler = None
+
+    def path(self, k: int) -> Path:
+        return self.folder / f"batch_{k:02d}.npz"
+
+    def done(self, k: int) -> bool:
+        return self.path(k).exists()
+
+    def load(self, k: int) -> tuple[np.ndarray, float]:
+        with np.load(self.path(k), allow_pickle=False) as f:
+            return f["edited"], float(f["seconds"])
+
+    def run(self, k: int, part: list[dict]) -> None:
+        if time.perf_counter() > self.deadline:
+            raise OutOfTime
+        t, before = time.perf_counter(), 0.0
+        if self.method == "warp":
+            edited = np.stack([warp(p) for p in part])
+        elif self.method == "warp_sdedit":
+            edited = sdedit(self.sd, np.stack([warp(p) for p in part]),
+                            [p["case"].prompt for p in part])  # fmt: skip
+        else:
+            edited, before = self.guided(k, part)
+        seconds = before + time.perf_counter() - t  # before: the stopped runs' seconds
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, edited=edited.astype(np.float32), seconds=np.float64(seconds))
+
+        write_atomic(str(self.path(k)), write)
+        self.path(k).with_suffix(".ckpt.npz").unlink(missing_ok=True)
+
+    def sampler(self) -> GuidedSampler:
+        if self._sampler is None:
+            weight = 0.0 if self.method == "none" else self.preset["guidance_weight"]
+            config = preset_config(self.preset, guidance_weight=weight, chunk=CHUNK)
+            self._sampler = GuidedSampler(self.sd, self.raft, config)
+        return self._sampler
+
+    def guided(self, k: int, part: list[dict]) -> tuple[np.ndarray, float]:
+        """Edited images and the seconds earlier (stopped) runs of this batch spent."""
+        sd, sampler, b = self.sd, self.sampler(), len(part)
         frozen = np.concatenate([auto_frozen_mask(p["flow"], sd.vae_factor) for p in part])
         cond = jnp.concatenate([sd.embed(p["case"].prompt) for p in part])
         edit = sampler.prepare(
@@ -310,17 +455,40 @@ def run_method(method, preset, sd, raft, cases, batch) -> list[np.ndarray]:
         )
         z_T = np.concatenate([p["traj"].z_T for p in part])
         state = sampler.init(edit, z_T, seeds=[p["case"].n for p in part])
+        what = {"method": self.method, "preset": self.preset, "edits": [p["case"].n for p in part]}
+        digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+        ckpt, before = self.path(k).with_suffix(".ckpt.npz"), 0.0
+        if ckpt.exists():
+            with np.load(ckpt, allow_pickle=False) as c:
+                if str(c["digest"]) != digest:
+                    sys.exit(f"{ckpt} is from other settings; delete it to start that batch again")
+                state = state.replace(
+                    z=jnp.asarray(c["z"]), step=jnp.asarray(c["step"]), keys=jnp.asarray(c["keys"])
+                )
+                before = float(c["seconds"])
+            print(f"  {self.method} batch {k}: resuming at DDIM step {int(state.step)}", flush=True)
+        steps, per_step = sampler.config.num_steps, self.preset["recursive_steps"]
+        progress = Progress(
+            steps, per_step, print_fn=lambda s: print(f"  {self.method} batch {k}: {s}", flush=True)
+        )
         t = time.perf_counter()
-        state, _, _ = sampler.sample(edit, state)
-        x = np.asarray(sampler.decode(state.z))
-        evals = preset["steps"] * preset["recursive_steps"]
+        while int(state.step) < steps:
+            state, logs, _ = sampler.advance(edit, state)
+            took = np.float64(before + time.perf_counter() - t)
+            save_checkpoint(str(ckpt), state, {}, digest, seconds=took)
+            progress(state, logs)
+            if int(state.step) < steps and time.perf_counter() > self.deadline:
+                raise OutOfTime
         print(
-            f"  {method}: batch of {b}, {evals} evaluations in {time.perf_counter() - t:.0f} s "
+            f"  {self.method}: batch {k} of {b}, {steps * per_step} evaluations "
             f"(compile {sampler.compile_seconds:.0f} s)",
             flush=True,
         )
-        out += list(np.clip(x, 0.0, 1.0))
-    return out
+        return np.clip(sampler.decode(state.z), 0.0, 1.0), before
+
+
+def warp(p: dict) -> np.ndarray:
+    return quality.forward_warp(p["image"], p["flow"], p["mask"])[0]
 
 
 def group_of(row: dict) -> str:

@@ -641,8 +641,10 @@ def _run(o, digest, ckpt_path, schedule, log, t_start):
     return o.out_dir
 
 
-def _save_checkpoint(path, state, logs, digest):
-    arrays = {f"log_{k}": np.concatenate(v) for k, v in logs.items()}
+def _save_checkpoint(path, state, logs, digest, **extra):
+    """The sampler state, the logs so far (name -> list of chunks) and the settings' digest,
+    written atomically; `extra`: more arrays to keep beside them."""
+    arrays = {f"log_{k}": np.concatenate(v) for k, v in logs.items()} | extra
 
     def write(tmp):
         with open(tmp, "wb") as f:

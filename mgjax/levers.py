@@ -8,11 +8,15 @@ import jax
 # one model at a time so that only one model's activations are alive during the backward pass:
 #   none: keep every activation (fastest, largest);
 #   dots: keep matmul/convolution outputs, recompute norms and activations;
-#   full: keep only each model's inputs and recompute its forward pass in the backward pass.
+#   full: keep only each model's inputs and recompute its forward pass in the backward pass;
+#   blocks: keep only the boundaries of each UNet and VAE block (down, mid, up), recomputing one
+#     block's forward pass at a time in the backward pass (mgjax.remat); RAFT as under full.
+# The value is the jax.checkpoint policy of a whole-model checkpoint (blocks: RAFT's).
 REMAT_POLICIES = {
     "none": None,
     "dots": jax.checkpoint_policies.dots_saveable,
     "full": jax.checkpoint_policies.nothing_saveable,
+    "blocks": jax.checkpoint_policies.nothing_saveable,
 }
 
 # UNet attention: diffusers' plain softmax(QK^T)V, or its memory-efficient version (query and

@@ -57,7 +57,7 @@ class GuidanceConfig:
     raft_gradient: str = "detached"  # RAFT_GRADIENTS (mgjax.levers)
     chunk: int = 10  # DDIM steps per compiled scan (loops "unrolled": per checkpoint and log)
     snapshot_every: int = 0  # keep the decoded x0 estimate every N steps (0: none)
-    remat: str = "none"  # REMAT_POLICIES: none | dots | full
+    remat: str = "none"  # REMAT_POLICIES: none | dots | full | blocks
     # Steps whose guidance multiplier (lambda_g * schedule[i]) is 0 run the UNet alone: no
     # decoder, RAFT or backward pass; their energy logs are NaN (not evaluated).
     skip_unguided: bool = True
@@ -346,10 +346,15 @@ class GuidedSampler:
             self.sd, params, z, t, edit.cond, edit.uncond, self.config.cfg_scale, skip_at_one=True
         )
 
-    def _remat(self, fn):
-        """`fn` under the configured rematerialization policy."""
+    def _remat(self, fn, diffusers: bool = True):
+        """`fn` under the configured rematerialization policy; diffusers: fn applies diffusers
+        models (remat "blocks" checkpoints their blocks one by one, and other models whole)."""
         if self.config.remat == "none":
             return fn
+        if self.config.remat == "blocks" and diffusers:
+            from mgjax.remat import per_block
+
+            return per_block(fn)
         return jax.checkpoint(fn, policy=REMAT_POLICIES[self.config.remat])
 
     def _evaluate(self, params, raft, edit: Edit, z, i, j, keys, mode: str | None = None):
@@ -376,7 +381,7 @@ class GuidedSampler:
             raft = raft.replace_config(detach=False)
         unroll = {"unroll": True} if self.loops == "unrolled" else {}  # a Raft's keyword
         flow_net = lambda a, b, iters: self._remat(  # noqa: E731
-            lambda r, a, b: r(a, b, iters=iters, **unroll)
+            lambda r, a, b: r(a, b, iters=iters, **unroll), diffusers=False
         )(raft, a, b)
 
         ctx = self.context(edit, flow_net)

@@ -130,7 +130,7 @@ def test_resume_equals_uninterrupted(assets, tmp_path):
         (dict(image=None, prompt=""), "no source"),
         (dict(resume=True), "no checkpoint.npz"),
         (dict(steps=0), "--steps must be at least 1"),
-        (dict(remat="some"), "--remat must be one of none, dots, full"),
+        (dict(remat="some"), "--remat must be one of none, dots, full, blocks"),
         (dict(attention="flash"), "--attention must be one of plain, memory_efficient"),
         (dict(preserve_weight=-1.0), "--preserve_weight must be >= 0"),
     ],

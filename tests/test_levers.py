@@ -54,7 +54,7 @@ def _one_evaluation(t, sd, raft, **config):
 
 def test_remat_recomputes_and_keeps_the_result(tiny):
     results, temps, flops = {}, {}, {}
-    for policy in ("none", "dots", "full"):
+    for policy in ("none", "dots", "full", "blocks"):
         compiled, args = _one_evaluation(tiny, tiny["sd"], tiny["raft"], remat=policy)
         temps[policy] = compiled.memory_analysis().temp_size_in_bytes
         cost = compiled.cost_analysis()
@@ -70,18 +70,51 @@ def test_remat_recomputes_and_keeps_the_result(tiny):
     # full recomputes each model's forward pass in the backward pass: about +1/3 FLOPs
     assert flops["full"] > 1.2 * flops["none"], flops
     assert flops["none"] < flops["dots"] < flops["full"], flops
+    # blocks recomputes every UNet/VAE block and RAFT: about the same work as full
+    assert flops["blocks"] > 1.2 * flops["none"], flops
     # Per-model remat frees one model's activations before the next model's backward pass, so
     # it helps only where no single model dominates: here dots saves memory, full barely does
     # (at full scale neither lowers XLA's peak: BENCHMARKS.md).
     assert temps["dots"] < 0.9 * temps["none"] and temps["full"] <= temps["none"], temps
     z_ref, e_ref = results["none"]
-    for policy in ("dots", "full"):
+    for policy in ("dots", "full", "blocks"):
         z, e = results[policy]
         assert e == pytest.approx(e_ref, rel=1e-6)  # the forward pass is the same
         # The guidance gradient through a random RAFT is ill-conditioned (bilinear lookups):
         # recomputing it may differ by rounding, amplified, but not by more than a 1e-7
         # relative change of the input does.
         assert np.abs(z - z_ref).max() <= max(floor, 1e-5), (policy, floor)
+
+
+def _primitives(jaxpr, names: list) -> list:
+    """Every primitive's name in a jaxpr, sub-jaxprs (scan, remat, ...) included."""
+    for eqn in jaxpr.eqns:
+        names.append(eqn.primitive.name)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, list | tuple) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    _primitives(inner, names)
+    return names
+
+
+def test_blocks_remat_checkpoints_each_block_once(tiny):
+    """remat "blocks" puts one checkpoint around each UNet block (down, mid, up) and each VAE
+    decoder block (mid, up), none inside another, and none when the lever is off."""
+    sd = tiny["sd"]
+    z, ctx = jnp.zeros((1, 4, 16, 16)), jnp.asarray(tiny["cond"])
+
+    def unet_then_decode(p, z):
+        return sd.decode(p, sd.eps(p, z, jnp.array([10]), ctx))
+
+    counts = {}
+    for policy in ("none", "full", "blocks"):
+        sampler = GuidedSampler(sd, tiny["raft"], GuidanceConfig(num_steps=4, remat=policy))
+        jaxpr = jax.make_jaxpr(sampler._remat(unet_then_decode))(sd.params, z).jaxpr
+        counts[policy] = _primitives(jaxpr, []).count("remat2")  # jax.checkpoint's primitive
+    unet, vae = sd.unet.config, sd.vae.config
+    blocks = len(unet.down_block_types) + 1 + len(unet.up_block_types) + 1 + len(vae.up_block_types)
+    assert counts == {"none": 0, "full": 1, "blocks": blocks}, (counts, blocks)
 
 
 def test_memory_efficient_attention_matches_plain(tiny):
