@@ -231,6 +231,7 @@ def main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "run.json").write_text(json.dumps(settings) + "\n")
     deadline = time.perf_counter() + 60 * args.minutes if args.minutes > 0 else float("inf")
+    commit = _commit()  # the code this process runs (git may move on while it does)
 
     sd = sdm.load(pack.sd_folder())
     raft = load_raft(pack.raft_file())
@@ -274,7 +275,7 @@ def main():
             edited = np.concatenate([runner.load(k)[0] for k in range(len(units))])
             seconds = sum(runner.load(k)[1] for k in range(len(units)))
             rows = score(method, prepared, edited, raft, out)
-            timing = {"sources_s": t_src, "batches_s": seconds, "commit": _commit()}
+            timing = {"sources_s": t_src, "batches_s": seconds, "commit": commit}
             write_json(out / method / "rows.json", {"rows": rows, "timing": timing})
             print(f"{method}: {len(rows)} edits, batches {seconds:.0f} s", flush=True)
             print(table({method: rows}), flush=True)
@@ -318,7 +319,8 @@ def write_json(path: Path, obj) -> None:
 
 
 def _commit() -> str:
-    """The code a method was measured with (a resumed run may span commits)."""
+    """HEAD, "+changes" when tracked files differ from it: the code a method was scored with
+    (a resumed run may span commits; a batch finished by an earlier process is not traced)."""
 
     def git(*args) -> str:
         run = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
