@@ -31,6 +31,12 @@ move it, so their measure is IoU.
 
 Prints the tables (means over edits; "not found" = object colour absent from the edit) and writes
 OUT/table.md, OUT/results.json and OUT/edits_<method>.png (source | target | edit rows).
+
+Resumable (a paper-preset run is hours on a CPU): each batch's result is kept in
+OUT/<method>/batch_KK.npz and a guided batch checkpoints every CHUNK DDIM steps. --minutes M
+stops at a checkpoint (exit 3), --resume continues to the same images, --shard I/N runs every
+N-th batch so that N processes (one per core) share one OUT. Exit 4: the table was written, but
+some requested methods still wait for other shards' batches.
 """
 
 import argparse
@@ -220,16 +226,16 @@ def main():
     out = Path(args.out)
     settings = dict(edits=args.edits, batch=args.batch, steps=args.steps, set=overrides)
     if (out / "run.json").exists():
-        if not args.resume:
+        if not (args.resume or shards > 1):  # shards started together meet each other's run.json
             sys.exit(f"{out} holds a run; pass --resume to continue it or choose another --out")
         if json.loads((out / "run.json").read_text()) != settings:
             sys.exit(
-                f"--resume: {out} was run with {(out / 'run.json').read_text().strip()}; "
-                "give the same --edits, --batch, --steps and --set"
+                f"{out} was run with {(out / 'run.json').read_text().strip()}; give the same "
+                "--edits, --batch, --steps and --set, or choose another --out"
             )
     else:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps(settings) + "\n")
+        write_json(out / "run.json", settings)
     deadline = time.perf_counter() + 60 * args.minutes if args.minutes > 0 else float("inf")
     commit = _commit()  # the code this process runs (git may move on while it does)
 
@@ -252,30 +258,36 @@ def main():
 
     try:
         for method in methods:
-            if (out / method / "rows.json").exists():
-                print(f"{method}: scored in an earlier run", flush=True)
-                continue
             preset = PRESETS["toy" if method in ("none", "warp", "warp_sdedit") else method]
             if args.steps:
                 preset = dict(preset, steps=args.steps, recursive_steps=1)
             preset = dict(preset, **overrides)
+            if (out / method / "rows.json").exists():
+                saved = json.loads((out / method / "rows.json").read_text())["timing"]
+                if saved["preset"] != preset:
+                    sys.exit(
+                        f"{out / method} was scored with preset {saved['preset']}, now {preset}; "
+                        "delete that folder to run the method again"
+                    )
+                print(f"{method}: scored in an earlier run", flush=True)
+                continue
             t0 = time.perf_counter()
             prepared = prepare(cases, sd, preset, kept_by_autoencoder)
             t_src = time.perf_counter() - t0
             (out / method).mkdir(exist_ok=True)
             batch = args.batch if method in ("none", *GUIDED) else len(prepared)
-            units = range(0, len(prepared), batch)
+            units = [prepared[i : i + batch] for i in range(0, len(prepared), batch)]
             runner = UnitRunner(method, preset, sd, raft, out / method, deadline)
-            for k, i in enumerate(units):
-                if k % shards == shard and not runner.done(k):
-                    runner.run(k, prepared[i : i + batch])
-            if not all(runner.done(k) for k in range(len(units))):
+            for k, part in enumerate(units):
+                if k % shards == shard and not runner.done(k, part):
+                    runner.run(k, part)
+            if not all(runner.done(k, part) for k, part in enumerate(units)):
                 print(f"{method}: batches of other shards are still running", flush=True)
                 continue
             edited = np.concatenate([runner.load(k)[0] for k in range(len(units))])
             seconds = sum(runner.load(k)[1] for k in range(len(units)))
             rows = score(method, prepared, edited, raft, out)
-            timing = {"sources_s": t_src, "batches_s": seconds, "commit": commit}
+            timing = {"sources_s": t_src, "batches_s": seconds, "commit": commit, "preset": preset}
             write_json(out / method / "rows.json", {"rows": rows, "timing": timing})
             print(f"{method}: {len(rows)} edits, batches {seconds:.0f} s", flush=True)
             print(table({method: rows}), flush=True)
@@ -295,8 +307,6 @@ def main():
             saved = json.loads((out / method / "rows.json").read_text())
             results[method], timing[method] = saved["rows"], saved["timing"]
     missing = [m for m in methods if m not in results]
-    if missing:
-        print(f"not yet scored: {','.join(missing)} (rerun with --resume when they finish)")
     kept = {m: [r for r in rows if r["autoencoder_iou"] >= KEPT] for m, rows in results.items()}
     text = "\n\n".join(
         [
@@ -311,6 +321,9 @@ def main():
     print(text)
     (out / "table.md").write_text(text + "\n")
     write_json(out / "results.json", {"results": results, "timing": timing})
+    if missing:  # the table holds what is scored so far
+        print(f"not yet scored: {','.join(missing)}; rerun with --resume when they finish")
+        sys.exit(4)
 
 
 def write_json(path: Path, obj) -> None:
@@ -408,8 +421,18 @@ class UnitRunner:
     def path(self, k: int) -> Path:
         return self.folder / f"batch_{k:02d}.npz"
 
-    def done(self, k: int) -> bool:
-        return self.path(k).exists()
+    def digest(self, part: list[dict]) -> str:
+        """What a batch's result depends on: the method, its preset and the edits in it."""
+        what = {"method": self.method, "preset": self.preset, "edits": [p["case"].n for p in part]}
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+    def done(self, k: int, part: list[dict]) -> bool:
+        if not self.path(k).exists():
+            return False
+        with np.load(self.path(k), allow_pickle=False) as f:
+            if "digest" not in f.files or str(f["digest"]) != self.digest(part):
+                sys.exit(f"{self.path(k)} is from other settings; delete it to run it again")
+        return True
 
     def load(self, k: int) -> tuple[np.ndarray, float]:
         with np.load(self.path(k), allow_pickle=False) as f:
@@ -430,7 +453,12 @@ class UnitRunner:
 
         def write(tmp):
             with open(tmp, "wb") as f:
-                np.savez(f, edited=edited.astype(np.float32), seconds=np.float64(seconds))
+                np.savez(
+                    f,
+                    edited=edited.astype(np.float32),
+                    seconds=np.float64(seconds),
+                    digest=np.asarray(self.digest(part)),
+                )
 
         write_atomic(str(self.path(k)), write)
         self.path(k).with_suffix(".ckpt.npz").unlink(missing_ok=True)
@@ -457,8 +485,7 @@ class UnitRunner:
         )
         z_T = np.concatenate([p["traj"].z_T for p in part])
         state = sampler.init(edit, z_T, seeds=[p["case"].n for p in part])
-        what = {"method": self.method, "preset": self.preset, "edits": [p["case"].n for p in part]}
-        digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+        digest = self.digest(part)
         ckpt, before = self.path(k).with_suffix(".ckpt.npz"), 0.0
         if ckpt.exists():
             with np.load(ckpt, allow_pickle=False) as c:

@@ -63,8 +63,8 @@ def test_remat_recomputes_and_keeps_the_result(tiny):
         results[policy] = (np.asarray(z_prev), float(logs["energy"][0]))
         if policy == "none":
             tiny["fp32"] = (float(logs["energy"][0]), np.asarray(x))  # for the bf16 test
-            assert GuidanceConfig().loops == "auto" and resolve_loops("auto") == "unrolled"
-            tiny["unrolled"] = results["none"]  # for the loops test
+            if resolve_loops(GuidanceConfig().loops) == "unrolled":  # auto, on CPU
+                tiny["unrolled"] = results["none"]  # for the loops test
             # the noise floor: the same evaluation, input moved by 1e-7
             params, raft, edit, z, keys = args
             moved = compiled(params, raft, edit, z * (1 + 1e-7), keys)[0]
@@ -74,7 +74,7 @@ def test_remat_recomputes_and_keeps_the_result(tiny):
     assert flops["none"] < flops["dots"] < flops["full"], flops
     # Per-model remat frees one model's activations before the next model's backward pass, so
     # it helps only where no single model dominates: here dots saves memory, full barely does
-    # (at full scale neither lowers XLA's peak: BENCHMARKS.md).
+    # (at full scale dots takes 1.2 of 21.7 GiB off XLA's peak, full nothing: BENCHMARKS.md).
     assert temps["dots"] < 0.9 * temps["none"] and temps["full"] <= temps["none"], temps
     z_ref, e_ref = results["none"]
     for policy in ("dots", "full"):
