@@ -264,9 +264,10 @@ def main():
             preset = dict(preset, **overrides)
             if (out / method / "rows.json").exists():
                 saved = json.loads((out / method / "rows.json").read_text())["timing"]
-                if saved["preset"] != preset:
+                if saved.get("preset") != preset:  # None: scored before presets were kept
                     sys.exit(
-                        f"{out / method} was scored with preset {saved['preset']}, now {preset}; "
+                        f"{out / method} was scored with preset {saved.get('preset')}, now "
+                        f"{preset}; "
                         "delete that folder to run the method again"
                     )
                 print(f"{method}: scored in an earlier run", flush=True)
