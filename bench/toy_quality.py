@@ -285,8 +285,9 @@ def main():
             if not all(runner.done(k, part) for k, part in enumerate(units)):
                 print(f"{method}: batches of other shards are still running", flush=True)
                 continue
-            edited = np.concatenate([runner.load(k)[0] for k in range(len(units))])
-            seconds = sum(runner.load(k)[1] for k in range(len(units)))
+            loaded = [runner.load(k) for k in range(len(units))]  # (edited, seconds) each
+            edited = np.concatenate([images for images, _ in loaded])
+            seconds = sum(took for _, took in loaded)
             rows = score(method, prepared, edited, raft, out)
             timing = {"sources_s": t_src, "batches_s": seconds, "commit": commit, "preset": preset}
             write_json(out / method / "rows.json", {"rows": rows, "timing": timing})
