@@ -125,7 +125,12 @@ def test_blocks_remat_checkpoints_each_block_once_and_keeps_the_gradient(tiny):
     blocks = len(unet.down_block_types) + 1 + len(unet.up_block_types) + 1 + len(vae.up_block_types)
     assert counts == {"none": 0, "full": 1, "blocks": blocks}, (counts, blocks)
     assert flops["blocks"] > 1.2 * flops["none"], flops  # the forward passes again
-    np.testing.assert_allclose(grads["blocks"], grads["none"], rtol=1e-5, atol=1e-5)
+    # Recomputing a block's forward lets XLA fuse it differently, so the two gradients differ by
+    # float32 rounding (2.4e-5 of values up to ~10 on CI's CPU, 0 here): bound the difference
+    # relative to the gradient's scale, where a lost or doubled block would be of order one.
+    scale = np.abs(grads["none"]).max()
+    err = np.abs(grads["blocks"] - grads["none"]).max()
+    assert err <= 1e-5 * scale, (err, scale)
 
 
 def test_memory_efficient_attention_matches_plain(tiny):
