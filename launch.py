@@ -178,6 +178,12 @@ guidance.enum(
     "unrolled (XLA:CPU runs backward convolutions inside loops ~3x slower); auto: unrolled on "
     "CPU, scan on GPU/TPU.",
 )
+guidance.bool(
+    "source_cache",
+    False,
+    "Encode the source with RAFT once per edit, not in every guided evaluation (the same flow, "
+    "less work; it changes the rounding, which guided runs amplify).",
+)
 # run
 run.integer("num_samples", 1, "Edits of the same source, as one batch.")
 run.string("out_dir", None, "Output folder.")

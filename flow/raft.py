@@ -131,6 +131,40 @@ def bilinear_upsample8(flow: jnp.ndarray) -> jnp.ndarray:
     return 8.0 * jnp.einsum("xw,bywc->byxc", mx, out, precision=hp)
 
 
+def _upscaled(config: RaftConfig, image) -> jnp.ndarray:
+    """image at the network's input scale (config.input_scale x, bilinear)."""
+    b, h, w, _ = image.shape
+    s = config.input_scale
+    return jax.image.resize(jnp.asarray(image, config.acc_dtype), (b, s * h, s * w, 3), "bilinear")
+
+
+def encode_source(config: RaftConfig, variables: dict, image1) -> dict:
+    """What RAFT computes from image1 alone: its feature map and the context encoder's hidden
+    state and input. An edit's source is the same in all of its guided evaluations, so the
+    sampler computes this once (raft_forward's `source`) instead of in every evaluation.
+
+    Args:
+      image1: f[B,H,W,3] in [0, 255].
+    Returns:
+      {"fmap": f[B,h,w,C], "net": f32[B,h,w,hidden], "inp": f32[B,h,w,context]} at the input
+      scale's 1/8 resolution, each image's on its own (instance norm, per-image "batch" norm).
+    """
+    if config.input_scale > 1:
+        image1 = _upscaled(config, image1)
+    fnet, cnet, _, _ = config.modules()
+    params, acc = variables["params"], config.acc_dtype
+    x1 = 2.0 * (jnp.asarray(image1, acc) / 255.0) - 1.0
+    cvars = {"params": params["cnet"]}
+    if "cnet" in variables.get("batch_stats", {}):
+        cvars["batch_stats"] = variables["batch_stats"]["cnet"]
+    ctx = cnet.apply(cvars, x1).astype(acc)
+    return {
+        "fmap": fnet.apply({"params": params["fnet"]}, x1),
+        "net": jnp.tanh(ctx[..., : config.hidden_dim]),
+        "inp": jax.nn.relu(ctx[..., config.hidden_dim :]),
+    }
+
+
 def raft_forward(
     config: RaftConfig,
     variables: dict,
@@ -139,6 +173,7 @@ def raft_forward(
     iters: int = 12,
     unroll: bool = False,
     sequence: bool = False,
+    source: dict | None = None,
 ):
     """Flow from image1 to image2.
 
@@ -151,40 +186,31 @@ def raft_forward(
         counts need it; also a speed lever to measure).
       sequence: return every iteration's upsampled flow, f32[iters,B,H,W,2] (for training with
         RAFT's sequence loss).
+      source: encode_source(config, variables, image1), computed before; image1 is then only
+        checked for its shape (the image1 half of the encoders is skipped).
     Returns:
       f32[B,H,W,2] flow in pixels, (dx, dy): image1 pixel p matches image2 at p + flow(p).
     """
     check_images(image1, image2)
+    if source is None:
+        source = encode_source(config, variables, image1)
     s = config.input_scale
     if s > 1:
         b, h, w, _ = image1.shape
-
-        def big(x):
-            return jax.image.resize(
-                jnp.asarray(x, config.acc_dtype), (b, s * h, s * w, 3), "bilinear"
-            )
-
         plain = dataclasses.replace(config, input_scale=1)
-        out = raft_forward(plain, variables, big(image1), big(image2), iters, unroll, sequence)
+        big2 = _upscaled(config, image2)
+        out = raft_forward(plain, variables, big2, big2, iters, unroll, sequence, source)
         pooled = out.reshape(out.shape[:-3] + (h, s, w, s, 2)).mean(axis=(-4, -2))
         return pooled / s
-    fnet, cnet, update, mask_head = config.modules()
+    fnet, _, update, mask_head = config.modules()
     params = variables["params"]
-    b = image1.shape[0]
     acc = config.acc_dtype
-    x1 = 2.0 * (jnp.asarray(image1, acc) / 255.0) - 1.0
     x2 = 2.0 * (jnp.asarray(image2, acc) / 255.0) - 1.0
+    fmap2 = fnet.apply({"params": params["fnet"]}, x2)
+    pyramid = corr_lib.build_pyramid(source["fmap"], fmap2, config.levels)
+    net, inp = source["net"], source["inp"]
 
-    fmaps = fnet.apply({"params": params["fnet"]}, jnp.concatenate([x1, x2], 0))
-    pyramid = corr_lib.build_pyramid(fmaps[:b], fmaps[b:], config.levels)
-    cvars = {"params": params["cnet"]}
-    if "cnet" in variables.get("batch_stats", {}):
-        cvars["batch_stats"] = variables["batch_stats"]["cnet"]
-    ctx = cnet.apply(cvars, x1).astype(acc)
-    net = jnp.tanh(ctx[..., : config.hidden_dim])
-    inp = jax.nn.relu(ctx[..., config.hidden_dim :])
-
-    _, h, w, _ = ctx.shape
+    b, h, w, _ = net.shape
     coords0 = coords_grid(b, h, w, acc)
     upd_params = {k: v for k, v in params["update_block"].items() if not k.startswith("mask")}
 
@@ -244,10 +270,17 @@ class Raft:
     variables: dict
     config: RaftConfig = struct.field(pytree_node=False)
 
-    def __call__(self, image1, image2, iters: int = 12, unroll: bool = False):
+    def __call__(self, image1, image2, iters: int = 12, unroll: bool = False, source=None):
         """f[B,H,W,3] in [0,255] x2 -> f32[B,H,W,2] flow in pixels (source -> target);
-        `unroll`: the refinement loop unrolled (raft_forward)."""
-        return raft_forward(self.config, self.variables, image1, image2, iters, unroll)
+        `unroll`: the refinement loop unrolled; `source`: image1's features from
+        `encode_source` (raft_forward)."""
+        return raft_forward(
+            self.config, self.variables, image1, image2, iters, unroll, source=source
+        )
+
+    def encode_source(self, image1) -> dict:
+        """image1's features, computed once for many image2s (encode_source)."""
+        return encode_source(self.config, self.variables, image1)
 
     def replace_config(self, **changes: Any) -> "Raft":
         """The same weights under another context_norm / dtype."""

@@ -335,6 +335,7 @@ class Runner:
         )
         state = sampler.init(edit, cat([p.z_T for p in batch]), [p.job.options.seed for p in batch])
         edit, state = shard_edit(edit, self.mesh), shard_state(state, self.mesh)
+        edit = sampler.encode_source(edit)  # source_cache: on each device, as a single edit
         names = [p.job.name for p in batch]
         digest = hashlib.sha256(
             json.dumps([names, ed._config_digest(o), repr(first.group)]).encode()

@@ -84,6 +84,7 @@ class Options:
     remat: str = "none"
     skip_unguided: bool = True
     loops: str = "auto"
+    source_cache: bool = False
     compilation_cache: str = ""
     motion: str | None = None
     drag: str | None = None
@@ -528,6 +529,7 @@ GUIDANCE_FIELDS = (
     "remat",
     "skip_unguided",
     "loops",
+    "source_cache",
 )
 
 

@@ -122,6 +122,15 @@ class Context:
     # its dtype and remat settings
     flow: Callable
     extras: Mapping[str, jnp.ndarray] = dataclasses.field(default_factory=dict)
+    # source_flow(image2, iters) -> f32[B,H,W,2]: flow(255 * source, image2, iters), with the
+    # source's RAFT encoding computed once per edit (the sampler's); None: through `flow`
+    source_flow: Callable | None = None
+
+    def flow_from_source(self, image2, iters: int) -> jnp.ndarray:
+        """RAFT(255 * source, image2) for image2 in [0, 255]."""
+        if self.source_flow is None:
+            return self.flow(255.0 * self.source, image2, iters)
+        return self.source_flow(image2, iters)
 
 
 class Energy:
@@ -195,7 +204,7 @@ class MotionEnergy(Energy):
             ctx.source,
             ctx.target_flow,
             ctx.occlusion,
-            ctx.flow,
+            lambda _, b, iters: ctx.flow_from_source(b, iters),  # the first image is the source
             EnergyWeights(self.flow_weight, self.color_weight),
             self.raft_iters,
             self.oracle,

@@ -62,6 +62,10 @@ class GuidanceConfig:
     # decoder, RAFT or backward pass; their energy logs are NaN (not evaluated).
     skip_unguided: bool = True
     loops: str = "auto"  # LOOPS (mgjax.levers): scan | unrolled | auto (unrolled on CPU)
+    # Encode each edit's source with RAFT once (Edit.raft_source) instead of in every guided
+    # evaluation: the same flow, less work. Off by default for now: it changes the rounding,
+    # and the toy pack's guided figures, measured without it, would have to be measured again.
+    source_cache: bool = False
 
     def __post_init__(self):
         checks = (
@@ -106,6 +110,9 @@ class Edit:
     trajectory: jnp.ndarray | None = None  # f32[S,B,C,h,w] source latents, sampling order
     z0: jnp.ndarray | None = None  # f32[B,C,h,w] source latent, when there is no trajectory
     extras: dict | None = None  # name -> [B, ...] arrays for custom energies (Context.extras)
+    # RAFT's encoding of 255 * source (flow.raft.encode_source), the same in every evaluation:
+    # computed once by prepare; None: each evaluation encodes the source itself
+    raft_source: dict | None = None
 
 
 # The batch axis of each per-image field of Edit (the schedule is shared by the batch).
@@ -129,8 +136,9 @@ def map_images(edit: Edit, fn) -> Edit:
         for k, axis in EDIT_BATCH_AXIS.items()
         if getattr(edit, k) is not None
     }
-    if edit.extras:
-        changes["extras"] = {k: fn(v, 0) for k, v in edit.extras.items()}
+    for name in ("extras", "raft_source"):
+        if getattr(edit, name):
+            changes[name] = {k: fn(v, 0) for k, v in getattr(edit, name).items()}
     return edit.replace(**changes)
 
 
@@ -213,6 +221,7 @@ class GuidedSampler:
         )
         self._compiled: dict = {}
         self._final = None  # jitted final_energy
+        self._encode_source = jax.jit(lambda raft, image: raft.encode_source(image))
 
     # ------------------------------------------------------------------ inputs
 
@@ -315,7 +324,7 @@ class GuidedSampler:
             if cfg.occlusion_masking
             else jnp.ones((b, h, w, 1), jnp.float32)
         )
-        return Edit(
+        edit = Edit(
             source=jnp.asarray(source),
             target_flow=jnp.asarray(flow),
             occlusion=occ,
@@ -327,6 +336,16 @@ class GuidedSampler:
             z0=z0,
             extras=extras,
         )
+        return self.encode_source(edit)
+
+    def encode_source(self, edit: Edit) -> Edit:
+        """With config.source_cache, `edit` with RAFT's encoding of its source images
+        (Edit.raft_source), computed where the source lies: after the edit is sharded, each
+        device encodes its own images, as a single edit would (prepare calls this; so does batch
+        editing after sharding). Without it, `edit` unchanged."""
+        if not self.config.source_cache:
+            return edit
+        return edit.replace(raft_source=self._encode_source(self.raft, 255.0 * edit.source))
 
     def init(self, edit: Edit, z_T, seeds) -> SamplerState:
         """Start state from z_T f32[B,C,h,w]; seeds: one int per image (or a single int)."""
@@ -380,9 +399,9 @@ class GuidedSampler:
         if cfg.raft_gradient == "full":
             raft = raft.replace_config(detach=False)
         unroll = {"unroll": True} if self.loops == "unrolled" else {}  # a Raft's keyword
-        flow_net = lambda a, b, iters: self._remat(  # noqa: E731
-            lambda r, a, b: r(a, b, iters=iters, **unroll), diffusers=False
-        )(raft, a, b)
+        flow_net = lambda a, b, iters, src=None: self._remat(  # noqa: E731
+            lambda r, a, b, src: r(a, b, iters=iters, source=src, **unroll), diffusers=False
+        )(raft, a, b, src)
 
         ctx = self.context(edit, flow_net)
 
@@ -425,13 +444,20 @@ class GuidedSampler:
 
     @staticmethod
     def context(edit: Edit, flow_net) -> Context:
-        """The energy's view of an edit; flow_net(a, b, iters) is the flow network."""
+        """The energy's view of an edit; flow_net(a, b, iters, source_features=None) is the flow
+        network, given the edit's cached source encoding for flows from the source."""
+        source = edit.source
+
+        def source_flow(b, iters):
+            return flow_net(255.0 * source, b, iters, edit.raft_source)
+
         return Context(
-            source=edit.source,
+            source=source,
             target_flow=edit.target_flow,
             occlusion=edit.occlusion,
-            flow=flow_net,
+            flow=lambda a, b, iters: flow_net(a, b, iters),
             extras=edit.extras or {},
+            source_flow=source_flow,
         )
 
     def final_energy(self, edit: Edit, images) -> dict[str, np.ndarray]:
@@ -441,7 +467,7 @@ class GuidedSampler:
         if self._final is None:
 
             def measure(raft, x, edit):
-                ctx = self.context(edit, lambda a, b, iters: raft(a, b, iters=iters))
+                ctx = self.context(edit, lambda a, b, iters, s=None: raft(a, b, iters, source=s))
                 e, terms = self.energy(x, ctx)
                 return {"energy": e, **{k: terms[k] for k in self.energy.log_names}}
 

@@ -132,10 +132,12 @@ def test_batch_of_eight_equals_single_edits_and_a_bad_job_is_skipped(assets, tmp
     Guided edits with these random tiny models amplify rounding: bilinear lookups in RAFT have a
     gradient that jumps at integer coordinates. Measured on single edits, z_T x (1 + 1e-6) moves
     the final image by ~2e-6 (relative L2) for jobs on image0 and by 3-4e-4 for jobs on image1.
-    Sharding's rounding (~1e-5, the UNet gradient's) then moves image0 jobs by ~2e-6 and image1
-    jobs by ~3e-3. So: every edit within 1e-2 (the rtol tests/test_sampler.py gives the
-    guidance norm for the same reason), and the image0 jobs, which amplify little, within 1e-5.
-    A sharding bug would move all of them.
+    How far sharding's rounding (~1e-5, the UNet gradient's) carries depends on the CPU: on one
+    machine image0 jobs moved by ~2e-6 and image1 jobs by ~3e-3; on another all moved by
+    2e-6 to 1e-5 but one image0 job by 3.1e-5. So: every edit within 1e-2 (the rtol
+    tests/test_sampler.py gives the guidance norm for the same reason), and the image0 jobs,
+    which amplify little, within 1e-4. A sharding bug (another image's inputs) would move an
+    edit by far more: two different jobs differ by more than 1e-2 (the last check).
     """
     jobs = _jobs(tmp_path / "jobs.jsonl", assets, 9, bad_at=4)
     out8, b8 = _api(
@@ -153,7 +155,7 @@ def test_batch_of_eight_equals_single_edits_and_a_bad_job_is_skipped(assets, tmp
     rel = [np.linalg.norm(b8[n] - b1[n]) / np.linalg.norm(b1[n]) for n in names]
     print("batched (8 devices) vs single edits, relative L2: " + " ".join(f"{r:.1e}" for r in rel))
     assert max(rel) < 1e-2, rel
-    assert max(r for n, r in zip(names, rel, strict=True) if int(n[1:]) % 2 == 0) < 1e-5, rel
+    assert max(r for n, r in zip(names, rel, strict=True) if int(n[1:]) % 2 == 0) < 1e-4, rel
     assert np.abs(b8["e0"] - b8["e1"]).max() > 1e-2  # different jobs, different edits
     rows = [json.loads(ln) for ln in (tmp_path / "b8" / "summary.jsonl").read_text().splitlines()]
     assert [r["name"] for r in rows] == [f"e{i}" for i in range(9)]

@@ -133,6 +133,31 @@ def test_blocks_remat_checkpoints_each_block_once_and_keeps_the_gradient(tiny):
     assert err <= 1e-5 * scale, (err, scale)
 
 
+def test_source_cache_encodes_the_source_once_and_keeps_the_result(tiny):
+    """source_cache: prepare encodes the source with RAFT once (Edit.raft_source), the
+    evaluation no longer does (fewer FLOPs by at least 90% of the encoders'), and the result
+    stays within the noise floor: the same evaluation with its input moved by 1e-7."""
+    runs, flops = {}, {}
+    for cache in (False, True):
+        compiled, args = _one_evaluation(tiny, tiny["sd"], tiny["raft"], source_cache=cache)
+        edit = args[2]
+        assert (edit.raft_source is not None) == cache
+        cost = compiled.cost_analysis()
+        flops[cache] = (cost[0] if isinstance(cost, list | tuple) else cost)["flops"]
+        z_prev, logs, _ = compiled(*args)
+        runs[cache] = (np.asarray(z_prev), float(logs["energy"][0]))
+        if not cache:
+            params, raft, edit, z, keys = args
+            moved = np.asarray(compiled(params, raft, edit, z * (1 + 1e-7), keys)[0])
+            floor = np.abs(moved - runs[False][0]).max()
+            source = 255.0 * edit.source
+    encoders = jax.jit(tiny["raft"].encode_source).lower(source).compile().cost_analysis()
+    encoders = (encoders[0] if isinstance(encoders, list | tuple) else encoders)["flops"]
+    assert flops[True] <= flops[False] - 0.9 * encoders, (flops, encoders)
+    assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-6)  # the same energy
+    assert np.abs(runs[True][0] - runs[False][0]).max() <= max(floor, 1e-5), floor
+
+
 def test_memory_efficient_attention_matches_plain(tiny):
     sd = tiny["sd"]
     mea = sd.configure(attention="memory_efficient")

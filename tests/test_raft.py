@@ -184,3 +184,42 @@ def test_full_gradient_is_the_exact_derivative_detached_is_not(models):
           f"detached {slopes['detached']:.6e}")  # fmt: skip
     assert abs(slopes["full"] - numeric) < 1e-5 * abs(numeric)
     assert abs(slopes["detached"] - numeric) > 1e-3 * abs(numeric)
+
+
+def test_cached_source_encoding_gives_the_same_flow_and_gradient(models):
+    """encode_source once, then many image2s (the sampler's cache): the flow and its gradient
+    with respect to image2 are those of the plain call (fp64, where only the order of float
+    operations could differ; in fp32 XLA fuses the two programs differently and the random
+    network's gradient amplifies that rounding to ~1e-3 of its scale), and the cached call
+    leaves out the source encoders' work (XLA's FLOP count, refinement unrolled so it is counted
+    whole)."""
+    _, path, _ = models
+    a, b = image_pair(2, H, W, seed=7)
+    c = np.random.default_rng(8).normal(size=(2, H, W, 2))
+    with jax.enable_x64(True):
+        # context_norm "batch", the sampler's: per-image statistics
+        net = load_raft(path, context_norm="batch", dtype="float64")
+        a, b = jnp.asarray(a, jnp.float64), jnp.asarray(b, jnp.float64)
+        cache = jax.jit(net.encode_source)(a)
+
+        def flow_and_grad(x1, x2, source):  # x1 an argument: as a constant XLA would fold it
+            def loss(x2):
+                flow = net(x1, x2, iters=3, unroll=True, source=source)
+                return jnp.sum(flow * c), flow
+
+            (_, flow), grad = jax.value_and_grad(loss, has_aux=True)(x2)
+            return flow, grad
+
+        runs, flops = {}, {}
+        for name, source in (("plain", None), ("cached", cache)):
+            compiled = jax.jit(flow_and_grad).lower(a, b, source).compile()
+            cost = compiled.cost_analysis()
+            flops[name] = (cost[0] if isinstance(cost, list | tuple) else cost)["flops"]
+            runs[name] = [np.asarray(v) for v in compiled(a, b, source)]
+        encoders = jax.jit(net.encode_source).lower(a).compile().cost_analysis()
+    for plain, cached in zip(runs["plain"], runs["cached"], strict=True):
+        scale = np.abs(plain).max()
+        assert scale > 0
+        assert np.abs(cached - plain).max() <= 1e-10 * scale, (np.abs(cached - plain).max(), scale)
+    encoders = (encoders[0] if isinstance(encoders, list | tuple) else encoders)["flops"]
+    assert flops["cached"] <= flops["plain"] - 0.9 * encoders, (flops, encoders)
