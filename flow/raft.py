@@ -138,10 +138,20 @@ def _upscaled(config: RaftConfig, image) -> jnp.ndarray:
     return jax.image.resize(jnp.asarray(image, config.acc_dtype), (b, s * h, s * w, 3), "bilinear")
 
 
+def _context(config: RaftConfig, variables: dict, x1) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The context encoder's (hidden state, input) for x1 in [-1, 1]."""
+    _, cnet, _, _ = config.modules()
+    cvars = {"params": variables["params"]["cnet"]}
+    if "cnet" in variables.get("batch_stats", {}):
+        cvars["batch_stats"] = variables["batch_stats"]["cnet"]
+    ctx = cnet.apply(cvars, x1).astype(config.acc_dtype)
+    return jnp.tanh(ctx[..., : config.hidden_dim]), jax.nn.relu(ctx[..., config.hidden_dim :])
+
+
 def encode_source(config: RaftConfig, variables: dict, image1) -> dict:
     """What RAFT computes from image1 alone: its feature map and the context encoder's hidden
     state and input. An edit's source is the same in all of its guided evaluations, so the
-    sampler computes this once (raft_forward's `source`) instead of in every evaluation.
+    sampler can compute this once (raft_forward's `source`) instead of in every evaluation.
 
     Args:
       image1: f[B,H,W,3] in [0, 255].
@@ -149,20 +159,13 @@ def encode_source(config: RaftConfig, variables: dict, image1) -> dict:
       {"fmap": f[B,h,w,C], "net": f32[B,h,w,hidden], "inp": f32[B,h,w,context]} at the input
       scale's 1/8 resolution, each image's on its own (instance norm, per-image "batch" norm).
     """
+    check_images(image1, image1)
     if config.input_scale > 1:
         image1 = _upscaled(config, image1)
-    fnet, cnet, _, _ = config.modules()
-    params, acc = variables["params"], config.acc_dtype
-    x1 = 2.0 * (jnp.asarray(image1, acc) / 255.0) - 1.0
-    cvars = {"params": params["cnet"]}
-    if "cnet" in variables.get("batch_stats", {}):
-        cvars["batch_stats"] = variables["batch_stats"]["cnet"]
-    ctx = cnet.apply(cvars, x1).astype(acc)
-    return {
-        "fmap": fnet.apply({"params": params["fnet"]}, x1),
-        "net": jnp.tanh(ctx[..., : config.hidden_dim]),
-        "inp": jax.nn.relu(ctx[..., config.hidden_dim :]),
-    }
+    fnet = config.modules()[0]
+    x1 = 2.0 * (jnp.asarray(image1, config.acc_dtype) / 255.0) - 1.0
+    net, inp = _context(config, variables, x1)
+    return {"fmap": fnet.apply({"params": variables["params"]["fnet"]}, x1), "net": net, "inp": inp}
 
 
 def raft_forward(
@@ -187,28 +190,42 @@ def raft_forward(
       sequence: return every iteration's upsampled flow, f32[iters,B,H,W,2] (for training with
         RAFT's sequence loss).
       source: encode_source(config, variables, image1), computed before; image1 is then only
-        checked for its shape (the image1 half of the encoders is skipped).
+        checked for its shape (the image1 half of the encoders is skipped). Without it the
+        feature encoder runs on both images as one batch, as upstream RAFT does.
     Returns:
       f32[B,H,W,2] flow in pixels, (dx, dy): image1 pixel p matches image2 at p + flow(p).
     """
     check_images(image1, image2)
-    if source is None:
-        source = encode_source(config, variables, image1)
     s = config.input_scale
+    b, h, w, _ = image1.shape
+    if source is not None:
+        want = (b, s * h // 8, s * w // 8)
+        if tuple(source["net"].shape[:3]) != want:
+            raise UserError(
+                f"the source encoding is for {tuple(source['net'].shape[:3])} (batch, 1/8 "
+                f"grid), the images need {want}; encode this source with encode_source"
+            )
     if s > 1:
-        b, h, w, _ = image1.shape
         plain = dataclasses.replace(config, input_scale=1)
         big2 = _upscaled(config, image2)
-        out = raft_forward(plain, variables, big2, big2, iters, unroll, sequence, source)
+        big1 = big2 if source is not None else _upscaled(config, image1)  # shape only, if so
+        out = raft_forward(plain, variables, big1, big2, iters, unroll, sequence, source)
         pooled = out.reshape(out.shape[:-3] + (h, s, w, s, 2)).mean(axis=(-4, -2))
         return pooled / s
     fnet, _, update, mask_head = config.modules()
     params = variables["params"]
     acc = config.acc_dtype
     x2 = 2.0 * (jnp.asarray(image2, acc) / 255.0) - 1.0
-    fmap2 = fnet.apply({"params": params["fnet"]}, x2)
-    pyramid = corr_lib.build_pyramid(source["fmap"], fmap2, config.levels)
-    net, inp = source["net"], source["inp"]
+    if source is None:
+        x1 = 2.0 * (jnp.asarray(image1, acc) / 255.0) - 1.0
+        fmaps = fnet.apply({"params": params["fnet"]}, jnp.concatenate([x1, x2], 0))
+        fmap1, fmap2 = fmaps[:b], fmaps[b:]
+        pyramid = corr_lib.build_pyramid(fmap1, fmap2, config.levels)
+        net, inp = _context(config, variables, x1)
+    else:
+        fmap2 = fnet.apply({"params": params["fnet"]}, x2)
+        pyramid = corr_lib.build_pyramid(source["fmap"], fmap2, config.levels)
+        net, inp = source["net"], source["inp"]
 
     b, h, w, _ = net.shape
     coords0 = coords_grid(b, h, w, acc)

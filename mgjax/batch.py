@@ -332,10 +332,11 @@ class Runner:
             frozen=cat([np.broadcast_to(p.inputs.frozen, lat) for p in batch]),
             trajectory=cat([p.latents for p in batch], 1),
             schedule=first.schedule,
+            encode=False,  # source_cache: encoded below, once sharded
         )
         state = sampler.init(edit, cat([p.z_T for p in batch]), [p.job.options.seed for p in batch])
         edit, state = shard_edit(edit, self.mesh), shard_state(state, self.mesh)
-        edit = sampler.encode_source(edit)  # source_cache: on each device, as a single edit
+        edit = sampler.encode_source(edit)  # source_cache: each device its own, as single edits
         names = [p.job.name for p in batch]
         digest = hashlib.sha256(
             json.dumps([names, ed._config_digest(o), repr(first.group)]).encode()

@@ -236,12 +236,14 @@ class GuidedSampler:
         z0=None,
         schedule=None,
         extras=None,
+        encode: bool = True,
     ) -> Edit:
         """Validate and assemble the per-edit inputs; every shape problem is a UserError here,
         before anything is compiled. Arrays: source [B,H,W,3] in [0,1]; target_flow [B,H,W,2];
         frozen [B,C,h,w] or [B,1,h,w] (True = frozen) or None; trajectory [S,B,C,h,w] or z0
         [B,C,h,w] (one of them); schedule [S] or None (all ones); extras {name: [B, ...]} for
-        the energy (or None)."""
+        the energy (or None). encode: with config.source_cache, encode the source now
+        (`encode_source`); batch editing does it after sharding instead."""
         cfg = self.config
         source = np.asarray(source, self.dtype)
         flow = np.asarray(target_flow, self.dtype)
@@ -336,7 +338,7 @@ class GuidedSampler:
             z0=z0,
             extras=extras,
         )
-        return self.encode_source(edit)
+        return self.encode_source(edit) if encode else edit
 
     def encode_source(self, edit: Edit) -> Edit:
         """With config.source_cache, `edit` with RAFT's encoding of its source images
@@ -444,11 +446,14 @@ class GuidedSampler:
 
     @staticmethod
     def context(edit: Edit, flow_net) -> Context:
-        """The energy's view of an edit; flow_net(a, b, iters, source_features=None) is the flow
-        network, given the edit's cached source encoding for flows from the source."""
+        """The energy's view of an edit; flow_net(a, b, iters) is the flow network. When the
+        edit carries its source's RAFT encoding (source_cache), flows from the source call
+        flow_net(255 * source, b, iters, edit.raft_source) instead."""
         source = edit.source
 
         def source_flow(b, iters):
+            if edit.raft_source is None:
+                return flow_net(255.0 * source, b, iters)
             return flow_net(255.0 * source, b, iters, edit.raft_source)
 
         return Context(

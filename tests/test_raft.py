@@ -189,8 +189,9 @@ def test_full_gradient_is_the_exact_derivative_detached_is_not(models):
 def test_cached_source_encoding_gives_the_same_flow_and_gradient(models):
     """encode_source once, then many image2s (the sampler's cache): the flow and its gradient
     with respect to image2 are those of the plain call (fp64, where only the order of float
-    operations could differ; in fp32 XLA fuses the two programs differently and the random
-    network's gradient amplifies that rounding to ~1e-3 of its scale), and the cached call
+    operations could differ: in fp32 the plain call runs the feature encoder on both images as
+    one batch, and the random network's gradient carried that to 2e-3 of its scale on one
+    machine, 0 on another), and the cached call
     leaves out the source encoders' work (XLA's FLOP count, refinement unrolled so it is counted
     whole)."""
     _, path, _ = models
