@@ -35,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.timing import xla_flops  # noqa: E402
 
 GIB = 2**30
 # name -> (dtype, remat, attention)
@@ -137,18 +138,6 @@ def _device_random(shapes):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _flops(compiled):
-    """XLA's FLOP count of the compiled chunk (1 DDIM step x K evaluations). Its cost analysis
-    counts a loop body once, so this is one guided evaluation with RAFT's update loop counted
-    once: 4 of the 5 RAFT iterations (~0.04 TFLOP each, fwd+bwd) are missing, ~2% low."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # not every backend implements it
-        return None
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    return float(cost["flops"]) if cost and "flops" in cost else None
-
-
 def run_jax(name: str, k: int, repeats: int, batch: int) -> dict:
     dtype, remat, attention = VARIANTS[name]
     jax, jnp, sampler, edit, state = _build(dtype, attention, batch, remat, k, False)
@@ -159,7 +148,10 @@ def run_jax(name: str, k: int, repeats: int, batch: int) -> dict:
     compiled = sampler._chunk.lower(*args, state, length=1, mode=mode).compile()
     compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
-    flops = _flops(compiled)
+    # The chunk is 1 DDIM step x K evaluations, and XLA counts a loop body once: one guided
+    # evaluation with RAFT's update loop counted once (4 of its 5 iterations, ~0.04 TFLOP each
+    # fwd+bwd, are missing: ~2% low).
+    flops = xla_flops(compiled)
     times = []
     for _ in range(repeats + 1):  # the first call is a warm-up
         t = time.perf_counter()

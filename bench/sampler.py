@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.timing import median_time  # noqa: E402
+from bench.timing import median_time, xla_flops  # noqa: E402
 from flow.raft import Raft, RaftConfig, init_raft  # noqa: E402
 from mgjax import sd as sdm  # noqa: E402
 from mgjax.sampler import Edit, GuidanceConfig, GuidedSampler, eval_noise  # noqa: E402
@@ -198,15 +198,12 @@ def _full_one(dtype: str, raft_iters: int):
     t = time.perf_counter()
     compiled = jax.jit(one_eval).lower(params, raft, edit, z, keys).compile()
     compile_s = time.perf_counter() - t
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
     mem = compiled.memory_analysis()
-    flops = cost.get("flops", float("nan"))
+    flops = xla_flops(compiled) or float("nan")
     # --source_cache: the source's RAFT encoding computed once per edit, not in the evaluation
     encoding = jax.eval_shape(lambda r, x: r.encode_source(x), raft, edit.source)
     cached = jax.jit(one_eval).lower(params, raft, edit.replace(raft_source=encoding), z, keys)
-    cached = cached.compile().cost_analysis()
-    cached = (cached[0] if isinstance(cached, list | tuple) else cached).get("flops", np.nan)
+    cached = xla_flops(cached.compile()) or float("nan")
     print(
         f"  XLA flops: {flops / 1e12:.2f} TFLOP per evaluation "
         f"-> {flops * 5000 / 1e15:.1f} PFLOP per edit at paper settings (500 x 10); "

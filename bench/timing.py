@@ -1,4 +1,4 @@
-"""Shared timing helper of the benchmark scripts."""
+"""Shared timing and cost helpers of the benchmark scripts."""
 
 import statistics
 import time
@@ -13,3 +13,14 @@ def median_time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def xla_flops(compiled) -> float | None:
+    """XLA's FLOP count of a compiled computation (a loop body counted once), or None where
+    the backend has no cost analysis."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None

@@ -138,6 +138,11 @@ def _upscaled(config: RaftConfig, image) -> jnp.ndarray:
     return jax.image.resize(jnp.asarray(image, config.acc_dtype), (b, s * h, s * w, 3), "bilinear")
 
 
+def _unit(config: RaftConfig, image) -> jnp.ndarray:
+    """image in [0, 255] -> [-1, 1], in the accumulation dtype (RAFT's input normalisation)."""
+    return 2.0 * (jnp.asarray(image, config.acc_dtype) / 255.0) - 1.0
+
+
 def _context(config: RaftConfig, variables: dict, x1) -> tuple[jnp.ndarray, jnp.ndarray]:
     """The context encoder's (hidden state, input) for x1 in [-1, 1]."""
     _, cnet, _, _ = config.modules()
@@ -163,7 +168,7 @@ def encode_source(config: RaftConfig, variables: dict, image1) -> dict:
     if config.input_scale > 1:
         image1 = _upscaled(config, image1)
     fnet = config.modules()[0]
-    x1 = 2.0 * (jnp.asarray(image1, config.acc_dtype) / 255.0) - 1.0
+    x1 = _unit(config, image1)
     net, inp = _context(config, variables, x1)
     return {"fmap": fnet.apply({"params": variables["params"]["fnet"]}, x1), "net": net, "inp": inp}
 
@@ -215,9 +220,9 @@ def raft_forward(
     fnet, _, update, mask_head = config.modules()
     params = variables["params"]
     acc = config.acc_dtype
-    x2 = 2.0 * (jnp.asarray(image2, acc) / 255.0) - 1.0
+    x2 = _unit(config, image2)
     if source is None:
-        x1 = 2.0 * (jnp.asarray(image1, acc) / 255.0) - 1.0
+        x1 = _unit(config, image1)
         fmaps = fnet.apply({"params": params["fnet"]}, jnp.concatenate([x1, x2], 0))
         fmap1, fmap2 = fmaps[:b], fmaps[b:]
         pyramid = corr_lib.build_pyramid(fmap1, fmap2, config.levels)

@@ -449,20 +449,16 @@ class GuidedSampler:
         """The energy's view of an edit; flow_net(a, b, iters) is the flow network. When the
         edit carries its source's RAFT encoding (source_cache), flows from the source call
         flow_net(255 * source, b, iters, edit.raft_source) instead."""
-        source = edit.source
-
-        def source_flow(b, iters):
-            if edit.raft_source is None:
-                return flow_net(255.0 * source, b, iters)
-            return flow_net(255.0 * source, b, iters, edit.raft_source)
-
+        cached = edit.raft_source
         return Context(
-            source=source,
+            source=edit.source,
             target_flow=edit.target_flow,
             occlusion=edit.occlusion,
-            flow=lambda a, b, iters: flow_net(a, b, iters),
+            flow=flow_net,
             extras=edit.extras or {},
-            source_flow=source_flow,
+            source_flow=None
+            if cached is None  # Context.flow_from_source goes through flow_net
+            else lambda b, iters: flow_net(255.0 * edit.source, b, iters, cached),
         )
 
     def final_energy(self, edit: Edit, images) -> dict[str, np.ndarray]:

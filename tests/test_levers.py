@@ -17,6 +17,7 @@ from mgjax import sd as sdm
 from mgjax.energy import Energy
 from mgjax.levers import resolve_loops
 from mgjax.sampler import GuidanceConfig, GuidedSampler
+from tests import xla
 
 H = W = 64
 
@@ -57,8 +58,7 @@ def test_remat_recomputes_and_keeps_the_result(tiny):
     for policy in ("none", "dots", "full"):
         compiled, args = _one_evaluation(tiny, tiny["sd"], tiny["raft"], remat=policy)
         temps[policy] = compiled.memory_analysis().temp_size_in_bytes
-        cost = compiled.cost_analysis()
-        flops[policy] = (cost[0] if isinstance(cost, list | tuple) else cost)["flops"]
+        flops[policy] = xla.flops(compiled)
         z_prev, logs, x = compiled(*args)
         results[policy] = (np.asarray(z_prev), float(logs["energy"][0]))
         if policy == "none":
@@ -118,8 +118,7 @@ def test_blocks_remat_checkpoints_each_block_once_and_keeps_the_gradient(tiny):
         if policy != "full":
             grad = jax.jit(jax.grad(lambda z, fn=fn: jnp.sum(fn(sd.params, z) ** 2)))
             compiled = grad.lower(z).compile()
-            cost = compiled.cost_analysis()
-            flops[policy] = (cost[0] if isinstance(cost, list | tuple) else cost)["flops"]
+            flops[policy] = xla.flops(compiled)
             grads[policy] = np.asarray(compiled(z))
     unet, vae = sd.unet.config, sd.vae.config
     blocks = len(unet.down_block_types) + 1 + len(unet.up_block_types) + 1 + len(vae.up_block_types)
@@ -142,8 +141,7 @@ def test_source_cache_encodes_the_source_once_and_keeps_the_result(tiny):
         compiled, args = _one_evaluation(tiny, tiny["sd"], tiny["raft"], source_cache=cache)
         edit = args[2]
         assert (edit.raft_source is not None) == cache
-        cost = compiled.cost_analysis()
-        flops[cache] = (cost[0] if isinstance(cost, list | tuple) else cost)["flops"]
+        flops[cache] = xla.flops(compiled)
         z_prev, logs, _ = compiled(*args)
         runs[cache] = (np.asarray(z_prev), float(logs["energy"][0]))
         if not cache:
@@ -151,8 +149,7 @@ def test_source_cache_encodes_the_source_once_and_keeps_the_result(tiny):
             moved = np.asarray(compiled(params, raft, edit, z * (1 + 1e-7), keys)[0])
             floor = np.abs(moved - runs[False][0]).max()
             source = 255.0 * edit.source
-    encoders = jax.jit(tiny["raft"].encode_source).lower(source).compile().cost_analysis()
-    encoders = (encoders[0] if isinstance(encoders, list | tuple) else encoders)["flops"]
+    encoders = xla.flops(jax.jit(tiny["raft"].encode_source).lower(source).compile())
     assert flops[True] <= flops[False] - 0.9 * encoders, (flops, encoders)
     assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-6)  # the same energy
     assert np.abs(runs[True][0] - runs[False][0]).max() <= max(floor, 1e-5), floor
