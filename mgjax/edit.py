@@ -37,8 +37,8 @@ _PAPER = dict(
 # would be the same per-element bound, clip / 8 (half that) keeps the object whole in every
 # rounding variant of the demo measured (BENCHMARKS.md); flows are in pixels, 8x smaller for the
 # same relative motion: lambda_flow x 8 keeps the flow/colour balance. 100 steps: at 50 the
-# demo's object smeared to half its pixels on one CPU's rounding, at 100 it kept 82-93% of them in
-# all four variants measured, thread count and source cache (BENCHMARKS.md). No recursion,
+# demo's object smeared to half its pixels on one CPU's rounding, at 100 it kept 77-96% of them in
+# every variant measured (thread count, loop form, source cache; BENCHMARKS.md). No recursion,
 # CFG 1 (measured on the demo, BENCHMARKS.md): the toy UNet reconstructs an inverted source exactly
 # only at the inversion's CFG 1 and K = 1; with K >= 2 or CFG 3 it regrows the object anywhere
 # in the unfrozen region even unguided, so a "moved" object proves nothing. The full gradient
