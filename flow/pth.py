@@ -2,24 +2,24 @@
 
 Both formats written by `torch.save` are supported: the zip format (default since torch 1.6)
 and the legacy stream of pickles (`_use_new_zipfile_serialization=False`). The pickles are
-read by an unpickler that resolves only a whitelist of globals (tensor rebuild functions,
-storage classes, `torch.Size`, dtypes, `OrderedDict`, `set`); anything else is refused.
+read by `flow.unpickle` with a whitelist of globals (tensor rebuild functions, storage
+classes, `torch.Size`, dtypes, `OrderedDict`, `set`); anything else is refused.
 Tensors come back as numpy arrays; `torch.<dtype>` objects come back as `numpy.dtype`.
 """
 
 import collections
 import io
-import pickle
 import struct
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from flow import unpickle
 from flow.errors import UserError
 
 _MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
@@ -73,10 +73,6 @@ _TORCH_DTYPES = {
 
 class _BadFile(Exception):
     """Internal: the file is not a readable checkpoint; message lacks the path prefix."""
-
-
-class _Refused(Exception):
-    """Internal: the pickle references a global outside the whitelist."""
 
 
 class _StorageType:
@@ -211,7 +207,7 @@ def _size(dims: Any = ()) -> tuple[int, ...]:
 def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
     """Stands in for `_codecs.encode`, which protocol-2 pickles use for bytes (latin1 only)."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise _Refused("_codecs.encode")
+        raise unpickle.Refused("_codecs.encode")
     return text.encode("latin1")
 
 
@@ -235,53 +231,36 @@ _GLOBALS.update({("torch", n): _StorageType(n, d) for n, d in _STORAGE_DTYPES.it
 _GLOBALS.update({("torch", n): np.dtype(d) for n, d in _TORCH_DTYPES.items()})
 
 
-def _load_build(self: "_SafeUnpickler") -> None:
+def _build(target: Any, state: Any) -> None:
     """BUILD opcode: allowed only on dicts (a state dict's `_metadata`), whose state is dropped.
 
     Anything else could mutate shared objects (e.g. numpy's dtype singletons) in place.
     """
-    self.stack.pop()
-    target = self.stack[-1]
     if type(target) not in (dict, collections.OrderedDict):
-        raise _Refused(f"state set on a {type(target).__name__}")
+        raise unpickle.Refused(f"state set on a {type(target).__name__}")
 
 
-class _SafeUnpickler(pickle._Unpickler):
-    """Unpickler that resolves only whitelisted globals and torch storage ids.
+def _unpickle(data: bytes | io.BytesIO, load_storage: Any = None) -> Any:
+    """Runs the restricted unpickler over bytes or an open buffer (advanced past the pickle).
 
-    The pure-Python unpickler is used so that the BUILD opcode can be restricted too.
+    `load_storage(dtype, *rest)` resolves torch's persistent ids `("storage", type, *rest)`.
     """
 
-    dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)
-    dispatch[pickle.BUILD[0]] = _load_build
-
-    def __init__(self, file: io.BytesIO, load_storage: Any = None) -> None:
-        super().__init__(file, encoding="utf-8")
-        self._load_storage = load_storage
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return _GLOBALS[(module, name)]
-        except (KeyError, TypeError):
-            raise _Refused(f"{module}.{name}") from None
-
-    def persistent_load(self, pid: Any) -> Any:
+    def persistent_load(pid: Any) -> Any:
         if not isinstance(pid, tuple) or not pid:
             raise _BadFile(f"bad persistent id {pid!r}")
         kind = pid[0].decode("ascii") if isinstance(pid[0], bytes) else pid[0]
         if kind == "module":  # a whole nn.Module class pickled by the legacy format
-            raise _Refused(str(pid[1])[:80])
-        if kind != "storage" or self._load_storage is None:
+            raise unpickle.Refused(str(pid[1])[:80])
+        if kind != "storage" or load_storage is None:
             raise _BadFile(f"unexpected persistent id {kind!r}")
         if not isinstance(pid[1], _StorageType):
             raise _BadFile(f"bad storage type {pid[1]!r}")
-        return self._load_storage(pid[1].dtype, *pid[2:])
+        return load_storage(pid[1].dtype, *pid[2:])
 
-
-def _unpickle(data: bytes | io.BytesIO, load_storage: Any = None) -> Any:
-    """Runs the safe unpickler over bytes or an open buffer (advanced past the pickle)."""
-    file = io.BytesIO(data) if isinstance(data, bytes) else data
-    return _SafeUnpickler(file, load_storage).load()
+    return unpickle.load(
+        data, _GLOBALS, build=_build, persistent_load=persistent_load, encoding="utf-8"
+    )
 
 
 def _byteswap(array: np.ndarray) -> np.ndarray:
@@ -432,7 +411,7 @@ def read_pth(path: str | Path) -> Any:
         raise UserError(f"{path}: is a directory, not a checkpoint file") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
-    except _Refused as e:
+    except unpickle.Refused as e:
         raise UserError(
             f"{path}: refusing to load: the file contains pickled code ({e}), {_REFUSE_HINT}"
         ) from None

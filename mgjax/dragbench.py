@@ -5,21 +5,22 @@
 
 Each sample folder holds `original_image.png` and `meta_data.pkl`, a pickled dict with `prompt`,
 `points` ([x, y] handle and target points in turn) and `mask` (H x W, non-zero = the region
-that may move). The pickle is read by a restricted unpickler: plain containers, numbers,
-strings and numeric numpy arrays only, so a hostile file cannot run code. Masks are written as
-PNGs (`--masks`, default `<jobs>.masks/`). Every sample becomes one job with `image`,
-`prompt`, `points` and `object_mask`, named `<category>__<sample>`.
+that may move). The pickle is read by `flow.unpickle` with a whitelist of numpy's array and
+scalar constructors: plain containers, numbers, strings and numeric numpy arrays only, so a
+hostile file cannot run code. Masks are written as PNGs (`--masks`, default `<jobs>.masks/`).
+Every sample becomes one job with `image`, `prompt`, `points` and `object_mask`, named
+`<category>__<sample>`.
 """
 
-import io
 import json
 import os
 import pickle
 import sys
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
+from flow import unpickle
 from flow.errors import UserError, run_cli
 from flow.files import write_atomic
 
@@ -81,10 +82,8 @@ _GLOBALS[("numpy", "ndarray")] = _NDARRAY
 _GLOBALS[("numpy", "dtype")] = _make_dtype
 
 
-def _build(self: "_Unpickler") -> None:
+def _build(target: Any, state: Any) -> None:
     """BUILD: fills rebuilt arrays and dtypes from raw bytes; dict state only otherwise."""
-    state = self.stack.pop()
-    target = self.stack[-1]
     if isinstance(target, _Dtype) and isinstance(state, tuple) and len(state) > 1:
         if state[1] in ("<", ">"):
             target.dtype = target.dtype.newbyteorder(state[1])
@@ -98,17 +97,6 @@ def _build(self: "_Unpickler") -> None:
         target.update(state)
     else:
         raise pickle.UnpicklingError(f"state set on a {type(target).__name__}")
-
-
-class _Unpickler(pickle._Unpickler):
-    dispatch: ClassVar[dict] = dict(pickle._Unpickler.dispatch)
-    dispatch[pickle.BUILD[0]] = _build
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return _GLOBALS[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"refused {module}.{name}") from None
 
 
 def _finish(x: Any) -> Any:
@@ -133,10 +121,11 @@ def read_meta(path: str) -> dict:
     except OSError as e:
         raise UserError(f"{path}: cannot read it ({e.strerror})") from None
     try:
-        meta = _finish(_Unpickler(io.BytesIO(data), encoding="latin1").load())
+        meta = _finish(unpickle.load(data, _GLOBALS, build=_build, encoding="latin1"))
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as e:
+        detail = f"refused {e}" if isinstance(e, unpickle.Refused) else e
         raise UserError(
-            f"{path}: not a DragBench meta_data.pkl this reader accepts ({e})"
+            f"{path}: not a DragBench meta_data.pkl this reader accepts ({detail})"
         ) from None
     missing = [
         k for k in ("prompt", "points", "mask") if not isinstance(meta, dict) or k not in meta
