@@ -2,8 +2,8 @@
 the scaling efficiency, in one run (tiny random models; one process per device count, since
 JAX fixes the device count when it starts).
 
-  python bench/batch.py                          # 1, 2, 4, 8 simulated CPU devices
-  python bench/batch.py --devices 1 2 --batches 1 2 4 --steps 4 --size 64
+  python -m bench.batch                          # 1, 2, 4, 8 simulated CPU devices
+  python -m bench.batch --devices 1 2 --batches 1 2 4 --steps 4 --size 64
 
 On CPU the devices are simulated (XLA_FLAGS=--xla_force_host_platform_device_count=N) and
 share the machine's cores, so this measures the sharding's overhead more than a speed-up. On a
@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def measure(batch: int, steps: int, size: int) -> dict:
@@ -81,9 +80,8 @@ def measure(batch: int, steps: int, size: int) -> dict:
 
 def _child(devices: int, args) -> list[dict]:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    env["PYTHONPATH"] = str(ROOT)
     batches = [b for b in args.batches if b % devices == 0] or [devices]  # all devices busy
-    cmd = [sys.executable, __file__, "--one", str(devices), "--steps", str(args.steps)]
+    cmd = [sys.executable, "-m", "bench.batch", "--one", str(devices), "--steps", str(args.steps)]
     cmd += ["--size", str(args.size), "--batches", *map(str, batches)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     rows = [json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

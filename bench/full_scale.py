@@ -2,16 +2,16 @@
 random weights (nothing is downloaded), every performance lever, and the PyTorch transcription
 of the reference timed on the same device in the same run.
 
-  python bench/full_scale.py                       # every variant + torch, one process each
-  python bench/full_scale.py --variants bf16 bf16-full --torch none
-  python bench/full_scale.py --memory-only --variants bf16 bf16-full-mea --batches 1 2
+  python -m bench.full_scale                       # every variant + torch, one process each
+  python -m bench.full_scale --variants bf16 bf16-full --torch none
+  python -m bench.full_scale --memory-only --variants bf16 bf16-full-mea --batches 1 2
                                                    # compile only: XLA memory, batch sizes
 
 Per JAX variant (dtype, remat policy, attention): compile time of one chunk (1 DDIM step x K
 guided evaluations), median time per guided evaluation, peak memory (the device's allocator
 statistics on GPU, XLA's memory analysis elsewhere), FLOPs per evaluation (XLA's count for the
 compiled chunk, recomputation included; RAFT's loop body counted once, ~2% low: the exact
-count is `bench/sampler.py full`), achieved FLOP/s and its share of the device's dense peak.
+count is `python -m bench.sampler full`), achieved FLOP/s and its share of the device's dense peak.
 Each variant runs in its own process, so peaks don't mix. The torch rows run
 tests/torch_reference.py (the authors' loop, statement by statement) on diffusers' PyTorch
 UNet/VAE and torchvision raft_large: fp32, and with RAFT under fp16
@@ -20,7 +20,7 @@ batch sizes, and reports the largest batch per 80 GiB from a linear fit of XLA's
 
 XLA:GPU's cost analysis leaves out the convolutions and matmuls it hands to cuDNN/cuBLAS (custom
 calls), so on a GPU its count is a small fraction of the work (0.3-0.8 of 8.9 TFLOP). There,
-pass the CPU backend's count of the same graph (`bench/sampler.py full`, RAFT unrolled):
+pass the CPU backend's count of the same graph (`python -m bench.sampler full`, RAFT unrolled):
 `--flops_per_eval bfloat16=8.94 float32=8.87`. `--table rows.jsonl` prints the table again
 from the rows a run wrote with `--json` (a device run cut short still leaves them).
 """
@@ -33,9 +33,9 @@ import sys
 import time
 from pathlib import Path
 
+from bench.timing import xla_flops
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench.timing import xla_flops  # noqa: E402
 
 GIB = 2**30
 # name -> (dtype, remat, attention)
@@ -220,9 +220,7 @@ def run_torch(name: str, k: int, repeats: int) -> dict:
     from torchvision.models.optical_flow import raft_large
 
     from bench.sampler import SD14_UNET, SD14_VAE
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    import torch_reference
+    from tests import torch_reference
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -289,7 +287,7 @@ def run_torch(name: str, k: int, repeats: int) -> dict:
 
 def _child(args, name: str) -> dict | None:
     """Run one variant in a fresh process; its last stdout line is a JSON result."""
-    cmd = [sys.executable, __file__, "--one", name, "-k", str(args.k)]
+    cmd = [sys.executable, "-m", "bench.full_scale", "--one", name, "-k", str(args.k)]
     cmd += ["--repeats", str(args.repeats), "--batch", str(args.batch)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -1,6 +1,6 @@
 """Numerical effect and cost of each performance lever on the tiny parity case.
 
-  python bench/levers.py [--steps 3] [--recursive 2] [--size 128]
+  python -m bench.levers [--steps 3] [--recursive 2] [--size 128]
 
 The case of tests/test_sampler.py's parity test: random SD-class tiny UNet/VAE (sd.tiny) and a
 random RAFT-small, 128x128 images, lambda_g = 30, clip 7.7, 3 DDIM steps x K = 2, a frozen
@@ -15,18 +15,14 @@ that computes those steps in full). "source cache" encodes each edit's source wi
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench.timing import median_time  # noqa: E402
-from flow.raft import Raft, RaftConfig, init_raft  # noqa: E402
-from mgjax import sd as sdm  # noqa: E402
-from mgjax.sampler import GuidanceConfig, GuidedSampler  # noqa: E402
+from bench.timing import median_time
+from flow.raft import Raft, RaftConfig, init_raft
+from mgjax import sd as sdm
+from mgjax.sampler import GuidanceConfig, GuidedSampler
 
 PARITY = dict(recursive_steps=2, guidance_weight=30.0, clip=7.7, loops="scan")
 

@@ -1,6 +1,6 @@
 """RAFT forward and forward+backward: our Flax port vs torchvision, same device, same run.
 
-  python bench/raft.py [--size 512] [--iters 5] [--batch 1] [--repeats 3] [--small]
+  python -m bench.raft [--size 512] [--iters 5] [--batch 1] [--repeats 3] [--small]
 
 Random weights (nothing downloaded); both networks hold the same weights. The gradient is of a
 random linear functional of the flow w.r.t. image2 (what motion guidance needs). Compile time
@@ -8,18 +8,15 @@ is reported apart from run time; times are medians over --repeats after one warm
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.timing import median_time  # noqa: E402
-from flow.checkpoint import to_variables  # noqa: E402
-from flow.raft import Raft, RaftConfig  # noqa: E402
+from bench.timing import median_time
+from flow.checkpoint import to_variables
+from flow.raft import Raft, RaftConfig
 
 
 def bench_jax(state, small, dtype, a, b, c, iters, repeats):

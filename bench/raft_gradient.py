@@ -1,6 +1,6 @@
 """The gradient through RAFT that guidance follows: detached (upstream RAFT, the reference) vs full.
 
-  python bench/raft_gradient.py [--raft FILE] [--steps 100]
+  python -m bench.raft_gradient [--raft FILE] [--steps 100]
 
 On the toy pack's demo edit (its object asked to move 10 px right), with the toy preset's energy
 weights:
@@ -18,22 +18,18 @@ Prints the figures (BENCHMARKS.md, "RAFT gradient").
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from flow.checkpoint import load_raft  # noqa: E402
-from mgjax import sd as sdm  # noqa: E402
-from mgjax import source as src_lib  # noqa: E402
-from mgjax.edit import PRESETS  # noqa: E402
-from mgjax.energy import EnergyWeights, motion_energy, occlusion_mask  # noqa: E402
-from mgjax.toy import pack, quality, shapes  # noqa: E402
+from flow.checkpoint import load_raft
+from mgjax import sd as sdm
+from mgjax import source as src_lib
+from mgjax.edit import PRESETS
+from mgjax.energy import EnergyWeights, motion_energy, occlusion_mask
+from mgjax.toy import pack, quality, shapes
 
 
 def main():

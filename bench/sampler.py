@@ -1,8 +1,8 @@
 """Guided-sampler cost: (a) tiny models, JAX vs the PyTorch reference transcription, same run;
 (b) full SD v1.4 + RAFT-large shapes: XLA's FLOP count and peak memory of one guided evaluation.
 
-  python bench/sampler.py tiny [--steps 2] [--recursive 2] [--repeats 3]
-  python bench/sampler.py full [--dtype float32 bfloat16] [--raft-iters 5]
+  python -m bench.sampler tiny [--steps 2] [--recursive 2] [--repeats 3]
+  python -m bench.sampler full [--dtype float32 bfloat16] [--raft-iters 5]
 
 (a) builds random tiny models in torch (UNet2DConditionModel, AutoencoderKL, CLIPTextModel,
 torchvision raft_small), loads the same weights into mgjax through its from_pt path, and times
@@ -13,7 +13,6 @@ XLA's cost and memory analyses are printed. Nothing is downloaded.
 """
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,13 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.timing import median_time, xla_flops  # noqa: E402
-from flow.raft import Raft, RaftConfig, init_raft  # noqa: E402
-from mgjax import sd as sdm  # noqa: E402
-from mgjax.sampler import Edit, GuidanceConfig, GuidedSampler, eval_noise  # noqa: E402
+from bench.timing import median_time, xla_flops
+from flow.raft import Raft, RaftConfig, init_raft
+from mgjax import sd as sdm
+from mgjax.sampler import Edit, GuidanceConfig, GuidedSampler, eval_noise
 
 SD14_UNET = dict(
     sample_size=64,
@@ -58,12 +54,10 @@ def bench_tiny(args):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    import torch_reference
-    from torch_raft import image_pair, random_torchvision_raft
-
     from flow.checkpoint import load_raft
     from flow.convert import convert
+    from tests import torch_reference
+    from tests.torch_raft import image_pair, random_torchvision_raft
 
     jax.config.update("jax_default_matmul_precision", "highest")
     torch.set_num_threads(max(1, torch.get_num_threads()))

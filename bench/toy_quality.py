@@ -1,6 +1,6 @@
 """Does motion guidance work? A fixed set of toy edits with ground truth, every method in one run.
 
-  python bench/toy_quality.py [--edits 24] [--methods paper,fast,toy,none,warp,warp_sdedit]
+  python -m bench.toy_quality [--edits 24] [--methods paper,fast,toy,none,warp,warp_sdedit]
                               [--out runs/toy_quality]
 
 The toy pack (mgjax/toy/pack): tiny Stable Diffusion + RAFT-small trained on the shapes world.
@@ -51,20 +51,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from flow.checkpoint import load_raft  # noqa: E402
-from flow.files import write_atomic  # noqa: E402
-from mgjax import ddim, outputs  # noqa: E402
-from mgjax import sd as sdm  # noqa: E402
-from mgjax import source as src_lib  # noqa: E402
-from mgjax.edit import PRESETS, preset_config  # noqa: E402
-from mgjax.edit import _save_checkpoint as save_checkpoint  # noqa: E402
-from mgjax.motion import Motion, auto_frozen_mask, centroid, motion_flow  # noqa: E402
-from mgjax.sampler import DivergenceError, GuidedSampler, Progress  # noqa: E402
-from mgjax.toy import pack, quality, shapes  # noqa: E402
-from mgjax.toy.shapes import affine_about  # noqa: E402
+from flow.checkpoint import load_raft
+from flow.files import write_atomic
+from mgjax import ddim, outputs
+from mgjax import sd as sdm
+from mgjax import source as src_lib
+from mgjax.edit import PRESETS, preset_config
+from mgjax.edit import _save_checkpoint as save_checkpoint
+from mgjax.motion import Motion, auto_frozen_mask, centroid, motion_flow
+from mgjax.sampler import DivergenceError, GuidedSampler, Progress
+from mgjax.toy import pack, quality, shapes
+from mgjax.toy.shapes import affine_about
 
+ROOT = Path(__file__).resolve().parents[1]
 GUIDED = ("paper", "fast", "toy")
 METHODS = (*GUIDED, "none", "warp", "warp_sdedit")
 GENERATE_CFG = 7.5  # generated sources are sampled at this CFG (the toy UNet's objects need it)

@@ -5,13 +5,11 @@ compile the same program (the same sampler configuration, a resumed run) compile
 import atexit
 import os
 import shutil
-import sys
 import tempfile
 
 import jax
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 jax.config.update("jax_default_matmul_precision", "highest")
 _XLA_CACHE = tempfile.mkdtemp(prefix="mgjax-tests-xla-")
 atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
