@@ -1,12 +1,16 @@
 """What an edit leaves on disk for people to look at: images, panel, toggle GIF, loss curves.
 
-Everything is drawn with PIL (no plotting dependency) and written atomically.
+Images and the panel are drawn with PIL, loss curves with matplotlib on an off-screen Agg canvas
+(no pyplot, no global backend); everything is written atomically.
 """
 
 import json
 import os
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw
 
 from flow.files import write_atomic
@@ -85,29 +89,45 @@ def save_toggle_gif(path: str, source_u8, edited_u8, ms: int = 600) -> None:
     write_atomic(path, write)
 
 
-def loss_plot(curves: dict[str, np.ndarray], size=(640, 420)) -> np.ndarray:
-    """One panel per curve (x = guided evaluation), drawn with PIL; returns u8[H,W,3]."""
+def loss_plot(
+    curves: dict[str, np.ndarray], size=(640, 420), xlabel: str = "guided evaluation"
+) -> np.ndarray:
+    """One panel per curve (x = index in the curve), drawn with matplotlib; returns u8[H,W,3].
+
+    NaN entries (evaluations without guidance log NaN energies) are left out and the finite
+    ones joined, so a curve guided every other step still shows its trend; a curve without a
+    finite entry gets an empty panel that says so.
+    """
     w, h = size
-    names = list(curves)
-    out = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(out)
-    rows = len(names)
-    ph = h // rows
-    for r, name in enumerate(names):
-        y = np.asarray(curves[name], np.float64).reshape(-1)
-        top, left, right, bottom = r * ph + 14, 50, w - 10, (r + 1) * ph - 14
-        draw.rectangle((left, top, right, bottom), outline="black")
-        finite = y[np.isfinite(y)]
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        hi = hi if hi > lo else lo + 1.0
-        draw.text((left, top - 13), f"{name}  (last {y[-1]:.4g})", fill="black")
-        draw.text((2, top), f"{hi:.3g}", fill="black")
-        draw.text((2, bottom - 10), f"{lo:.3g}", fill="black")
-        if y.size > 1:
-            xs = left + (right - left) * np.arange(y.size) / (y.size - 1)
-            ys = bottom - (bottom - top) * (np.nan_to_num(y, nan=lo) - lo) / (hi - lo)
-            draw.line(list(zip(xs.tolist(), ys.tolist(), strict=True)), fill=(200, 30, 30))
-    return np.asarray(out)
+    dpi = 100
+    # Agg truncates the figure's size to whole pixels: a quarter pixel more keeps it w x h.
+    fig = Figure(figsize=((w + 0.25) / dpi, (h + 0.25) / dpi), dpi=dpi, layout="constrained")
+    canvas = FigureCanvasAgg(fig)
+    names = list(curves) or [""]
+    cols = 1 if len(names) <= 2 else 2
+    rows = -(-len(names) // cols)
+    for n, name in enumerate(names):
+        ax = fig.add_subplot(rows, cols, n + 1)
+        y = np.asarray(curves.get(name, []), np.float64).reshape(-1)
+        x = np.arange(y.size)
+        ok = np.isfinite(y)
+        if ok.any():
+            few = ok.sum() <= 60  # markers while single points are still told apart
+            label = f"{name}  (last {y[ok][-1]:.4g})"
+            ax.plot(x[ok], y[ok], color="tab:red", lw=1.2, marker="." if few else None, ms=4)
+            ax.legend([label], loc="upper right", fontsize=8, frameon=False)
+            pad = 0.02 * max(y.size - 1, 1)  # the whole curve's range, unguided tail included
+            ax.set_xlim(-pad, y.size - 1 + pad)
+        else:
+            msg = f"{name}: no finite values" if name else "no curves"
+            ax.text(0.5, 0.5, msg, ha="center", va="center", transform=ax.transAxes, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3, lw=0.5)
+        if n >= len(names) - cols:  # the bottom row names the x axis
+            ax.set_xlabel(xlabel, fontsize=8)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[:h, :w, :3].copy()
 
 
 def snapshot_name(folder: str, step: int) -> str:

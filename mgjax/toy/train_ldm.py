@@ -336,13 +336,15 @@ def main(argv):
         vae, vae_params, vae_curve = train_vae(
             rng, FLAGS.vae_minutes, FLAGS.vae_steps, FLAGS.vae_batch, FLAGS.log_every, log
         )
-        outputs.save_png(str(out / "vae_losses.png"), outputs.loss_plot({"vae loss": vae_curve}))
+        plot = outputs.loss_plot({"vae loss": vae_curve}, xlabel=f"steps / {FLAGS.log_every}")
+        outputs.save_png(str(out / "vae_losses.png"), plot)
     tokenizer = toy_tokenizer(out / "tokenizer_build")
     unet, vae, text, params, unet_curve = train_unet(
         rng, vae, vae_params, tokenizer, FLAGS.unet_minutes, FLAGS.unet_steps, FLAGS.pool,
         FLAGS.log_every, log, FLAGS.unet_lr, FLAGS.ema, FLAGS.snr_gamma,
     )  # fmt: skip
-    outputs.save_png(str(out / "unet_losses.png"), outputs.loss_plot({"eps mse": unet_curve}))
+    plot = outputs.loss_plot({"eps mse": unet_curve}, xlabel=f"steps / {FLAGS.log_every}")
+    outputs.save_png(str(out / "unet_losses.png"), plot)
     sd = sdm.StableDiffusion(
         unet, vae, text, tokenizer, {"unet": params["unet"], "vae": vae_params,
                                      "text": params["text"]}

@@ -190,7 +190,8 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
         os.path.join(out_dir, "raft-small.mgjax"), variables, config, "mgjax.toy.train_raft"
     )
     curves = {k: np.asarray(history[v]) for k, v in (("loss", "loss"), ("EPE", "train_epe"))}
-    outputs.save_png(os.path.join(out_dir, "losses.png"), outputs.loss_plot(curves))
+    plot = outputs.loss_plot(curves, xlabel=f"steps / {log_every}")
+    outputs.save_png(os.path.join(out_dir, "losses.png"), plot)
     outputs.save_json(os.path.join(out_dir, "log.json"), history)
     return history
 
