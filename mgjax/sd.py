@@ -12,45 +12,67 @@ and it builds tiny random-init models of the same classes for tests (`tiny`). Ev
 sampler needs is a method here, taking the parameter pytree as an explicit argument, so the
 sampler can pass the weights as jit arguments. Latents are NCHW (the diffusers layout, and the
 reference's file layout); images are NHWC.
+
+diffusers 0.39 and transformers 4.x log a deprecation notice from every Flax class they define
+and every Flax module's `setup()`; the calls into them made here run under `_quiet()`, which
+silences those notices for the duration of the call and changes nothing else.
 """
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
+import transformers
 
 from flow.errors import UserError
 from mgjax.levers import ATTENTION
 
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-warnings.filterwarnings("ignore", message=".*Flax classes are deprecated.*")
-warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
-warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-
-import diffusers  # noqa: E402
-import transformers  # noqa: E402
-from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # noqa: E402
-from diffusers.models.modeling_flax_pytorch_utils import (  # noqa: E402
-    convert_pytorch_state_dict_to_flax as _diffusers_from_pt,
-)
-from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # noqa: E402
-from transformers.modeling_flax_pytorch_utils import (  # noqa: E402
-    convert_pytorch_state_dict_to_flax as _transformers_from_pt,
+# The libraries' root loggers; getting them sets their levels from DIFFUSERS_VERBOSITY and
+# TRANSFORMERS_VERBOSITY (default: warning), which _quiet() restores after each call.
+_LOGGERS = (
+    diffusers.utils.logging.get_logger("diffusers"),
+    transformers.utils.logging.get_logger("transformers"),
 )
 
-diffusers.utils.logging.set_verbosity_error()
-transformers.utils.logging.set_verbosity_error()
-logging.getLogger("diffusers").setLevel(logging.ERROR)
-logging.getLogger("transformers").setLevel(logging.ERROR)
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Runs the body with diffusers' and transformers' deprecation notices silenced: their
+    loggers at ERROR and their warnings filtered, both restored on exit."""
+    levels = [logger.level for logger in _LOGGERS]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Flax classes are deprecated.*")
+        warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+        for logger in _LOGGERS:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(_LOGGERS, levels, strict=True):
+                logger.setLevel(level)
+
+
+with _quiet():  # the Flax classes log their deprecation notice as they are defined
+    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
+    from diffusers.models.modeling_flax_pytorch_utils import (
+        convert_pytorch_state_dict_to_flax as _diffusers_from_pt,
+    )
+    from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
+    from transformers.modeling_flax_pytorch_utils import (
+        convert_pytorch_state_dict_to_flax as _transformers_from_pt,
+    )
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 DEFAULT_REVISION = "flax"
@@ -137,27 +159,30 @@ class StableDiffusion:
 
     def eps(self, params, z, t, context):
         """UNet noise estimate: z f32[N,C,h,w], t i32[N], context [N,L,D] -> f32[N,C,h,w]."""
-        out = self.unet.apply(
-            {"params": params["unet"]},
-            jnp.asarray(z).astype(self.dtype),
-            jnp.asarray(t, jnp.int32),
-            jnp.asarray(context).astype(self.dtype),
-        ).sample
+        with _quiet():
+            out = self.unet.apply(
+                {"params": params["unet"]},
+                jnp.asarray(z).astype(self.dtype),
+                jnp.asarray(t, jnp.int32),
+                jnp.asarray(context).astype(self.dtype),
+            ).sample
         return out.astype(self.out_dtype)
 
     def decode(self, params, latents):
         """Latents f32[N,C,h,w] (scaled) -> images f32[N,H,W,3], about [-1, 1], not clamped."""
-        x = self.vae.apply(
-            {"params": params["vae"]},
-            (latents / self.scaling_factor).astype(self.dtype),
-            method=self.vae.decode,
-        ).sample
+        with _quiet():
+            x = self.vae.apply(
+                {"params": params["vae"]},
+                (latents / self.scaling_factor).astype(self.dtype),
+                method=self.vae.decode,
+            ).sample
         return jnp.transpose(x.astype(self.out_dtype), (0, 2, 3, 1))
 
     def encode(self, params, images):
         """Images f32[N,H,W,3] in [-1, 1] -> posterior mean * scaling factor, f32[N,C,h,w]."""
         x = jnp.transpose(images, (0, 3, 1, 2)).astype(self.dtype)
-        dist = self.vae.apply({"params": params["vae"]}, x, method=self.vae.encode).latent_dist
+        with _quiet():
+            dist = self.vae.apply({"params": params["vae"]}, x, method=self.vae.encode).latent_dist
         mean = jnp.transpose(dist.mean, (0, 3, 1, 2))  # Flax's encoder answers in NHWC
         return mean.astype(self.out_dtype) * self.scaling_factor
 
@@ -166,14 +191,15 @@ class StableDiffusion:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         missing = sorted({p for p in prompts if p not in self._embeddings})
         if missing:
-            ids = self.tokenizer(
-                missing,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="np",
-            ).input_ids
-            out = self.text_encoder(ids, params=self.params["text"])[0]
+            with _quiet():
+                ids = self.tokenizer(
+                    missing,
+                    padding="max_length",
+                    max_length=self.tokenizer.model_max_length,
+                    truncation=True,
+                    return_tensors="np",
+                ).input_ids
+                out = self.text_encoder(ids, params=self.params["text"])[0]
             for p, e in zip(missing, np.asarray(out, np.float32), strict=True):
                 self._embeddings[p] = e
         return jnp.asarray(np.stack([self._embeddings[p] for p in prompts]))
@@ -220,11 +246,12 @@ def build(
     """Instantiate the Flax modules from configs with computation dtype `dtype` and the UNet
     attention implementation `attention` (ATTENTION)."""
     jdt = _dtype(dtype)
-    unet = FlaxUNet2DConditionModel.from_config(
-        dict(unet_config), dtype=jdt, use_memory_efficient_attention=_attention(attention)
-    )
-    vae = FlaxAutoencoderKL.from_config(dict(vae_config), dtype=jdt)
-    text = FlaxCLIPTextModel(text_config, dtype=jdt, _do_init=False)
+    with _quiet():
+        unet = FlaxUNet2DConditionModel.from_config(
+            dict(unet_config), dtype=jdt, use_memory_efficient_attention=_attention(attention)
+        )
+        vae = FlaxAutoencoderKL.from_config(dict(vae_config), dtype=jdt)
+        text = FlaxCLIPTextModel(text_config, dtype=jdt, _do_init=False)
     params = {
         "unet": cast(params["unet"], jdt),
         "vae": cast(params["vae"], jdt),
@@ -276,25 +303,27 @@ def random_params(shapes, seed: int):
 
 def tiny(seed: int = 0, dtype: str = "float32", attention: str = "plain") -> StableDiffusion:
     """Random-init SD-class models at toy size: 4-channel latents, VAE factor 4, 32-d text."""
-    unet = FlaxUNet2DConditionModel(**TINY_UNET)
-    vae = FlaxAutoencoderKL(**TINY_VAE)
-    text = FlaxCLIPTextModel(CLIPTextConfig(**TINY_CLIP), _do_init=False)
-    with tempfile.TemporaryDirectory() as d:
-        tok = tiny_tokenizer(d)
-    params = {
-        name: random_params(_param_shapes(m), seed * 3 + i)
-        for i, (name, m) in enumerate((("unet", unet), ("vae", vae), ("text", text)))
-    }
+    with _quiet():
+        unet = FlaxUNet2DConditionModel(**TINY_UNET)
+        vae = FlaxAutoencoderKL(**TINY_VAE)
+        text = FlaxCLIPTextModel(CLIPTextConfig(**TINY_CLIP), _do_init=False)
+        with tempfile.TemporaryDirectory() as d:
+            tok = tiny_tokenizer(d)
+        params = {
+            name: random_params(_param_shapes(m), seed * 3 + i)
+            for i, (name, m) in enumerate((("unet", unet), ("vae", vae), ("text", text)))
+        }
     return build(unet.config, vae.config, text.config, tok, params, dtype, attention)
 
 
 def save(sd: StableDiffusion, folder) -> None:
     """Write a diffusers-format folder with Flax weights (loadable by `load` offline)."""
     folder = Path(folder)
-    sd.unet.save_pretrained(folder / "unet", params=sd.params["unet"])
-    sd.vae.save_pretrained(folder / "vae", params=sd.params["vae"])
-    sd.text_encoder.save_pretrained(folder / "text_encoder", params=sd.params["text"])
-    sd.tokenizer.save_pretrained(folder / "tokenizer")
+    with _quiet():
+        sd.unet.save_pretrained(folder / "unet", params=sd.params["unet"])
+        sd.vae.save_pretrained(folder / "vae", params=sd.params["vae"])
+        sd.text_encoder.save_pretrained(folder / "text_encoder", params=sd.params["text"])
+        sd.tokenizer.save_pretrained(folder / "tokenizer")
     (folder / "model_index.json").write_text(
         json.dumps({"_class_name": "FlaxStableDiffusionPipeline", "_diffusers_version": "0.39.0"})
     )
@@ -389,7 +418,9 @@ def load(
     A model that cannot be fetched or read is a one-line UserError."""
     _attention(attention)
     try:
-        return _load(model, revision, dtype, from_pt).configure(attention=attention)
+        with _quiet():
+            sd = _load(model, revision, dtype, from_pt)
+        return sd.configure(attention=attention)
     except (OSError, ValueError, KeyError) as e:
         if isinstance(e, UserError):
             raise
