@@ -31,11 +31,11 @@ def measure(batch: int, steps: int, size: int) -> dict:
 
     from flow.raft import Raft, RaftConfig, init_raft
     from mgjax import batch as bt
-    from mgjax import sd as sdm
     from mgjax.sampler import GuidanceConfig, GuidedSampler
+    from tests.tiny_models import tiny
 
     mesh = bt.local_mesh(batch)
-    sd = sdm.tiny(seed=0)
+    sd = tiny(seed=0)
     sd.params = bt._sharded_tree(sd.params, mesh)
     rcfg = RaftConfig(small=True)
     raft = bt._sharded_tree(Raft(init_raft(rcfg, jax.random.PRNGKey(1)), rcfg), mesh)

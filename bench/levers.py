@@ -2,16 +2,17 @@
 
   python -m bench.levers [--steps 3] [--recursive 2] [--size 128]
 
-The case of tests/test_sampler.py's parity test: random SD-class tiny UNet/VAE (sd.tiny) and a
-random RAFT-small, 128x128 images, lambda_g = 30, clip 7.7, 3 DDIM steps x K = 2, a frozen
-border. Each lever runs the same edit with the same noise; printed per lever: the final
-latent's relative L2 distance from the fp32 / no-lever run and its max abs difference, XLA's
-temporary memory of the compiled chunk, compile time and time per guided evaluation. The first
-row is the noise floor: the baseline with the source image moved by 1e-6, which a guided run
-amplifies through RAFT's ill-conditioned gradient at random weights. `skip_unguided` is timed
-with every other step's guidance set to 0 (it is exact by construction: compare with the row
-that computes those steps in full). "source cache" encodes each edit's source with RAFT once
-(Edit.raft_source), not in every evaluation: compare it with the "loops unrolled" row.
+The case of tests/test_sampler.py's parity test: random SD-class tiny UNet/VAE
+(tests.tiny_models.tiny) and a random RAFT-small, 128x128 images, lambda_g = 30, clip 7.7, 3
+DDIM steps x K = 2, a frozen border. Each lever runs the same edit with the same noise; printed
+per lever: the final latent's relative L2 distance from the fp32 / no-lever run and its max abs
+difference, XLA's temporary memory of the compiled chunk, compile time and time per guided
+evaluation. The first row is the noise floor: the baseline with the source image moved by 1e-6,
+which a guided run amplifies through RAFT's ill-conditioned gradient at random weights.
+`skip_unguided` is timed with every other step's guidance set to 0 (it is exact by construction:
+compare with the row that computes those steps in full). "source cache" encodes each edit's
+source with RAFT once (Edit.raft_source), not in every evaluation: compare it with the "loops
+unrolled" row.
 """
 
 import argparse
@@ -21,8 +22,8 @@ import numpy as np
 
 from bench.timing import median_time
 from flow.raft import Raft, RaftConfig, init_raft
-from mgjax import sd as sdm
 from mgjax.sampler import GuidanceConfig, GuidedSampler
+from tests.tiny_models import tiny
 
 PARITY = dict(recursive_steps=2, guidance_weight=30.0, clip=7.7, loops="scan")
 
@@ -51,7 +52,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    sd32 = sdm.tiny(seed=0)
+    sd32 = tiny(seed=0)
     rc = RaftConfig(small=True, context_norm="batch")
     raft32 = Raft(init_raft(rc, jax.random.PRNGKey(3)), rc)
     n, lat = args.size, args.size // 4

@@ -57,21 +57,22 @@ def bench_tiny(args):
     from flow.checkpoint import load_raft
     from flow.convert import convert
     from tests import torch_reference
+    from tests.tiny_models import TINY_CLIP, TINY_UNET, TINY_VAE, tiny_tokenizer
     from tests.torch_raft import image_pair, random_torchvision_raft
 
     jax.config.update("jax_default_matmul_precision", "highest")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**sdm.TINY_UNET).eval()
-    vae = AutoencoderKL(**sdm.TINY_VAE).eval()
-    text = CLIPTextModel(CLIPTextConfig(**sdm.TINY_CLIP)).eval()
+    unet = UNet2DConditionModel(**TINY_UNET).eval()
+    vae = AutoencoderKL(**TINY_VAE).eval()
+    text = CLIPTextModel(CLIPTextConfig(**TINY_CLIP)).eval()
     raft_t = random_torchvision_raft(small=True, seed=3)
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         unet.save_pretrained(d / "unet")
         vae.save_pretrained(d / "vae")
         text.save_pretrained(d / "text_encoder")
-        sdm.tiny_tokenizer(d / "tokenizer")
+        tiny_tokenizer(d / "tokenizer")
         torch.save(raft_t.state_dict(), d / "raft.pth")
         convert(str(d / "raft.pth"), str(d / "raft.mgjax"))
         sd = sdm.load(str(d), from_pt=True)

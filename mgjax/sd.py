@@ -8,10 +8,10 @@ It loads the UNet, the VAE, the CLIP text encoder and its tokenizer from
   read without torch: `.safetensors` through safetensors' numpy reader and `.bin` through
   `flow.pth`'s restricted unpickler, then renamed by diffusers' / transformers' converters.
 
-and it builds tiny random-init models of the same classes for tests (`tiny`). Everything the
-sampler needs is a method here, taking the parameter pytree as an explicit argument, so the
-sampler can pass the weights as jit arguments. Latents are NCHW (the diffusers layout, and the
-reference's file layout); images are NHWC.
+and it builds random-init models of the same classes from configs (`random_init`; the tests
+use tiny ones). Everything the sampler needs is a method here, taking the parameter pytree as
+an explicit argument, so the sampler can pass the weights as jit arguments. Latents are NCHW
+(the diffusers layout, and the reference's file layout); images are NHWC.
 
 diffusers 0.39 and transformers 4.x log a deprecation notice from every Flax class they define
 and every Flax module's `setup()`; the calls into them made here run under `_quiet()`, which
@@ -22,9 +22,8 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,45 +72,11 @@ with _quiet():  # the Flax classes log their deprecation notice as they are defi
     from transformers.modeling_flax_pytorch_utils import (
         convert_pytorch_state_dict_to_flax as _transformers_from_pt,
     )
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 DEFAULT_REVISION = "flax"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
-
-# Tiny models for tests: same classes as SD v1.x, a few MB of parameters.
-TINY_UNET = dict(
-    sample_size=32,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    attention_head_dim=8,
-    cross_attention_dim=32,
-)
-TINY_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 3,
-    up_block_types=("UpDecoderBlock2D",) * 3,
-    block_out_channels=(32, 32, 64),
-    layers_per_block=1,
-    latent_channels=4,
-    sample_size=128,
-)
-TINY_CLIP = dict(
-    vocab_size=1000,
-    hidden_size=32,
-    intermediate_size=37,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=77,
-    projection_dim=32,
-    bos_token_id=512,
-    eos_token_id=513,
-    pad_token_id=513,
-)
 
 
 def cast(tree, dtype):
@@ -260,25 +225,17 @@ def build(
     return StableDiffusion(unet, vae, text, tokenizer, params, jdt)
 
 
-# ----------------------------------------------------------------------------- tiny models
+# ----------------------------------------------------------------------------- random init
 
 
-def tiny_tokenizer(folder) -> CLIPTokenizer:
-    """A real CLIPTokenizer over a byte-level vocabulary (no merges), written to `folder`."""
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+def byte_symbols() -> list[str]:
+    """The 256 characters CLIP's byte-level BPE spells bytes with, in the order CLIP's vocab.json
+    gives them ids 0-255 (printable bytes first).
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>"
-    )
-    tok.model_max_length = 77
-    tok.save_pretrained(str(folder))
-    return tok
+    A CLIP vocabulary holds each of them, then each again with the word-end mark `</w>`, then
+    the tokens its merges make and `<|startoftext|>` / `<|endoftext|>`.
+    """
+    return list(bytes_to_unicode().values())
 
 
 def random_params(shapes, seed: int):
@@ -301,19 +258,37 @@ def random_params(shapes, seed: int):
     return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
-def tiny(seed: int = 0, dtype: str = "float32", attention: str = "plain") -> StableDiffusion:
-    """Random-init SD-class models at toy size: 4-channel latents, VAE factor 4, 32-d text."""
+def random_init(
+    unet_config: Mapping[str, Any],
+    vae_config: Mapping[str, Any],
+    text_config: Mapping[str, Any],
+    tokenizer_folder: str | Path,
+    seed: int = 0,
+    dtype: str = "float32",
+    attention: str = "plain",
+) -> StableDiffusion:
+    """SD-class models from configs with random parameters (`random_params`), no weights read.
+
+    Args:
+        unet_config, vae_config: FlaxUNet2DConditionModel / FlaxAutoencoderKL constructor
+            arguments (a diffusers config.json's content; unset fields take their defaults).
+        text_config: CLIPTextConfig arguments.
+        tokenizer_folder: a CLIPTokenizer folder (vocab.json, merges.txt, and optionally
+            tokenizer_config.json with e.g. model_max_length).
+        seed: the UNet, VAE and text encoder draw from seeds 3*seed, 3*seed+1, 3*seed+2.
+        dtype, attention: as in `build`.
+    """
     with _quiet():
-        unet = FlaxUNet2DConditionModel(**TINY_UNET)
-        vae = FlaxAutoencoderKL(**TINY_VAE)
-        text = FlaxCLIPTextModel(CLIPTextConfig(**TINY_CLIP), _do_init=False)
-        with tempfile.TemporaryDirectory() as d:
-            tok = tiny_tokenizer(d)
+        unet = FlaxUNet2DConditionModel.from_config(dict(unet_config))
+        vae = FlaxAutoencoderKL.from_config(dict(vae_config))
+        text = FlaxCLIPTextModel(CLIPTextConfig(**text_config), _do_init=False)
+        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_folder))
+        models = (("unet", unet), ("vae", vae), ("text", text))
         params = {
             name: random_params(_param_shapes(m), seed * 3 + i)
-            for i, (name, m) in enumerate((("unet", unet), ("vae", vae), ("text", text)))
+            for i, (name, m) in enumerate(models)
         }
-    return build(unet.config, vae.config, text.config, tok, params, dtype, attention)
+    return build(unet.config, vae.config, text.config, tokenizer, params, dtype, attention)
 
 
 def save(sd: StableDiffusion, folder) -> None:

@@ -19,6 +19,7 @@ from flow.errors import UserError
 from mgjax import sd as sdm
 from mgjax.batch import points_to_drag, read_jobs, run_jobs
 from mgjax.edit import Options
+from tests.tiny_models import tiny
 from tests.torch_raft import image_pair, random_torchvision_raft
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ FAST = ["--steps=2", "--recursive_steps=1", "--chunk=1", "--guidance_weight=30",
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     folder = tmp_path_factory.mktemp("batch")
-    sdm.save(sdm.tiny(seed=1), folder / "sd")
+    sdm.save(tiny(seed=1), folder / "sd")
     torch.save(random_torchvision_raft(small=True, seed=2).state_dict(), folder / "raft.pth")
     for n in range(2):
         a, _ = image_pair(1, SIZE, SIZE, seed=10 + n)

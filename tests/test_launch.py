@@ -14,6 +14,7 @@ from PIL import Image
 from flow.errors import UserError
 from mgjax import sd as sdm
 from mgjax.edit import Options, run
+from tests.tiny_models import tiny
 from tests.torch_raft import image_pair, random_torchvision_raft
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ FAST = dict(steps=4, recursive_steps=2, chunk=2, guidance_weight=30.0, clip=10.0
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     folder = tmp_path_factory.mktemp("launch")
-    sdm.save(sdm.tiny(seed=1), folder / "sd")
+    sdm.save(tiny(seed=1), folder / "sd")
     torch.save(random_torchvision_raft(small=True, seed=2).state_dict(), folder / "raft.pth")
     a, _ = image_pair(1, SIZE, SIZE, seed=4)
     Image.fromarray(np.round(a[0]).astype(np.uint8)).save(folder / "image.png")

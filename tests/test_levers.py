@@ -1,7 +1,7 @@
 """Performance levers (mgjax.levers): each keeps the result and does what it is for.
 
-Tiny random models (no torch): the SD-class UNet/VAE of `sd.tiny()` and a random RAFT-small at
-64x64 images, 16x16 latents.
+Tiny random models (no torch): the SD-class UNet/VAE of `tests.tiny_models.tiny()` and a random
+RAFT-small at 64x64 images, 16x16 latents.
 """
 
 import dataclasses
@@ -13,18 +13,17 @@ import pytest
 
 from flow.errors import UserError
 from flow.raft import Raft, RaftConfig, init_raft
-from mgjax import sd as sdm
 from mgjax.energy import Energy
 from mgjax.levers import resolve_loops
 from mgjax.sampler import GuidanceConfig, GuidedSampler
-from tests import xla
+from tests import tiny_models, xla
 
 H = W = 64
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    sd = sdm.tiny(seed=0)
+    sd = tiny_models.tiny(seed=0)
     rc = RaftConfig(small=True, context_norm="batch")
     raft = Raft(init_raft(rc, jax.random.PRNGKey(1)), rc)
     rng = np.random.default_rng(0)

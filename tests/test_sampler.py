@@ -19,7 +19,7 @@ from mgjax import ddim, source
 from mgjax import sd as sdm
 from mgjax.energy import Energy, PreservationEnergy
 from mgjax.sampler import DivergenceError, GuidanceConfig, GuidedSampler, Progress, eval_noise
-from tests import xla
+from tests import tiny_models, xla
 from tests.test_ddim import _oracle
 from tests.torch_raft import image_pair, random_torchvision_raft
 from tests.torch_reference import ReferenceFlowLoss, reference_sample
@@ -35,13 +35,13 @@ def models(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tiny_sd_pt")
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**sdm.TINY_UNET).eval()
-    vae = AutoencoderKL(**sdm.TINY_VAE).eval()
-    text = CLIPTextModel(CLIPTextConfig(**sdm.TINY_CLIP)).eval()
+    unet = UNet2DConditionModel(**tiny_models.TINY_UNET).eval()
+    vae = AutoencoderKL(**tiny_models.TINY_VAE).eval()
+    text = CLIPTextModel(CLIPTextConfig(**tiny_models.TINY_CLIP)).eval()
     unet.save_pretrained(folder / "unet")  # safetensors
     vae.save_pretrained(folder / "vae", safe_serialization=False)  # torch pickle (.bin)
     text.save_pretrained(folder / "text_encoder", safe_serialization=False)
-    sdm.tiny_tokenizer(folder / "tokenizer")
+    tiny_models.tiny_tokenizer(folder / "tokenizer")
     raft_t = random_torchvision_raft(small=True, seed=3)
     torch.save(raft_t.state_dict(), folder / "raft.pth")
     convert(str(folder / "raft.pth"), str(folder / "raft.mgjax"))
@@ -102,7 +102,7 @@ def test_prompt_embedding_computed_once(models, monkeypatch):
 
 def test_hub_id_and_revision_are_passed_through(monkeypatch, tmp_path):
     """No network here: the hub loaders are replaced by recorders that serve a local folder."""
-    tiny = sdm.tiny(seed=2)
+    tiny = tiny_models.tiny(seed=2)
     sdm.save(tiny, tmp_path)
     calls = []
 
@@ -131,7 +131,7 @@ def test_hub_id_and_revision_are_passed_through(monkeypatch, tmp_path):
 
 
 def test_flax_folder_roundtrip_and_bf16(tmp_path):
-    tiny = sdm.tiny(seed=5)
+    tiny = tiny_models.tiny(seed=5)
     sdm.save(tiny, tmp_path)
     again = sdm.load(str(tmp_path))
     z = jnp.ones((1, 4, 16, 16))

@@ -112,8 +112,9 @@ def test_raft_training_roundtrip_is_the_seams_encode_decode(tmp_path):
     from mgjax import sd as sdm
     from mgjax import source
     from mgjax.toy.train_raft import autoencoder_roundtrip
+    from tests.tiny_models import tiny
 
-    sd = sdm.tiny(seed=3)
+    sd = tiny(seed=3)
     sdm.save(sd, tmp_path / "sd")
     images = 255.0 * np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)
     ours = autoencoder_roundtrip(str(tmp_path / "sd" / "vae"))(images)
