@@ -20,217 +20,100 @@
   python launch.py --model CompVis/stable-diffusion-v1-4 --data_dir data/apple \\
       --target_flow_name right.pth --edit_mask_name right.mask.pth ...
 
-Guidance flags take their preset's values: --preset auto is toy for the toy pack (scaled for
+Method flags take their preset's values: --preset auto is toy for the toy pack (scaled for
 its 64x64 images, full RAFT gradient) and paper (the reference's values, shown as the flags'
-defaults) for real models; --preset fast trades quality for time. Explicit flags override a
-preset. Ctrl-C leaves a checkpoint; --resume continues.
+defaults) for real models; --preset fast trades quality for time. Precedence: default < preset <
+explicit flag < a jobs-file line's key. Ctrl-C leaves a checkpoint; --resume continues.
 """
 
-import functools
+import dataclasses
 import sys
 
 from absl import app, flags, logging
 
-from flow.errors import UserError, run_cli
-from mgjax.edit import PRESETS, Options, default_compilation_cache
-from mgjax.levers import ATTENTION, LOOPS, RAFT_GRADIENTS, REMAT_POLICIES
+from flow.errors import InputError, run_cli
+from mgjax import config as C
 
-_P = PRESETS["paper"]
-
-
-class _Group:
-    """flags.DEFINE_<kind> bound to a --helpfull group (absl groups flags by module name)."""
-
-    def __init__(self, name: str):
-        for kind in ("string", "integer", "float", "bool", "enum"):
-            define = getattr(flags, f"DEFINE_{kind}")
-            setattr(self, kind, functools.partial(define, module_name=f"launch.py {name}"))
+_KINDS = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float}
 
 
-source, models, motion, guidance, run = (
-    _Group(g) for g in ("source", "models", "motion", "guidance", "run")
-)
-# source
-source.string("image", None, "Real source image (RGB); it is DDIM-inverted first.")
-source.string(
-    "prompt",
-    "",
-    "Prompt: generates the source with --seed when no --image / "
-    "--data_dir is given, and conditions the edit.",
-)
-source.integer(
-    "seed", 0, "Seed of the generated source's z_T and of the re-noising (sample n uses seed + n)."
-)
-source.string(
-    "data_dir", None, "A folder in the reference format (pred.png, start_zt.pth, latents/, flows/)."
-)
-source.string("target_flow_name", None, "With --data_dir: the flow file in flows/.")
-source.string("edit_mask_name", None, "With --data_dir: the frozen mask in flows/.")
-source.bool("resize", False, "Resize an --image whose size the model cannot take.")
-# models
-models.string(
-    "model",
-    "toy",
-    "toy (the shipped toy pack in mgjax/toy/pack; with no source and motion flags it runs its "
-    "demo edit), a hub id (CompVis/stable-diffusion-v1-4), or a local diffusers folder.",
-)
-models.string("revision", "flax", "Hub revision (flax or bf16 for SD v1.4).")
-models.bool("from_pt", False, "The model folder holds PyTorch weights (read without torch).")
-models.enum(
-    "dtype",
-    "float32",
-    ["float32", "bfloat16"],
-    "Compute dtype of UNet, VAE and RAFT (the latents and the guidance stay float32).",
-)
-models.enum(
-    "attention",
-    "plain",
-    list(ATTENTION),
-    "UNet attention: plain, or diffusers' memory-efficient chunked version.",
-)
-models.string(
-    "raft_weights",
-    None,
-    "RAFT checkpoint: raft-things.pth (princeton-vl/RAFT) or a file from python -m flow.convert"
-    " (default with --model toy: the pack's RAFT-small).",
-)
-# motion
-motion.string(
-    "motion",
-    None,
-    "translate:dx,dy | rotate:deg[@cx,cy] | scale:s[@cx,cy] | "
-    "stretch:s,deg[@cx,cy] | homography:<4 src pts>:<4 dst pts>, joined by '+'.",
-)
-motion.string(
-    "drag",
-    None,
-    "Drag points instead of --motion: 'x1,y1>X1,Y1; x2,y2>X2,Y2' (one pair: a translation; "
-    "two: the rotation and scale they imply; more: a smooth flow through all of them).",
-)
-motion.string("object_mask", None, "Object mask image (non-zero = object) for --motion.")
-motion.string("object_box", None, "Object box x0,y0,x1,y1 (pixels) for --motion.")
-motion.string("flow", None, "Target flow file instead of --motion: .npy, .flo, .pth.")
-motion.string(
-    "frozen_mask",
-    "auto",
-    "auto (dilated union of where the object is and "
-    "goes), none, or a file (.pth/.npy/.png at latent size).",
-)
-motion.integer("dilate", 2, "Dilation of the automatic frozen mask, in latent pixels.")
-# guidance
-guidance.enum(
+def _define(name: str, field: dataclasses.Field, group: str) -> None:
+    """One flag from a config field: its default, help and choices, in its --helpfull group."""
+    meta, module = field.metadata, f"launch.py {group}"
+    kind = next((t for t in (bool, int, float) if field.type in (t, t.__name__)), str)
+    if meta["choices"]:
+        flags.DEFINE_enum(
+            name, field.default, list(meta["choices"]), meta["help"], module_name=module
+        )
+    else:
+        _KINDS.get(kind, flags.DEFINE_string)(name, field.default, meta["help"], module_name=module)
+
+
+for _name, (_group, _field) in C.FIELDS.items():
+    _define(_name, _field, _group)
+flags.DEFINE_enum(
     "preset",
     "auto",
-    ["auto", *sorted(PRESETS)],
-    "auto: toy with the toy pack (--model toy), else paper. Values: "
+    ["auto", *sorted(C.PRESETS)],
+    "auto: toy with the toy pack (--model toy), else paper (the defaults). Values: "
     + "; ".join(
         f"{name}: "
-        + ", ".join(
-            f"{k}={v:g}" if not isinstance(v, str) else f"{k}={v}" for k, v in values.items()
+        + (
+            ", ".join(
+                f"{k}={v:g}" if not isinstance(v, str) else f"{k}={v}" for k, v in values.items()
+            )
+            or "the defaults"
         )
-        for name, values in sorted(PRESETS.items())
+        for name, values in sorted(C.PRESETS.items())
     ),
+    module_name="launch.py method",
 )
-guidance.integer("steps", _P["steps"], "DDIM steps.")
-guidance.integer("recursive_steps", _P["recursive_steps"], "Recursive denoising steps K.")
-guidance.float("guidance_weight", _P["guidance_weight"], "lambda_g.")
-guidance.float("color_weight", _P["color_weight"], "lambda_color.")
-guidance.float("flow_weight", _P["flow_weight"], "lambda_flow.")
-guidance.float("clip", _P["clip"], "Max L2 norm of the guidance term per image; 0 = off.")
-guidance.float(
-    "preserve_weight",
-    0.0,
-    "Adds this x PreservationEnergy (L1 to the source where nothing should move) to the "
-    "paper's energy; 0 = the paper's energy alone.",
-)
-guidance.float("cfg_scale", _P["cfg_scale"], "Classifier-free guidance scale.")
-guidance.float("eta", 0.0, "DDIM eta.")
-guidance.bool("occlusion_masking", True, "Mask covered background in the colour loss.")
-guidance.bool("oracle", False, "Warp with the target flow in the colour loss.")
-guidance.string("schedule", None, "Guidance schedule .npy (one multiplier per step).")
-guidance.integer("raft_iters", 5, "RAFT iterations inside the energy.")
-guidance.enum(
-    "raft_gradient",
-    "detached",
-    list(RAFT_GRADIENTS),
-    "detached: the gradient through RAFT as the reference takes it (the flow estimate detached "
-    "at every iteration); full: the exact gradient through all iterations.",
-)
-guidance.integer("chunk", 10, "DDIM steps per compiled chunk (and per checkpoint).")
-guidance.enum(
-    "remat",
-    "none",
-    list(REMAT_POLICIES),
-    "Recompute activations in the backward pass, per model (UNet, decoder, RAFT): none; dots "
-    "(keep matmul/conv outputs); full (keep only each model's inputs); blocks (keep only the "
-    "boundaries of each UNet and VAE block, RAFT as full). Less memory, more time.",
-)
-guidance.bool(
-    "skip_unguided",
-    True,
-    "Steps whose guidance weight x schedule is 0 run the UNet only (no energy, no backward).",
-)
-guidance.enum(
-    "loops",
-    "auto",
-    list(LOOPS),
-    "scan: each chunk one compiled lax.scan; unrolled: one compiled evaluation per call, RAFT "
-    "unrolled (XLA:CPU runs backward convolutions inside loops ~3x slower); auto: unrolled on "
-    "CPU, scan on GPU/TPU.",
-)
-guidance.bool(
-    "source_cache",
-    False,
-    "Encode the source with RAFT once per edit, not in every guided evaluation (the same flow, "
-    "less work; it changes the rounding, which guided runs amplify).",
-)
-# run
-run.integer("num_samples", 1, "Edits of the same source, as one batch.")
-run.string("out_dir", None, "Output folder.")
-run.integer("log_every", 0, "Save the decoded x0 estimate every N steps (0 = never).")
-run.bool("resume", False, "Continue the run in --out_dir from its checkpoint.")
-run.bool("overwrite", False, "Replace an existing --out_dir.")
-run.string(
-    "compilation_cache",
-    default_compilation_cache(),
-    "Persistent XLA compilation cache folder (empty: off); reruns skip compilation.",
-)
-run.integer("stop_after_chunks", 0, "Testing aid: stop as if interrupted.")
-# batch
-batch = _Group("batch")
-batch.string(
+_batch = dict(module_name="launch.py batch")
+flags.DEFINE_string(
     "jobs",
     None,
     "Jobs file (JSONL, one edit per line, keys = these flag names plus name/preset/points): "
     "edits in batches sharded over the local devices; the other flags are every job's defaults.",
+    **_batch,
 )
-batch.integer("batch_size", 0, "Edits per batch with --jobs (0: one per local device).")
-batch.string(
+flags.DEFINE_integer(
+    "batch_size", 0, "Edits per batch with --jobs (0: one per local device).", **_batch
+)
+flags.DEFINE_string(
     "coordinator",
     None,
     "host:port of process 0, for several processes (hosts) on one --jobs run; automatic on a "
     "Cloud TPU pod slice.",
+    **_batch,
 )
-batch.integer("num_processes", 1, "Processes in the run (with --coordinator).")
-batch.integer("process_id", 0, "This process's id, 0 .. num_processes - 1 (with --coordinator).")
+flags.DEFINE_integer("num_processes", 1, "Processes in the run (with --coordinator).", **_batch)
+flags.DEFINE_integer(
+    "process_id", 0, "This process's id, 0 .. num_processes - 1 (with --coordinator).", **_batch
+)
 FLAGS = flags.FLAGS
-_BATCH = ["jobs", "batch_size", "coordinator", "num_processes", "process_id"]
-for _name in [*Options.__dataclass_fields__, "preset", *_BATCH]:  # --helpshort lists them all
-    flags.declare_key_flag(_name)
+for _name in [
+    *C.FIELDS,
+    "preset",
+    "jobs",
+    "batch_size",
+    "coordinator",
+    "num_processes",
+    "process_id",
+]:
+    flags.declare_key_flag(_name)  # --helpshort lists them all
 
 
-def options() -> Options:
-    """Options from the flags: a preset's values unless the flag was given explicitly."""
-    if not FLAGS.out_dir:
-        raise UserError("--out_dir is required")
-    values = {f.name: getattr(FLAGS, f.name) for f in Options.__dataclass_fields__.values()}
-    preset = FLAGS.preset
-    if preset == "auto":
-        preset = "toy" if FLAGS.model == "toy" else "paper"
-    for name, value in PRESETS[preset].items():
-        if not FLAGS[name].present:
-            values[name] = value
-    return Options(**values)
+def explicit_values() -> dict:
+    """The config fields given explicitly on the command line."""
+    return {name: FLAGS[name].value for name in C.FIELDS if FLAGS[name].present}
+
+
+def configuration() -> C.Config:
+    """The Config of the command line: default < preset < explicit flags."""
+    try:
+        return C.resolve(explicit_values(), FLAGS.preset)
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def main(argv: list[str]) -> None:
@@ -241,9 +124,9 @@ def main(argv: list[str]) -> None:
         print("\nAll flags: python launch.py --helpshort (by group: --helpfull)")
         return
 
-    def edit() -> None:
+    def run_command() -> None:
         if len(argv) > 1:
-            raise UserError(f"unexpected arguments {argv[1:]}; see --help")
+            raise InputError(f"unexpected arguments {argv[1:]}; see --help")
         log = lambda s: print(s, flush=True)  # noqa: E731
         try:
             if FLAGS.jobs:
@@ -256,21 +139,25 @@ def main(argv: list[str]) -> None:
 
                 rows = batch.run_jobs(
                     FLAGS.jobs,
-                    options(),
+                    explicit_values(),
                     FLAGS.batch_size,
                     log,
                     jax.process_index(),
                     jax.process_count(),
+                    preset=FLAGS.preset,
                 )
                 batch.report(rows, log)
                 return
-            from mgjax.edit import run as run_edit
+            from mgjax.workflow import run
 
-            run_edit(options(), log=log)
+            config = configuration()
+            if not config.output.out_dir:
+                raise InputError("--out_dir is required")
+            run(config, log=log)
         except KeyboardInterrupt:
             sys.exit(130)
 
-    run_cli(edit)
+    run_cli(run_command)
 
 
 if __name__ == "__main__":

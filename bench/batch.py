@@ -31,16 +31,16 @@ def measure(batch: int, steps: int, size: int) -> dict:
 
     from flow.raft import Raft, RaftConfig, init_raft
     from mgjax import batch as bt
-    from mgjax.sampler import GuidanceConfig, GuidedSampler
+    from mgjax.sampler import Sampler
     from tests.tiny_models import tiny
 
     mesh = bt.local_mesh(batch)
     sd = tiny(seed=0)
-    sd.params = bt._sharded_tree(sd.params, mesh)
+    sd.params = bt.replicate(sd.params, mesh)
     rcfg = RaftConfig(small=True)
-    raft = bt._sharded_tree(Raft(init_raft(rcfg, jax.random.PRNGKey(1)), rcfg), mesh)
-    cfg = GuidanceConfig(num_steps=steps, recursive_steps=2, chunk=steps, clip=10.0)
-    sampler = GuidedSampler(sd, raft, cfg)
+    raft = bt.replicate(Raft(init_raft(rcfg, jax.random.PRNGKey(1)), rcfg), mesh)
+    settings = dict(steps=steps, recursive_steps=2, chunk=steps, clip=10.0)
+    sampler = Sampler.of(sd, raft, **settings)
     rng = np.random.default_rng(0)
     lat = size // sd.vae_factor
     flow = np.zeros((batch, size, size, 2), np.float32)
@@ -53,7 +53,7 @@ def measure(batch: int, steps: int, size: int) -> dict:
         np.asarray(sd.embed("")),
         trajectory=rng.standard_normal((steps, batch, 4, lat, lat)).astype(np.float32),
     )
-    edit = bt.shard_edit(edit, mesh)
+    edit = bt.shard_inputs(edit, mesh)
     z_T = rng.standard_normal((batch, 4, lat, lat)).astype(np.float32)
 
     def one():

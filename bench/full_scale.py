@@ -78,7 +78,7 @@ def _build(dtype: str, attention: str, batch: int, remat: str, k: int, abstract:
     from bench.sampler import SD14_UNET, SD14_VAE
     from flow.raft import Raft, RaftConfig, init_raft
     from mgjax import sd as sdm
-    from mgjax.sampler import GuidanceConfig, GuidedSampler
+    from mgjax.sampler import Sampler
 
     jdt = sdm.DTYPES[dtype]
     unet = FlaxUNet2DConditionModel(
@@ -98,8 +98,8 @@ def _build(dtype: str, attention: str, batch: int, remat: str, k: int, abstract:
         raft_vars = init_raft(rcfg, jax.random.PRNGKey(1))
     sd = sdm.StableDiffusion(unet, vae, None, None, params, jdt)
     raft = Raft(raft_vars, rcfg)
-    cfg = GuidanceConfig(recursive_steps=k, chunk=1, remat=remat, loops="scan")
-    sampler = GuidedSampler(sd, raft, cfg)
+    settings = dict(recursive_steps=k, chunk=1, remat=remat, loops="scan")
+    sampler = Sampler.of(sd, raft, **settings)
     rng = np.random.default_rng(0)
     b, h, w = batch, 512, 512
     flow = np.zeros((b, h, w, 2), np.float32)
@@ -144,8 +144,8 @@ def run_jax(name: str, k: int, repeats: int, batch: int) -> dict:
     dev = jax.devices()[0]
     args = (sampler.sd.params, sampler.raft, edit)
     t = time.perf_counter()
-    mode = sampler.chunk_mode(edit, 0, 1)  # "guided": what the sampler runs for this edit
-    compiled = sampler._chunk.lower(*args, state, length=1, mode=mode).compile()
+    mode = None  # "guided": what the sampler runs for this edit
+    compiled = sampler.compiled_chunk(edit, state, length=1, mode=mode)
     compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
     # The chunk is 1 DDIM step x K evaluations, and XLA counts a loop body once: one guided
@@ -193,9 +193,7 @@ def memory_only(names: list[str], batches: list[int]) -> list[dict]:
             jax, _, sampler, edit, state = _build(dtype, attention, b, remat, 1, True)
             # abstract weights: only shapes; the edit arrays are concrete but small
             t = time.perf_counter()
-            compiled = sampler._chunk.lower(
-                sampler.sd.params, sampler.raft, edit, state, length=1, mode="guided"
-            ).compile()
+            compiled = sampler.compiled_chunk(edit, state, length=1, mode="guided")
             mem = compiled.memory_analysis()
             rows.append(
                 dict(

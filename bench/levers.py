@@ -11,8 +11,8 @@ evaluation. The first row is the noise floor: the baseline with the source image
 which a guided run amplifies through RAFT's ill-conditioned gradient at random weights.
 `skip_unguided` is timed with every other step's guidance set to 0 (it is exact by construction:
 compare with the row that computes those steps in full). "source cache" encodes each edit's
-source with RAFT once (Edit.raft_source), not in every evaluation: compare it with the "loops
-unrolled" row.
+source with RAFT once (GuidanceInputs.raft_source), not in every evaluation: compare it with
+the "loops unrolled" row.
 """
 
 import argparse
@@ -22,7 +22,7 @@ import numpy as np
 
 from bench.timing import median_time
 from flow.raft import Raft, RaftConfig, init_raft
-from mgjax.sampler import GuidanceConfig, GuidedSampler
+from mgjax.sampler import Sampler
 from tests.tiny_models import tiny
 
 PARITY = dict(recursive_steps=2, guidance_weight=30.0, clip=7.7, loops="scan")
@@ -40,7 +40,7 @@ def _measure(sampler, inputs, steps, repeats):
     run = lambda: sampler.run_chunk(edit, make_state(), steps)[0].z  # noqa: E731
     z = np.asarray(run())
     run_s = median_time(lambda: jax.block_until_ready(run()), repeats)
-    temp = max(c.memory_analysis().temp_size_in_bytes for c in sampler._compiled.values())
+    temp = max(c.memory_analysis().temp_size_in_bytes for c in sampler.programs)
     return z, temp / 2**20, sampler.compile_seconds, run_s
 
 
@@ -94,11 +94,9 @@ def main():
     for name, extra, dtype, attention, schedule, source in rows:
         sd = sd32.configure(dtype=dtype, attention=attention)
         raft = raft32.replace_config(dtype=dtype)
-        cfg = GuidanceConfig(
-            **(PARITY | dict(recursive_steps=args.recursive, chunk=args.steps) | extra)
-        )
+        settings = dict(**(PARITY | dict(recursive_steps=args.recursive, chunk=args.steps) | extra))
         z, temp, compile_s, run_s = _measure(
-            GuidedSampler(sd, raft, cfg), (source, flow, cond, uncond, frozen, traj, schedule),
+            Sampler.of(sd, raft, **settings), (source, flow, cond, uncond, frozen, traj, schedule),
             args.steps, args.repeats,
         )  # fmt: skip
         key = "schedule" if schedule is not None else "plain"

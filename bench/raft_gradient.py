@@ -25,9 +25,9 @@ import numpy as np
 from PIL import Image
 
 from flow.checkpoint import load_raft
+from mgjax import config as C
 from mgjax import sd as sdm
 from mgjax import source as src_lib
-from mgjax.edit import PRESETS
 from mgjax.energy import EnergyWeights, motion_energy, occlusion_mask
 from mgjax.toy import pack, quality, shapes
 
@@ -49,8 +49,8 @@ def main():
     flow[mask, 0] = 10.0
     src, target = jnp.asarray(image[None]), jnp.asarray(flow[None])
     occ = occlusion_mask(target)
-    toy = PRESETS["toy"]
-    weights = EnergyWeights(toy["flow_weight"], toy["color_weight"])
+    toy = C.make(**C.PRESETS["toy"]).method
+    weights = EnergyWeights(toy.flow_weight, toy.color_weight)
 
     def energy(net, x):
         e, logs = motion_energy(

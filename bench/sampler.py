@@ -23,8 +23,11 @@ import numpy as np
 
 from bench.timing import median_time, xla_flops
 from flow.raft import Raft, RaftConfig, init_raft
+from mgjax import guidance as G
 from mgjax import sd as sdm
-from mgjax.sampler import Edit, GuidanceConfig, GuidedSampler, eval_noise
+from mgjax.guidance import eval_noise
+from mgjax.inputs import GuidanceInputs
+from mgjax.sampler import Sampler
 
 SD14_UNET = dict(
     sample_size=64,
@@ -87,8 +90,8 @@ def bench_tiny(args):
     cond, uncond = np.asarray(sd.embed("a cat")), np.asarray(sd.embed(""))
     jax_runs = {}
     for loops in ("scan", "unrolled"):  # mgjax.levers.LOOPS; "auto" picks unrolled on CPU
-        cfg = GuidanceConfig(recursive_steps=k, guidance_weight=30.0, chunk=steps, loops=loops)
-        sampler = GuidedSampler(sd, raft, cfg)
+        settings = dict(recursive_steps=k, guidance_weight=30.0, chunk=steps, loops=loops)
+        sampler = Sampler.of(sd, raft, **settings)
         edit = sampler.prepare(img, flow, cond, uncond, trajectory=traj)
         state = sampler.init(edit, traj[0], seeds=0)
 
@@ -163,11 +166,11 @@ def _full_one(dtype: str, raft_iters: int):
     raft = Raft(raft_vars, rcfg)
     # loops "unrolled": RAFT's refinement unrolled, since XLA's cost analysis counts a loop body
     # once
-    cfg = GuidanceConfig(raft_iters=raft_iters, loops="unrolled")
-    sampler = GuidedSampler(sd, raft, cfg)
+    settings = dict(raft_iters=raft_iters, loops="unrolled")
+    sampler = Sampler.of(sd, raft, **settings)
     b, h, w = 1, 512, 512
     f32 = jnp.float32
-    edit = Edit(
+    edit = GuidanceInputs(
         source=jax.ShapeDtypeStruct((b, h, w, 3), f32),
         target_flow=jax.ShapeDtypeStruct((b, h, w, 2), f32),
         occlusion=jax.ShapeDtypeStruct((b, h, w, 1), f32),
@@ -181,7 +184,7 @@ def _full_one(dtype: str, raft_iters: int):
     keys = jax.ShapeDtypeStruct((b, 2), jnp.uint32)
 
     def one_eval(params, raft, edit, z, keys):
-        return sampler._evaluate(params, raft, edit, z, 0, 0, keys, "guided")[0]
+        return G.evaluate(sampler.guidance, params, raft, edit, z, 0, 0, keys).z_prev
 
     print(
         f"SD v1.4 UNet (CFG batch 2) + VAE decoder + RAFT-large ({raft_iters} iters), "

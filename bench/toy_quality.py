@@ -18,7 +18,7 @@ Measures per edit (mgjax.toy.quality): placement error (centroid distance, px), 
 edited object's colour mask with the target mask, PSNR of the region that should not change,
 PSNR of the disoccluded region vs ground truth, RAFT (the pack's) flow EPE vs the target inside
 the object. Methods:
-  paper / fast / toy   motion guidance with that preset (mgjax.edit.PRESETS)
+  paper / fast / toy   motion guidance with that preset (mgjax.config.PRESETS)
   none                 the same sampler with lambda_g = 0 (plain reconstruction of the source)
   warp                 forward warp of the source by the target flow (holes left black)
   warp_sdedit          warp, then SDEdit with the toy model (noise to strength 0.5, 50-step
@@ -40,6 +40,7 @@ some requested methods still wait for other shards' batches.
 """
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -52,14 +53,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from flow.checkpoint import load_raft
+from flow.errors import InputError
 from flow.files import write_atomic
-from mgjax import ddim, outputs
+from mgjax import config as C
+from mgjax import ddim, loop, outputs
 from mgjax import sd as sdm
 from mgjax import source as src_lib
-from mgjax.edit import PRESETS, preset_config
-from mgjax.edit import _save_checkpoint as save_checkpoint
+from mgjax.checkpoint import Checkpoint
 from mgjax.motion import Motion, auto_frozen_mask, centroid, motion_flow
-from mgjax.sampler import DivergenceError, GuidedSampler, Progress
+from mgjax.progress import Progress
+from mgjax.sampler import DivergenceError, Sampler
 from mgjax.toy import pack, quality, shapes
 from mgjax.toy.shapes import affine_about
 
@@ -70,6 +73,12 @@ GENERATE_CFG = 7.5  # generated sources are sampled at this CFG (the toy UNet's 
 KEPT = 0.5  # autoencoder IoU from which an edit counts in the "kept" tables
 CHUNK = 10  # DDIM steps between checkpoints
 MEASURES = ("placement_px", "iou", "psnr_unchanged", "psnr_disoccluded", "flow_epe")
+
+
+def preset_values(name: str) -> dict:
+    """A preset's method settings that --set may change (numbers and strings), all of them."""
+    method = dataclasses.asdict(C.make(**C.PRESETS[name]).method)
+    return {k: v for k, v in method.items() if type(v) in (int, float, str)}
 
 
 def motion_for(n: int, rng, center) -> tuple[str, np.ndarray]:
@@ -205,9 +214,10 @@ def main():
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
-        if key not in PRESETS["toy"] or not value:
-            sys.exit(f"--set {item}: give KEY=VALUE with KEY one of {sorted(PRESETS['toy'])}")
-        kind = type(PRESETS["toy"][key])  # str, int or float: the presets hold no booleans
+        settable = preset_values("toy")
+        if key not in settable or not value:
+            sys.exit(f"--set {item}: give KEY=VALUE with KEY one of {sorted(settable)}")
+        kind = type(settable[key])  # str, int or float
         try:
             overrides[key] = kind(value)
         except ValueError:
@@ -257,7 +267,7 @@ def main():
 
     try:
         for method in methods:
-            preset = PRESETS["toy" if method in ("none", "warp", "warp_sdedit") else method]
+            preset = preset_values("toy" if method in ("none", "warp", "warp_sdedit") else method)
             if args.steps:
                 preset = dict(preset, steps=args.steps, recursive_steps=1)
             preset = dict(preset, **overrides)
@@ -464,11 +474,11 @@ class UnitRunner:
         write_atomic(str(self.path(k)), write)
         self.path(k).with_suffix(".ckpt.npz").unlink(missing_ok=True)
 
-    def sampler(self) -> GuidedSampler:
+    def sampler(self) -> Sampler:
         if self._sampler is None:
             weight = 0.0 if self.method == "none" else self.preset["guidance_weight"]
-            config = preset_config(self.preset, guidance_weight=weight, chunk=CHUNK)
-            self._sampler = GuidedSampler(self.sd, self.raft, config)
+            method = C.Method(**dict(self.preset, guidance_weight=weight))
+            self._sampler = Sampler(self.sd, self.raft, method, C.Speed(chunk=CHUNK))
         return self._sampler
 
     def guided(self, k: int, part: list[dict]) -> tuple[np.ndarray, float]:
@@ -476,7 +486,7 @@ class UnitRunner:
         sd, sampler, b = self.sd, self.sampler(), len(part)
         frozen = np.concatenate([auto_frozen_mask(p["flow"], sd.vae_factor) for p in part])
         cond = jnp.concatenate([sd.embed(p["case"].prompt) for p in part])
-        edit = sampler.prepare(
+        inputs = sampler.prepare(
             np.stack([p["image"] for p in part]),
             np.stack([p["flow"] for p in part]),
             cond,
@@ -485,36 +495,42 @@ class UnitRunner:
             trajectory=np.concatenate([p["traj"].latents for p in part], axis=1),
         )
         z_T = np.concatenate([p["traj"].z_T for p in part])
-        state = sampler.init(edit, z_T, seeds=[p["case"].n for p in part])
-        digest = self.digest(part)
-        ckpt, before = self.path(k).with_suffix(".ckpt.npz"), 0.0
+        state = sampler.init(inputs, z_T, seeds=[p["case"].n for p in part])
+        ckpt, before = Checkpoint(self.path(k).with_suffix(".ckpt.npz"), self.digest(part)), 0.0
         if ckpt.exists():
-            with np.load(ckpt, allow_pickle=False) as c:
-                if str(c["digest"]) != digest:
-                    sys.exit(f"{ckpt} is from other settings; delete it to start that batch again")
-                state = state.replace(
-                    z=jnp.asarray(c["z"]), step=jnp.asarray(c["step"]), keys=jnp.asarray(c["keys"])
-                )
-                before = float(c["seconds"])
+            try:
+                state, _, extra = ckpt.load(state)
+            except InputError as e:
+                sys.exit(f"{e}: delete it to start that batch again")
+            before = float(extra["seconds"])
             print(f"  {self.method} batch {k}: resuming at DDIM step {int(state.step)}", flush=True)
-        steps, per_step = sampler.config.num_steps, self.preset["recursive_steps"]
-        progress = Progress(
-            steps, per_step, print_fn=lambda s: print(f"  {self.method} batch {k}: {s}", flush=True)
-        )
+        steps, per_step = sampler.method.steps, sampler.method.recursive_steps
+        say = lambda s: print(f"  {self.method} batch {k}: {s}", flush=True)  # noqa: E731
+        progress = Progress(steps, per_step, log=say)
         t = time.perf_counter()
-        while int(state.step) < steps:
-            state, logs, _ = sampler.advance(edit, state)
-            took = np.float64(before + time.perf_counter() - t)
-            save_checkpoint(str(ckpt), state, {}, digest, seconds=took)
-            progress(state, logs)
-            if int(state.step) < steps and time.perf_counter() > self.deadline:
-                raise OutOfTime
+
+        def checkpoint(state, logs):
+            ckpt.save(state, {}, seconds=np.float64(before + time.perf_counter() - t))
+
+        try:
+            result = loop.run(
+                sampler,
+                inputs,
+                state,
+                checkpoint=checkpoint,
+                progress=progress,
+                should_stop=lambda: time.perf_counter() > self.deadline,
+            )
+        finally:
+            progress.close()
+        if not result.finished:
+            raise OutOfTime
         print(
             f"  {self.method}: batch {k} of {b}, {steps * per_step} evaluations "
             f"(compile {sampler.compile_seconds:.0f} s)",
             flush=True,
         )
-        return np.clip(sampler.decode(state.z), 0.0, 1.0), before
+        return np.clip(sampler.decode(result.state.z), 0.0, 1.0), before
 
 
 def warp(p: dict) -> np.ndarray:

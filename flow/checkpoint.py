@@ -9,7 +9,7 @@ import zipfile
 import jax
 import numpy as np
 
-from flow.errors import UserError
+from flow.errors import InputError
 from flow.files import write_atomic
 from flow.raft import Raft, RaftConfig, init_raft
 
@@ -43,13 +43,15 @@ def detect(state: dict[str, np.ndarray]) -> tuple[str, bool]:
     elif any(k.startswith("fnet.") for k in keys):
         layout, stem = "upstream", "fnet.conv1.weight"
     else:
-        raise UserError(
+        raise InputError(
             "unknown checkpoint layout: expected RAFT weights from princeton-vl/RAFT "
             "(fnet.*, cnet.*, update_block.*) or torchvision (feature_encoder.*, ...)"
         )
     w = state.get(stem, state.get("module." + stem))
     if w is None or np.ndim(w) != 4 or w.shape[0] not in (32, 64):
-        raise UserError(f"unknown RAFT variant: {stem} should be a (32 or 64, 3, 7, 7) conv weight")
+        raise InputError(
+            f"unknown RAFT variant: {stem} should be a (32 or 64, 3, 7, 7) conv weight"
+        )
     return layout, w.shape[0] == 32
 
 
@@ -74,7 +76,7 @@ def to_upstream_names(state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarra
         twin = name.replace(f".{dup}.", ".downsample.1.")
         if twin in out:
             if not np.array_equal(out[name], out[twin]):
-                raise UserError(f"checkpoint is inconsistent: {name} differs from {twin}")
+                raise InputError(f"checkpoint is inconsistent: {name} differs from {twin}")
             del out[name]
     return out, small
 
@@ -102,7 +104,7 @@ def to_variables(state: dict[str, np.ndarray]) -> tuple[dict, RaftConfig]:
         elif leaf in ("running_mean", "running_var"):
             collection, leaf = "batch_stats", leaf.removeprefix("running_")
         else:
-            raise UserError(f"unexpected tensor {name!r} in a RAFT checkpoint")
+            raise InputError(f"unexpected tensor {name!r} in a RAFT checkpoint")
         node = variables.setdefault(collection, {})
         for p in path:
             node = node.setdefault(p, {})
@@ -129,12 +131,12 @@ def check_variables(variables: dict, config: RaftConfig) -> None:
     model = "RAFT-small" if config.small else "RAFT-large"
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     if missing or extra:
-        raise UserError(
+        raise InputError(
             f"checkpoint does not match {model}: missing {missing[:3]}, unexpected {extra[:3]}"
         )
     for k in want:
         if want[k] != got[k]:
-            raise UserError(
+            raise InputError(
                 f"checkpoint does not match {model}: {k} has shape {got[k]}, want {want[k]}"
             )
 
@@ -170,15 +172,15 @@ def read_torch_checkpoint(path: str) -> tuple[dict, RaftConfig, str]:
     try:
         layout, _ = detect(state)
         variables, config = to_variables(state)
-    except UserError as e:
-        raise UserError(f"{path}: {e}") from None
+    except InputError as e:
+        raise InputError(f"{path}: {e}") from None
     return variables, config, layout
 
 
 def load_variables(path: str) -> tuple[dict, RaftConfig]:
     """Our format or a PyTorch .pth (read without torch, without executing pickled code)."""
     if not os.path.isfile(path):
-        raise UserError(f"{path}: no such weights file; convert one with python -m flow.convert")
+        raise InputError(f"{path}: no such weights file; convert one with python -m flow.convert")
     if not _is_ours(path):
         variables, config, _ = read_torch_checkpoint(path)
         return variables, config
@@ -187,9 +189,9 @@ def load_variables(path: str) -> tuple[dict, RaftConfig]:
             meta = json.loads(z[_META].tobytes().decode())
             arrays = {k: z[k] for k in z.files if k != _META}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise UserError(f"{path}: unreadable weights file ({e}); convert it again") from None
+        raise InputError(f"{path}: unreadable weights file ({e}); convert it again") from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise UserError(f"{path}: not an {FORMAT} v{VERSION} file (header {meta})")
+        raise InputError(f"{path}: not an {FORMAT} v{VERSION} file (header {meta})")
     variables: dict = {}
     for key, value in arrays.items():
         *path_parts, leaf = key.split("/")

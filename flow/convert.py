@@ -12,7 +12,7 @@ import sys
 from absl import app
 
 from flow import checkpoint
-from flow.errors import UserError, run_cli
+from flow.errors import InputError, run_cli
 
 
 def convert(src: str, dst: str) -> str:
@@ -27,7 +27,7 @@ def convert(src: str, dst: str) -> str:
 def main(argv: list[str]) -> None:
     def run() -> None:
         if len(argv) != 3:
-            raise UserError("usage: python -m flow.convert SRC.pth DST")
+            raise InputError("usage: python -m flow.convert SRC.pth DST")
         print(convert(argv[1], argv[2]))
 
     run_cli(run)

@@ -11,7 +11,7 @@ import os
 import numpy as np
 from absl import app, flags, logging
 
-from flow.errors import UserError, run_cli
+from flow.errors import InputError, run_cli
 from flow.files import read_rgb, write_atomic
 from flow.flo import write_flo
 from flow.raft import check_images
@@ -40,17 +40,17 @@ def estimate() -> None:
     """Validates every input before computing; writes outputs only when all succeeded."""
     for name in ("weights", "image1", "image2", "out"):
         if not getattr(FLAGS, name):
-            raise UserError(f"--{name} is required (see --help)")
+            raise InputError(f"--{name} is required (see --help)")
     if not FLAGS.out.endswith((".npy", ".flo")):
-        raise UserError(f"--out must end in .npy or .flo, got {FLAGS.out}")
+        raise InputError(f"--out must end in .npy or .flo, got {FLAGS.out}")
     if FLAGS.viz and not FLAGS.viz.lower().endswith(".png"):
-        raise UserError(f"--viz must end in .png, got {FLAGS.viz}")
+        raise InputError(f"--viz must end in .png, got {FLAGS.viz}")
     if FLAGS.iters < 1:
-        raise UserError(f"--iters must be at least 1, got {FLAGS.iters}")
+        raise InputError(f"--iters must be at least 1, got {FLAGS.iters}")
     for path in filter(None, (FLAGS.out, FLAGS.viz)):
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
-            raise UserError(f"{path}: folder {folder} does not exist; create it first")
+            raise InputError(f"{path}: folder {folder} does not exist; create it first")
     im1, im2 = read_rgb(FLAGS.image1), read_rgb(FLAGS.image2)
     check_images(im1[None], im2[None])
 
@@ -59,7 +59,7 @@ def estimate() -> None:
     net = load_raft(FLAGS.weights, context_norm=FLAGS.context_norm, dtype=FLAGS.dtype)
     flow = np.asarray(net(im1[None], im2[None], iters=FLAGS.iters)[0], np.float32)
     if not np.isfinite(flow).all():
-        raise UserError("RAFT produced non-finite flow (NaN/inf); check the weights file")
+        raise InputError("RAFT produced non-finite flow (NaN/inf); check the weights file")
 
     def write_flow(tmp: str) -> None:
         if FLAGS.out.endswith(".flo"):
@@ -83,7 +83,7 @@ def main(argv: list[str]) -> None:
 
     def run() -> None:
         if len(argv) > 1:
-            raise UserError(f"unexpected arguments {argv[1:]}; see --help")
+            raise InputError(f"unexpected arguments {argv[1:]}; see --help")
         estimate()
 
     run_cli(run)

@@ -1,44 +1,83 @@
-"""File helpers for the command lines: RGB images in, atomic writes out."""
+"""File helpers for the command lines: images in (with a pixel limit), atomic writes out."""
 
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from flow.errors import UserError
+from flow.errors import InputError
+
+# The most pixels an input image may declare (8192 x 8192): its header is checked before any
+# pixel is decoded, so a small file declaring a huge image is refused without the memory.
+MAX_PIXELS = 8192 * 8192
+
+
+def read_image(path: str, what: str = "image", mode: str | None = None) -> np.ndarray:
+    """The pixels of an image file (converted to `mode` if given) as a numpy array; a missing,
+    unreadable or oversized file is an InputError naming `what` it should have been."""
+    return _read(path, what, mode)[0]
+
+
+def _read(path: str, what: str, mode: str | None):
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such {what} file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise InputError(
+                        f"{path}: the {what} declares {w}x{h} pixels, more than the "
+                        f"{MAX_PIXELS:,} allowed; resize it first"
+                    )
+                im.load()
+                return np.asarray(im if mode is None else im.convert(mode)), im.mode
+    except Image.DecompressionBombError:
+        raise InputError(
+            f"{path}: the {what} declares more than the {MAX_PIXELS:,} pixels allowed; resize it "
+            "first"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"{path}: not a readable {what} ({e})") from None
 
 
 def read_rgb(path: str) -> np.ndarray:
-    """f32[H,W,3] in [0, 255] from an RGB image file; anything else is a UserError."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such image file")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode, bands = im.mode, im.getbands()
-            arr = np.asarray(im)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise UserError(f"{path}: not a readable image ({e})") from None
+    """f32[H,W,3] in [0, 255] from an RGB image file; anything else is an InputError."""
+    arr, mode = _read(path, "image", None)
     if mode != "RGB":
-        raise UserError(
-            f"{path}: has {len(bands)} channel(s) ({mode}); RAFT takes 3-channel RGB images: "
+        bands = 1 if arr.ndim == 2 else arr.shape[-1]
+        raise InputError(
+            f"{path}: has {bands} channel(s) ({mode}); RAFT takes 3-channel RGB images: "
             "convert it, e.g. PIL Image.convert('RGB')"
         )
     return arr.astype(np.float32)
 
 
+def _file_mode() -> int:
+    """The mode a new file gets under the process's umask (as open() would create it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_atomic(path: str, write: Callable[[str], None]) -> None:
-    """Calls write(tmp) on a temporary file beside `path`, then renames it into place."""
+    """Calls write(tmp) on a temporary file beside `path`, then renames it into place with the
+    permissions a plainly created file would have (the umask's, not mkstemp's 0600)."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise UserError(f"{path}: folder {folder} does not exist; create it first")
+        raise InputError(f"{path}: folder {folder} does not exist; create it first")
     suffix = os.path.splitext(path)[1]
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

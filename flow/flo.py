@@ -1,40 +1,39 @@
 """Reading and writing Middlebury .flo optical-flow files."""
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from flow.errors import UserError
+from flow.errors import InputError
 
 MAGIC = np.float32(202021.25)
 _HEADER_BYTES = 12
 
 
 def read_flo(path: str | os.PathLike[str]) -> np.ndarray:
-    """Reads a .flo file into f32[H,W,2] (u, v); any malformation raises UserError."""
+    """Reads a .flo file into f32[H,W,2] (u, v); any malformation raises InputError."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
-        raise UserError(f"{path}: no such .flo file") from None
+        raise InputError(f"{path}: no such .flo file") from None
     except OSError as e:
-        raise UserError(f"{path}: cannot read .flo file ({e.strerror})") from None
+        raise InputError(f"{path}: cannot read .flo file ({e.strerror})") from None
     if len(data) < _HEADER_BYTES:
-        raise UserError(f"{path}: truncated .flo file ({len(data)} bytes, header needs 12)")
+        raise InputError(f"{path}: truncated .flo file ({len(data)} bytes, header needs 12)")
     magic = np.frombuffer(data, "<f4", count=1)[0]
     if magic != MAGIC:
-        raise UserError(f"{path}: not a .flo file (magic {magic!r}, expected 202021.25)")
+        raise InputError(f"{path}: not a .flo file (magic {magic!r}, expected 202021.25)")
     width, height = (int(d) for d in np.frombuffer(data, "<i4", count=2, offset=4))
     if width < 0 or height < 0:
-        raise UserError(f"{path}: corrupt .flo header (width {width}, height {height})")
+        raise InputError(f"{path}: corrupt .flo header (width {width}, height {height})")
     expected = _HEADER_BYTES + 4 * 2 * width * height
     if len(data) < expected:
-        raise UserError(
+        raise InputError(
             f"{path}: truncated .flo file ({len(data)} bytes, {width}x{height} needs {expected})"
         )
     if len(data) > expected:
-        raise UserError(
+        raise InputError(
             f"{path}: {len(data) - expected} unexpected trailing bytes after {width}x{height} flow"
         )
     flow = np.frombuffer(data, "<f4", count=2 * width * height, offset=_HEADER_BYTES)
@@ -45,7 +44,7 @@ def write_flo(path: str | os.PathLike[str], flow: np.ndarray) -> None:
     """Writes f32[H,W,2] (u, v) to `path` as .flo, atomically (temp file + rename)."""
     flow = np.asarray(flow)
     if flow.ndim != 3 or flow.shape[-1] != 2:
-        raise UserError(f"{path}: flow to write must be [H,W,2], got shape {flow.shape}")
+        raise InputError(f"{path}: flow to write must be [H,W,2], got shape {flow.shape}")
     height, width, _ = flow.shape
     payload = b"".join(
         (
@@ -54,20 +53,10 @@ def write_flo(path: str | os.PathLike[str], flow: np.ndarray) -> None:
             np.ascontiguousarray(flow, dtype="<f4").tobytes(),
         )
     )
-    target = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as e:
-        raise UserError(f"{path}: cannot write .flo file ({e.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
+    from flow.files import write_atomic
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
             f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"{path}: cannot write .flo file ({e.strerror})") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomic(str(path), write)

@@ -20,7 +20,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from flow import unpickle
-from flow.errors import UserError
+from flow.errors import InputError
 
 _MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 _PROTOCOL_VERSION = 1001
@@ -391,7 +391,7 @@ def read_pth(path: str | Path) -> Any:
         become their arrays, `torch.Size` becomes a tuple and `torch.<dtype>` a numpy dtype.
 
     Raises:
-        UserError: the file is missing, unreadable, corrupt, not a torch checkpoint, or
+        InputError: the file is missing, unreadable, corrupt, not a torch checkpoint, or
             references anything but tensors and plain containers.
     """
     path = Path(path)
@@ -406,24 +406,26 @@ def read_pth(path: str | Path) -> Any:
                 raise _BadFile("not a PyTorch checkpoint (unrecognized file header)")
             return _read_legacy(head + fh.read())
     except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
+        raise InputError(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, not a checkpoint file") from None
+        raise InputError(f"{path}: is a directory, not a checkpoint file") from None
     except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
     except unpickle.Refused as e:
-        raise UserError(
+        raise InputError(
             f"{path}: refusing to load: the file contains pickled code ({e}), {_REFUSE_HINT}"
         ) from None
     except _BadFile as e:
-        raise UserError(f"{path}: {e}") from None
+        raise InputError(f"{path}: {e}") from None
     except EOFError:
-        raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated)") from None
+        raise InputError(f"{path}: not a readable PyTorch checkpoint (truncated)") from None
     except (RecursionError, MemoryError) as e:
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+        raise InputError(
+            f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})"
+        ) from None
     except Exception as e:  # noqa: BLE001  (a corrupt file may fail anywhere: never a traceback)
         detail = " ".join(f"{type(e).__name__}: {e}".split())[:200]
-        raise UserError(
+        raise InputError(
             f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: {detail})"
         ) from None
 
@@ -435,11 +437,11 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     (e.g. alongside an epoch count or optimizer state) is unwrapped.
 
     Raises:
-        UserError: the file cannot be read or does not hold a mapping of names to tensors.
+        InputError: the file cannot be read or does not hold a mapping of names to tensors.
     """
     obj = read_pth(path)
     if not isinstance(obj, Mapping):
-        raise UserError(
+        raise InputError(
             f"{path}: expected a state dict (names -> tensors), got {type(obj).__name__}"
         )
     if not all(isinstance(v, np.ndarray) for v in obj.values()):
@@ -449,7 +451,7 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
                 break
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, np.ndarray):
-            raise UserError(
+            raise InputError(
                 f"{path}: expected a state dict (names -> tensors), but entry {key!r} "
                 f"is a {type(value).__name__}"
             )

@@ -10,7 +10,7 @@ from flax import struct
 from jax import lax
 
 from flow import corr as corr_lib
-from flow.errors import UserError
+from flow.errors import InputError
 from flow.extractor import Encoder
 from flow.sampling import coords_grid
 from flow.update import MaskHead, UpdateBlock
@@ -38,15 +38,15 @@ class RaftConfig:
 
     def __post_init__(self):
         if self.context_norm not in CONTEXT_NORMS:
-            raise UserError(
+            raise InputError(
                 f"context_norm must be one of {CONTEXT_NORMS}, got {self.context_norm!r}"
             )
         if self.dtype not in DTYPES:
-            raise UserError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+            raise InputError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.input_scale not in (1, 2, 4):
-            raise UserError(f"input_scale must be 1, 2 or 4, got {self.input_scale}")
+            raise InputError(f"input_scale must be 1, 2 or 4, got {self.input_scale}")
         if self.dtype == "float64" and not jax.config.jax_enable_x64:
-            raise UserError("dtype float64 needs jax_enable_x64 (with jax.enable_x64(True): ...)")
+            raise InputError("dtype float64 needs jax_enable_x64 (with jax.enable_x64(True): ...)")
 
     @property
     def acc_dtype(self):
@@ -81,17 +81,17 @@ def check_images(image1, image2) -> None:
     """Rejects image pairs RAFT cannot take, with a message that says what fits."""
     s1, s2 = tuple(image1.shape), tuple(image2.shape)
     if len(s1) != 4 or s1[-1] != 3:
-        raise UserError(f"images must be (B, H, W, 3) RGB arrays, got shape {s1}")
+        raise InputError(f"images must be (B, H, W, 3) RGB arrays, got shape {s1}")
     if s1 != s2:
-        raise UserError(f"image1 and image2 must have the same shape, got {s1} and {s2}")
+        raise InputError(f"image1 and image2 must have the same shape, got {s1} and {s2}")
     h, w = s1[1:3]
     if h % 8 or w % 8:
-        raise UserError(
+        raise InputError(
             f"image height and width must be multiples of 8, got {h}x{w}; "
             f"crop or resize to {h // 8 * 8}x{w // 8 * 8}"
         )
     if h < 64 or w < 64:
-        raise UserError(f"images must be at least 64x64 for the 4-level pyramid, got {h}x{w}")
+        raise InputError(f"images must be at least 64x64 for the 4-level pyramid, got {h}x{w}")
 
 
 def convex_upsample(flow: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
@@ -206,7 +206,7 @@ def raft_forward(
     if source is not None:
         want = (b, s * h // 8, s * w // 8)
         if tuple(source["net"].shape[:3]) != want:
-            raise UserError(
+            raise InputError(
                 f"the source encoding is for {tuple(source['net'].shape[:3])} (batch, 1/8 "
                 f"grid), the images need {want}; encode this source with encode_source"
             )

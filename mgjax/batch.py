@@ -26,25 +26,16 @@ import json
 import os
 import re
 import shutil
-import time
-import typing
 from pathlib import Path
 
 import numpy as np
 
-from flow.errors import UserError
-from mgjax import edit as ed
+from flow.errors import InputError
+from mgjax import config as C
 from mgjax.outputs import save_text
 
-# Options that belong to the whole run, not to a job.
-RUN_ONLY = (
-    "out_dir",
-    "resume",
-    "overwrite",
-    "stop_after_chunks",
-    "num_samples",
-    "compilation_cache",
-)
+# Keys a job line may not give: the run-level settings, and num_samples (one job, one image).
+NOT_PER_JOB = (*C.RUN_LEVEL, "num_samples")
 JOB_ONLY = ("name", "preset", "points")
 SUMMARY_METRICS = (
     "flow_epe_inside_object",
@@ -61,7 +52,7 @@ class Job:
     index: int  # position among the jobs (0-based)
     name: str
     line: int  # line number in the jobs file
-    options: ed.Options | None
+    config: C.Config | None
     status: str = "pending"  # pending | done | invalid | diverged
     error: str | None = None
     metrics: dict | None = None
@@ -77,37 +68,21 @@ def points_to_drag(points) -> str:
         if not pairs or any(len(h) != 2 or len(t) != 2 for h, t in pairs):
             raise ValueError
     except (TypeError, ValueError):
-        raise UserError(
+        raise InputError(
             f"points must be [[[x, y], [X, Y]], ...] (handle, target pairs), got {points!r}"
         ) from None
     return "; ".join(f"{h[0]:g},{h[1]:g}>{t[0]:g},{t[1]:g}" for h, t in pairs)
 
 
-def _coerce(name: str, value, hint):
-    args = typing.get_args(hint)
-    if value is None and type(None) in args:
-        return None
-    kind = next((a for a in args if a is not type(None)), hint) if args else hint
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, int | float) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }.get(kind, False)
-    if not ok:
-        raise UserError(f"{name}: expected {kind.__name__}, got {json.dumps(value)}")
-    return float(value) if kind is float else value
-
-
-def read_jobs(path: str, base: ed.Options) -> list[Job]:
-    """Parse a jobs file against the run's options. A bad line becomes an invalid job (reported,
-    skipped), not an error of the whole run; a file that cannot be read is one."""
+def read_jobs(path: str, explicit: dict, preset: str = "auto") -> list[Job]:
+    """Parse a jobs file against the command line's explicit values and preset (a job's config
+    is mgjax.config.resolve(explicit, preset, job line)). A bad line becomes an invalid job
+    (reported, skipped), not an error of the whole run; a file that cannot be read is one."""
     try:
         lines = Path(path).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--jobs {path}: cannot read it ({e})") from None
-    hints = typing.get_type_hints(ed.Options)
-    allowed = set(hints) - set(RUN_ONLY)
+        raise InputError(f"--jobs {path}: cannot read it ({e})") from None
+    out_dir = explicit.get("out_dir") or ""
     jobs: list[Job] = []
     seen: set[str] = set()
     for number, line in enumerate(lines, start=1):
@@ -119,46 +94,41 @@ def read_jobs(path: str, base: ed.Options) -> list[Job]:
             try:
                 spec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"not JSON ({e.msg} at column {e.colno})") from None
+                raise InputError(f"not JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(spec, dict):
-                raise UserError('a job is a JSON object, e.g. {"image": "a.png", ...}')
+                raise InputError('a job is a JSON object, e.g. {"image": "a.png", ...}')
             name = spec.pop("name", name)
             if not isinstance(name, str) or not _NAME.match(name):
-                raise UserError(f"name {name!r}: letters, digits, '.', '_' and '-' only")
+                raise InputError(f"name {name!r}: letters, digits, '.', '_' and '-' only")
             if name in seen:
-                raise UserError(f"name {name!r} is used by an earlier job")
+                raise InputError(f"name {name!r} is used by an earlier job")
             seen.add(name)
-            run_only = sorted(set(spec) & set(RUN_ONLY))
-            if run_only:
-                raise UserError(f"{run_only} belong to the whole run: give them as flags")
-            unknown = sorted(set(spec) - allowed - set(JOB_ONLY))
+            run_level = sorted(set(spec) & set(NOT_PER_JOB))
+            if run_level:
+                raise InputError(f"{run_level} belong to the whole run: give them as flags")
+            unknown = sorted(set(spec) - set(C.FIELDS) - set(JOB_ONLY))
             if unknown:
-                raise UserError(f"unknown key(s) {unknown}; job keys are launch.py's flag names")
+                raise InputError(f"unknown key(s) {unknown}; job keys are launch.py's flag names")
             if "points" in spec:
                 if "drag" in spec:
-                    raise UserError("give points or drag, not both")
+                    raise InputError("give points or drag, not both")
                 spec["drag"] = points_to_drag(spec.pop("points"))
-            values = {}
-            preset = spec.pop("preset", None)
-            if preset is not None:
-                if preset not in ed.PRESETS:
-                    raise UserError(f"preset {preset!r}: one of {', '.join(ed.PRESETS)}")
-                values.update(ed.PRESETS[preset])
-            values.update({k: _coerce(k, v, hints[k]) for k, v in spec.items()})
-            options = dataclasses.replace(
-                base, out_dir=os.path.join(base.out_dir, name), num_samples=1, **values
-            )
-            jobs.append(Job(index, name, number, options))
-        except UserError as e:
+            try:
+                config = C.resolve(explicit, preset, spec)
+                config = C.replace(config, out_dir=os.path.join(out_dir, name), num_samples=1)
+            except ValueError as e:
+                raise InputError(str(e)) from None
+            jobs.append(Job(index, name, number, config))
+        except InputError as e:
             seen.add(name)
             jobs.append(Job(index, name, number, None, "invalid", f"line {number}: {e}"))
     if not jobs:
-        raise UserError(f"--jobs {path}: no jobs in it (one JSON object per line)")
+        raise InputError(f"--jobs {path}: no jobs in it (one JSON object per line)")
     return jobs
 
 
 def _finished(job: Job) -> dict | None:
-    path = os.path.join(job.options.out_dir, "sample_00", "metrics.json")
+    path = os.path.join(job.config.output.out_dir, "sample_00", "metrics.json")
     if not os.path.isfile(path):
         return None
     with open(path) as f:
@@ -175,7 +145,7 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
 
     if coordinator:
         if num_processes < 1 or not 0 <= process_id < num_processes:
-            raise UserError(
+            raise InputError(
                 f"--process_id {process_id} with --num_processes {num_processes}: each process "
                 "needs an id in 0 .. num_processes - 1"
             )
@@ -204,12 +174,12 @@ def _sharded(x, mesh, axis: int | None):
     return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
 
 
-def shard_edit(edit, mesh):
-    """The edit's per-image arrays split over the mesh on their batch axis, the rest replicated."""
-    from mgjax.sampler import map_images
+def shard_inputs(inputs, mesh):
+    """The per-image arrays split over the mesh on their batch axis, the rest replicated."""
+    from mgjax.inputs import map_images
 
-    edit = map_images(edit, lambda x, axis: _sharded(x, mesh, axis))
-    return edit.replace(schedule=_sharded(edit.schedule, mesh, None))
+    inputs = map_images(inputs, lambda x, axis: _sharded(x, mesh, axis))
+    return inputs.replace(schedule=_sharded(inputs.schedule, mesh, None))
 
 
 def shard_state(state, mesh):
@@ -220,13 +190,13 @@ def shard_state(state, mesh):
     )
 
 
-def one_edit(edit, j: int):
-    """Image j of a batched edit, on the host (numpy arrays)."""
+def one_edit(inputs, j: int):
+    """Image j of batched inputs, on the host (numpy arrays)."""
     import jax
 
-    from mgjax.sampler import map_images
+    from mgjax.inputs import map_images
 
-    host = jax.tree_util.tree_map(np.asarray, edit)
+    host = jax.tree_util.tree_map(np.asarray, inputs)
     return map_images(host, lambda x, axis: np.take(x, [j], axis=axis))
 
 
@@ -236,11 +206,10 @@ def one_edit(edit, j: int):
 @dataclasses.dataclass
 class Prepared:
     job: Job
-    inputs: ed.Inputs
+    files: object  # mgjax.workflow.EditFiles
     image: np.ndarray  # f32[1,H,W,3]
     z_T: np.ndarray  # f32[1,C,h,w]
     latents: np.ndarray  # f32[S,1,C,h,w]
-    schedule: np.ndarray | None
     group: tuple
 
 
@@ -250,39 +219,45 @@ class _Models:
     def __init__(self, mesh):
         self.mesh, self._cache = mesh, {}
 
-    def get(self, o: ed.Options):
-        key = (o.model, o.revision, o.from_pt, o.dtype, o.attention, o.raft_weights)
+    def get(self, config: C.Config):
+        from mgjax.workflow import load_models
+
+        key = dataclasses.astuple(config.model)
         if key not in self._cache:
-            sd, raft = ed._load_models(o)
-            sd.params = _sharded_tree(sd.params, self.mesh)
-            raft = _sharded_tree(raft, self.mesh)
+            sd, raft = load_models(config)
+            sd.params = replicate(sd.params, self.mesh)
+            raft = replicate(raft, self.mesh)
             self._cache[key] = (sd, raft)
         return key, self._cache[key]
 
 
-def _sharded_tree(tree, mesh):
+def replicate(tree, mesh):
+    """Every leaf of `tree` (weights) placed whole on each device of the mesh."""
     import jax
 
     return jax.tree_util.tree_map(lambda x: _sharded(x, mesh, None), tree)
 
 
 def _prepare(job: Job, models: _Models, log) -> Prepared:
-    o = ed.resolve_toy(job.options)
-    job.options = o
-    # the run manages the job folders: skip single-edit checks of out_dir
-    ed.check_options(dataclasses.replace(o, resume=False, overwrite=True))
-    key, (sd, _) = models.get(o)
-    inp = ed.read_inputs(o, sd)
-    os.makedirs(o.out_dir, exist_ok=True)
-    image, z_T, latents, schedule = ed.source_of(o, sd, inp, ed.read_schedule(o), log)
-    cfg, energy = ed.guidance(o)
-    sched_id = (
-        None
-        if schedule is None
-        else hashlib.sha256(np.asarray(schedule, np.float32).tobytes()).hexdigest()
+    from mgjax.checks import check
+    from mgjax.trajectory import source_trajectory
+    from mgjax.workflow import read_files, resolve_toy
+
+    config = job.config = resolve_toy(job.config)
+    check(config, out_dir_free=False)  # the run manages the job folders
+    key, (sd, _) = models.get(config)
+    files = read_files(config, sd)
+    os.makedirs(config.output.out_dir, exist_ok=True)
+    image, z_T, latents = source_trajectory(
+        config, sd, files.cond, files.uncond, config.output.out_dir, files.image, files.data, log
     )
-    group = (key, inp.h, inp.w, cfg, energy, sched_id)
-    return Prepared(job, inp, image, z_T, latents, schedule, group)
+    schedule_id = (
+        None
+        if files.schedule is None
+        else hashlib.sha256(np.asarray(files.schedule, np.float32).tobytes()).hexdigest()
+    )
+    group = (key, files.h, files.w, config.method, config.speed, schedule_id)
+    return Prepared(job, files, image, z_T, latents, group)
 
 
 # ----------------------------------------------------------------------------- running
@@ -295,159 +270,160 @@ class Runner:
         self.mesh = local_mesh(batch_size)
         self.models = _Models(self.mesh)
         self.samplers: dict = {}
-        self.stop_after_chunks = 0  # testing aid: interrupt after this many chunks in all
+        self.stop_after_chunks = 0  # interrupt after this many chunks in all (0: never)
         self.chunks_run = 0
         self.images: dict[str, np.ndarray] = {}  # job name -> edited f32[H,W,3] in [0, 1]
 
-    def sampler(self, group, prepared: Prepared):
-        from mgjax.sampler import GuidedSampler
+    def sampler(self, prepared: Prepared):
+        from mgjax.workflow import make_sampler
 
-        if group not in self.samplers:
-            o = prepared.job.options
-            _, (sd, raft) = self.models.get(o)
-            cfg, energy = ed.guidance(o)
-            self.samplers[group] = GuidedSampler(sd, raft, cfg, energy=energy)
-        return self.samplers[group]
+        if prepared.group not in self.samplers:
+            config = prepared.job.config
+            _, (sd, raft) = self.models.get(config)
+            self.samplers[prepared.group] = make_sampler(config, sd, raft)
+        return self.samplers[prepared.group]
 
     def run_batch(self, batch: list[Prepared], label: str) -> list[Prepared]:
         """Run one batch to the end and write its jobs' outputs. Returns the jobs to run again
         (the others of a batch in which some diverged)."""
-        import jax
-        import jax.numpy as jnp
-
-        from mgjax.sampler import DivergenceError, Progress
+        from mgjax import loop
+        from mgjax.checkpoint import Checkpoint
+        from mgjax.progress import Progress
+        from mgjax.results import EditResult, save_snapshots, write_samples
+        from mgjax.sampler import DivergenceError
 
         real = len(batch)
         batch = batch + [batch[-1]] * (self.batch_size - real)  # padding: same shape always
         first = batch[0]
-        o = first.job.options
-        sampler = self.sampler(first.group, first)
-        cat = lambda xs, axis=0: np.concatenate(xs, axis=axis)  # noqa: E731
+        config = first.job.config
+        sampler = self.sampler(first)
+        concat = lambda xs, axis=0: np.concatenate(xs, axis=axis)  # noqa: E731
         lat = (1, sampler.sd.latent_channels) + first.latents.shape[-2:]
-        edit = sampler.prepare(
-            cat([p.image for p in batch]),
-            cat([p.inputs.flow[None] for p in batch]),
-            cat([np.asarray(p.inputs.cond) for p in batch]),
-            cat([np.asarray(p.inputs.uncond) for p in batch]),
-            frozen=cat([np.broadcast_to(p.inputs.frozen, lat) for p in batch]),
-            trajectory=cat([p.latents for p in batch], 1),
-            schedule=first.schedule,
+        inputs = sampler.prepare(
+            concat([p.image for p in batch]),
+            concat([p.files.flow[None] for p in batch]),
+            concat([np.asarray(p.files.cond) for p in batch]),
+            concat([np.asarray(p.files.uncond) for p in batch]),
+            frozen=concat([np.broadcast_to(p.files.frozen, lat) for p in batch]),
+            trajectory=concat([p.latents for p in batch], 1),
+            schedule=first.files.schedule,
             encode=False,  # source_cache: encoded below, once sharded
         )
-        state = sampler.init(edit, cat([p.z_T for p in batch]), [p.job.options.seed for p in batch])
-        edit, state = shard_edit(edit, self.mesh), shard_state(state, self.mesh)
-        edit = sampler.encode_source(edit)  # source_cache: each device its own, as single edits
+        seeds = [p.job.config.source.seed for p in batch]
+        state = sampler.init(inputs, concat([p.z_T for p in batch]), seeds)
+        inputs, state = shard_inputs(inputs, self.mesh), shard_state(state, self.mesh)
+        inputs = sampler.encode_source(inputs)  # source_cache: each device its own images
         names = [p.job.name for p in batch]
         digest = hashlib.sha256(
-            json.dumps([names, ed._config_digest(o), repr(first.group)]).encode()
+            json.dumps([names, C.digest(config), repr(first.group)]).encode()
         ).hexdigest()[:16]
-        ckpt = os.path.join(self.out_dir, "_batches", f"{digest}.npz")
-        logs: dict[str, list] = {}
-        if os.path.isfile(ckpt):
-            with np.load(ckpt, allow_pickle=False) as c:
-                state = shard_state(
-                    state.replace(
-                        z=jnp.asarray(c["z"]),
-                        step=jnp.asarray(c["step"]),
-                        keys=jnp.asarray(c["keys"]),
-                    ),
-                    self.mesh,
-                )
-                logs = {k[4:]: [c[k]] for k in c.files if k.startswith("log_")}
-            self.log(f"{label}: resuming at DDIM step {int(state.step)}/{o.steps}")
-        progress = Progress(
-            o.steps, o.recursive_steps, print_fn=lambda s: self.log(f"{label}: {s}")
-        )
-        t_run, chunks, compiled_before = time.perf_counter(), 0, sampler.compile_seconds
-        while int(state.step) < o.steps:
-            try:
-                state, chunk_logs, snapshots = sampler.advance(edit, state)
-            except DivergenceError as e:
-                bad = {names[i] for i in e.bad if i < real}
-                for p in batch[:real]:
-                    if p.job.name in bad:
-                        p.job.status, p.job.error = "diverged", str(e)
-                if os.path.isfile(ckpt):
-                    os.remove(ckpt)
-                self.log(f"{label}: {e}; the other jobs of the batch run again")
-                return [p for p in batch[:real] if p.job.name not in bad]
-            for k, v in chunk_logs.items():
-                logs.setdefault(k, []).append(v)
-            os.makedirs(os.path.dirname(ckpt), exist_ok=True)
-            ed._save_checkpoint(ckpt, state, logs, digest)
+        ckpt = Checkpoint(os.path.join(self.out_dir, "_batches", f"{digest}.npz"), digest)
+        logs: dict = {}
+        if ckpt.exists():
+            state, logs, _ = ckpt.load(state)
+            state = shard_state(state, self.mesh)
+            self.log(f"{label}: resuming at DDIM step {int(state.step)}/{config.method.steps}")
+        os.makedirs(os.path.dirname(ckpt.path), exist_ok=True)
+        say = lambda s: self.log(f"{label}: {s}")  # noqa: E731
+
+        def on_snapshots(snapshots):
             for n, p in enumerate(batch[:real]):
-                ed._save_snapshots(
-                    p.job.options.out_dir, {s: x[n : n + 1] for s, x in snapshots.items()}, 1
-                )
-            if chunks == 0 and sampler.compile_seconds > compiled_before:
-                took = sampler.compile_seconds - compiled_before
-                self.log(f"{label}: compiled the guided sampler ({sampler.loops}) in {took:.1f} s")
-            progress(state, chunk_logs)
-            chunks += 1
+                one = {s: x[n : n + 1] for s, x in snapshots.items()}
+                save_snapshots(p.job.config.output.out_dir, one)
+
+        def should_stop() -> bool:
             self.chunks_run += 1
-            if self.stop_after_chunks and self.chunks_run >= self.stop_after_chunks:
-                raise KeyboardInterrupt
-        run_s = time.perf_counter() - t_run
-        edited = sampler.decode(state.z)
-        all_logs = {k: np.concatenate(v) for k, v in logs.items()}
-        for n, p in enumerate(batch[:real]):
-            job_logs = {k: v[..., n : n + 1] for k, v in all_logs.items()}
-            ed._write_outputs(
-                p.job.options,
+            return bool(self.stop_after_chunks) and self.chunks_run >= self.stop_after_chunks
+
+        progress = Progress(config.method.steps, config.method.recursive_steps, log=say)
+        try:
+            result = loop.run(
                 sampler,
-                one_edit(edit, n),
-                p.image,
-                p.inputs.flow,
-                p.inputs.obj,
+                inputs,
+                state,
+                logs,
+                checkpoint=ckpt.save,
+                on_snapshots=on_snapshots,
+                progress=progress,
+                should_stop=should_stop,
+                log=say,
+            )
+        except DivergenceError as e:
+            bad = {names[i] for i in e.bad if i < real}
+            for p in batch[:real]:
+                if p.job.name in bad:
+                    p.job.status, p.job.error = "diverged", str(e)
+            ckpt.remove()
+            self.log(f"{label}: {e}; the other jobs of the batch run again")
+            return [p for p in batch[:real] if p.job.name not in bad]
+        finally:
+            progress.close()
+        if not result.finished:
+            raise KeyboardInterrupt
+        edited = sampler.decode(result.state.z)
+        for n, p in enumerate(batch[:real]):
+            job_logs = {k: v[..., n : n + 1] for k, v in result.logs.items()}
+            res = EditResult(
+                p.image[0],
+                p.files.flow,
+                p.files.obj,
                 edited[n : n + 1],
                 job_logs,
-                run_s,
-                run_s,
-                jax,
-                extra={
-                    "batch_size": self.batch_size,
-                    "batch_jobs": names[:real],
-                    "devices": self.mesh.size,
-                },
+                result.seconds,
+                result.seconds,
             )
+            extra = {"batch_size": self.batch_size, "batch_jobs": names[:real]}
+            extra["devices"] = self.mesh.size
+            write_samples(p.job.config, sampler, one_edit(inputs, n), res, extra=extra)
             p.job.status, p.job.metrics = "done", _finished(p.job)
             self.images[p.job.name] = edited[n]
-        os.remove(ckpt)
+        ckpt.remove()
         return []
 
 
 def run_jobs(
     jobs_path: str,
-    base: ed.Options,
+    explicit: dict,
     batch_size: int = 0,
     log=print,
     process_id: int = 0,
     num_processes: int = 1,
     kv=None,
     images: dict | None = None,
+    preset: str = "auto",
 ) -> list[dict]:
-    """Run a jobs file. Returns the summary rows (all jobs on process 0, its own elsewhere);
+    """Run a jobs file; `explicit` and `preset` are the command line's (mgjax.config.resolve),
+    every job's defaults. Returns the summary rows (all jobs on process 0, its own elsewhere);
     `images`, when given, receives name -> edited f32[H,W,3] of the jobs run now."""
     import jax
 
     if batch_size < 0:
-        raise UserError(f"--batch_size must be >= 1 (0: one per local device), got {batch_size}")
+        raise InputError(f"--batch_size must be >= 1 (0: one per local device), got {batch_size}")
     batch_size = batch_size or jax.local_device_count()
-    if base.compilation_cache:
-        ed.enable_compilation_cache(base.compilation_cache)
-    jobs = read_jobs(jobs_path, base)
+    try:
+        base = C.resolve(explicit, preset).output
+        cache = C.resolve(explicit, preset).speed.compilation_cache
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if not base.out_dir:
+        raise InputError("--out_dir is required")
+    if cache:
+        from mgjax.workflow import enable_compilation_cache
+
+        enable_compilation_cache(cache)
+    jobs = read_jobs(jobs_path, explicit, preset)
     mine = [j for j in jobs if j.index % num_processes == process_id]
     out = base.out_dir
     summary_part = os.path.join(out, f"summary.p{process_id}.jsonl")
     if os.path.exists(out) and not (base.resume or base.overwrite):
         if any(os.scandir(out)):
-            raise UserError(
+            raise InputError(
                 f"{out} exists; pass --resume to continue its jobs or --overwrite to start again"
             )
     if base.resume and base.overwrite:
-        raise UserError("--resume and --overwrite exclude each other")
+        raise InputError("--resume and --overwrite exclude each other")
     if base.num_samples != 1:
-        raise UserError(
+        raise InputError(
             "--num_samples does not apply to --jobs: give each sample its own job (its own seed)"
         )
     if base.overwrite:  # each process clears its own share
@@ -479,7 +455,7 @@ def run_jobs(
             continue
         try:
             p = _prepare(job, runner.models, lambda s, n=job.name: log(f"{n}: {s}"))
-        except UserError as e:
+        except InputError as e:
             job.status, job.error = "invalid", str(e)
             log(f"{job.name}: invalid: {e}")
             continue
@@ -515,7 +491,7 @@ def _row(job: Job, process_id: int) -> dict:
         "status": job.status,
         "error": job.error,
         "process": process_id,
-        "out_dir": job.options.out_dir if job.options else None,
+        "out_dir": job.config.output.out_dir if job.config else None,
         **{k: m.get(k) for k in SUMMARY_METRICS},
     }
 
@@ -538,7 +514,7 @@ def _client():
 
     client = distributed.global_state.client
     if client is None:
-        raise UserError("several processes need jax.distributed (--coordinator ...)")
+        raise InputError("several processes need jax.distributed (--coordinator ...)")
     return client
 
 

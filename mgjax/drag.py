@@ -14,7 +14,7 @@ It applies inside the object mask (or box) when one is given, else to the whole 
 
 import numpy as np
 
-from flow.errors import UserError
+from flow.errors import InputError
 
 EXAMPLE = "120,200>160,200; 120,260>150,270"
 
@@ -23,7 +23,7 @@ def parse_drag(text: str) -> tuple[np.ndarray, np.ndarray]:
     """'x1,y1>X1,Y1; ...' -> (handles f64[N,2], targets f64[N,2])."""
     pairs = [p for p in text.replace("\n", ";").split(";") if p.strip()]
     if not pairs:
-        raise UserError(f"--drag is empty; e.g. --drag '{EXAMPLE}'")
+        raise InputError(f"--drag is empty; e.g. --drag '{EXAMPLE}'")
     handles, targets = [], []
     for pair in pairs:
         ends = pair.split(">")
@@ -34,16 +34,16 @@ def parse_drag(text: str) -> tuple[np.ndarray, np.ndarray]:
             if len(a) != 2 or len(b) != 2:
                 raise ValueError
         except ValueError:
-            raise UserError(
+            raise InputError(
                 f"--drag: {pair.strip()!r} is not 'x,y>X,Y'; e.g. --drag '{EXAMPLE}'"
             ) from None
         handles.append(a)
         targets.append(b)
     h, t = np.asarray(handles), np.asarray(targets)
     if not (np.isfinite(h).all() and np.isfinite(t).all()):
-        raise UserError("--drag: coordinates must be finite numbers")
+        raise InputError("--drag: coordinates must be finite numbers")
     if len({tuple(p) for p in h}) < len(h):
-        raise UserError("--drag: two pairs share a handle point; give each handle once")
+        raise InputError("--drag: two pairs share a handle point; give each handle once")
     return h, t
 
 
@@ -75,7 +75,7 @@ def drag_flow(handles, targets, height: int, width: int, mask=None) -> np.ndarra
     inside = (h >= 0).all(axis=1) & (h[:, 0] <= width - 1) & (h[:, 1] <= height - 1)
     if not inside.all():
         bad = h[~inside][0]
-        raise UserError(
+        raise InputError(
             f"--drag: handle {bad[0]:g},{bad[1]:g} is outside the {width}x{height} image"
         )
     if mask is not None:
@@ -83,7 +83,7 @@ def drag_flow(handles, targets, height: int, width: int, mask=None) -> np.ndarra
         hit = mask[np.rint(h[:, 1]).astype(int), np.rint(h[:, 0]).astype(int)]
         if not hit.all():
             bad = h[~hit][0]
-            raise UserError(
+            raise InputError(
                 f"--drag: handle {bad[0]:g},{bad[1]:g} is outside the object mask; put handles "
                 "on the object or widen the mask"
             )

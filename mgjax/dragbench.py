@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from flow import unpickle
-from flow.errors import UserError, run_cli
+from flow.errors import InputError, run_cli
 from flow.files import write_atomic
 
 
@@ -119,26 +119,26 @@ def read_meta(path: str) -> dict:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+        raise InputError(f"{path}: cannot read it ({e.strerror})") from None
     try:
         meta = _finish(unpickle.load(data, _GLOBALS, build=_build, encoding="latin1"))
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as e:
         detail = f"refused {e}" if isinstance(e, unpickle.Refused) else e
-        raise UserError(
+        raise InputError(
             f"{path}: not a DragBench meta_data.pkl this reader accepts ({detail})"
         ) from None
     missing = [
         k for k in ("prompt", "points", "mask") if not isinstance(meta, dict) or k not in meta
     ]
     if missing:
-        raise UserError(f"{path}: no {', '.join(missing)} in it")
+        raise InputError(f"{path}: no {', '.join(missing)} in it")
     return meta
 
 
 def _pairs(points, path: str) -> list:
     pts = np.asarray(points, np.float64).reshape(-1, 2) if len(points) else np.zeros((0, 2))
     if len(pts) == 0 or len(pts) % 2:
-        raise UserError(f"{path}: points must be handle/target pairs, got {len(pts)} points")
+        raise InputError(f"{path}: points must be handle/target pairs, got {len(pts)} points")
     return [[pts[i].tolist(), pts[i + 1].tolist()] for i in range(0, len(pts), 2)]
 
 
@@ -156,10 +156,10 @@ def to_jobs(root: str, jobs_path: str, masks_dir: str | None = None) -> int:
     from PIL import Image
 
     if not os.path.isdir(root):
-        raise UserError(f"{root}: no such folder (the DragBench root, e.g. drag_bench_data/)")
+        raise InputError(f"{root}: no such folder (the DragBench root, e.g. drag_bench_data/)")
     folders = samples(root)
     if not folders:
-        raise UserError(f"{root}: no sample folders with meta_data.pkl under it")
+        raise InputError(f"{root}: no sample folders with meta_data.pkl under it")
     masks_dir = masks_dir or jobs_path + ".masks"
     lines = []
     for folder in folders:
@@ -167,7 +167,7 @@ def to_jobs(root: str, jobs_path: str, masks_dir: str | None = None) -> int:
         name = rel.replace(os.sep, "__")
         image = os.path.join(folder, "original_image.png")
         if not os.path.isfile(image):
-            raise UserError(f"{folder}: no original_image.png")
+            raise InputError(f"{folder}: no original_image.png")
         meta = read_meta(os.path.join(folder, "meta_data.pkl"))
         mask = np.asarray(meta["mask"])
         if mask.ndim == 3:

@@ -17,9 +17,9 @@ Writing one (it runs inside the jitted sampler: jnp only, no Python side effects
             return loss, {"brightness_loss": loss}
 
     energy = MotionEnergy() + 50.0 * Brightness()  # weighted sums compose
-    sampler = GuidedSampler(sd, raft, config, energy=energy)
+    sampler = Sampler(sd, raft, method, energy=energy)
 
-Per-edit arrays an energy needs (a reference image, a region mask) go in `prepare(...,
+Per-edit arrays an energy needs (a reference image, a region mask) go in `mgjax.inputs.prepare(...,
 extras={"name": array [B, ...]})` and arrive as `ctx.extras["name"]`; they are arguments of the
 compiled chunk, so new values never retrace it.
 """
@@ -30,14 +30,15 @@ from typing import ClassVar, NamedTuple
 
 import jax.numpy as jnp
 
-from flow.errors import UserError
+from flow.errors import InputError
 from flow.raft import Raft
 from flow.sampling import warp
+from mgjax.config import Method
 
 
 class EnergyWeights(NamedTuple):
-    flow: float = 3.0  # lambda_flow
-    color: float = 100.0  # lambda_color
+    flow: float = Method.flow_weight  # lambda_flow
+    color: float = Method.color_weight  # lambda_color
 
 
 PAPER_WEIGHTS = EnergyWeights()
@@ -85,8 +86,8 @@ def motion_energy(
     mask: jnp.ndarray,
     raft: Raft,
     weights: EnergyWeights = PAPER_WEIGHTS,
-    raft_iters: int = 5,
-    oracle: bool = False,
+    raft_iters: int = Method.raft_iters,
+    oracle: bool = Method.oracle,
 ) -> tuple[jnp.ndarray, dict]:
     """E = lambda_flow * L_flow + lambda_color * L_color for one batch of edits.
 
@@ -167,9 +168,9 @@ class WeightedSum(Energy):
         names = [n for _, e in self.parts for n in e.log_names]
         clash = sorted({n for n in names if names.count(n) > 1})
         if clash:
-            raise UserError(f"energy terms log the same names {clash}; give each term its own")
+            raise InputError(f"energy terms log the same names {clash}; give each term its own")
         if "energy" in names:
-            raise UserError("an energy term may not log 'energy' (the sampler logs the total)")
+            raise InputError("an energy term may not log 'energy' (the sampler logs the total)")
 
     @property
     def log_names(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -192,10 +193,10 @@ class MotionEnergy(Energy):
     """The paper's energy: lambda_flow * L1(RAFT(source, x), f) + lambda_color * masked colour L1
     of x warped back by RAFT's flow (or by f with `oracle`)."""
 
-    flow_weight: float = 3.0
-    color_weight: float = 100.0
-    raft_iters: int = 5
-    oracle: bool = False
+    flow_weight: float = Method.flow_weight
+    color_weight: float = Method.color_weight
+    raft_iters: int = Method.raft_iters
+    oracle: bool = Method.oracle
     log_names: ClassVar[tuple[str, ...]] = ("flow_loss", "color_loss")
 
     def __call__(self, x, ctx: Context):
@@ -233,3 +234,12 @@ class PreservationEnergy(Energy):
             keep = still_region(ctx.target_flow, ctx.occlusion)
         loss = jnp.abs(keep * (x - ctx.source)).mean(axis=(1, 2, 3))
         return loss, {"keep_loss": loss}
+
+
+def method_energy(method: Method) -> Energy:
+    """The energy a method's settings describe: the paper's, plus preserve_weight x
+    PreservationEnergy when that weight is positive."""
+    energy = MotionEnergy(method.flow_weight, method.color_weight, method.raft_iters, method.oracle)
+    if method.preserve_weight:
+        energy = energy + method.preserve_weight * PreservationEnergy()
+    return energy

@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from flow.errors import UserError, run_cli
+from flow.errors import InputError, run_cli
 from flow.files import read_rgb, write_atomic
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -40,13 +40,13 @@ def sample_folders(run_dirs: list[str]) -> list[str]:
     found = []
     for run in run_dirs:
         if not os.path.isdir(run):
-            raise UserError(f"{run}: no such run folder (give folders written by launch.py)")
+            raise InputError(f"{run}: no such run folder (give folders written by launch.py)")
         for edited in glob.glob(os.path.join(run, "**", "edited.png"), recursive=True):
             folder = os.path.dirname(edited)
             if os.path.isfile(os.path.join(folder, "target_flow.npy")):
                 found.append(folder)
     if not found:
-        raise UserError(
+        raise InputError(
             f"no edits with target_flow.npy under {', '.join(run_dirs)} (runs written by "
             "launch.py since batch editing landed keep the target flow there)"
         )
@@ -60,7 +60,7 @@ def _raft(path: str):
     from flow.checkpoint import load_raft
 
     if not os.path.isfile(path):
-        raise UserError(f"{path}: no such RAFT weights file; give --raft_weights")
+        raise InputError(f"{path}: no such RAFT weights file; give --raft_weights")
     raft = load_raft(path, context_norm="batch")
     return raft, jax.jit(lambda r, a, b, iters: r(a, b, iters=iters), static_argnums=3)
 
@@ -75,7 +75,7 @@ class Clip:
             self.model = FlaxCLIPModel.from_pretrained(name, revision=revision)
             self.processor = CLIPImageProcessor.from_pretrained(name, revision=revision)
         except (OSError, ValueError) as e:
-            raise UserError(
+            raise InputError(
                 f"--clip_model {name}: cannot load it ({str(e).splitlines()[0][:160]}); give a "
                 "local folder with a CLIP model, or --no_clip"
             ) from None
@@ -117,12 +117,12 @@ def evaluate_sample(folder: str, raft_weights: str | None, clip: Clip | None, it
             config = json.load(f)
     weights = raft_weights or config.get("raft_weights")
     if not weights:
-        raise UserError(f"{folder}: its config.json names no RAFT weights; give --raft_weights")
+        raise InputError(f"{folder}: its config.json names no RAFT weights; give --raft_weights")
     src = read_rgb(os.path.join(folder, "source.png"))
     edit = read_rgb(os.path.join(folder, "edited.png"))
     target = np.load(os.path.join(folder, "target_flow.npy"), allow_pickle=False)
     if target.shape != src.shape[:2] + (2,) or edit.shape != src.shape:
-        raise UserError(f"{folder}: source, edit and target flow sizes differ")
+        raise InputError(f"{folder}: source, edit and target flow sizes differ")
     mask_path = os.path.join(folder, "object_mask.png")
     if os.path.isfile(mask_path):
         with Image.open(mask_path) as im:
@@ -172,7 +172,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--json", default=None, help="write per-sample rows and the means")
     args = parser.parse_args(argv)
     if args.raft_iters < 1:
-        raise UserError("--raft_iters must be at least 1")
+        raise InputError("--raft_iters must be at least 1")
     folders = sample_folders(args.runs)
     clip = None if args.no_clip else Clip(args.clip_model, args.clip_revision)
     rows = [evaluate_sample(f, args.raft_weights, clip, args.raft_iters) for f in folders]

@@ -35,8 +35,8 @@ RAFT_GRADIENTS = ("detached", "full")
 #   unrolled: one compiled evaluation per call, driven from Python, with RAFT's refinement
 #     unrolled, so that no XLA while loop holds a backward pass. XLA:CPU runs the input-gradient
 #     convolution inside a while loop on a slow path (the kernel stays in o,i order instead of
-#     being transposed for its fast convolution library): the toy pack's guided evaluation takes
-#     656 ms inside the scan and 236 ms unrolled on one core (BENCHMARKS.md).
+#     being transposed for its fast convolution library), so unrolled is faster there
+#     (BENCHMARKS.md gives the figures).
 #   auto: unrolled on CPU, scan on GPU and TPU.
 LOOPS = ("auto", "scan", "unrolled")
 

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from flow.errors import UserError
+from flow.errors import InputError
 
 EXAMPLE = "rotate:30@256,256+translate:40,0"
 
@@ -35,13 +35,13 @@ def _floats(text: str, n: int | None, what: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",")] if text else []
     except ValueError:
-        raise UserError(
+        raise InputError(
             f"--motion {what}: {text!r} is not a list of numbers; e.g. {EXAMPLE}"
         ) from None
     if n is not None and len(values) != n:
-        raise UserError(f"--motion {what}: needs {n} numbers, got {len(values)}; e.g. {EXAMPLE}")
+        raise InputError(f"--motion {what}: needs {n} numbers, got {len(values)}; e.g. {EXAMPLE}")
     if not np.isfinite(values).all():
-        raise UserError(f"--motion {what}: numbers must be finite")
+        raise InputError(f"--motion {what}: numbers must be finite")
     return values
 
 
@@ -76,7 +76,7 @@ def homography(src, dst) -> np.ndarray:
         rhs += [u, v]
     a = np.asarray(rows)
     if abs(np.linalg.det(a)) < 1e-9:
-        raise UserError("--motion homography: three of the points are collinear; pick 4 corners")
+        raise InputError("--motion homography: three of the points are collinear; pick 4 corners")
     h = np.linalg.solve(a, np.asarray(rhs))
     return np.append(h, 1.0).reshape(3, 3)
 
@@ -99,25 +99,25 @@ def _primitive(term: str, default_center) -> np.ndarray:
     if name == "scale":
         (s,) = _floats(rest, 1, "scale:s[@cx,cy]")
         if s <= 0:
-            raise UserError("--motion scale: s must be > 0")
+            raise InputError("--motion scale: s must be > 0")
         return about(center, s * np.eye(2))
     if name == "stretch":
         s, deg = _floats(rest, 2, "stretch:s,degrees[@cx,cy]")
         if s <= 0:
-            raise UserError("--motion stretch: s must be > 0")
+            raise InputError("--motion stretch: s must be > 0")
         d = direction(deg)
         return about(center, np.eye(2) + (s - 1) * np.outer(d, d))
     if name == "homography":
         src, sep, dst = rest.partition(":")
         if not sep:
-            raise UserError(
+            raise InputError(
                 "--motion homography needs source and target points: "
                 "homography:x1,y1,x2,y2,x3,y3,x4,y4:X1,Y1,X2,Y2,X3,Y3,X4,Y4"
             )
         a = np.reshape(_floats(src, 8, "homography source points"), (4, 2))
         b = np.reshape(_floats(dst, 8, "homography target points"), (4, 2))
         return homography(a, b)
-    raise UserError(
+    raise InputError(
         f"--motion: unknown motion {name!r}; use translate, rotate, scale, stretch or "
         f"homography, e.g. {EXAMPLE}"
     )
@@ -127,7 +127,7 @@ def parse_motion(spec: str, default_center) -> Motion:
     """'rotate:30@256,256+translate:40,0' -> the composed point map (left to right)."""
     terms = [t for t in spec.split("+") if t.strip()]
     if not terms:
-        raise UserError(f"--motion is empty; e.g. {EXAMPLE}")
+        raise InputError(f"--motion is empty; e.g. {EXAMPLE}")
     matrix = np.eye(3)
     for term in terms:
         matrix = _primitive(term, default_center) @ matrix
@@ -141,7 +141,7 @@ def motion_flow(motion: Motion, height: int, width: int, mask=None) -> np.ndarra
     q = p @ motion.matrix.T
     w = q[..., 2:]
     if (np.abs(w) < 1e-9).any() or ((w < 0).any() and (w > 0).any()):
-        raise UserError("--motion: the homography sends part of the image to infinity")
+        raise InputError("--motion: the homography sends part of the image to infinity")
     flow = q[..., :2] / w - p[..., :2]
     if mask is not None:
         flow = np.where(np.asarray(mask, bool)[..., None], flow, 0.0)
@@ -152,7 +152,7 @@ def box_mask(box: str, height: int, width: int) -> np.ndarray:
     """'x0,y0,x1,y1' (pixels, x1/y1 exclusive) -> bool[H,W]."""
     x0, y0, x1, y1 = (int(round(v)) for v in _floats(box, 4, "--object_box x0,y0,x1,y1"))
     if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-        raise UserError(
+        raise InputError(
             f"--object_box {box}: needs 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height}"
         )
     mask = np.zeros((height, width), bool)
@@ -200,12 +200,12 @@ def auto_frozen_mask(flow: np.ndarray, factor: int, dilate: int = 2) -> np.ndarr
     moving = np.any(flow != 0, axis=-1)
     h, w = moving.shape
     if h % factor or w % factor:
-        raise UserError(f"image size {h}x{w} is not a multiple of the latent factor {factor}")
+        raise InputError(f"image size {h}x{w} is not a multiple of the latent factor {factor}")
     if not moving.any():
         return np.zeros((1, 1, h // factor, w // factor), bool)
     lands = landing(flow, moving)
     if not lands.any():
-        raise UserError(
+        raise InputError(
             "the motion moves the object entirely out of the frame; use a smaller motion"
         )
     touched = (moving | lands).reshape(h // factor, factor, w // factor, factor).any(axis=(1, 3))

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from flow.errors import UserError
+from flow.errors import InputError
 from flow.files import read_rgb
 from flow.pth import read_pth
 
@@ -33,11 +33,11 @@ class ReferenceData(NamedTuple):
 def _tensor(path: Path, ndim: int, what: str) -> np.ndarray:
     obj = read_pth(path)
     if not isinstance(obj, np.ndarray):
-        raise UserError(f"{path}: expected one tensor ({what}), got {type(obj).__name__}")
+        raise InputError(f"{path}: expected one tensor ({what}), got {type(obj).__name__}")
     if obj.ndim == ndim - 1:
         obj = obj[None]
     if obj.ndim != ndim:
-        raise UserError(f"{path}: expected a {ndim}-d tensor ({what}), got shape {obj.shape}")
+        raise InputError(f"{path}: expected a {ndim}-d tensor ({what}), got shape {obj.shape}")
     return obj
 
 
@@ -45,7 +45,7 @@ def _in_flows(folder: Path, name: str) -> Path:
     for candidate in (folder / "flows" / name, folder / name):
         if candidate.is_file():
             return candidate
-    raise UserError(f"{folder}: no {name} in flows/ or the folder itself")
+    raise InputError(f"{folder}: no {name} in flows/ or the folder itself")
 
 
 def read_reference_folder(
@@ -57,9 +57,9 @@ def read_reference_folder(
     """Read what is present; `num_steps` limits the latents read (default: all zt.*.pth)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"{folder}: no such data folder")
+        raise InputError(f"{folder}: no such data folder")
     if not (folder / "pred.png").is_file():
-        raise UserError(f"{folder}: no pred.png (the source image) in the data folder")
+        raise InputError(f"{folder}: no pred.png (the source image) in the data folder")
     source = read_rgb(str(folder / "pred.png"))[None] / 255.0
     z_T = None
     if (folder / "start_zt.pth").is_file():
@@ -70,10 +70,10 @@ def read_reference_folder(
         names = sorted(n for n in os.listdir(latents) if n.startswith("zt.") and n.endswith(".pth"))
         expected = [f"zt.{i:05d}.pth" for i in range(len(names))]
         if names != expected:
-            raise UserError(f"{latents}: latents must be zt.00000.pth, zt.00001.pth, ... gap-free")
+            raise InputError(f"{latents}: latents must be zt.00000.pth, zt.00001.pth, ... gap-free")
         if num_steps is not None:
             if len(names) < num_steps:
-                raise UserError(
+                raise InputError(
                     f"{latents}: {len(names)} cached latents but {num_steps} DDIM steps"
                 )
             names = names[:num_steps]
@@ -82,7 +82,7 @@ def read_reference_folder(
     if target_flow_name:
         f = _tensor(_in_flows(folder, target_flow_name), 4, "flow")
         if f.shape[1] != 2:
-            raise UserError(f"{target_flow_name}: flow must be (1, 2, H, W), got {f.shape}")
+            raise InputError(f"{target_flow_name}: flow must be (1, 2, H, W), got {f.shape}")
         flow = np.transpose(f.astype(np.float32), (0, 2, 3, 1))
     frozen = None
     if edit_mask_name:

@@ -2,7 +2,7 @@
 
 `jax.checkpoint` around a whole model keeps only the model's inputs, but its backward pass
 recomputes the whole forward pass and holds all of its activations at once, so the peak does not
-fall (BENCHMARKS.md: bf16-full 21.86 GiB against bf16 21.69 at full scale). Checkpointing each
+fall (BENCHMARKS.md, memory per lever). Checkpointing each
 block on its own keeps only the block boundaries, and the backward pass of one block holds that
 block's activations alone.
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import transformers
 
-from flow.errors import UserError
+from flow.errors import InputError
 from mgjax.levers import ATTENTION
 
 # The libraries' root loggers; getting them sets their levels from DIFFUSERS_VERBOSITY and
@@ -155,6 +155,11 @@ class StableDiffusion:
         """CLIP last hidden states f32[N,L,D] for a list of prompts, each computed once."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         missing = sorted({p for p in prompts if p not in self._embeddings})
+        if missing and self.text_encoder is None:
+            raise ValueError(
+                "this model was loaded without its text encoder (text_encoder=False): pass "
+                "prompt embeddings directly, or load it with the text encoder"
+            )
         if missing:
             with _quiet():
                 ids = self.tokenizer(
@@ -183,7 +188,7 @@ class StableDiffusion:
         return build(
             self.unet.config,
             self.vae.config,
-            self.text_encoder.config,
+            None if self.text_encoder is None else self.text_encoder.config,
             self.tokenizer,
             self.params,
             dtype or jnp.dtype(self.dtype).name,
@@ -195,13 +200,13 @@ def _dtype(name: str):
     if name not in ("float32", "bfloat16") and not (
         name == "float64" and jax.config.jax_enable_x64
     ):
-        raise UserError(f"dtype must be float32 or bfloat16, got {name!r}")
+        raise InputError(f"dtype must be float32 or bfloat16, got {name!r}")
     return DTYPES[name]
 
 
 def _attention(name: str) -> bool:
     if name not in ATTENTION:
-        raise UserError(f"attention must be one of {ATTENTION}, got {name!r}")
+        raise InputError(f"attention must be one of {ATTENTION}, got {name!r}")
     return name == "memory_efficient"
 
 
@@ -209,19 +214,17 @@ def build(
     unet_config, vae_config, text_config, tokenizer, params, dtype="float32", attention="plain"
 ):
     """Instantiate the Flax modules from configs with computation dtype `dtype` and the UNet
-    attention implementation `attention` (ATTENTION)."""
+    attention implementation `attention` (ATTENTION); text_config None: no text encoder."""
     jdt = _dtype(dtype)
     with _quiet():
         unet = FlaxUNet2DConditionModel.from_config(
             dict(unet_config), dtype=jdt, use_memory_efficient_attention=_attention(attention)
         )
         vae = FlaxAutoencoderKL.from_config(dict(vae_config), dtype=jdt)
-        text = FlaxCLIPTextModel(text_config, dtype=jdt, _do_init=False)
-    params = {
-        "unet": cast(params["unet"], jdt),
-        "vae": cast(params["vae"], jdt),
-        "text": cast(params["text"], jdt),
-    }
+        text = None
+        if text_config is not None:
+            text = FlaxCLIPTextModel(text_config, dtype=jdt, _do_init=False)
+    params = {k: cast(v, jdt) for k, v in params.items() if k != "text" or text is not None}
     return StableDiffusion(unet, vae, text, tokenizer, params, jdt)
 
 
@@ -348,7 +351,7 @@ def read_torch_weights(folder: Path) -> dict[str, np.ndarray]:
     for name in ("diffusion_pytorch_model.bin", "pytorch_model.bin"):
         if (folder / name).is_file():
             return read_state_dict(folder / name)
-    raise UserError(
+    raise InputError(
         f"{folder}: no PyTorch weights (diffusion_pytorch_model.safetensors/.bin or "
         "model.safetensors/pytorch_model.bin); pass a diffusers folder or drop from_pt"
     )
@@ -361,14 +364,23 @@ def _float32(sd: dict) -> dict:
     }
 
 
-def _resolve(model: str, revision: str | None, from_pt: bool) -> tuple[str, bool]:
+def _resolve(
+    model: str, revision: str | None, from_pt: bool, text_encoder: bool = True
+) -> tuple[str, bool]:
     """(path or hub id, is_local). A hub id for PyTorch weights is fetched to the HF cache."""
     if os.path.isdir(model):
         if not (Path(model) / "unet").is_dir():
-            raise UserError(f"{model}: not a diffusers-format folder (no unet/ subfolder)")
+            raise InputError(f"{model}: not a diffusers-format folder (no unet/ subfolder)")
+        parts = ("vae", "text_encoder", "tokenizer") if text_encoder else ("vae",)
+        for part in parts:
+            if not (Path(model) / part).is_dir():
+                raise InputError(
+                    f"{model}: no {part}/ subfolder; a diffusers folder holds unet/, vae/, "
+                    "text_encoder/ and tokenizer/"
+                )
         return model, True
     if os.path.exists(model) or model.startswith((".", "/")):
-        raise UserError(f"{model}: no such folder; give a diffusers folder or a hub id")
+        raise InputError(f"{model}: no such folder; give a diffusers folder or a hub id")
     if from_pt:
         from huggingface_hub import snapshot_download
 
@@ -387,45 +399,49 @@ def load(
     dtype: str = "float32",
     from_pt: bool = False,
     attention: str = "plain",
+    text_encoder: bool = True,
 ) -> StableDiffusion:
     """Load SD from a hub id + revision or a local diffusers folder (Flax or, with from_pt,
     PyTorch weights). Parameters are cast to `dtype`, which is also the computation dtype.
-    A model that cannot be fetched or read is a one-line UserError."""
+    text_encoder False: no text encoder or tokenizer (for prompt embeddings given directly;
+    `embed` then refuses). A model that cannot be fetched or read is a one-line InputError."""
     _attention(attention)
     try:
         with _quiet():
-            sd = _load(model, revision, dtype, from_pt)
+            sd = _load(model, revision, dtype, from_pt, text_encoder)
         return sd.configure(attention=attention)
     except (OSError, ValueError, KeyError) as e:
-        if isinstance(e, UserError):
+        if isinstance(e, InputError):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
+        raise InputError(
             f"cannot load Stable Diffusion from {model!r} (revision {revision}): {first}; "
             "give a local diffusers folder with --model (and --from_pt for PyTorch weights), "
             "or check the hub id, revision and network"
         ) from None
 
 
-def _load(model, revision, dtype, from_pt) -> StableDiffusion:
+def _load(model, revision, dtype, from_pt, with_text: bool = True) -> StableDiffusion:
     _dtype(dtype)
-    where, local = _resolve(model, revision, from_pt)
+    where, local = _resolve(model, revision, from_pt, with_text)
     rev = None if local else revision
-    tokenizer = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", revision=rev)
+    tokenizer = text = None
+    if with_text:
+        tokenizer = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", revision=rev)
     if from_pt:
         root = Path(where)
         unet_cfg = FlaxUNet2DConditionModel.load_config(where, subfolder="unet")
         vae_cfg = FlaxAutoencoderKL.load_config(where, subfolder="vae")
-        text_cfg = CLIPTextConfig.from_pretrained(where, subfolder="text_encoder")
         unet = FlaxUNet2DConditionModel.from_config(unet_cfg)
         vae = FlaxAutoencoderKL.from_config(vae_cfg)
-        text = FlaxCLIPTextModel(text_cfg, _do_init=False)
-        params = {
-            "text": _transformers_from_pt(
+        params = {}
+        if with_text:
+            text_cfg = CLIPTextConfig.from_pretrained(where, subfolder="text_encoder")
+            text = FlaxCLIPTextModel(text_cfg, _do_init=False)
+            params["text"] = _transformers_from_pt(
                 _float32(read_torch_weights(root / "text_encoder")),
                 _Shapes(text, _param_shapes(text)),
             )
-        }
         for name, m in (("unet", unet), ("vae", vae)):
             state = {k: _Tensor(v) for k, v in _float32(read_torch_weights(root / name)).items()}
             params[name] = _diffusers_from_pt(state, _Shapes(m, _param_shapes(m)))
@@ -434,9 +450,11 @@ def _load(model, revision, dtype, from_pt) -> StableDiffusion:
             where, subfolder="unet", revision=rev
         )
         vae, vae_p = FlaxAutoencoderKL.from_pretrained(where, subfolder="vae", revision=rev)
-        text = FlaxCLIPTextModel.from_pretrained(
-            where, subfolder="text_encoder", revision=rev, _do_init=False
-        )
-        text, text_p = text if isinstance(text, tuple) else (text, text.params)
-        params = {"unet": unet_p, "vae": vae_p, "text": text_p}
-    return build(unet.config, vae.config, text.config, tokenizer, params, dtype)
+        params = {"unet": unet_p, "vae": vae_p}
+        if with_text:
+            text = FlaxCLIPTextModel.from_pretrained(
+                where, subfolder="text_encoder", revision=rev, _do_init=False
+            )
+            text, params["text"] = text if isinstance(text, tuple) else (text, text.params)
+    text_config = None if text is None else text.config
+    return build(unet.config, vae.config, text_config, tokenizer, params, dtype)

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from flow.errors import UserError
+from flow.errors import InputError
 from mgjax import ddim
+from mgjax.config import Method
 
 
 class Trajectory(NamedTuple):
@@ -94,8 +95,8 @@ def generate(
     z_T,
     cond,
     uncond,
-    num_steps: int = 500,
-    cfg_scale: float = 7.5,
+    num_steps: int = Method.steps,
+    cfg_scale: float = Method.cfg_scale,
     chunk: int = 50,
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> Trajectory:
@@ -109,10 +110,10 @@ def encode(sd, images) -> np.ndarray:
     """Images f32[B,H,W,3] in [0, 1] -> VAE posterior mean * scaling factor, f32[B,C,h,w]."""
     images = np.asarray(images, np.float32)
     if images.ndim != 4 or images.shape[-1] != 3:
-        raise UserError(f"images must be (B, H, W, 3), got shape {images.shape}")
+        raise InputError(f"images must be (B, H, W, 3), got shape {images.shape}")
     f = sd.vae_factor
     if images.shape[1] % f or images.shape[2] % f:
-        raise UserError(f"image size must be a multiple of the VAE factor {f}")
+        raise InputError(f"image size must be a multiple of the VAE factor {f}")
     return np.asarray(jax.jit(sd.encode)(sd.params, jnp.asarray(images) * 2.0 - 1.0))
 
 
@@ -138,8 +139,8 @@ def invert(
     images,
     cond,
     uncond,
-    num_steps: int = 500,
-    cfg_scale: float = 7.5,
+    num_steps: int = Method.steps,
+    cfg_scale: float = Method.cfg_scale,
     chunk: int = 50,
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> Trajectory:

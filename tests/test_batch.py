@@ -15,10 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from flow.errors import UserError
+from flow.errors import InputError
 from mgjax import sd as sdm
 from mgjax.batch import points_to_drag, read_jobs, run_jobs
-from mgjax.edit import Options
 from tests.tiny_models import tiny
 from tests.torch_raft import image_pair, random_torchvision_raft
 
@@ -54,8 +53,8 @@ def _flags(assets, out):
     ]
 
 
-def _options(assets, out, **kw) -> Options:
-    """The same settings as _flags, for runs in this process."""
+def _options(assets, out, **kw) -> dict:
+    """The same settings as _flags, for runs in this process (explicit values, flat names)."""
     base = dict(
         out_dir=str(out),
         model=str(assets / "sd"),
@@ -68,7 +67,7 @@ def _options(assets, out, **kw) -> Options:
         guidance_weight=30.0,
         clip=10.0,
     )
-    return Options(**(base | kw))
+    return base | kw
 
 
 def _jobs(path: Path, assets, n: int, bad_at: int | None = None) -> Path:
@@ -109,8 +108,8 @@ from mgjax import batch
 out, sys.argv = sys.argv[1], ["launch.py", *sys.argv[2:]]
 launch.FLAGS(sys.argv)
 images = {}
-batch.run_jobs(launch.FLAGS.jobs, launch.options(), launch.FLAGS.batch_size,
-               lambda s: print(s, flush=True), images=images)
+batch.run_jobs(launch.FLAGS.jobs, launch.explicit_values(), launch.FLAGS.batch_size,
+               lambda s: print(s, flush=True), images=images, preset=launch.FLAGS.preset)
 np.savez(out, **images)
 """
 
@@ -124,6 +123,7 @@ def _api(args, out_npz, devices):
     return res.stdout, dict(np.load(out_npz))
 
 
+@pytest.mark.slow
 def test_batch_of_eight_equals_single_edits_and_a_bad_job_is_skipped(assets, tmp_path):
     """9 lines: 8 good jobs (two source images, five motions, eight seeds) and one missing image,
     in one batch of 8 over 8 devices. Batch size 1 on one device
@@ -171,6 +171,7 @@ def test_batch_of_eight_equals_single_edits_and_a_bad_job_is_skipped(assets, tmp
     assert header.startswith("index,name,status,error")
 
 
+@pytest.mark.slow
 def test_resume_of_a_half_finished_run(assets, tmp_path):
     """3 jobs in batches of 2 (in this process, one device): stop in the second batch; resume
     skips the finished batch's jobs and continues the second batch from its checkpoint, to what
@@ -184,7 +185,7 @@ def test_resume_of_a_half_finished_run(assets, tmp_path):
     assert (cut_dir / "e1" / "sample_00" / "metrics.json").exists()
     assert not (cut_dir / "e2" / "sample_00").exists()
     assert len(list((cut_dir / "_batches").iterdir())) == 1
-    with pytest.raises(UserError, match="--resume"):  # no silent overwrite
+    with pytest.raises(InputError, match="--resume"):  # no silent overwrite
         run_jobs(jobs, _options(assets, cut_dir), 2, quiet)
     lines = []
     run_jobs(jobs, _options(assets, cut_dir, resume=True), 2, lines.append)
@@ -195,7 +196,7 @@ def test_resume_of_a_half_finished_run(assets, tmp_path):
     assert not (cut_dir / "_batches").exists()
     rows = (cut_dir / "summary.jsonl").read_text().splitlines()
     assert [json.loads(r)["status"] for r in rows] == ["done"] * 3
-    with pytest.raises(UserError, match="num_samples"):
+    with pytest.raises(InputError, match="num_samples"):
         run_jobs(jobs, _options(assets, tmp_path / "n", num_samples=2), 2, quiet)
 
 
@@ -205,6 +206,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_share_the_jobs_through_jax_distributed(assets, tmp_path):
     """Two processes on localhost, two devices each: process p runs jobs p, p + 2, ...; process
     0 writes one summary with every job, including the other process's invalid one. Process 1
@@ -251,7 +253,7 @@ def test_two_processes_share_the_jobs_through_jax_distributed(assets, tmp_path):
 
 
 def test_jobs_file_problems_are_per_job(tmp_path):
-    base = Options(out_dir=str(tmp_path / "out"), image="a.png", motion="translate:1,0")
+    base = dict(out_dir=str(tmp_path / "out"), image="a.png", motion="translate:1,0")
     lines = [
         '{"name": "ok", "seed": 3, "guidance_weight": 10}',
         "not json",
@@ -270,9 +272,10 @@ def test_jobs_file_problems_are_per_job(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     jobs = read_jobs(str(path), base)
     by = {j.line: j for j in jobs}
-    assert by[1].status == "pending" and by[1].options.seed == 3
-    assert by[1].options.guidance_weight == 10.0 and by[1].options.out_dir.endswith("/ok")
-    assert by[1].options.image == "a.png"  # the command line's default
+    assert by[1].status == "pending" and by[1].config.source.seed == 3
+    assert by[1].config.method.guidance_weight == 10.0
+    assert by[1].config.output.out_dir.endswith("/ok")
+    assert by[1].config.source.image == "a.png"  # the command line's value
     for line, message in (
         (2, "not JSON"),
         (3, "used by an earlier job"),
@@ -284,13 +287,14 @@ def test_jobs_file_problems_are_per_job(tmp_path):
     ):
         assert by[line].status == "invalid" and message in by[line].error, (line, by[line].error)
         assert by[line].error.startswith(f"line {line}: ")
-    assert by[11].options.drag == "1,2>5,2; 10,10>12,11.5"
-    assert by[12].options.steps == 20 and by[12].options.recursive_steps == 4  # preset + own
+    assert by[11].config.motion.drag == "1,2>5,2; 10,10>12,11.5"
+    method = by[12].config.method
+    assert method.steps == 20 and method.recursive_steps == 4  # its preset + its own key
     assert len(jobs) == 10 and [j.index for j in jobs] == list(range(10))
-    with pytest.raises(UserError, match="handle, target pairs"):
+    with pytest.raises(InputError, match="handle, target pairs"):
         points_to_drag([[1, 2, 3]])
-    with pytest.raises(UserError, match="cannot read"):
+    with pytest.raises(InputError, match="cannot read"):
         read_jobs(str(tmp_path / "none.jsonl"), base)
     (tmp_path / "empty.jsonl").write_text("\n# nothing\n")
-    with pytest.raises(UserError, match="no jobs"):
+    with pytest.raises(InputError, match="no jobs"):
         read_jobs(str(tmp_path / "empty.jsonl"), base)

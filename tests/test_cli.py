@@ -122,6 +122,7 @@ def _estimate_in_process(args: list[str]) -> int:
 # Subprocesses (each pays for a jax import): the real entry points, 6 runs in all.
 
 
+@pytest.mark.slow
 def test_estimate_subprocess_writes_flow_and_viz(repo_root, assets, reference_flow, tmp_path):
     out, viz = tmp_path / "flow.npy", tmp_path / "flow.png"
     args = _estimate_args(assets["weights"], assets["im1"], assets["im2"], out, viz)

@@ -16,7 +16,7 @@ import torch
 
 from flow.checkpoint import detect, flatten, load_raft, load_variables, to_variables
 from flow.convert import convert
-from flow.errors import UserError
+from flow.errors import InputError
 from tests.torch_raft import image_pair, random_torchvision_raft
 
 _ENCODERS = {"feature_encoder": "fnet", "context_encoder": "cnet"}
@@ -210,6 +210,7 @@ def test_every_tensor_round_trips_exactly_once(files: Files) -> None:
     assert sum(v.size for v in stored.values()) == sum(v.size for v in wanted.values())
 
 
+@pytest.mark.slow
 def test_load_raft_takes_pth_directly(files: Files) -> None:
     a, b = image_pair(1, 128, 128)
     ref = np.asarray(load_raft(files.tv_converted, context_norm="running")(a, b, iters=2))
@@ -224,7 +225,7 @@ def test_inconsistent_duplicate_norm_is_refused(files: Files) -> None:
     state = dict(files.upstream)
     key = "module.cnet.layer3.0.norm3.running_var"
     state[key] = state[key] + 0.5
-    with pytest.raises(UserError, match=r"inconsistent.*cnet\.layer3\.0\.norm3\.running_var"):
+    with pytest.raises(InputError, match=r"inconsistent.*cnet\.layer3\.0\.norm3\.running_var"):
         to_variables(state)
     without = {k: v for k, v in files.upstream.items() if ".norm3." not in k}
     flat = flatten(to_variables(without)[0])  # the duplicates are redundant: fine without them
@@ -232,9 +233,9 @@ def test_inconsistent_duplicate_norm_is_refused(files: Files) -> None:
 
 
 def test_unknown_layout_is_refused() -> None:
-    with pytest.raises(UserError, match="unknown checkpoint layout"):
+    with pytest.raises(InputError, match="unknown checkpoint layout"):
         detect({"foo.weight": np.zeros((3, 3), np.float32), "foo.bias": np.zeros(3, np.float32)})
-    with pytest.raises(UserError, match="unknown checkpoint layout"):
+    with pytest.raises(InputError, match="unknown checkpoint layout"):
         to_variables({"foo.weight": np.zeros((3, 3), np.float32)})
 
 
@@ -243,7 +244,7 @@ def test_missing_tensor_is_named(files: Files, layout: str) -> None:
     state = dict(getattr(files, layout))
     prefix = "module." if layout == "upstream" else ""
     del state[prefix + "update_block.flow_head.conv2.weight"]
-    with pytest.raises(UserError, match=r"missing .*flow_head/conv2/kernel"):
+    with pytest.raises(InputError, match=r"missing .*flow_head/conv2/kernel"):
         to_variables(state)
 
 
@@ -252,12 +253,12 @@ def test_wrong_shape_is_refused(files: Files, layout: str, tmp_path: Path) -> No
     state = dict(getattr(files, layout))
     key = ("module." if layout == "upstream" else "") + "update_block.flow_head.conv1.bias"
     state[key] = np.zeros(state[key].shape[0] + 1, np.float32)
-    with pytest.raises(UserError, match=r"flow_head/conv1/bias has shape"):
+    with pytest.raises(InputError, match=r"flow_head/conv1/bias has shape"):
         to_variables(state)
     src, out = tmp_path / "bad.pth", tmp_path / "out"
     torch.save({k: torch.from_numpy(v) for k, v in state.items()}, src)
     out.mkdir()
-    with pytest.raises(UserError, match="shape"):
+    with pytest.raises(InputError, match="shape"):
         convert(str(src), str(out / "bad.mgjax"))
     assert os.listdir(out) == []  # nothing written, no temp file left
 

@@ -6,25 +6,7 @@ import numpy as np
 import pytest
 
 from mgjax import ddim
-
-
-def _oracle(num_steps):
-    import logging
-
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    from diffusers import FlaxDDIMScheduler
-
-    sched = FlaxDDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    state = sched.set_timesteps(sched.create_state(), num_steps)
-    return sched, state
+from tests.ddim_oracle import ddim_oracle as _oracle
 
 
 def test_reference_schedule():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from flow.errors import UserError
+from flow.errors import InputError
 from mgjax.drag import drag_flow, fit_similarity, parse_drag
 from mgjax.motion import Motion, about, motion_flow, rotation
 
@@ -58,24 +58,25 @@ def test_many_pairs_pass_exactly_through_the_points_and_recover_a_similarity():
     ],
 )
 def test_bad_drag_text(text, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(InputError, match=message):
         parse_drag(text)
 
 
 def test_handles_outside_the_image_or_the_mask():
-    with pytest.raises(UserError, match="outside the 50x40 image"):
+    with pytest.raises(InputError, match="outside the 50x40 image"):
         drag_flow(*parse_drag("60,10>61,10"), 40, 50)
     mask = np.zeros((40, 50), bool)
     mask[:10, :10] = True
-    with pytest.raises(UserError, match="outside the object mask"):
+    with pytest.raises(InputError, match="outside the object mask"):
         drag_flow(*parse_drag("20,20>25,20"), 40, 50, mask)
 
 
 def test_launch_target_from_drag_in_a_box():
-    from mgjax.edit import Options, _target
+    from mgjax import config as C
+    from mgjax.workflow import target
 
-    o = Options(out_dir="o", drag="12,15>20,11", object_box="5,10,30,25")
-    flow, obj = _target(o, None, 40, 50)
+    config = C.make(out_dir="o", drag="12,15>20,11", object_box="5,10,30,25")
+    flow, obj = target(config, None, 40, 50)
     assert obj.sum() == 25 * 15
     np.testing.assert_array_equal(flow[obj], np.broadcast_to([8.0, -4.0], flow[obj].shape))
     assert not flow[~obj].any()

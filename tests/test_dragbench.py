@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flow.errors import UserError
+from flow.errors import InputError
 from mgjax.batch import read_jobs
 from mgjax.dragbench import read_meta, to_jobs
-from mgjax.edit import Options
 
 
 def _sample(folder, points, mask, prompt="a mug on a desk", protocol=4):
@@ -53,12 +52,12 @@ def test_hostile_pickles_are_refused(tmp_path, monkeypatch):
     ):
         with open(tmp_path / name, "wb") as f:
             pickle.dump(payload, f)
-        with pytest.raises(UserError, match="not a DragBench meta_data.pkl"):
+        with pytest.raises(InputError, match="not a DragBench meta_data.pkl"):
             read_meta(str(tmp_path / name))
     assert not (tmp_path / "pwned").exists()
     with open(tmp_path / "partial.pkl", "wb") as f:
         pickle.dump({"prompt": "x"}, f)
-    with pytest.raises(UserError, match="no points, mask"):
+    with pytest.raises(InputError, match="no points, mask"):
         read_meta(str(tmp_path / "partial.pkl"))
 
 
@@ -76,12 +75,12 @@ def test_folders_become_jobs(tmp_path):
     assert len(lines[1]["points"]) == 2
     written = np.asarray(Image.open(lines[1]["object_mask"])) > 0
     np.testing.assert_array_equal(written, mask > 0)
-    jobs = read_jobs(str(jobs_path), Options(out_dir=str(tmp_path / "out")))
+    jobs = read_jobs(str(jobs_path), dict(out_dir=str(tmp_path / "out")))
     assert [j.status for j in jobs] == ["pending", "pending"]
-    assert jobs[1].options.drag == "21,21>23,25; 38,38>36,30"
+    assert jobs[1].config.motion.drag == "21,21>23,25; 38,38>36,30"
     _sample(root / "bad" / "odd", [[1, 2], [3, 4], [5, 6]], mask)
-    with pytest.raises(UserError, match="handle/target pairs, got 3 points"):
+    with pytest.raises(InputError, match="handle/target pairs, got 3 points"):
         to_jobs(str(root), str(tmp_path / "again.jsonl"))
     assert not (tmp_path / "again.jsonl").exists()
-    with pytest.raises(UserError, match="no such folder"):
+    with pytest.raises(InputError, match="no such folder"):
         to_jobs(str(tmp_path / "none"), str(jobs_path))

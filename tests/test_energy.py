@@ -50,6 +50,7 @@ def _case(b: int, seed: int):
     return raft, src, edit, f
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("oracle", [False, True])
 def test_energy_terms_match_numpy(oracle):
     raft, src, edit, f = _case(1, 0)
@@ -99,6 +100,7 @@ def test_still_region_excludes_object_landing_and_uncovered():
     np.testing.assert_array_equal(keep, want)
 
 
+@pytest.mark.slow
 def test_weighted_sum_of_built_ins_matches_its_parts():
     from mgjax.energy import MotionEnergy, PreservationEnergy
 
@@ -121,8 +123,8 @@ def test_weighted_sum_of_built_ins_matches_its_parts():
 
 
 def test_energy_terms_with_the_same_names_are_refused():
-    from flow.errors import UserError
+    from flow.errors import InputError
     from mgjax.energy import MotionEnergy
 
-    with pytest.raises(UserError, match="same names"):
+    with pytest.raises(InputError, match="same names"):
         MotionEnergy() + 2.0 * MotionEnergy(oracle=True)

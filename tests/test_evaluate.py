@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from flow import load_raft
-from flow.errors import UserError
+from flow.errors import InputError
 from mgjax import evaluate as ev
 from tests.torch_raft import image_pair, random_torchvision_raft
 
@@ -35,6 +35,7 @@ def run_dir(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_flow_metrics_match_a_direct_computation(run_dir):
     row = ev.evaluate_sample(str(run_dir / "run" / "sample_00"), None, None, 6)
     raft = load_raft(str(run_dir / "raft.pth"), context_norm="batch")
@@ -64,6 +65,7 @@ def test_drag_distance_on_an_analytic_flow():
     np.testing.assert_allclose(ev.drag_distance(flow, handles, targets), want, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_clip_similarity_matches_torch_clip(tmp_path):
     from transformers import (
         CLIPConfig,
@@ -115,10 +117,10 @@ def test_cli_writes_rows_and_means(run_dir, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["mean"]["samples"] == 1
     assert data["mean"]["flow_l1"] == pytest.approx(data["samples"][0]["flow_l1"])
-    with pytest.raises(UserError, match="no such run folder"):
+    with pytest.raises(InputError, match="no such run folder"):
         ev.main([str(tmp_path / "nothing")])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="no edits with target_flow.npy"):
+    with pytest.raises(InputError, match="no edits with target_flow.npy"):
         ev.main([str(tmp_path / "empty"), "--no_clip"])
-    with pytest.raises(UserError, match="cannot load it"):
+    with pytest.raises(InputError, match="cannot load it"):
         ev.main([str(run_dir / "run"), "--clip_model", str(tmp_path / "no_clip_here")])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flow.errors import UserError
+from flow.errors import InputError
 from flow.flo import read_flo, write_flo
 from flow.metrics import epe
 from flow.viz import color_wheel, flow_to_color, save_flow_png
@@ -48,7 +48,7 @@ def test_flo_bad_magic(tmp_path: Path) -> None:
     path.write_bytes(
         np.array([1.0], "<f4").tobytes() + np.array([1, 1], "<i4").tobytes() + bytes(8)
     )
-    with pytest.raises(UserError, match="not a .flo file"):
+    with pytest.raises(InputError, match="not a .flo file"):
         read_flo(path)
 
 
@@ -57,17 +57,17 @@ def test_flo_truncated(tmp_path: Path, keep: int) -> None:
     path = tmp_path / "t.flo"
     write_flo(path, np.ones((2, 3, 2), np.float32))
     path.write_bytes(path.read_bytes()[:keep])
-    with pytest.raises(UserError, match="truncated"):
+    with pytest.raises(InputError, match="truncated"):
         read_flo(path)
 
 
 def test_flo_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="no such"):
+    with pytest.raises(InputError, match="no such"):
         read_flo(tmp_path / "missing.flo")
 
 
 def test_write_flo_into_missing_directory(tmp_path: Path) -> None:
-    with pytest.raises(UserError):
+    with pytest.raises(InputError):
         write_flo(tmp_path / "nope" / "x.flo", np.zeros((1, 1, 2), np.float32))
 
 

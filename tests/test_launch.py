@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from flow.errors import UserError
+from flow.errors import InputError
+from mgjax import config as C
 from mgjax import sd as sdm
-from mgjax.edit import Options, run
+from mgjax.workflow import resolve_toy, run
 from tests.tiny_models import tiny
 from tests.torch_raft import image_pair, random_torchvision_raft
 
@@ -46,9 +47,10 @@ def _options(assets, out, **kw):
         object_mask=str(assets / "mask.png"),
         **FAST,
     )
-    return Options(**(base | kw))
+    return C.make(**(base | kw))
 
 
+@pytest.mark.slow
 def test_end_to_end_cli_run_writes_every_output(assets, tmp_path):
     out = tmp_path / "edit"
     cmd = [
@@ -106,6 +108,7 @@ def test_end_to_end_cli_run_writes_every_output(assets, tmp_path):
     assert any((tmp_path / "xla").iterdir())  # compiled chunks went to the persistent cache
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(assets, tmp_path):
     whole = run(_options(assets, tmp_path / "whole"), log=lambda s: None)
     with pytest.raises(KeyboardInterrupt):
@@ -115,7 +118,7 @@ def test_resume_equals_uninterrupted(assets, tmp_path):
     a = np.asarray(Image.open(Path(whole) / "sample_00" / "edited.png"))
     b = np.asarray(Image.open(tmp_path / "cut" / "sample_00" / "edited.png"))
     np.testing.assert_array_equal(a, b)
-    with pytest.raises(UserError, match="settings differ"):
+    with pytest.raises(InputError, match="settings differ"):
         run(_options(assets, tmp_path / "cut", resume=True, seed=3), log=lambda s: None)
 
 
@@ -130,18 +133,18 @@ def test_resume_equals_uninterrupted(assets, tmp_path):
         (dict(drag="1,2>3,4"), "not --motion and --drag"),
         (dict(image=None, prompt=""), "no source"),
         (dict(resume=True), "no checkpoint.npz"),
-        (dict(steps=0), "--steps must be at least 1"),
-        (dict(remat="some"), "--remat must be one of none, dots, full, blocks"),
-        (dict(attention="flash"), "--attention must be one of plain, memory_efficient"),
-        (dict(preserve_weight=-1.0), "--preserve_weight must be >= 0"),
+        (dict(steps=0), "steps must be at least 1"),
+        (dict(remat="some"), "remat must be one of none, dots, full, blocks"),
+        (dict(attention="flash"), "attention must be one of plain, memory_efficient"),
+        (dict(preserve_weight=-1.0), "preserve_weight must be >= 0"),
+        (dict(guidance_weight=float("nan")), "guidance_weight must be a finite number"),
     ],
 )
 def test_bad_options_fail_before_loading(assets, tmp_path, change, message):
-    opts = _options(assets, tmp_path / "o", **change)
     if change.get("image") == "missing.png":
-        opts.image = str(tmp_path / "missing.png")
-    with pytest.raises(UserError, match=message):
-        run(opts, log=lambda s: None)
+        change = dict(change, image=str(tmp_path / "missing.png"))
+    with pytest.raises(ValueError, match=message):  # InputError is a ValueError
+        run(_options(assets, tmp_path / "o", **change), log=lambda s: None)
     assert not (tmp_path / "o").exists()
 
 
@@ -169,14 +172,15 @@ def test_real_image_is_inverted_with_its_prompt_without_cfg(assets, tmp_path, mo
     assert seen["cfg"] == 1.0
 
 
+@pytest.mark.slow
 def test_bad_inputs_after_reading(assets, tmp_path):
-    with pytest.raises(UserError, match="not a multiple of 32; resize it to 96x128"):
+    with pytest.raises(InputError, match="not a multiple of 32; resize it to 96x128"):
         run(_options(assets, tmp_path / "a", image=str(assets / "odd.png")), log=lambda s: None)
-    with pytest.raises(UserError, match="entirely out of the frame"):
+    with pytest.raises(InputError, match="entirely out of the frame"):
         run(_options(assets, tmp_path / "b", motion="translate:-500,0"), log=lambda s: None)
     small = tmp_path / "small.png"
     Image.fromarray(np.ones((64, 64), np.uint8) * 255).save(small)
-    with pytest.raises(UserError, match="mask is 64x64 but the image is 128x128"):
+    with pytest.raises(InputError, match="mask is 64x64 but the image is 128x128"):
         run(_options(assets, tmp_path / "c", object_mask=str(small)), log=lambda s: None)
 
 
@@ -199,6 +203,7 @@ def test_cli_errors_are_one_line(assets, tmp_path):
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_reference_data_folder_source(assets, tmp_path):
     """--data_dir in the authors' format: its latents, flow, frozen mask and schedule are used."""
     data = tmp_path / "example"
@@ -241,26 +246,27 @@ def test_reference_data_folder_source(assets, tmp_path):
 
 
 def test_toy_model_resolves_to_the_pack_and_its_demo(tmp_path, monkeypatch):
-    from mgjax.edit import resolve_toy
     from mgjax.toy import pack
 
     monkeypatch.setattr(pack, "PACK", tmp_path / "pack")
-    with pytest.raises(UserError, match="no toy pack"):
-        resolve_toy(Options(out_dir=str(tmp_path / "o"), model="toy"))
+    with pytest.raises(InputError, match="no toy pack"):
+        resolve_toy(C.make(out_dir=str(tmp_path / "o"), model="toy"))
     (tmp_path / "pack").mkdir()
     demo = {"prompt": "a red square on a striped blue background", "motion": "translate:10,0"}
     (tmp_path / "pack" / "pack.json").write_text(json.dumps({"demo": demo}))
-    o = resolve_toy(Options(out_dir=str(tmp_path / "o"), model="toy"))
-    assert (o.model, o.revision) == (str(tmp_path / "pack" / "sd"), None)
-    assert o.raft_weights == str(tmp_path / "pack" / "raft-small.mgjax")
-    assert o.image == str(tmp_path / "pack" / "demo.png") and o.motion == demo["motion"]
-    assert o.object_mask == str(tmp_path / "pack" / "demo_mask.png")
-    assert o.prompt == demo["prompt"]
-    own = resolve_toy(
-        Options(out_dir="o", model="toy", image="mine.png", motion="rotate:5", raft_weights="r")
+    o = C.flat(resolve_toy(C.make(out_dir=str(tmp_path / "o"), model="toy")))
+    assert (o["model"], o["revision"]) == (str(tmp_path / "pack" / "sd"), None)
+    assert o["raft_weights"] == str(tmp_path / "pack" / "raft-small.mgjax")
+    assert o["image"] == str(tmp_path / "pack" / "demo.png") and o["motion"] == demo["motion"]
+    assert o["object_mask"] == str(tmp_path / "pack" / "demo_mask.png")
+    assert o["prompt"] == demo["prompt"]
+    own = C.flat(
+        resolve_toy(
+            C.make(out_dir="o", model="toy", image="mine.png", motion="rotate:5", raft_weights="r")
+        )
     )  # a source or motion of one's own: no demo, and one's own RAFT wins
-    assert (own.image, own.motion, own.object_mask, own.raft_weights) == (
+    assert (own["image"], own["motion"], own["object_mask"], own["raft_weights"]) == (
         "mine.png", "rotate:5", None, "r"
     )  # fmt: skip
-    real = Options(out_dir="o", model="CompVis/stable-diffusion-v1-4")
+    real = C.make(out_dir="o", model="CompVis/stable-diffusion-v1-4")
     assert resolve_toy(real) is real

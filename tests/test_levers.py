@@ -11,11 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flow.errors import UserError
 from flow.raft import Raft, RaftConfig, init_raft
+from mgjax import config as C
+from mgjax import guidance as G
+from mgjax import loop
 from mgjax.energy import Energy
 from mgjax.levers import resolve_loops
-from mgjax.sampler import GuidanceConfig, GuidedSampler
+from mgjax.sampler import Sampler
 from tests import tiny_models, xla
 
 H = W = 64
@@ -37,21 +39,21 @@ def tiny():
 
 def _one_evaluation(t, sd, raft, **config):
     """Compiled guided evaluation (DDIM step 1, j = 0) and its inputs."""
-    config = dict(num_steps=4, recursive_steps=2, guidance_weight=10.0, clip=0.0) | config
-    cfg = GuidanceConfig(**config)
-    sampler = GuidedSampler(sd, raft, cfg)
+    config = dict(steps=4, recursive_steps=2, guidance_weight=10.0, clip=0.0) | config
+    sampler = Sampler.of(sd, raft, **config)
     edit = sampler.prepare(t["img"], t["flow"], t["cond"], t["uncond"], z0=t["z0"])
     state = sampler.init(edit, t["z0"], seeds=0)
 
     def evaluate(p, r, e, z, k):
-        z_prev, _, logs, x = sampler._evaluate(p, r, e, z, 1, 0, k)
-        return z_prev, logs, x
+        ev = G.evaluate(sampler.guidance, p, r, e, z, 1, 0, k)
+        return ev.z_prev, ev.logs, ev.x0
 
     fn = jax.jit(evaluate)
     compiled = fn.lower(sd.params, raft, edit, state.z, state.keys).compile()
     return compiled, (sd.params, raft, edit, state.z, state.keys)
 
 
+@pytest.mark.slow
 def test_remat_recomputes_and_keeps_the_result(tiny):
     results, temps, flops = {}, {}, {}
     for policy in ("none", "dots", "full"):
@@ -62,7 +64,7 @@ def test_remat_recomputes_and_keeps_the_result(tiny):
         results[policy] = (np.asarray(z_prev), float(logs["energy"][0]))
         if policy == "none":
             tiny["fp32"] = (float(logs["energy"][0]), np.asarray(x))  # for the bf16 test
-            if resolve_loops(GuidanceConfig().loops) == "unrolled":  # auto, on CPU
+            if resolve_loops(C.Speed().loops) == "unrolled":  # auto, on CPU
                 tiny["unrolled"] = results["none"]  # for the loops test
             # the noise floor: the same evaluation, input moved by 1e-7
             params, raft, edit, z, keys = args
@@ -97,6 +99,7 @@ def _primitives(jaxpr, names: list) -> list:
     return names
 
 
+@pytest.mark.slow
 def test_blocks_remat_checkpoints_each_block_once_and_keeps_the_gradient(tiny):
     """remat "blocks" puts one checkpoint around each UNet block (down, mid, up) and each VAE
     decoder block (mid, up), none inside another, and none when the lever is off; the
@@ -110,8 +113,7 @@ def test_blocks_remat_checkpoints_each_block_once_and_keeps_the_gradient(tiny):
 
     counts, grads, flops = {}, {}, {}
     for policy in ("none", "full", "blocks"):
-        sampler = GuidedSampler(sd, tiny["raft"], GuidanceConfig(num_steps=4, remat=policy))
-        fn = sampler._remat(unet_then_decode)
+        fn = G.remat(unet_then_decode, policy)
         jaxpr = jax.make_jaxpr(fn)(sd.params, z).jaxpr
         counts[policy] = _primitives(jaxpr, []).count("remat2")  # jax.checkpoint's primitive
         if policy != "full":
@@ -131,8 +133,9 @@ def test_blocks_remat_checkpoints_each_block_once_and_keeps_the_gradient(tiny):
     assert err <= 1e-5 * scale, (err, scale)
 
 
+@pytest.mark.slow
 def test_source_cache_encodes_the_source_once_and_keeps_the_result(tiny):
-    """source_cache: prepare encodes the source with RAFT once (Edit.raft_source), the
+    """source_cache: prepare encodes the source with RAFT once (GuidanceInputs.raft_source), the
     evaluation no longer does (fewer FLOPs by at least 90% of the encoders'), and the result
     stays within the noise floor: the same evaluation with its input moved by 1e-7."""
     runs, flops = {}, {}
@@ -170,16 +173,17 @@ def test_memory_efficient_attention_matches_plain(tiny):
         sd.configure(attention="flash")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loops", ["scan", "unrolled"])
 def test_skip_unguided_steps_same_result_nan_logs_and_state_donated(tiny, loops):
     schedule = np.array([1.0, 0.0, 1.0, 0.0], np.float32)
     finals = {}
     for skip in (True, False):
-        cfg = GuidanceConfig(
-            num_steps=4, recursive_steps=2, guidance_weight=10.0, chunk=4, skip_unguided=skip,
+        cfg = dict(
+            steps=4, recursive_steps=2, guidance_weight=10.0, chunk=4, skip_unguided=skip,
             loops=loops,
         )  # fmt: skip
-        sampler = GuidedSampler(tiny["sd"], tiny["raft"], cfg)
+        sampler = Sampler.of(tiny["sd"], tiny["raft"], **cfg)
         edit = sampler.prepare(
             tiny["img"],
             tiny["flow"],
@@ -215,6 +219,7 @@ class _Pull(Energy):
         return loss, {"pull": loss}
 
 
+@pytest.mark.slow
 def test_unrolled_loops_run_the_scans_evaluations(tiny):
     """loops "unrolled" (one compiled evaluation per call: the CPU default) runs the scan's
     evaluations in the same order with the same noise: the same latents, logs and snapshots over
@@ -223,18 +228,19 @@ def test_unrolled_loops_run_the_scans_evaluations(tiny):
     schedule = np.array([1.0, 1.0, 0.0, 0.0, 0.0, 1.0], np.float32)
     out = {}
     for loops in ("scan", "unrolled"):
-        cfg = GuidanceConfig(
-            num_steps=6, recursive_steps=2, guidance_weight=300.0, chunk=2, snapshot_every=3,
-            clip=0.0, loops=loops,
-        )  # fmt: skip
-        sampler = GuidedSampler(tiny["sd"], tiny["raft"], cfg, energy=_Pull())
+        cfg = dict(
+            steps=6, recursive_steps=2, guidance_weight=300.0, chunk=2, clip=0.0, loops=loops
+        )
+        sampler = Sampler.of(tiny["sd"], tiny["raft"], _Pull(), snapshot_every=3, **cfg)
         assert sampler.loops == loops
         edit = sampler.prepare(
             tiny["img"], tiny["flow"], tiny["cond"], tiny["uncond"], z0=tiny["z0"],
             schedule=schedule,
         )  # fmt: skip
         start = sampler.init(edit, jnp.asarray(tiny["z0"]), seeds=4)
-        state, logs, snaps = sampler.sample(edit, start)
+        snaps = {}
+        result = loop.run(sampler, edit, start, on_snapshots=snaps.update)
+        state, logs = result.state, result.logs
         assert start.z.is_deleted()
         out[loops] = (np.asarray(state.z), logs, snaps, sampler.traces)
     z_scan, logs_scan, snaps_scan, traces_scan = out["scan"]
@@ -253,6 +259,7 @@ def test_unrolled_loops_run_the_scans_evaluations(tiny):
     assert rel < 2e-5, rel
 
 
+@pytest.mark.slow
 def test_unrolled_raft_gradient_matches_the_scans(tiny):
     """One guided evaluation with the paper's energy: RAFT unrolled ("unrolled") against its
     scan ("scan"): the same energy, and a guided latent within the noise floor (the change a
@@ -277,10 +284,11 @@ def test_loops_setting():
     assert resolve_loops("auto", "cpu") == "unrolled"
     assert resolve_loops("auto", "gpu") == resolve_loops("auto", "tpu") == "scan"
     assert resolve_loops("scan", "cpu") == "scan" and resolve_loops("unrolled", "gpu") == "unrolled"
-    with pytest.raises(UserError, match="loops must be one of"):
-        GuidanceConfig(loops="python")
+    with pytest.raises(ValueError, match="loops must be one of"):
+        C.Speed(loops="python")
 
 
+@pytest.mark.slow
 def test_bf16_evaluation_close_to_fp32(tiny):
     """bf16 UNet, VAE and RAFT against fp32 on what is well conditioned: the energy and the
     decoded x0 estimate (forward passes). The guided step's drift is stated by bench/levers.py:

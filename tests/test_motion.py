@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from flow.errors import UserError
+from flow.errors import InputError
 from mgjax.motion import (
     auto_frozen_mask,
     box_mask,
@@ -106,15 +106,15 @@ def test_mask_and_box():
     ],
 )
 def test_syntax_errors_show_an_example(spec, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(InputError, match=message):
         parse_motion(spec, (0.0, 0.0))
     if "numbers" in message or "unknown" in message:
-        with pytest.raises(UserError, match="e.g. rotate:30"):
+        with pytest.raises(InputError, match="e.g. rotate:30"):
             parse_motion(spec, (0.0, 0.0))
 
 
 def test_box_errors():
-    with pytest.raises(UserError, match="needs 0 <= x0 < x1"):
+    with pytest.raises(InputError, match="needs 0 <= x0 < x1"):
         box_mask("10,10,5,20", H, W)
 
 
@@ -136,5 +136,5 @@ def test_auto_frozen_mask_edge_cases():
     assert not auto_frozen_mask(zero, 8).any()  # nothing moves: nothing frozen
     mask = box_mask("0,0,16,16", H, W)
     away = _flow("translate:-100,0", mask=mask).astype(np.float32)
-    with pytest.raises(UserError, match="entirely out of the frame"):
+    with pytest.raises(InputError, match="entirely out of the frame"):
         auto_frozen_mask(away, 8)

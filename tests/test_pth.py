@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from flow.errors import UserError
+from flow.errors import InputError
 from flow.pth import read_pth, read_state_dict
 
 _NP_DTYPES = {
@@ -178,10 +178,10 @@ def test_read_state_dict_unwraps_checkpoint(tmp_path: Path) -> None:
     torch.save(sd, tmp_path / "plain.pth")
     assert list(read_state_dict(tmp_path / "plain.pth")) == ["w", "b"]
     torch.save({"w": torch.ones(2), "lr": 0.1}, tmp_path / "mixed.pth")
-    with pytest.raises(UserError, match="'lr' is a float"):
+    with pytest.raises(InputError, match="'lr' is a float"):
         read_state_dict(tmp_path / "mixed.pth")
     torch.save([torch.ones(1)], tmp_path / "list.pth")
-    with pytest.raises(UserError, match="expected a state dict"):
+    with pytest.raises(InputError, match="expected a state dict"):
         read_state_dict(tmp_path / "list.pth")
 
 
@@ -222,18 +222,18 @@ def test_refuses_code(tmp_path: Path, fmt: str) -> None:
     target = tmp_path / "SOMEFILE"
     path = _save({"w": torch.ones(2), "x": _Evil(target)}, tmp_path / "evil.pth", fmt)
     refused = r"evil.pth: refusing to load: the file contains pickled code \((posix|nt)\.system\)"
-    with pytest.raises(UserError, match=refused):
+    with pytest.raises(InputError, match=refused):
         read_pth(path)
     assert not target.exists()
-    with pytest.raises(UserError, match="evil.pth: refusing"):
+    with pytest.raises(InputError, match="evil.pth: refusing"):
         read_state_dict(path)
     assert not target.exists()
 
     path = _save({"obj": _Custom()}, tmp_path / "custom.pth", fmt)
-    with pytest.raises(UserError, match=r"_Custom"):
+    with pytest.raises(InputError, match=r"_Custom"):
         read_pth(path)
     path = _save(torch.nn.Linear(2, 2), tmp_path / "module.pth", fmt)
-    with pytest.raises(UserError, match="refusing to load"):
+    with pytest.raises(InputError, match="refusing to load"):
         read_pth(path)
 
 
@@ -288,11 +288,11 @@ def test_rejects_out_of_bounds_views(tmp_path: Path) -> None:
     for offset, size, stride in bad_layouts:
         bad = _Rebuild(_StorageRef(4), offset, size, stride, False, hooks)
         path = _write_zip(tmp_path / "bad.pth", _craft_pickle({"t": bad}), {"0": storage})
-        with pytest.raises(UserError, match="bad.pth: "):
+        with pytest.raises(InputError, match="bad.pth: "):
             read_pth(path)
     short = _Rebuild(_StorageRef(8), 0, (8,), (1,), False, hooks)
     path = _write_zip(tmp_path / "short.pth", _craft_pickle(short), {"0": storage})
-    with pytest.raises(UserError, match="truncated"):
+    with pytest.raises(InputError, match="truncated"):
         read_pth(path)
 
 
@@ -301,7 +301,7 @@ def test_refuses_state_on_shared_objects(tmp_path: Path) -> None:
     state = pickle.dumps((3, ">", None, None, None, -1, -1, 0), protocol=2)[2:-1]
     pkl = b"\x80\x02ctorch\nfloat32\n" + state + b"b."
     path = _write_zip(tmp_path / "build.pth", pkl, {})
-    with pytest.raises(UserError, match="refusing to load"):
+    with pytest.raises(InputError, match="refusing to load"):
         read_pth(path)
     assert np.dtype(np.float32).byteorder == "="
 
@@ -312,7 +312,7 @@ def test_truncated(tmp_path: Path, fmt: str) -> None:
     for cut in (len(data) // 2, len(data) - 1, 40, 3):
         path = tmp_path / "half.pth"
         path.write_bytes(data[:cut])
-        with pytest.raises(UserError, match=r"^\S*half.pth: ") as info:
+        with pytest.raises(InputError, match=r"^\S*half.pth: ") as info:
             read_pth(path)
         assert "\n" not in str(info.value)
 
@@ -322,18 +322,18 @@ def test_garbage_and_missing(tmp_path: Path) -> None:
     for i, head in enumerate([b"", b"\x80\x02", b"PK\x03\x04", b"\x80\x02\x8a\x0a", b"x"]):
         path = tmp_path / f"junk{i}.pth"
         path.write_bytes(head + rng.bytes(1000))
-        with pytest.raises(UserError, match=f"junk{i}.pth: ") as info:
+        with pytest.raises(InputError, match=f"junk{i}.pth: ") as info:
             read_pth(path)
         assert "\n" not in str(info.value)
     plain = tmp_path / "plain.pkl"
     plain.write_bytes(pickle.dumps({"a": 1}, protocol=2))
-    with pytest.raises(UserError, match="bad magic number"):
+    with pytest.raises(InputError, match="bad magic number"):
         read_pth(plain)
-    with pytest.raises(UserError, match="no such file"):
+    with pytest.raises(InputError, match="no such file"):
         read_pth(tmp_path / "missing.pth")
-    with pytest.raises(UserError, match="is a directory"):
+    with pytest.raises(InputError, match="is a directory"):
         read_pth(tmp_path)
     with zipfile.ZipFile(tmp_path / "other.zip", "w") as zf:
         zf.writestr("hello.txt", "hi")
-    with pytest.raises(UserError, match="without data.pkl"):
+    with pytest.raises(InputError, match="without data.pkl"):
         read_pth(tmp_path / "other.zip")

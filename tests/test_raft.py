@@ -28,6 +28,7 @@ def models(request, tmp_path_factory):
     return model, str(folder / "raft.mgjax"), small
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("iters", [5, 12])
 def test_flow_matches_torchvision_eval_mode(models, iters):
     model, path, _ = models
@@ -39,6 +40,7 @@ def test_flow_matches_torchvision_eval_mode(models, iters):
     np.testing.assert_array_less(np.abs(ours - ref).max(), 1e-3)
 
 
+@pytest.mark.slow
 def test_context_norm_batch_matches_train_mode_one_image(models):
     """ "batch" = torch train() called with one image (the Motion Guidance reference's RAFT)."""
     model, path, small = models
@@ -54,6 +56,7 @@ def test_context_norm_batch_matches_train_mode_one_image(models):
         assert np.abs(running - singles[0]).max() > 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("context_norm", ["running", "batch"])
 def test_gradient_matches_torch_autograd_fp64(models, context_norm, monkeypatch):
     """d<c, flow>/d image2 (and image1) vs torch autograd: relative L2 error < 1e-3 (seen ~1e-12).
@@ -99,6 +102,7 @@ def test_gradient_matches_torch_autograd_fp64(models, context_norm, monkeypatch)
         assert np.linalg.norm(ref) > 0 and rel < 1e-3, rel
 
 
+@pytest.mark.slow
 def test_jitted_call_traces_once(models):
     _, path, _ = models
     net = load_raft(path)
@@ -115,6 +119,7 @@ def test_jitted_call_traces_once(models):
     assert len(traces) == 1
 
 
+@pytest.mark.slow
 def test_bfloat16_runs_close_to_float32(models):
     """bf16 compute is a lever, not a parity mode: finite and in the same regime as fp32."""
     _, path, _ = models
@@ -127,11 +132,12 @@ def test_bfloat16_runs_close_to_float32(models):
     assert drift < 0.1
 
 
+@pytest.mark.slow
 def test_input_scale_runs_on_upsampled_images_and_pools_the_flow(tmp_path):
     """input_scale 2: RAFT on 2x bilinearly upsampled images (half-pixel centres), the flow
     2x2-averaged back and halved; the factor is kept by the checkpoint."""
     from flow import checkpoint
-    from flow.errors import UserError
+    from flow.errors import InputError
     from flow.raft import RaftConfig, init_raft, raft_forward
 
     scaled = RaftConfig(small=True, input_scale=2)
@@ -147,10 +153,11 @@ def test_input_scale_runs_on_upsampled_images_and_pools_the_flow(tmp_path):
     path = str(tmp_path / "s.mgjax")
     checkpoint.save(path, jax.tree_util.tree_map(np.asarray, variables), scaled)
     assert load_raft(path).config.input_scale == 2
-    with pytest.raises(UserError, match="input_scale"):
+    with pytest.raises(InputError, match="input_scale"):
         RaftConfig(small=True, input_scale=3)
 
 
+@pytest.mark.slow
 def test_full_gradient_is_the_exact_derivative_detached_is_not(models):
     """RaftConfig.detach=False: <grad, v> equals the central finite difference of <c, flow>
     along a random direction v (fp64, both images moved); the upstream detached gradient
@@ -187,6 +194,7 @@ def test_full_gradient_is_the_exact_derivative_detached_is_not(models):
     assert abs(slopes["detached"] - numeric) > 1e-3 * abs(numeric)
 
 
+@pytest.mark.slow
 def test_cached_source_encoding_gives_the_same_flow_and_gradient(models):
     """encode_source once, then many image2s (the sampler's cache): the flow and its gradient
     with respect to image2 are those of the plain call (fp64, where only the order of float

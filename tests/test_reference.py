@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flow.errors import UserError
+from flow.errors import InputError
 from mgjax.reference import read_reference_folder
 
 
@@ -48,17 +48,17 @@ def test_reads_everything_in_our_layouts(tmp_path):
 
 
 def test_rejects_bad_folders(tmp_path):
-    with pytest.raises(UserError, match="no such data folder"):
+    with pytest.raises(InputError, match="no such data folder"):
         read_reference_folder(tmp_path / "missing")
-    with pytest.raises(UserError, match="no pred.png"):
+    with pytest.raises(InputError, match="no pred.png"):
         read_reference_folder(tmp_path)
     _folder(tmp_path)
-    with pytest.raises(UserError, match="no nope.pth"):
+    with pytest.raises(InputError, match="no nope.pth"):
         read_reference_folder(tmp_path, "nope.pth")
-    with pytest.raises(UserError, match="4 cached latents but 10"):
+    with pytest.raises(InputError, match="4 cached latents but 10"):
         read_reference_folder(tmp_path, num_steps=10)
     (tmp_path / "latents" / "zt.00002.pth").unlink()
-    with pytest.raises(UserError, match="gap-free"):
+    with pytest.raises(InputError, match="gap-free"):
         read_reference_folder(tmp_path)
 
 
@@ -70,5 +70,5 @@ def test_refuses_pickled_code(tmp_path):
             return (print, ("pwned",))
 
     torch.save({"flow": Evil()}, tmp_path / "flows" / "evil.pth")
-    with pytest.raises(UserError):
+    with pytest.raises(InputError):
         read_reference_folder(tmp_path, "evil.pth")

@@ -14,13 +14,16 @@ import torchvision
 
 from flow import load_raft
 from flow.convert import convert
-from flow.errors import UserError
-from mgjax import ddim, source
+from flow.errors import InputError
+from mgjax import config as C
+from mgjax import ddim, loop, source
 from mgjax import sd as sdm
 from mgjax.energy import Energy, PreservationEnergy
-from mgjax.sampler import DivergenceError, GuidanceConfig, GuidedSampler, Progress, eval_noise
+from mgjax.guidance import eval_noise
+from mgjax.progress import Progress
+from mgjax.sampler import DivergenceError, Sampler
 from tests import tiny_models, xla
-from tests.test_ddim import _oracle
+from tests.ddim_oracle import ddim_oracle as _oracle
 from tests.torch_raft import image_pair, random_torchvision_raft
 from tests.torch_reference import ReferenceFlowLoss, reference_sample
 
@@ -62,6 +65,7 @@ def _t(x):
     return torch.from_numpy(np.array(x))
 
 
+@pytest.mark.slow
 def test_seam_matches_torch_models(models):
     sd = models["sd"]
     rng = np.random.default_rng(0)
@@ -126,10 +130,11 @@ def test_hub_id_and_revision_are_passed_through(monkeypatch, tmp_path):
         for sub in ("tokenizer", "unet", "vae", "text_encoder")
     )
     assert sd.latent_channels == 4 and sd.vae_factor == 4
-    with pytest.raises(UserError, match="no such folder"):
+    with pytest.raises(InputError, match="no such folder"):
         sdm.load(str(tmp_path / "missing"))
 
 
+@pytest.mark.slow
 def test_flax_folder_roundtrip_and_bf16(tmp_path):
     tiny = tiny_models.tiny(seed=5)
     sdm.save(tiny, tmp_path)
@@ -143,19 +148,21 @@ def test_flax_folder_roundtrip_and_bf16(tmp_path):
     half = sdm.load(str(tmp_path), dtype="bfloat16")
     dtypes = {x.dtype for x in jax.tree_util.tree_leaves(half.params)}
     assert dtypes == {jnp.dtype(jnp.bfloat16)}
-    with pytest.raises(UserError, match="dtype must be float32 or bfloat16"):
+    with pytest.raises(InputError, match="dtype must be float32 or bfloat16"):
         sdm.load(str(tmp_path), dtype="float16")
-    with pytest.raises(UserError, match="not a diffusers-format folder"):
+    with pytest.raises(InputError, match="not a diffusers-format folder"):
         sdm.load(str(tmp_path / "unet"))
     (tmp_path / "vae" / "diffusion_flax_model.msgpack").write_bytes(b"garbage")
-    with pytest.raises(UserError, match="cannot load Stable Diffusion from"):
+    with pytest.raises(InputError, match="cannot load Stable Diffusion from"):
         sdm.load(str(tmp_path))
 
 
 def _reference_run(
     models, cfg, img, flow, frozen, traj, cond, uncond, z_T, keys, steps, double=False
 ):
-    """The torch transcription on the same weights and noise (float64 copies if `double`)."""
+    """The torch transcription on the same weights and noise (float64 copies if `double`);
+    cfg: flat-named method settings."""
+    cfg = C.make(**cfg).method
     unet, vae, raft = models["unet"], models["vae"], models["raft_t"]
     dt = torch.float64 if double else torch.float32
     if double:
@@ -196,7 +203,7 @@ def _reference_run(
                 t(uncond),
                 t(z_T),
                 noise_fn,
-                num_ddim_steps=cfg.num_steps,
+                num_ddim_steps=cfg.steps,
                 max_steps=steps,
                 cached_latents=t(traj),
                 edit_mask=_t(frozen),
@@ -215,7 +222,7 @@ def _reference_run(
 # lambda_g = 30 rather than the paper's 300: with random tiny weights, 300 makes the guided
 # map chaotic (two fp64 runs whose UNets differ by 1e-7 end 5e-3 apart after 6 evaluations),
 # so the check would measure amplified rounding instead of the algorithm.
-PARITY = GuidanceConfig(recursive_steps=2, guidance_weight=30.0, clip=7.7, chunk=3)
+PARITY = dict(recursive_steps=2, guidance_weight=30.0, clip=7.7, chunk=3)
 
 
 def _parity_inputs(sd):
@@ -228,8 +235,15 @@ def _parity_inputs(sd):
     return img, flow, traj, frozen, cond, uncond
 
 
+def _sample(sampler, inputs, state, **hooks):
+    """(state, logs, snapshots) of a run to the end through mgjax.loop.run."""
+    snapshots = {}
+    result = loop.run(sampler, inputs, state, on_snapshots=snapshots.update, **hooks)
+    return result.state, result.logs, snapshots
+
+
 def _ours(sd, raft, cfg, img, flow, traj, frozen, cond, uncond, steps=3):
-    sampler = GuidedSampler(sd, raft, cfg)
+    sampler = Sampler.of(sd, raft, **cfg)
     edit = sampler.prepare(img, flow, cond, uncond, frozen=frozen, trajectory=traj)
     state = sampler.init(edit, traj[0], seeds=7)
     state, logs, _ = sampler.run_chunk(edit, state, steps)
@@ -245,6 +259,7 @@ LOG_PAIRS = (
 )
 
 
+@pytest.mark.slow
 def test_guided_steps_match_reference_transcription(models):
     """3 DDIM steps x 2 recursive steps of the 500-step schedule, a frozen mask, clipping on some
     evaluations, fp32 on both sides: final latents within 1e-3 relative (seen ~1e-4; our own
@@ -258,7 +273,7 @@ def test_guided_steps_match_reference_transcription(models):
     # the occlusion masks agree (ours: scatter of landings; reference: gradient trick)
     np.testing.assert_array_equal(np.asarray(edit.occlusion)[..., 0], energy.mask_occ[:, 0])
     assert (np.asarray(edit.occlusion) == 0).any()
-    clipped = rlogs["guidance_norms"] >= cfg.clip * (1 - 1e-6)
+    clipped = rlogs["guidance_norms"] >= cfg["clip"] * (1 - 1e-6)
     assert clipped.any() and not clipped.all(), rlogs["guidance_norms"]  # clipping active
     rel = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
     nudged, *_ = _ours(sd, models["raft"], cfg, img + 1e-6, flow, traj, frozen, cond, uncond)
@@ -267,7 +282,7 @@ def test_guided_steps_match_reference_transcription(models):
     assert rel < 1e-3, rel
     # the scan chunk (the GPU/TPU default; this run is loops "auto" = unrolled on CPU) too
     scan, *_ = _ours(
-        sd, models["raft"], dataclasses.replace(cfg, loops="scan"), img, flow, traj, frozen,
+        sd, models["raft"], cfg | dict(loops="scan"), img, flow, traj, frozen,
         cond, uncond,
     )  # fmt: skip
     rel_scan = np.linalg.norm(scan - ref) / np.linalg.norm(ref)
@@ -279,29 +294,30 @@ def test_guided_steps_match_reference_transcription(models):
         rtol = 1e-2 if ours_name == "guidance_norm" else 1e-3
         np.testing.assert_allclose(logs[ours_name], rlogs[ref_name], rtol=rtol, err_msg=ours_name)
     # the guidance moved the latents: the comparison is not between two plain DDIM runs
-    plain = dataclasses.replace(cfg, guidance_weight=0.0)
+    plain = cfg | dict(guidance_weight=0.0)
     zp, *_ = _ours(sd, models["raft"], plain, img, flow, traj, frozen, cond, uncond)
     moved = np.linalg.norm(zp - ref) / np.linalg.norm(ref)
     assert moved > 30 * rel, (moved, rel)
 
 
+@pytest.mark.slow
 def test_full_raft_gradient_changes_the_gradient_not_the_energy(models):
     """--raft_gradient full: the first evaluation's energy is the detached run's (the same
     forward pass), its guidance differs (the gradient through RAFT's refinement is added), and
     a bad value is refused."""
     sd = models["sd"]
     img, flow, traj, frozen, cond, uncond = _parity_inputs(sd)
-    cfg = dataclasses.replace(PARITY, clip=0.0, recursive_steps=1, chunk=1)
+    cfg = PARITY | dict(clip=0.0, recursive_steps=1, chunk=1)
     logs = {
-        g: _ours(sd, models["raft"], dataclasses.replace(cfg, raft_gradient=g), img, flow,
+        g: _ours(sd, models["raft"], cfg | dict(raft_gradient=g), img, flow,
                  traj, frozen, cond, uncond, steps=1)[1]
         for g in ("detached", "full")
     }  # fmt: skip
     np.testing.assert_allclose(logs["full"]["energy"], logs["detached"]["energy"], rtol=1e-6)
     a, b = logs["full"]["guidance_norm"], logs["detached"]["guidance_norm"]
     assert abs(a - b) > 1e-2 * b, (a, b)
-    with pytest.raises(UserError, match="raft_gradient must be one of"):
-        GuidanceConfig(raft_gradient="exact")
+    with pytest.raises(ValueError, match="raft_gradient must be one of"):
+        C.Method(raft_gradient="exact")
 
 
 class Recording:
@@ -318,21 +334,23 @@ class Recording:
         return self._sd.eps(params, z, t, context)
 
 
+@pytest.mark.slow
 def test_frozen_latents_before_every_unet_call_and_traces_once(models):
     sd = Recording(models["sd"])
-    cfg = GuidanceConfig(num_steps=6, recursive_steps=2, chunk=2, clip=0.0, snapshot_every=4)
+    cfg = C.make(steps=6, recursive_steps=2, chunk=2, clip=0.0).method
     img, flow = _scene(seed=3)
     rng = np.random.default_rng(2)
     traj = rng.standard_normal((6, 1, 4, 32, 32)).astype(np.float32)
     frozen = np.zeros((1, 1, 32, 32), bool)
     frozen[..., :, :10] = True
     cond, uncond = sd.embed("a dog"), sd.embed("")
-    sampler = GuidedSampler(sd, models["raft"], cfg)
+    sampler = Sampler.of(sd, models["raft"], snapshot_every=4, steps=6, recursive_steps=2,
+                         chunk=2, clip=0.0)  # fmt: skip
     edit = sampler.prepare(img, flow, cond, uncond, frozen=frozen, trajectory=traj)
     z_T = rng.standard_normal((1, 4, 32, 32)).astype(np.float32)
     lines = []
-    state, logs, snaps = sampler.sample(
-        edit, sampler.init(edit, z_T, seeds=0), on_chunk=Progress(6, 2, print_fn=lines.append)
+    state, logs, snaps = _sample(
+        sampler, edit, sampler.init(edit, z_T, seeds=0), progress=Progress(6, 2, log=lines.append)
     )
     assert int(state.step) == 6 and logs["energy"].shape == (6, 2, 1)
     assert len(lines) == 3 and "evals/s" in lines[-1] and "ETA" in lines[-1], lines
@@ -340,10 +358,10 @@ def test_frozen_latents_before_every_unet_call_and_traces_once(models):
     # the snapshot is the first evaluation's decoded x0 estimate of that step
     base, i = models["sd"], 4
     z_in = jnp.asarray(sd.seen[2 * i])  # [z, z] for [uncond, cond]
-    t = jnp.full((2,), sampler.schedule.timesteps[i])
+    t = jnp.full((2,), sampler.guidance.schedule.timesteps[i])
     e = base.eps(base.params, z_in, t, jnp.concatenate([edit.uncond, edit.cond]))
     eps = e[:1] + cfg.cfg_scale * (e[1:] - e[:1])
-    x0 = base.decode(base.params, ddim.predict_x0(z_in[:1], eps, sampler.schedule.abar[i]))
+    x0 = base.decode(base.params, ddim.predict_x0(z_in[:1], eps, sampler.guidance.schedule.abar[i]))
     x0 = x0 * 0.5 + 0.5
     np.testing.assert_allclose(snaps[4], np.asarray(x0), atol=1e-4)
     assert len(sd.seen) == 6 * 2
@@ -355,13 +373,13 @@ def test_frozen_latents_before_every_unet_call_and_traces_once(models):
         assert not np.array_equal(z[:1][~mask], traj[i][~mask])
     # a second edit of the same shapes reuses the compiled chunk
     edit2 = sampler.prepare(1 - img, -flow, cond, uncond, frozen=frozen, trajectory=traj * 0.5)
-    sampler.sample(edit2, sampler.init(edit2, z_T, seeds=1))
+    _sample(sampler, edit2, sampler.init(edit2, z_T, seeds=1))
     # divergence is noticed and named, not returned as an image
     huge = np.ones(6, np.float32)
     huge[3] = 1e38
     edit3 = sampler.prepare(img, flow, cond, uncond, frozen=frozen, trajectory=traj, schedule=huge)
     with pytest.raises(DivergenceError, match=r"DDIM steps 2\.\.3"):
-        sampler.sample(edit3, sampler.init(edit3, z_T, seeds=0))
+        _sample(sampler, edit3, sampler.init(edit3, z_T, seeds=0))
     assert sampler.traces == 1
 
 
@@ -378,13 +396,14 @@ class _Brightness(Energy):
         return loss, {"brightness_loss": loss}
 
 
+@pytest.mark.slow
 def test_user_energy_runs_in_the_jitted_sampler_without_retracing(models):
     """Three edits of one source, the same seed and z_T: brightness targets 0 and 1, and a third
     with weight 0 (unguided). The guided decodes order around the unguided one as asked; the
     paper energy's terms are not computed (not logged); two chunks and a second batch with new
     extras values compile once."""
     sd = models["sd"]
-    cfg = GuidanceConfig(num_steps=4, recursive_steps=2, chunk=2, guidance_weight=3e5, clip=0)
+    cfg = dict(steps=4, recursive_steps=2, chunk=2, guidance_weight=3e5, clip=0)
     img, flow = _scene(seed=1)
     img, flow = np.repeat(img, 3, axis=0), np.repeat(flow, 3, axis=0)
     cond, uncond = sd.embed("a lamp"), sd.embed("")
@@ -392,13 +411,13 @@ def test_user_energy_runs_in_the_jitted_sampler_without_retracing(models):
     z0 = np.repeat(rng.standard_normal((1, 4, 32, 32)).astype(np.float32), 3, axis=0)
     z_T = np.repeat(rng.standard_normal((1, 4, 32, 32)).astype(np.float32), 3, axis=0)
     energy = 0.0 * PreservationEnergy() + _Brightness()  # composition with a built-in
-    sampler = GuidedSampler(sd, models["raft"], cfg, energy=energy)
+    sampler = Sampler.of(sd, models["raft"], energy=energy, **cfg)
     assert sampler.log_names == (
         "energy", "keep_loss", "brightness_loss", "noise_norm", "guidance_norm"
     )  # fmt: skip
     extras = {"target": np.array([0.0, 1.0, 0.0], np.float32), "weight": np.array([1.0, 1, 0])}
     edit = sampler.prepare(img, flow, cond, uncond, z0=z0, extras=extras)
-    state, logs, _ = sampler.sample(edit, sampler.init(edit, z_T, seeds=[3, 3, 3]))
+    state, logs, _ = _sample(sampler, edit, sampler.init(edit, z_T, seeds=[3, 3, 3]))
     assert set(logs) == set(sampler.log_names) and sampler.traces == 1
     np.testing.assert_allclose(logs["energy"], logs["brightness_loss"], rtol=1e-6)
     dark, bright, base = sampler.decode(state.z).mean(axis=(1, 2, 3))
@@ -409,24 +428,26 @@ def test_user_energy_runs_in_the_jitted_sampler_without_retracing(models):
     # new values of the extras are arguments of the compiled chunk: no retrace
     extras2 = {k: v[::-1].copy() for k, v in extras.items()}
     edit2 = sampler.prepare(img, flow, cond, uncond, z0=z0, extras=extras2)
-    sampler.sample(edit2, sampler.init(edit2, z_T, seeds=[3, 3, 3]))
+    _sample(sampler, edit2, sampler.init(edit2, z_T, seeds=[3, 3, 3]))
     assert sampler.traces == 1
-    with pytest.raises(UserError, match="batch"):
+    with pytest.raises(InputError, match="batch"):
         sampler.prepare(img, flow, cond, uncond, z0=z0, extras={"target": np.zeros(2)})
-    with pytest.raises(UserError, match="Energy"):
-        GuidedSampler(sd, models["raft"], cfg, energy=lambda x, ctx: x.sum())
+    with pytest.raises(TypeError, match="Energy"):
+        Sampler.of(sd, models["raft"], energy=lambda x, ctx: x.sum(), **cfg)
 
 
+@pytest.mark.slow
 def test_zero_guidance_is_plain_ddim_and_diffusers_scheduler(models):
     sd, steps = models["sd"], 8
     img, flow = _scene()
     cond, uncond = sd.embed("a red ball"), sd.embed("")
     z_T = np.random.default_rng(3).standard_normal((1, 4, 32, 32)).astype(np.float32)
-    cfg = GuidanceConfig(num_steps=steps, recursive_steps=1, guidance_weight=0.0, chunk=4)
-    sampler = GuidedSampler(sd, models["raft"], cfg)
+    cfg = C.make(steps=steps, recursive_steps=1, guidance_weight=0.0, chunk=4).method
+    sampler = Sampler.of(sd, models["raft"], steps=steps, recursive_steps=1, guidance_weight=0.0,
+                         chunk=4)  # fmt: skip
     traj = source.generate(sd, z_T, cond, uncond, num_steps=steps, chunk=3)
     edit = sampler.prepare(img, flow, cond, uncond, z0=np.zeros_like(z_T))
-    state, _, _ = sampler.sample(edit, sampler.init(edit, z_T, seeds=0))
+    state, _, _ = _sample(sampler, edit, sampler.init(edit, z_T, seeds=0))
     np.testing.assert_allclose(np.asarray(state.z), traj.z0, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(traj.latents[0], z_T)
 
@@ -434,17 +455,18 @@ def test_zero_guidance_is_plain_ddim_and_diffusers_scheduler(models):
     z = jnp.asarray(z_T)
     for n, t in enumerate(np.asarray(st.timesteps)):
         np.testing.assert_allclose(np.asarray(z), traj.latents[n], rtol=1e-4, atol=1e-4)
-        eps = sampler.cfg_eps(sd.params, z, t, edit)
+        eps = source.cfg_eps(sd, sd.params, z, t, edit.cond, edit.uncond, cfg.cfg_scale, True)
         z = sched.step(st, eps, int(t), z).prev_sample
     np.testing.assert_allclose(np.asarray(z), traj.z0, rtol=1e-4, atol=1e-4)
     assert np.abs(traj.z0 - z_T).max() > 0.1
 
 
+@pytest.mark.slow
 def test_batch_equals_single_images_and_seeds(models):
     sd = models["sd"]
     # lambda_g 10: larger weights amplify batched-vs-single rounding (1e-7) chaotically. The
     # clip bites on some evaluations; it must act per image for a batch to equal its singles.
-    cfg = GuidanceConfig(num_steps=4, recursive_steps=2, chunk=2, guidance_weight=10.0, clip=1.0)
+    cfg = dict(steps=4, recursive_steps=2, chunk=2, guidance_weight=10.0, clip=1.0)
     img0, flow0 = _scene(seed=0)
     img1, flow1 = _scene(seed=5)
     flow1 = -flow1
@@ -452,27 +474,28 @@ def test_batch_equals_single_images_and_seeds(models):
     rng = np.random.default_rng(4)
     z0 = rng.standard_normal((2, 4, 32, 32)).astype(np.float32)
     z_T = rng.standard_normal((2, 4, 32, 32)).astype(np.float32)
-    sampler = GuidedSampler(sd, models["raft"], cfg)
+    sampler = Sampler.of(sd, models["raft"], **cfg)
     both = sampler.prepare(
         np.concatenate([img0, img1]), np.concatenate([flow0, flow1]), cond, uncond, z0=z0
     )
-    st, logs, _ = sampler.sample(both, sampler.init(both, z_T, seeds=[11, 12]))
+    st, logs, _ = _sample(sampler, both, sampler.init(both, z_T, seeds=[11, 12]))
     zb = np.asarray(st.z)
     norms = logs["guidance_norm"]  # unclipped they run 2.7, 1.8, 0.7, ... per image
     assert (norms >= 1.0 - 1e-6).any() and (norms < 0.99).any()
     for n, (img, flow) in enumerate(((img0, flow0), (img1, flow1))):
         one = sampler.prepare(img, flow, cond, uncond, z0=z0[n : n + 1])
-        zs = np.asarray(sampler.sample(one, sampler.init(one, z_T[n : n + 1], [11 + n]))[0].z)
+        zs = np.asarray(_sample(sampler, one, sampler.init(one, z_T[n : n + 1], [11 + n]))[0].z)
         # relative L2 as in the parity test: guided runs amplify 1e-7 differences (batched vs
         # single convolutions sum in another order) to ~1e-4
         assert np.linalg.norm(zb[n : n + 1] - zs) / np.linalg.norm(zs) < 1e-3
-    again = np.asarray(sampler.sample(both, sampler.init(both, z_T, seeds=[11, 12]))[0].z)
+    again = np.asarray(_sample(sampler, both, sampler.init(both, z_T, seeds=[11, 12]))[0].z)
     np.testing.assert_array_equal(again, zb)  # deterministic for a seed
-    other = np.asarray(sampler.sample(both, sampler.init(both, z_T, seeds=[13, 12]))[0].z)
+    other = np.asarray(_sample(sampler, both, sampler.init(both, z_T, seeds=[13, 12]))[0].z)
     assert np.abs(other[0] - zb[0]).max() > 1e-3  # the seed drives the re-noising
     assert np.linalg.norm(other[1] - zb[1]) / np.linalg.norm(zb[1]) < 1e-3
 
 
+@pytest.mark.slow
 def test_cfg_one_skips_the_unconditional_branch(models):
     """At CFG 1, uncond + 1 (cond - uncond) = cond: one UNet call at batch B instead of 2B, the
     same noise estimate up to rounding, and about half the FLOPs (XLA's count). The guided
@@ -498,6 +521,7 @@ def test_cfg_one_skips_the_unconditional_branch(models):
     assert 0.4 < flops[0] / flops[1] < 0.6, flops
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("coupling, bound", [(0.0, 1e-4), (0.01, 5e-2)])
 def test_inversion_then_sampling_reconstructs(models, coupling, bound):
     """Invert a generated image, sample back from the inverted z_T: the clean latent returns.
@@ -536,7 +560,7 @@ def test_inversion_then_sampling_reconstructs(models, coupling, bound):
 
 def test_bad_inputs_rejected_before_compute(models):
     sd = models["sd"]
-    sampler = GuidedSampler(sd, models["raft"], GuidanceConfig(num_steps=4))
+    sampler = Sampler.of(sd, models["raft"], steps=4)
     img, flow = _scene()
     cond = uncond = np.zeros((1, 77, 32), np.float32)
     z0 = np.zeros((1, 4, 32, 32), np.float32)
@@ -552,13 +576,13 @@ def test_bad_inputs_rejected_before_compute(models):
     ]
     for change, message in cases:
         kw = dict(source=img, target_flow=flow, cond=cond, uncond=uncond, z0=z0) | change
-        with pytest.raises(UserError, match=message):
+        with pytest.raises(InputError, match=message):
             sampler.prepare(**kw)
     edit = sampler.prepare(img, flow, cond, uncond, z0=z0)
-    with pytest.raises(UserError, match="initial latent"):
+    with pytest.raises(ValueError, match="initial latent"):
         sampler.init(edit, np.zeros((1, 4, 16, 16)), 0)
-    with pytest.raises(UserError, match="recursive_steps"):
-        GuidanceConfig(recursive_steps=0)
+    with pytest.raises(ValueError, match="recursive_steps"):
+        C.Method(recursive_steps=0)
     assert sampler.traces == 0
 
 

@@ -52,6 +52,7 @@ def _torch_reference(image, grid, weights, padding):
     return out.detach().numpy(), img.grad.numpy().transpose(0, 2, 3, 1), g.grad.numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_bilinear_sample_matches_grid_sample(padding: str, kind: str) -> None:
@@ -89,6 +90,7 @@ def test_border_coordinate_gradient_is_zero_when_clipped() -> None:
     np.testing.assert_array_equal(np.asarray(g_x), 0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("scale", [0.8, 12.0])
 def test_warp_matches_grid_sample(padding: str, scale: float) -> None:

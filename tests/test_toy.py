@@ -104,6 +104,7 @@ def test_toy_tokenizer_makes_each_word_one_token(tmp_path):
     assert tok.tokenize("zebra")  # other text still tokenizes (byte-level fallback)
 
 
+@pytest.mark.slow
 def test_raft_training_roundtrip_is_the_seams_encode_decode(tmp_path):
     """train_raft --autoencoder: the second image through the autoencoder's posterior mean and
     decoder, as mgjax.sd's seam (tested against diffusers' torch models) computes it."""

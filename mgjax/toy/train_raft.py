@@ -27,7 +27,7 @@ import optax
 from absl import app, flags
 
 from flow import checkpoint
-from flow.errors import UserError, run_cli
+from flow.errors import InputError, run_cli
 from flow.raft import RaftConfig, init_raft, raft_forward
 from mgjax import outputs
 from mgjax.toy import shapes
@@ -114,7 +114,7 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
     if init:
         variables, init_config = checkpoint.load_variables(init)
         if init_config.input_scale != input_scale or not init_config.small:
-            raise UserError(
+            raise InputError(
                 f"--init {init}: not a RAFT-small with input_scale {input_scale}; give "
                 "--input_scale to match it"
             )
@@ -123,7 +123,7 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
     else:
         params = init_raft(config, jax.random.PRNGKey(seed), (size, size))["params"]
     if autoencoder and not os.path.isfile(os.path.join(autoencoder, "config.json")):
-        raise UserError(f"--autoencoder {autoencoder}: no diffusers AutoencoderKL folder there")
+        raise InputError(f"--autoencoder {autoencoder}: no diffusers AutoencoderKL folder there")
     roundtrip = autoencoder_roundtrip(autoencoder) if autoencoder else None
     val_rt = (val[0], roundtrip(val[1]), val[2]) if roundtrip else None
     schedule = optax.warmup_cosine_decay_schedule(

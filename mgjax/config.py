@@ -1,0 +1,340 @@
+"""The one configuration of an edit: frozen, nested by what each part decides, every default
+written once (the paper's, MOTION_GUIDANCE.md).
+
+    Config
+      source  what is edited (an image, a reference folder, or a prompt + seed)
+      motion  where it should move (a motion, drag points or a flow; the object; the frozen mask)
+      model   which networks (Stable Diffusion, RAFT) and their numerics
+      method  what the method computes (steps, K, weights, clip, CFG, the energy)
+      speed   how fast it runs (compiled chunk, rematerialization, loops); the same result
+      output  what it writes and where (out_dir, snapshots, resume)
+
+Field names are unique across groups: they are launch.py's flag names and a jobs file's keys,
+and `replace(config, name=value)` sets one by its flat name. Overrides come in layers, each
+beating the ones before it (`resolve`):
+
+    default < preset < explicit command-line flag < job line key
+
+A job line's `preset` replaces the command line's preset in its layer; it never overrides a flag
+given explicitly. This module imports no model code (launch.py --help stays fast).
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import typing
+from collections.abc import Mapping
+
+from mgjax.levers import ATTENTION, LOOPS, RAFT_GRADIENTS, REMAT_POLICIES
+
+
+def _field(default, help: str, choices: tuple | None = None):
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _check(group, at_least: dict[str, float]) -> None:
+    """ValueError unless each named field is a finite number >= its bound, and each field with
+    choices holds one of them."""
+    for name, low in at_least.items():
+        value = getattr(group, name)
+        if not (math.isfinite(value) and value >= low):
+            bound = "at least 1" if low == 1 else f">= {low:g}"
+            raise ValueError(f"{name} must be {bound}, got {value}")
+    for f in dataclasses.fields(group):
+        choices, value = f.metadata["choices"], getattr(group, f.name)
+        if choices and value not in choices:
+            raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def default_compilation_cache() -> str:
+    """Where compiled samplers are kept between runs: $XDG_CACHE_HOME/mgjax/xla."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "mgjax", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    image: str | None = _field(None, "Real source image (RGB); it is DDIM-inverted first.")
+    prompt: str = _field(
+        "",
+        "Prompt: generates the source with --seed when no --image / --data_dir is given, and "
+        "conditions the edit.",
+    )
+    seed: int = _field(
+        0, "Seed of the generated source's z_T and of the re-noising (sample n uses seed + n)."
+    )
+    data_dir: str | None = _field(
+        None, "A folder in the reference format (pred.png, start_zt.pth, latents/, flows/)."
+    )
+    target_flow_name: str | None = _field(None, "With --data_dir: the flow file in flows/.")
+    edit_mask_name: str | None = _field(None, "With --data_dir: the frozen mask in flows/.")
+    resize: bool = _field(False, "Resize an --image whose size the model cannot take.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Motion:
+    motion: str | None = _field(
+        None,
+        "translate:dx,dy | rotate:deg[@cx,cy] | scale:s[@cx,cy] | stretch:s,deg[@cx,cy] | "
+        "homography:<4 src pts>:<4 dst pts>, joined by '+'.",
+    )
+    drag: str | None = _field(
+        None,
+        "Drag points instead of --motion: 'x1,y1>X1,Y1; x2,y2>X2,Y2' (one pair: a translation; "
+        "two: the rotation and scale they imply; more: a smooth flow through all of them).",
+    )
+    object_mask: str | None = _field(None, "Object mask image (non-zero = object) for --motion.")
+    object_box: str | None = _field(None, "Object box x0,y0,x1,y1 (pixels) for --motion.")
+    flow: str | None = _field(None, "Target flow file instead of --motion: .npy, .flo, .pth.")
+    frozen_mask: str = _field(
+        "auto",
+        "auto (dilated union of where the object is and goes), none, or a file "
+        "(.pth/.npy/.png at latent size).",
+    )
+    dilate: int = _field(2, "Dilation of the automatic frozen mask, in latent pixels.")
+
+    def __post_init__(self):
+        _check(self, dict(dilate=0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    model: str = _field(
+        "toy",
+        "toy (the shipped toy pack in mgjax/toy/pack; with no source and motion flags it runs "
+        "its demo edit), a hub id (CompVis/stable-diffusion-v1-4), or a local diffusers folder.",
+    )
+    revision: str | None = _field("flax", "Hub revision (flax or bf16 for SD v1.4).")
+    from_pt: bool = _field(False, "The model folder holds PyTorch weights (read without torch).")
+    raft_weights: str | None = _field(
+        None,
+        "RAFT checkpoint: raft-things.pth (princeton-vl/RAFT) or a file from python -m "
+        "flow.convert (default with --model toy: the pack's RAFT-small).",
+    )
+    dtype: str = _field(
+        "float32",
+        "Compute dtype of UNet, VAE and RAFT (the latents and the guidance stay float32).",
+        ("float32", "bfloat16"),
+    )
+    attention: str = _field(
+        "plain", "UNet attention: plain, or diffusers' memory-efficient chunked version.", ATTENTION
+    )
+
+    def __post_init__(self):
+        _check(self, {})
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """What the method computes; the defaults are the paper's."""
+
+    steps: int = _field(500, "DDIM steps.")
+    recursive_steps: int = _field(10, "Recursive denoising steps K.")
+    guidance_weight: float = _field(300.0, "lambda_g.")
+    flow_weight: float = _field(3.0, "lambda_flow.")
+    color_weight: float = _field(100.0, "lambda_color.")
+    clip: float = _field(200.0, "Max L2 norm of the guidance term per image; 0 = off.")
+    cfg_scale: float = _field(7.5, "Classifier-free guidance scale.")
+    eta: float = _field(0.0, "DDIM eta.")
+    occlusion_masking: bool = _field(True, "Mask covered background in the colour loss.")
+    oracle: bool = _field(False, "Warp with the target flow in the colour loss.")
+    raft_iters: int = _field(5, "RAFT iterations inside the energy.")
+    raft_gradient: str = _field(
+        "detached",
+        "detached: the gradient through RAFT as the reference takes it (the flow estimate "
+        "detached at every iteration); full: the exact gradient through all iterations.",
+        RAFT_GRADIENTS,
+    )
+    preserve_weight: float = _field(
+        0.0,
+        "Adds this x PreservationEnergy (L1 to the source where nothing should move) to the "
+        "paper's energy; 0 = the paper's energy alone.",
+    )
+    schedule: str | None = _field(None, "Guidance schedule .npy (one multiplier per step).")
+
+    def __post_init__(self):
+        _check(self, dict(steps=1, recursive_steps=1, raft_iters=1, clip=0, eta=0))
+        _check(self, dict(preserve_weight=0))
+        for name in ("guidance_weight", "flow_weight", "color_weight", "cfg_scale"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Speed:
+    """How fast it runs; none of these changes what is computed (beyond rounding)."""
+
+    chunk: int = _field(10, "DDIM steps per compiled chunk (and per checkpoint).")
+    remat: str = _field(
+        "none",
+        "Recompute activations in the backward pass, per model (UNet, decoder, RAFT): none; dots "
+        "(keep matmul/conv outputs); full (keep only each model's inputs); blocks (keep only the "
+        "boundaries of each UNet and VAE block, RAFT as full). Less memory, more time.",
+        tuple(REMAT_POLICIES),
+    )
+    skip_unguided: bool = _field(
+        True,
+        "Steps whose guidance weight x schedule is 0 run the UNet only (no energy, no backward).",
+    )
+    loops: str = _field(
+        "auto",
+        "scan: each chunk one compiled lax.scan; unrolled: one compiled evaluation per call, "
+        "RAFT unrolled (XLA:CPU runs backward convolutions inside loops on a slow path); auto: "
+        "unrolled on CPU, scan on GPU/TPU.",
+        LOOPS,
+    )
+    source_cache: bool = _field(
+        False,
+        "Encode the source with RAFT once per edit, not in every guided evaluation (the same "
+        "flow, less work; it changes the rounding, which guided runs amplify).",
+    )
+    compilation_cache: str = _field(
+        default_compilation_cache(),
+        "Persistent XLA compilation cache folder (empty: off); reruns skip compilation.",
+    )
+
+    def __post_init__(self):
+        _check(self, dict(chunk=1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    out_dir: str | None = _field(None, "Output folder.")
+    num_samples: int = _field(1, "Edits of the same source, as one batch.")
+    log_every: int = _field(0, "Save the decoded x0 estimate every N steps (0 = never).")
+    resume: bool = _field(False, "Continue the run in --out_dir from its checkpoint.")
+    overwrite: bool = _field(False, "Replace an existing --out_dir.")
+    stop_after_chunks: int = _field(0, "Testing aid: stop as if interrupted.")
+
+    def __post_init__(self):
+        _check(self, dict(num_samples=1, log_every=0, stop_after_chunks=0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    source: Source = Source()
+    motion: Motion = Motion()
+    model: Model = Model()
+    method: Method = Method()
+    speed: Speed = Speed()
+    output: Output = Output()
+
+
+GROUPS = {f.name: f.type for f in dataclasses.fields(Config)}
+# flat name -> (group, dataclasses.Field)
+FIELDS = {f.name: (group, f) for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+assert len(FIELDS) == sum(len(dataclasses.fields(c)) for c in GROUPS.values()), "names clash"
+
+# Fields that never change an edit's result: they may differ between a run and its --resume,
+# are left out of its digest, and belong to a whole --jobs run rather than to one job.
+RUN_LEVEL = (
+    "out_dir",
+    "log_every",
+    "resume",
+    "overwrite",
+    "stop_after_chunks",
+    "compilation_cache",
+)
+
+# Presets: the values they change from the defaults (which are the paper's).
+#   fast: 250 x 4 = 1000 guided evaluations instead of 5000; the weights are the paper's.
+#   toy: for the 64x64 toy pack (16x16x4 latents, 16x fewer elements than SD's 64x64x4). The
+#   guidance is the gradient of a mean over pixels, so each latent element's share is 16x larger
+#   than at 512x512: lambda_g / 16. The clip bounds an L2 norm over 16x fewer elements: clip / 4
+#   is the same per-element bound; clip / 8 keeps the demo's object whole under the rounding of
+#   every thread count and loop form (BENCHMARKS.md). Flows are in pixels, 8x smaller for the
+#   same relative motion: lambda_flow x 8 keeps the flow/colour balance. 100 steps keep the
+#   demo's object whole where fewer smear it under some CPUs' rounding. K = 1 and CFG 1: the toy
+#   UNet reconstructs an inverted source exactly only at the inversion's settings (CFG 1,
+#   K = 1); with K >= 2 or CFG 3 it regrows the object anywhere in the unfrozen region even
+#   unguided, so a "moved" object would prove nothing. The full gradient through RAFT: with the
+#   detached one the demo's object is lost.
+_M = Method()
+PRESETS: dict[str, dict] = {
+    "paper": {},
+    "fast": dict(steps=250, recursive_steps=4),
+    "toy": dict(
+        steps=100,
+        recursive_steps=1,
+        guidance_weight=_M.guidance_weight / 16,
+        clip=_M.clip / 8,
+        flow_weight=_M.flow_weight * 8,
+        cfg_scale=1.0,
+        raft_gradient="full",
+    ),
+}
+TOY_MODEL = "toy"
+
+
+def preset_for(preset: str, model: str) -> str:
+    """A preset name, with "auto" resolved: toy for the toy pack, paper otherwise."""
+    if preset == "auto":
+        return "toy" if model == TOY_MODEL else "paper"
+    if preset not in PRESETS:
+        raise ValueError(f"preset {preset!r}: one of auto, {', '.join(PRESETS)}")
+    return preset
+
+
+def _coerce(name: str, value):
+    """`value` checked against the field's type (a JSON or flag value)."""
+    hint = typing.get_type_hints(GROUPS[FIELDS[name][0]])[name]
+    args = typing.get_args(hint)
+    if value is None and type(None) in args:
+        return None
+    kind = next((a for a in args if a is not type(None)), hint) if args else hint
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[kind]
+    if not ok:
+        raise ValueError(f"{name}: expected {kind.__name__}, got {json.dumps(value)}")
+    return float(value) if kind is float else value
+
+
+def replace(config: Config, **values) -> Config:
+    """`config` with fields set by their flat names (checked against their types)."""
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}")
+    by_group: dict[str, dict] = {}
+    for name, value in values.items():
+        by_group.setdefault(FIELDS[name][0], {})[name] = _coerce(name, value)
+    return dataclasses.replace(
+        config,
+        **{g: dataclasses.replace(getattr(config, g), **v) for g, v in by_group.items()},
+    )
+
+
+def make(**values) -> Config:
+    """A Config from the defaults and flat-named values (no preset applied)."""
+    return replace(Config(), **values)
+
+
+def resolve(
+    explicit: Mapping = {},  # noqa: B006 - read only
+    preset: str = "auto",
+    job: Mapping | None = None,
+) -> Config:
+    """The layered configuration: default < preset < explicit < job. `explicit` holds the values
+    given explicitly (command-line flags), `job` a job line's keys (its "preset" replaces
+    `preset`). "auto" is toy for the toy pack, paper otherwise."""
+    job = dict(job or {})
+    preset = job.pop("preset", None) or preset
+    model = job.get("model", explicit.get("model", Model().model))
+    layers = {**PRESETS[preset_for(preset, model)], **explicit, **job}
+    return make(**layers)
+
+
+def flat(config: Config) -> dict:
+    """name -> value over all groups (config.json, the digest)."""
+    return {name: getattr(getattr(config, g), name) for name, (g, _) in FIELDS.items()}
+
+
+def digest(config: Config) -> str:
+    """What an edit's result depends on, as a short hash (checkpoints check it on --resume)."""
+    keep = {k: v for k, v in flat(config).items() if k not in RUN_LEVEL}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]

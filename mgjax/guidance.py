@@ -1,0 +1,288 @@
+"""Motion Guidance as pure functions: guided DDIM with recursive denoising.
+
+One guided evaluation at DDIM step i (timestep t, abar, s = sqrt(1 - abar)), for every image of
+the batch at once (MOTION_GUIDANCE.md, "The guided sampler"):
+
+  1. z_t[frozen] = g_t[frozen] (the source trajectory at step i, or sqrt(abar) z0 + s noise);
+  2. eps = eps_u + w_cfg (eps_c - eps_u), one UNet call on the batch [uncond, cond];
+  3. x = VAE.decode((z_t - s eps) / sqrt(abar)), mapped from [-1, 1] to [0, 1]  (DDIM eq. 12);
+  4. E = lambda_flow L_flow + lambda_color L_color (mgjax.energy), RAFT(source, x);
+  5. grad = dE/dz_t through RAFT, the decoder and the UNet (both CFG branches);
+  6. d = s lambda_g schedule[i] grad, clipped to L2 norm `clip` per image;
+  7. z_prev = DDIM(z_t, eps + d);
+  8. repeated K times per step, re-noising z_prev back to t in between; the K-th z_prev is kept.
+
+Everything here is a function of its arguments: `Guidance` is the static description (the model
+seam, the energy, the settings; hashable, a `static_argnums` of jit), the weights (`params`, the
+`Raft`) and the per-edit arrays (`GuidanceInputs`) are arguments, and the state is a pytree:
+
+    g = Guidance(sd, energy, method, speed)
+    state = init(inputs, z_T, seeds)
+    step = jax.jit(step_chunk, static_argnums=0, static_argnames=("length", "mode"))
+    state, logs, snapshots = step(g, sd.params, raft, inputs, state, length=10)
+
+`evaluate` returns everything one evaluation computes (the guidance term, the energy's gradient,
+the one-step estimate) for inspection; `mgjax.sampler.Sampler` drives these functions with
+compile caching, the scan/unrolled choice and a NaN check.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax import lax
+
+from mgjax import ddim
+from mgjax.config import Method, Speed
+from mgjax.energy import Context, Energy
+from mgjax.inputs import GuidanceInputs
+from mgjax.levers import REMAT_POLICIES, resolve_loops
+from mgjax.source import cfg_eps
+
+
+@struct.dataclass
+class SamplerState:
+    z: jnp.ndarray  # f32[B,C,h,w] latent at the start of DDIM step `step`
+    step: jnp.ndarray  # i32[] next DDIM step (0 = noisiest)
+    keys: jnp.ndarray  # u32[B,2] one PRNG key per image
+
+
+@struct.dataclass
+class Evaluation:
+    """What one guided evaluation computes, batch-first (B images)."""
+
+    z_prev: jnp.ndarray  # f32[B,C,h,w] DDIM step from z_t with eps + guidance
+    z_next: jnp.ndarray  # f32[B,C,h,w] z_prev re-noised back to step i's noise level
+    eps: jnp.ndarray  # f32[B,C,h,w] classifier-free guided noise estimate
+    guidance: jnp.ndarray  # f32[B,C,h,w] the clipped guidance term d (0 where unguided)
+    grad: jnp.ndarray  # f32[B,C,h,w] dE/dz_t (0 where unguided)
+    x0: jnp.ndarray  # f32[B,H,W,3] the decoded one-step estimate in [0, 1] (zeros if not decoded)
+    logs: dict  # name -> f32[B]: the energy, its terms, noise_norm, guidance_norm
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Guidance:
+    """The static part of the method: the model seam, the energy and the settings.
+
+    `sd` is `mgjax.sd.StableDiffusion` (or anything with its `eps`, `decode`, `latent_channels`
+    and `vae_factor` members); its weights are passed to the functions below separately. Hashed
+    by identity, so it can be a static jit argument; `snapshot_every` > 0 decodes the one-step
+    estimate of unguided steps too (for snapshots).
+    """
+
+    sd: Any
+    energy: Energy
+    method: Method = Method()
+    speed: Speed = Speed()
+    snapshot_every: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.energy, Energy):
+            raise TypeError(
+                f"energy must be an mgjax.energy.Energy, got {type(self.energy).__name__}"
+            )
+
+    @property
+    def loops(self) -> str:
+        """ "scan" or "unrolled": what the speed setting resolves to on this backend."""
+        return resolve_loops(self.speed.loops)
+
+    @property
+    def schedule(self) -> ddim.Schedule:
+        return ddim.make_schedule(self.method.steps)
+
+    @property
+    def log_names(self) -> tuple[str, ...]:
+        """What every evaluation logs, in order."""
+        return ("energy", *self.energy.log_names, "noise_norm", "guidance_norm")
+
+    @property
+    def dtype(self):
+        return getattr(self.sd, "out_dtype", jnp.float32)  # float64 only in exactness tests
+
+
+def init(inputs: GuidanceInputs, z_T, seeds, step: int = 0) -> SamplerState:
+    """The state at DDIM step `step` (0: the noisiest) from latents z_T f32[B,C,h,w] and one
+    seed per image (or one for all)."""
+    z_T = jnp.array(z_T, inputs.source.dtype)  # a copy: drivers donate the state
+    expected = inputs.frozen.shape
+    if z_T.shape != expected:
+        raise ValueError(f"initial latent z_T is {z_T.shape}, expected {expected}")
+    seeds = np.broadcast_to(np.asarray(seeds, np.uint32), (expected[0],))
+    keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds))
+    return SamplerState(z=z_T, step=jnp.asarray(step, jnp.int32), keys=keys)
+
+
+def eval_noise(keys, i, j, recursive_steps: int, shape, dtype=jnp.float32):
+    """The noise of evaluation j of DDIM step i, per image: (source, eta, re-noise), f32[B,...].
+    Key = fold_in(image key, i K + j), split in three."""
+
+    def one(key):
+        k = jax.random.fold_in(key, i * recursive_steps + j)
+        ks = jax.random.split(k, 3)
+        return tuple(jax.random.normal(kk, shape[1:], dtype) for kk in ks)
+
+    return jax.vmap(one)(keys)
+
+
+def clip_norm(d, clip: float):
+    """Scale each image's d (f32[B,...]) down to L2 norm `clip` where it is larger (0: off).
+    Returns (d, the norm after clipping f32[B])."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(d), axis=tuple(range(1, d.ndim))))
+    if clip:
+        factor = jnp.where(norm > clip, clip / jnp.maximum(norm, 1e-30), 1.0)
+        d = d * factor.reshape((-1,) + (1,) * (d.ndim - 1))
+    return d, jnp.minimum(norm, clip) if clip else norm
+
+
+def remat(fn, policy: str, diffusers: bool = True):
+    """`fn` under a rematerialization policy (mgjax.levers.REMAT_POLICIES); diffusers: fn applies
+    diffusers models, whose blocks "blocks" checkpoints one by one (other models: whole)."""
+    if policy == "none":
+        return fn
+    if policy == "blocks" and diffusers:
+        from mgjax.remat import per_block
+
+        return per_block(fn)
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
+
+
+def context(inputs: GuidanceInputs, flow_net) -> Context:
+    """The energy's view of the inputs; flow_net(a, b, iters, source_encoding=None) is the flow
+    network. With the source's RAFT encoding in the inputs (source_cache), flows from the source
+    reuse it."""
+    cached = inputs.raft_source
+    return Context(
+        source=inputs.source,
+        target_flow=inputs.target_flow,
+        occlusion=inputs.occlusion,
+        flow=flow_net,
+        extras=inputs.extras or {},
+        source_flow=None
+        if cached is None  # Context.flow_from_source goes through flow_net
+        else lambda b, iters: flow_net(255.0 * inputs.source, b, iters, cached),
+    )
+
+
+def guided_steps(g: Guidance, schedule, start: int, length: int) -> np.ndarray:
+    """bool[length]: which DDIM steps from `start` evaluate the energy (all of them unless
+    skip_unguided, which skips those whose lambda_g * schedule[i] is 0). Host-side."""
+    if not g.speed.skip_unguided:
+        return np.ones(length, bool)
+    weights = np.asarray(schedule, np.float64)[start : start + length]
+    return weights * g.method.guidance_weight != 0
+
+
+def chunk_mode(g: Guidance, schedule, start: int, length: int) -> str:
+    """How steps start..start+length-1 treat guidance: "guided" (every step evaluates the
+    energy), "unguided" (none: the UNet alone) or "mixed" (a lax.cond per step)."""
+    guided = guided_steps(g, schedule, start, length)
+    return "guided" if guided.all() else "unguided" if not guided.any() else "mixed"
+
+
+def evaluate(
+    g: Guidance, params, raft, inputs: GuidanceInputs, z, i, j, keys, mode: str = "guided"
+) -> Evaluation:
+    """Guided evaluation j of DDIM step i from z_t = z f32[B,C,h,w].
+
+    mode (static): "guided", "unguided" (the UNet alone; the energy is not compiled, its logs are
+    NaN) or "mixed" (a lax.cond on lambda_g * schedule[i] != 0).
+    """
+    m, sch = g.method, g.schedule
+    abar, abar_prev, t = sch.abar[i], sch.abar_prev[i], sch.timesteps[i]
+    s = jnp.sqrt(1.0 - abar)
+    n_src, n_eta, n_re = eval_noise(keys, i, j, m.recursive_steps, z.shape, z.dtype)
+    if inputs.trajectory is not None:
+        source_latent = inputs.trajectory[i]
+    else:
+        source_latent = ddim.add_noise(inputs.z0, n_src, abar)
+    z = jnp.where(inputs.frozen, source_latent, z)
+    weight = m.guidance_weight * inputs.schedule[i]
+    policy = g.speed.remat
+
+    def eps_of(p, z_in):
+        return cfg_eps(g.sd, p, z_in, t, inputs.cond, inputs.uncond, m.cfg_scale, skip_at_one=True)
+
+    unet, decode = remat(eps_of, policy), remat(g.sd.decode, policy)
+    if m.raft_gradient == "full":
+        raft = raft.replace_config(detach=False)
+    unroll = {"unroll": True} if g.loops == "unrolled" else {}  # a Raft's keyword
+
+    def flow_net(a, b, iters, src=None):
+        run = lambda r, a, b, src: r(a, b, iters=iters, source=src, **unroll)  # noqa: E731
+        return remat(run, policy, diffusers=False)(raft, a, b, src)
+
+    ctx = context(inputs, flow_net)
+
+    def energy(z_in):
+        eps = unet(params, z_in)
+        x = decode(params, ddim.predict_x0(z_in, eps, abar)) * 0.5 + 0.5
+        e, terms = g.energy(x, ctx)
+        logs = {"energy": e, **{k: terms[k] for k in g.energy.log_names}}
+        return e.sum(), (eps, logs, x)
+
+    def guided(z):
+        (_, (eps, logs, x)), grad = jax.value_and_grad(energy, has_aux=True)(z)
+        d, d_norm = clip_norm(s * weight * grad, m.clip)
+        return eps, d, grad, logs, x, d_norm
+
+    def unguided(z):
+        eps = eps_of(params, z)
+        if g.snapshot_every:
+            x = g.sd.decode(params, ddim.predict_x0(z, eps, abar)) * 0.5 + 0.5
+        else:
+            x = jnp.zeros(inputs.source.shape, g.dtype)
+        nan = jnp.full(z.shape[:1], jnp.nan, g.dtype)
+        logs = {k: nan for k in ("energy", *g.energy.log_names)}
+        zero = jnp.zeros_like(z)
+        return eps, zero, zero, logs, x, jnp.zeros(z.shape[:1], g.dtype)
+
+    if mode == "unguided":
+        eps, d, grad, logs, x, d_norm = unguided(z)
+    elif mode == "mixed":
+        eps, d, grad, logs, x, d_norm = lax.cond(weight != 0, guided, unguided, z)
+    elif mode == "guided":
+        eps, d, grad, logs, x, d_norm = guided(z)
+    else:
+        raise ValueError(f"mode must be guided, unguided or mixed, got {mode!r}")
+    eps_guided = eps + d
+    z_prev = ddim.step(z, eps_guided, abar, abar_prev, m.eta, n_eta if m.eta else None)
+    logs = dict(logs)
+    logs["noise_norm"] = jnp.sqrt(jnp.sum(jnp.square(eps_guided), axis=(1, 2, 3)))
+    logs["guidance_norm"] = d_norm
+    z_next = ddim.renoise(z_prev, abar, abar_prev, n_re)
+    return Evaluation(z_prev, z_next, eps, d, grad, x, logs)
+
+
+def recursive_step(g: Guidance, params, raft, inputs, z, i, keys, mode: str = "guided"):
+    """DDIM step i with K recursive evaluations: (z_prev f32[B,C,h,w], logs name -> f32[K,B],
+    the first evaluation's one-step estimate f32[B,H,W,3] (a scalar 0 without snapshots))."""
+
+    def one(carry, j):
+        z_t, _, snap = carry
+        ev = evaluate(g, params, raft, inputs, z_t, i, j, keys, mode)
+        if g.snapshot_every:
+            snap = jnp.where(j == 0, ev.x0, snap)
+        return (ev.z_next, ev.z_prev, snap), ev.logs
+
+    snap0 = jnp.zeros(inputs.source.shape if g.snapshot_every else (), g.dtype)
+    (_, z_prev, snap), logs = lax.scan(one, (z, z, snap0), jnp.arange(g.method.recursive_steps))
+    return z_prev, logs, snap
+
+
+def step_chunk(
+    g: Guidance, params, raft, inputs, state: SamplerState, length: int, mode: str = "guided"
+):
+    """`length` DDIM steps from state.step as one lax.scan: (state, logs name -> f32[L,K,B],
+    snapshots f32[L,B,H,W,3] (f32[L] zeros without snapshot_every))."""
+
+    def body(z, i):
+        z_prev, logs, snap = recursive_step(g, params, raft, inputs, z, i, state.keys, mode)
+        return z_prev, (logs, snap)
+
+    steps = state.step + jnp.arange(length)
+    z, (logs, snaps) = lax.scan(body, state.z, steps)
+    return state.replace(z=z, step=state.step + length), logs, snaps

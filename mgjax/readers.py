@@ -1,0 +1,105 @@
+"""Reading what a user gives: masks, flows, frozen masks, guidance schedules and source images,
+each checked against the size it must have; anything wrong is an InputError naming the file."""
+
+import os
+
+import numpy as np
+
+from flow.errors import InputError
+from flow.files import read_image
+
+
+def require(path: str, what: str) -> None:
+    """A InputError unless `path` exists."""
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such {what}")
+
+
+def read_mask_image(path: str, h: int, w: int) -> np.ndarray:
+    """A mask PNG/JPG (non-zero = object) or .npy (bool/0-1) -> bool[H,W] of the image size."""
+    require(path, "mask file")
+    if path.endswith(".npy"):
+        m = np.load(path, allow_pickle=False)
+    else:
+        m = read_image(path, "mask image", "L")
+    m = np.asarray(m)
+    if m.ndim == 3:
+        m = m[..., 0]
+    if m.shape != (h, w):
+        raise InputError(f"{path}: mask is {m.shape[1]}x{m.shape[0]} but the image is {w}x{h}")
+    return m > (127 if m.dtype == np.uint8 else 0.5)
+
+
+def read_flow_file(path: str, h: int, w: int) -> np.ndarray:
+    """.npy (H,W,2), .flo, or a reference .pth (1,2,H,W) -> f32[H,W,2]."""
+    require(path, "flow file")
+    if path.endswith(".npy"):
+        f = np.load(path, allow_pickle=False)
+    elif path.endswith(".flo"):
+        from flow.flo import read_flo
+
+        f = read_flo(path)
+    elif path.endswith(".pth"):
+        from flow.pth import read_pth
+
+        f = read_pth(path)
+        if not isinstance(f, np.ndarray):
+            raise InputError(f"{path}: expected one flow tensor (1, 2, H, W)")
+        f = np.transpose(f.reshape((-1,) + f.shape[-3:])[0], (1, 2, 0))
+    else:
+        raise InputError(f"{path}: flow files must be .npy, .flo or .pth")
+    f = np.asarray(f, np.float32)
+    if f.shape != (h, w, 2):
+        raise InputError(f"{path}: flow is {f.shape} but the image needs ({h}, {w}, 2)")
+    if not np.isfinite(f).all():
+        raise InputError(f"{path}: flow contains NaN or inf values")
+    return f
+
+
+def read_frozen(path: str, lat_shape) -> np.ndarray:
+    """A frozen mask file: reference .pth (1,4,h,w) bool, .npy, or a PNG at latent size."""
+    require(path, "frozen mask file")
+    if path.endswith(".pth"):
+        from flow.pth import read_pth
+
+        m = read_pth(path)
+    elif path.endswith(".npy"):
+        m = np.load(path, allow_pickle=False)
+    else:
+        m = read_mask_image(path, lat_shape[-2], lat_shape[-1])
+    m = np.asarray(m).astype(bool)
+    m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+    if m.shape[-2:] != tuple(lat_shape[-2:]):
+        raise InputError(
+            f"{path}: frozen mask is {m.shape[-1]}x{m.shape[-2]}, the latent grid is "
+            f"{lat_shape[-1]}x{lat_shape[-2]}"
+        )
+    return m[:1]
+
+
+def read_schedule(path: str | None) -> np.ndarray | None:
+    """A .npy of guidance multipliers (one per DDIM step), or None without a path."""
+    if not path:
+        return None
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: not a readable .npy schedule ({e})") from None
+
+
+def fit_image(image: np.ndarray, factor: int, resize: bool, path: str) -> np.ndarray:
+    """f32[1,H,W,3] as is when H and W are multiples of `factor`; else resized to the nearest
+    multiples with `resize`, an InputError without."""
+    h, w = image.shape[1:3]
+    if h % factor == 0 and w % factor == 0:
+        return image
+    th, tw = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
+    if not resize:
+        raise InputError(
+            f"{path}: {w}x{h} is not a multiple of {factor}; resize it to {tw}x{th} "
+            "(or pass --resize)"
+        )
+    from PIL import Image
+
+    im = Image.fromarray(np.clip(np.rint(image[0] * 255), 0, 255).astype(np.uint8))
+    return (np.asarray(im.resize((tw, th), Image.LANCZOS), np.float32) / 255.0)[None]

@@ -1,0 +1,257 @@
+"""A single edit from a Config: inputs -> source -> guided sampling -> outputs.
+
+`run(config)` checks every cheap input before loading a model, writes a checkpoint after every
+chunk of DDIM steps (so Ctrl-C or a kill loses at most one chunk and `resume` continues to the
+identical image), and writes each sample's pictures, metrics and config atomically at the end.
+"""
+
+import dataclasses
+import os
+import shutil
+import time
+
+import numpy as np
+
+from flow.errors import InputError
+from mgjax import config as C
+from mgjax.checkpoint import Checkpoint
+from mgjax.checks import check
+from mgjax.readers import read_frozen, read_mask_image, read_schedule
+
+CHECKPOINT = "checkpoint.npz"
+
+
+def resolve_toy(config: C.Config) -> C.Config:
+    """With model "toy": the pack's folder and RAFT-small unless raft_weights is given, and,
+    when no source and no motion are given, the pack's demo edit (a rendered scene, its object
+    mask, prompt and motion). Other models pass through unchanged."""
+    from mgjax.toy import pack
+
+    if config.model.model != pack.TOY:
+        return config
+    if not (pack.PACK / "pack.json").is_file():
+        raise InputError(
+            f"--model toy: no toy pack in {pack.PACK}; build it with python -m mgjax.toy.pack "
+            "(see its --help), or give --model"
+        )
+    changes = dict(model=pack.sd_folder(), revision=None)
+    if not config.model.raft_weights:
+        changes["raft_weights"] = pack.raft_file()
+    src, mo = config.source, config.motion
+    if not (src.image or src.data_dir or src.prompt or mo.motion or mo.flow or mo.drag):
+        demo = pack.demo_files()
+        changes |= dict(image=demo["image"], prompt=demo["prompt"], motion=demo["motion"])
+        if not mo.object_box:
+            changes["object_mask"] = mo.object_mask or demo["object_mask"]
+    return C.replace(config, **changes)
+
+
+def load_models(config: C.Config):
+    """(mgjax.sd.StableDiffusion, flow.raft.Raft) as the model settings say."""
+    from flow.checkpoint import load_raft
+    from mgjax import sd as sdm
+
+    m = config.model
+    if not (os.path.isdir(m.model) or "/" in m.model):
+        raise InputError(f"--model {m.model}: give a hub id (owner/name) or a local folder")
+    sd = sdm.load(
+        m.model, revision=m.revision, dtype=m.dtype, from_pt=m.from_pt, attention=m.attention
+    )
+    raft = load_raft(m.raft_weights, context_norm="batch", dtype=m.dtype)
+    return sd, raft
+
+
+@dataclasses.dataclass
+class EditFiles:
+    """One edit's inputs, read and checked (nothing written yet)."""
+
+    h: int
+    w: int
+    image: np.ndarray | None  # f32[1,H,W,3] in [0,1]; None: generated from the prompt
+    data: object  # the reference folder's contents, or None
+    flow: np.ndarray  # f32[H,W,2]
+    obj: np.ndarray | None  # bool[H,W] object mask
+    frozen: np.ndarray  # bool[1,C,h,w] or [1,1,h,w]
+    cond: np.ndarray  # f32[1,L,D] prompt embedding
+    uncond: np.ndarray  # f32[1,L,D] embedding of ""
+    schedule: np.ndarray | None  # f32[S] guidance multipliers, or None (all ones)
+
+
+def target(config: C.Config, data, h: int, w: int):
+    """(flow f32[H,W,2], object mask bool[H,W] or None)."""
+    from mgjax.motion import box_mask, centroid, motion_flow, parse_motion
+
+    mo, obj = config.motion, None
+    if mo.object_mask:
+        obj = read_mask_image(mo.object_mask, h, w)
+        if not obj.any():
+            raise InputError(f"{mo.object_mask}: the object mask is empty")
+    elif mo.object_box:
+        obj = box_mask(mo.object_box, h, w)
+    if mo.flow:
+        from mgjax.readers import read_flow_file
+
+        return read_flow_file(mo.flow, h, w), obj
+    if mo.drag:
+        from mgjax.drag import drag_flow, parse_drag
+
+        return drag_flow(*parse_drag(mo.drag), h, w, obj), obj
+    if mo.motion:
+        center = centroid(obj) if obj is not None else ((w - 1) / 2, (h - 1) / 2)
+        return motion_flow(parse_motion(mo.motion, center), h, w, obj), obj
+    f = data.target_flow[0]
+    if f.shape[:2] != (h, w):
+        name = config.source.target_flow_name
+        raise InputError(f"{name}: flow is {f.shape[:2]}, the image {(h, w)}")
+    return f, obj
+
+
+def read_files(config: C.Config, sd) -> EditFiles:
+    """Source image, target flow, masks, schedule and prompt embeddings of an edit."""
+    from mgjax.motion import auto_frozen_mask
+    from mgjax.trajectory import source_image
+
+    h, w, image, data = source_image(config, sd)
+    flow, obj = target(config, data, h, w)
+    mo = config.motion
+    lat = (1, sd.latent_channels, h // sd.vae_factor, w // sd.vae_factor)
+    if mo.frozen_mask == "auto" and data is not None and data.frozen is not None:
+        frozen = data.frozen  # the example folder's own mask
+    elif mo.frozen_mask == "auto":
+        frozen = auto_frozen_mask(flow, sd.vae_factor, mo.dilate)
+    elif mo.frozen_mask == "none":
+        frozen = np.zeros(lat, bool)
+    else:
+        frozen = read_frozen(mo.frozen_mask, lat)
+    schedule = read_schedule(config.method.schedule)
+    if schedule is None and data is not None and data.schedule is not None:
+        schedule = data.schedule[: config.method.steps]  # the reference folder's own
+    cond, uncond = sd.embed(config.source.prompt), sd.embed("")
+    return EditFiles(h, w, image, data, flow, obj, frozen, cond, uncond, schedule)
+
+
+def make_sampler(config: C.Config, sd, raft):
+    from mgjax.sampler import Sampler
+
+    return Sampler(sd, raft, config.method, config.speed, snapshot_every=config.output.log_every)
+
+
+def enable_compilation_cache(path: str) -> None:
+    """JAX's persistent compilation cache in `path`: a rerun with the same shapes and settings
+    loads the compiled program instead of compiling it again."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise InputError(
+            f"--compilation_cache {path}: cannot create it ({e.strerror}); give a writable "
+            "folder, or --compilation_cache= to switch the cache off"
+        ) from None
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def run(config: C.Config, log=print) -> str:
+    """The whole edit. Returns the output folder."""
+    config = resolve_toy(config)
+    check(config)
+    out = config.output
+    t_start = time.perf_counter()
+    ckpt = Checkpoint(os.path.join(out.out_dir, CHECKPOINT), C.digest(config))
+    if out.resume:
+        with np.load(ckpt.path, allow_pickle=False) as c:
+            if str(c["digest"]) != ckpt.digest:
+                raise InputError(
+                    f"--resume: the settings differ from the run in {out.out_dir}; use the same "
+                    "flags, or --overwrite to start again"
+                )
+    if config.speed.compilation_cache:
+        enable_compilation_cache(config.speed.compilation_cache)
+    created = out.overwrite or not os.path.exists(out.out_dir)
+    try:
+        return _run(config, ckpt, log, t_start)
+    except InputError:
+        if created and os.path.isdir(out.out_dir) and not ckpt.exists():
+            shutil.rmtree(out.out_dir)  # nothing half-written
+        raise
+
+
+def _run(config: C.Config, ckpt: Checkpoint, log, t_start: float) -> str:
+    from mgjax import loop
+    from mgjax.progress import Progress
+    from mgjax.results import EditResult, save_snapshots, write_samples
+    from mgjax.sampler import DivergenceError
+    from mgjax.trajectory import source_trajectory
+
+    out, method = config.output, config.method
+    sd, raft = load_models(config)
+    files = read_files(config, sd)
+    if out.overwrite and os.path.exists(out.out_dir):
+        shutil.rmtree(out.out_dir)  # only now that the inputs were read and checked
+    os.makedirs(out.out_dir, exist_ok=True)
+    image, z_T, latents = source_trajectory(
+        config, sd, files.cond, files.uncond, out.out_dir, files.image, files.data, log
+    )
+    b = out.num_samples
+    sampler = make_sampler(config, sd, raft)
+    repeat = lambda x: np.repeat(np.asarray(x), b, axis=0)  # noqa: E731
+    lat = (1, sd.latent_channels, files.h // sd.vae_factor, files.w // sd.vae_factor)
+    inputs = sampler.prepare(
+        repeat(image),
+        repeat(files.flow[None]),
+        files.cond,
+        files.uncond,
+        frozen=repeat(np.broadcast_to(files.frozen, lat)),
+        trajectory=np.repeat(latents, b, axis=1),
+        schedule=files.schedule,
+    )
+    state = sampler.init(inputs, repeat(z_T), seeds=[config.source.seed + n for n in range(b)])
+    logs: dict = {}
+    if out.resume:
+        state, logs, _ = ckpt.load(state)
+        log(f"resuming {out.out_dir} at DDIM step {int(state.step)}/{method.steps}")
+    chunks, saved = [0], [int(state.step) if out.resume else None]
+
+    def checkpoint(state, logs) -> None:
+        ckpt.save(state, logs)
+        saved[0] = int(state.step)
+
+    def should_stop() -> bool:
+        chunks[0] += 1
+        return bool(out.stop_after_chunks) and chunks[0] >= out.stop_after_chunks
+
+    progress = Progress(method.steps, method.recursive_steps, log=log)
+    try:
+        result = loop.run(
+            sampler,
+            inputs,
+            state,
+            logs,
+            checkpoint=checkpoint,
+            on_snapshots=lambda snaps: save_snapshots(out.out_dir, snaps),
+            progress=progress,
+            should_stop=should_stop,
+            log=log,
+        )
+        if not result.finished:
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        if saved[0] is None:
+            log("interrupted before the first checkpoint; rerun with --overwrite to start again")
+        else:
+            log(
+                f"interrupted: checkpoint at DDIM step {saved[0]} in {ckpt.path}; "
+                "rerun with --resume to continue"
+            )
+        raise
+    except DivergenceError as e:
+        raise InputError(f"{e}; nothing was written for that chunk") from None
+    finally:
+        progress.close()
+    edited = sampler.decode(result.state.z)
+    wall = time.perf_counter() - t_start
+    res = EditResult(image[0], files.flow, files.obj, edited, result.logs, result.seconds, wall)
+    write_samples(config, sampler, inputs, res)
+    log(f"done: {out.out_dir}")
+    return out.out_dir

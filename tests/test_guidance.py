@@ -1,0 +1,173 @@
+"""The research API: mgjax.guidance's pure functions, composed by hand with jax.jit and
+jax.grad, on a seam small enough to compile in a second (a linear noise model and a decoder
+that upsamples three latent channels) and an energy without a flow network."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mgjax import config as C
+from mgjax import ddim
+from mgjax import guidance as G
+from mgjax.energy import Energy
+from mgjax.inputs import prepare
+
+B, S, H = 2, 4, 64  # images, DDIM steps, image size (latents 4x8x8)
+
+
+@dataclasses.dataclass(eq=False)
+class Seam:
+    """eps = w z + mean(context); decode = tanh of the first three channels upsampled 8x."""
+
+    latent_channels = 4
+    vae_factor = 8
+    out_dtype = jnp.float32
+
+    def eps(self, params, z, t, context):
+        return params["w"] * z + jnp.mean(context, axis=(1, 2))[:, None, None, None]
+
+    def decode(self, params, z):
+        x = jnp.repeat(jnp.repeat(z[:, :3], 8, axis=2), 8, axis=3)
+        return jnp.tanh(params["v"] * jnp.transpose(x, (0, 2, 3, 1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Pull(Energy):
+    """Mean squared distance of the estimate to the source, per image."""
+
+    log_names = ("pull",)
+
+    def __call__(self, x, ctx):
+        loss = jnp.mean(jnp.square(x - ctx.source), axis=(1, 2, 3))
+        return loss, {"pull": loss}
+
+
+@pytest.fixture(scope="module")
+def case():
+    rng = np.random.default_rng(0)
+    method = C.make(
+        steps=S, recursive_steps=2, guidance_weight=50.0, clip=0.24, cfg_scale=1.0
+    ).method
+    seam = Seam()
+    g = G.Guidance(seam, Pull(), method)
+    frozen = np.zeros((B, 1, 8, 8), bool)
+    frozen[..., :2] = True
+    inputs = prepare(
+        seam,
+        method,
+        rng.uniform(size=(B, H, H, 3)),
+        np.zeros((B, H, H, 2)),
+        rng.standard_normal((1, 3, 5)),
+        np.zeros((1, 3, 5)),
+        frozen=frozen,
+        trajectory=rng.standard_normal((S, B, 4, 8, 8)),
+        schedule=np.array([1.0, 0.5, 0.0, 2.0]),
+    )
+    params = {"w": jnp.float32(0.3), "v": jnp.float32(0.8)}
+    z_T = rng.standard_normal((B, 4, 8, 8)).astype(np.float32)
+    return g, params, inputs, z_T
+
+
+def test_evaluation_returns_the_energys_gradient_and_the_clipped_guidance(case):
+    """grad is dE/dz_t of the energy written out here by hand (frozen entries replaced first),
+    guidance is s lambda_g schedule[i] grad clipped per image, and z_prev is the DDIM step with
+    eps + guidance (DDIM eq. 12)."""
+    g, params, inputs, z_T = case
+    i, j = 1, 0
+    state = G.init(inputs, z_T, seeds=[3, 4])
+    ev = jax.jit(G.evaluate, static_argnums=0)(g, params, None, inputs, state.z, i, j, state.keys)
+    sch = ddim.make_schedule(S)
+    abar, s = sch.abar[i], jnp.sqrt(1 - sch.abar[i])
+    z = jnp.where(inputs.frozen, inputs.trajectory[i], jnp.asarray(z_T))
+    seam = g.sd
+
+    def energy(z):
+        eps = seam.eps(params, z, None, inputs.cond)
+        x = seam.decode(params, (z - s * eps) / jnp.sqrt(abar)) * 0.5 + 0.5
+        return jnp.sum(jnp.mean(jnp.square(x - inputs.source), axis=(1, 2, 3)))
+
+    grad = jax.grad(energy)(z)
+    np.testing.assert_allclose(ev.grad, grad, rtol=1e-5, atol=1e-8)
+    d = s * 50.0 * 0.5 * grad
+    norm = np.linalg.norm(np.asarray(d).reshape(B, -1), axis=1)
+    assert (norm > 0.24).any() and (norm < 0.24).any()  # the clip acts on one image
+    expected = d * np.minimum(1.0, 0.24 / norm)[:, None, None, None]
+    np.testing.assert_allclose(ev.guidance, expected, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(ev.logs["guidance_norm"], np.minimum(norm, 0.24), rtol=1e-5)
+    eps = seam.eps(params, z, None, inputs.cond)
+    np.testing.assert_allclose(ev.eps, eps, rtol=1e-6)
+    z_prev = ddim.step(z, eps + expected, abar, sch.abar_prev[i])
+    np.testing.assert_allclose(ev.z_prev, z_prev, rtol=1e-5, atol=1e-6)
+
+
+def test_a_hand_written_loop_equals_step_chunk(case):
+    """init at any step; K recursive evaluations by hand (evaluate, z_next fed back, the K-th
+    z_prev kept) equal recursive_step, and step_chunk over steps 1..3 equals recursive_step
+    three times; a second input of the same shapes reuses the compiled chunk."""
+    g, params, inputs, z_T = case
+    state = G.init(inputs, z_T, seeds=[3, 4], step=1)
+    assert int(state.step) == 1
+    traces = []
+
+    def chunk(g, params, raft, inputs, state, length):
+        traces.append(length)
+        return G.step_chunk(g, params, raft, inputs, state, length, mode="mixed")
+
+    step = jax.jit(chunk, static_argnums=(0, 5))
+    new, logs, _ = step(g, params, None, inputs, state, 3)
+    assert int(new.step) == 4 and logs["pull"].shape == (3, 2, B)
+    assert np.isnan(logs["pull"][1]).all()  # schedule[2] = 0: not evaluated
+    z = state.z
+    for i in (1, 2, 3):
+        mode = "guided" if i != 2 else "unguided"
+        z_t = z
+        for j in range(2):
+            ev = G.evaluate(g, params, None, inputs, z_t, i, j, state.keys, mode)
+            z_t, kept = ev.z_next, ev.z_prev
+        z_rec, _, _ = G.recursive_step(g, params, None, inputs, z, i, state.keys, mode)
+        np.testing.assert_allclose(z_rec, kept, rtol=1e-5, atol=1e-6)
+        z = kept
+    np.testing.assert_allclose(new.z, z, rtol=1e-5, atol=1e-6)
+    other = inputs.replace(source=1.0 - inputs.source)
+    step(g, params, None, other, state, 3)
+    assert traces == [3]
+
+
+def test_guidance_weight_zero_is_plain_ddim(case):
+    """lambda_g = 0, K = 1 and nothing frozen: step_chunk is DDIM with the seam's eps."""
+    g, params, inputs, z_T = case
+    method = dataclasses.replace(g.method, guidance_weight=0.0, recursive_steps=1)
+    plain = G.Guidance(g.sd, g.energy, method)
+    free = inputs.replace(frozen=jnp.zeros_like(inputs.frozen))
+    state = G.init(free, z_T, seeds=0)
+    new, logs, _ = G.step_chunk(plain, params, None, free, state, S, mode="unguided")
+    sch, z = ddim.make_schedule(S), jnp.asarray(z_T)
+    for i in range(S):
+        z = ddim.step(z, g.sd.eps(params, z, None, free.cond), sch.abar[i], sch.abar_prev[i])
+    np.testing.assert_allclose(new.z, z, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(logs["guidance_norm"], 0.0)
+
+
+def test_the_step_is_differentiable_in_the_weights(case):
+    """jax.grad through a whole guided chunk with respect to a model weight (second-order:
+    the guidance is itself a gradient) is finite and matches a central difference."""
+    g, params, inputs, z_T = case
+    state = G.init(inputs, z_T, seeds=[3, 4])
+
+    def final(w):
+        p = dict(params, w=w)
+        new, _, _ = G.step_chunk(g, p, None, inputs, state, 2, mode="guided")
+        return jnp.sum(new.z**2)
+
+    grad = jax.jit(jax.grad(final))(jnp.float32(0.3))
+    h = 1e-2
+    numeric = (final(jnp.float32(0.3 + h)) - final(jnp.float32(0.3 - h))) / (2 * h)
+    assert np.isfinite(grad) and grad == pytest.approx(float(numeric), rel=2e-2)
+
+
+def test_energy_must_be_an_energy():
+    with pytest.raises(TypeError, match="Energy"):
+        G.Guidance(Seam(), lambda x, ctx: x.sum())
