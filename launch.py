@@ -23,7 +23,9 @@
 Method flags take their preset's values: --preset auto is toy for the toy pack (scaled for
 its 64x64 images, full RAFT gradient) and paper (the reference's values, shown as the flags'
 defaults) for real models; --preset fast trades quality for time. Precedence: default < preset <
-explicit flag < a jobs-file line's key. Ctrl-C leaves a checkpoint; --resume continues.
+explicit flag < a jobs-file line's key. Ctrl-C leaves what was computed; --resume continues it.
+--overwrite replaces only folders that mgjax wrote. Exit status: 0 done, 2 a bad input (one
+"error:" line), 3 some --jobs did not finish (summary.csv says which), 130 interrupted.
 """
 
 import dataclasses
@@ -147,6 +149,8 @@ def main(argv: list[str]) -> None:
                     preset=FLAGS.preset,
                 )
                 batch.report(rows, log)
+                if any(r["status"] != "done" for r in rows):
+                    sys.exit(3)  # the summary names the jobs that did not finish
                 return
             from mgjax.workflow import run
 

@@ -59,6 +59,38 @@ def read_rgb(path: str) -> np.ndarray:
     return arr.astype(np.float32)
 
 
+# dtypes an array file may hold: numbers and booleans (an object array would need pickle)
+_NUMERIC = "biuf"
+
+
+def load_npy(path: str, what: str = "array") -> np.ndarray:
+    """A numeric .npy array, never unpickled; a missing, corrupt or object-dtype file is an
+    InputError naming `what` it should have been. The header's shape is checked against the
+    file's size before the data is read."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such {what} file")
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0
+            if version != (1, 0):
+                read = np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f, max_header_size=10000)
+            if dtype.kind not in _NUMERIC:
+                raise ValueError(f"it holds {dtype} data, not numbers")
+            need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            left = os.fstat(f.fileno()).st_size - f.tell()
+            if need != left:
+                raise ValueError(
+                    f"its header declares {need:,} bytes of data but it holds {left:,}"
+                )
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise InputError(
+            f"{path}: not a readable .npy {what} ({e}); write it with numpy.save"
+        ) from None
+
+
 def _file_mode() -> int:
     """The mode a new file gets under the process's umask (as open() would create it)."""
     mask = os.umask(0)

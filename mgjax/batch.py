@@ -16,6 +16,12 @@ of its last job, so every batch of a group has one shape and one compile. Each j
 a single edit writes to OUT/<name>/sample_00/. Process p of P takes jobs p, p + P, ... Every
 process writes summary.p<p>.jsonl; process 0 gathers all of them (through the distributed
 key-value store when there are several) into summary.jsonl and summary.csv.
+
+A job that fails in any way is recorded in the summary with its status and error, and the
+other jobs run: "invalid" (a bad line or input, found before its batch runs), "diverged" (NaN
+or inf; the rest of its batch runs again without it) or "failed" (an unexpected error while
+preparing it, or while running its batch, such as XLA running out of memory: that batch's
+jobs). launch.py exits with status 0 when every job is done and 3 otherwise.
 """
 
 import csv
@@ -25,13 +31,13 @@ import io
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from flow.errors import InputError
 from mgjax import config as C
+from mgjax import rundir
 from mgjax.outputs import save_text
 
 # Keys a job line may not give: the run-level settings, and num_samples (one job, one image).
@@ -53,7 +59,7 @@ class Job:
     name: str
     line: int  # line number in the jobs file
     config: C.Config | None
-    status: str = "pending"  # pending | done | invalid | diverged
+    status: str = "pending"  # pending | done | invalid | diverged | failed
     error: str | None = None
     metrics: dict | None = None
 
@@ -247,7 +253,7 @@ def _prepare(job: Job, models: _Models, log) -> Prepared:
     check(config, out_dir_free=False)  # the run manages the job folders
     key, (sd, _) = models.get(config)
     files = read_files(config, sd)
-    os.makedirs(config.output.out_dir, exist_ok=True)
+    rundir.claim(config.output.out_dir, C.digest(config))
     image, z_T, latents = source_trajectory(
         config, sd, files.cond, files.uncond, config.output.out_dir, files.image, files.data, log
     )
@@ -415,20 +421,23 @@ def run_jobs(
     mine = [j for j in jobs if j.index % num_processes == process_id]
     out = base.out_dir
     summary_part = os.path.join(out, f"summary.p{process_id}.jsonl")
-    if os.path.exists(out) and not (base.resume or base.overwrite):
-        if any(os.scandir(out)):
+    rundir.check_writable(out)
+    if base.resume and base.overwrite:
+        raise InputError("--resume and --overwrite exclude each other")
+    if os.path.isdir(out) and os.listdir(out):
+        if not rundir.is_ours(out):
+            raise InputError(f"{out} exists and was not written by mgjax; give a new --out_dir")
+        if not (base.resume or base.overwrite):
             raise InputError(
                 f"{out} exists; pass --resume to continue its jobs or --overwrite to start again"
             )
-    if base.resume and base.overwrite:
-        raise InputError("--resume and --overwrite exclude each other")
     if base.num_samples != 1:
         raise InputError(
             "--num_samples does not apply to --jobs: give each sample its own job (its own seed)"
         )
-    if base.overwrite:  # each process clears its own share
+    if base.overwrite:  # each process clears its own share, only folders mgjax wrote
         for j in mine:
-            shutil.rmtree(os.path.join(out, j.name), ignore_errors=True)
+            rundir.replace(os.path.join(out, j.name))
         for f in (
             summary_part,
             os.path.join(out, "summary.jsonl"),
@@ -436,7 +445,7 @@ def run_jobs(
         ):
             if os.path.exists(f):
                 os.remove(f)
-    os.makedirs(out, exist_ok=True)
+    rundir.claim(out)
     runner = Runner(out, batch_size, log, process_id)
     runner.stop_after_chunks = base.stop_after_chunks
     log(
@@ -459,6 +468,10 @@ def run_jobs(
             job.status, job.error = "invalid", str(e)
             log(f"{job.name}: invalid: {e}")
             continue
+        except Exception as e:  # noqa: BLE001 - one job's failure never ends the run
+            job.status, job.error = "failed", _describe(e)
+            log(f"{job.name}: failed: {job.error}")
+            continue
         groups.setdefault(p.group, []).append(p)
     _write_part(summary_part, mine, process_id)
     n_batches = sum(-(-len(g) // batch_size) for g in groups.values())
@@ -467,7 +480,13 @@ def run_jobs(
         while queue:
             batch, queue = queue[:batch_size], queue[batch_size:]
             count += 1
-            again = runner.run_batch(batch, f"batch {count}/{n_batches}")
+            try:
+                again = runner.run_batch(batch, f"batch {count}/{n_batches}")
+            except Exception as e:  # noqa: BLE001 - out of memory, a bug: the other batches run
+                again, error = [], _describe(e)
+                for p in batch:
+                    p.job.status, p.job.error = "failed", error
+                log(f"batch {count}/{n_batches} failed: {error}")
             queue = again + queue
             _write_part(summary_part, mine, process_id)
     if images is not None:
@@ -481,6 +500,12 @@ def run_jobs(
         _write_summary(out, rows)
         return rows
     return _gather(out, rows, process_id, num_processes, kv)
+
+
+def _describe(error: BaseException) -> str:
+    """One line naming an unexpected error: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
 
 
 def _row(job: Job, process_id: int) -> dict:

@@ -53,6 +53,11 @@ class Checkpoint:
             extra = {k[6:]: c[k] for k in c.files if k.startswith("extra_")}
         return state, logs, extra
 
+    def step(self) -> int:
+        """The DDIM step the saved state starts at."""
+        with np.load(self.path, allow_pickle=False) as c:
+            return int(c["step"])
+
     def remove(self) -> None:
         if self.exists():
             os.remove(self.path)

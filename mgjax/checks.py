@@ -6,6 +6,7 @@ import os
 from flow.errors import InputError
 from mgjax.config import Config
 from mgjax.readers import require
+from mgjax.rundir import check_replaceable, check_writable, is_ours
 
 
 def check(config: Config, out_dir_free: bool = True) -> None:
@@ -62,9 +63,19 @@ def check(config: Config, out_dir_free: bool = True) -> None:
         raise InputError("--resume and --overwrite exclude each other")
     if not out_dir_free:
         return
-    if os.path.exists(out.out_dir) and not (out.resume or out.overwrite):
+    check_writable(out.out_dir)
+    used = os.path.isdir(out.out_dir) and bool(os.listdir(out.out_dir))  # an empty one is free
+    if used and not (out.resume or out.overwrite):
+        if not is_ours(out.out_dir):
+            raise InputError(
+                f"{out.out_dir} exists and was not written by mgjax; give a new --out_dir"
+            )
         raise InputError(
             f"{out.out_dir} exists; pass --resume to continue it or --overwrite to replace it"
         )
-    if out.resume and not os.path.isfile(os.path.join(out.out_dir, "checkpoint.npz")):
-        raise InputError(f"--resume: no checkpoint.npz in {out.out_dir}; start without --resume")
+    if out.overwrite:
+        check_replaceable(out.out_dir)
+    if out.resume and not is_ours(out.out_dir):
+        raise InputError(
+            f"--resume: {out.out_dir} holds no run of mgjax's to continue; start without --resume"
+        )

@@ -23,7 +23,7 @@ import sys
 import numpy as np
 
 from flow.errors import InputError, run_cli
-from flow.files import read_rgb, write_atomic
+from flow.files import load_npy, read_image, read_rgb, write_atomic
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 METRICS = (
@@ -109,7 +109,6 @@ def drag_distance(flow: np.ndarray, handles: np.ndarray, targets: np.ndarray) ->
 
 
 def evaluate_sample(folder: str, raft_weights: str | None, clip: Clip | None, iters: int) -> dict:
-    from PIL import Image
 
     config = {}
     if os.path.isfile(os.path.join(folder, "config.json")):
@@ -120,13 +119,12 @@ def evaluate_sample(folder: str, raft_weights: str | None, clip: Clip | None, it
         raise InputError(f"{folder}: its config.json names no RAFT weights; give --raft_weights")
     src = read_rgb(os.path.join(folder, "source.png"))
     edit = read_rgb(os.path.join(folder, "edited.png"))
-    target = np.load(os.path.join(folder, "target_flow.npy"), allow_pickle=False)
+    target = load_npy(os.path.join(folder, "target_flow.npy"), "target flow")
     if target.shape != src.shape[:2] + (2,) or edit.shape != src.shape:
         raise InputError(f"{folder}: source, edit and target flow sizes differ")
     mask_path = os.path.join(folder, "object_mask.png")
     if os.path.isfile(mask_path):
-        with Image.open(mask_path) as im:
-            obj = np.asarray(im.convert("L")) > 127
+        obj = read_image(mask_path, "mask image", "L") > 127
     else:
         obj = np.any(target != 0, axis=-1)
     raft, fn = _raft(weights)

@@ -35,9 +35,9 @@ def run(
 
     After each chunk, in this order: checkpoint(state, logs name -> list of chunks),
     on_snapshots({step: f32[B,H,W,3]}), progress(state, chunk logs name -> f32[L,K,B]), then
-    should_stop() (True ends the run here, with finished False, unless that was the last chunk). `logs`: the chunks of an earlier
-    part of the run (name -> list), continued. DivergenceError propagates; the last checkpoint
-    stays as it was.
+    should_stop() (True ends the run here, with finished False, unless that was the last
+    chunk). `logs`: the chunks of an earlier part of the run (name -> list), continued.
+    DivergenceError propagates; the last checkpoint stays as it was.
     """
     logs = {k: list(v) for k, v in (logs or {}).items()}
     total = sampler.method.steps

@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from flow.errors import InputError
-from flow.files import read_image
+from flow.files import load_npy, read_image
 
 
 def require(path: str, what: str) -> None:
@@ -19,7 +19,7 @@ def read_mask_image(path: str, h: int, w: int) -> np.ndarray:
     """A mask PNG/JPG (non-zero = object) or .npy (bool/0-1) -> bool[H,W] of the image size."""
     require(path, "mask file")
     if path.endswith(".npy"):
-        m = np.load(path, allow_pickle=False)
+        m = load_npy(path, "mask")
     else:
         m = read_image(path, "mask image", "L")
     m = np.asarray(m)
@@ -34,7 +34,7 @@ def read_flow_file(path: str, h: int, w: int) -> np.ndarray:
     """.npy (H,W,2), .flo, or a reference .pth (1,2,H,W) -> f32[H,W,2]."""
     require(path, "flow file")
     if path.endswith(".npy"):
-        f = np.load(path, allow_pickle=False)
+        f = load_npy(path, "flow")
     elif path.endswith(".flo"):
         from flow.flo import read_flo
 
@@ -64,7 +64,7 @@ def read_frozen(path: str, lat_shape) -> np.ndarray:
 
         m = read_pth(path)
     elif path.endswith(".npy"):
-        m = np.load(path, allow_pickle=False)
+        m = load_npy(path, "frozen mask")
     else:
         m = read_mask_image(path, lat_shape[-2], lat_shape[-1])
     m = np.asarray(m).astype(bool)
@@ -81,10 +81,7 @@ def read_schedule(path: str | None) -> np.ndarray | None:
     """A .npy of guidance multipliers (one per DDIM step), or None without a path."""
     if not path:
         return None
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: not a readable .npy schedule ({e})") from None
+    return load_npy(path, "guidance schedule")
 
 
 def fit_image(image: np.ndarray, factor: int, resize: bool, path: str) -> np.ndarray:

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from flow.errors import InputError
-from flow.files import read_rgb
+from flow.files import load_npy, read_rgb
 from flow.pth import read_pth
 
 
@@ -90,6 +90,6 @@ def read_reference_folder(
         frozen = m.astype(bool)
     schedule = None
     if (folder / "guidance_schedule.npy").is_file():
-        schedule = np.load(folder / "guidance_schedule.npy", allow_pickle=False)
+        schedule = load_npy(str(folder / "guidance_schedule.npy"), "guidance schedule")
         schedule = np.asarray(schedule, np.float32).reshape(-1)
     return ReferenceData(source.astype(np.float32), z_T, trajectory, flow, frozen, schedule)

@@ -14,6 +14,7 @@ import numpy as np
 
 from flow.errors import InputError
 from mgjax import config as C
+from mgjax import rundir
 from mgjax.checkpoint import Checkpoint
 from mgjax.checks import check
 from mgjax.readers import read_frozen, read_mask_image, read_schedule
@@ -159,13 +160,11 @@ def run(config: C.Config, log=print) -> str:
     out = config.output
     t_start = time.perf_counter()
     ckpt = Checkpoint(os.path.join(out.out_dir, CHECKPOINT), C.digest(config))
-    if out.resume:
-        with np.load(ckpt.path, allow_pickle=False) as c:
-            if str(c["digest"]) != ckpt.digest:
-                raise InputError(
-                    f"--resume: the settings differ from the run in {out.out_dir}; use the same "
-                    "flags, or --overwrite to start again"
-                )
+    if out.resume and rundir.digest_of(out.out_dir) != ckpt.digest:
+        raise InputError(
+            f"--resume: the settings differ from the run in {out.out_dir}; use the same "
+            "flags, or --overwrite to start again"
+        )
     if config.speed.compilation_cache:
         enable_compilation_cache(config.speed.compilation_cache)
     created = out.overwrite or not os.path.exists(out.out_dir)
@@ -174,6 +173,20 @@ def run(config: C.Config, log=print) -> str:
     except InputError:
         if created and os.path.isdir(out.out_dir) and not ckpt.exists():
             shutil.rmtree(out.out_dir)  # nothing half-written
+        raise
+    except KeyboardInterrupt:
+        if ckpt.exists():
+            log(
+                f"interrupted: checkpoint at DDIM step {ckpt.step()} in {ckpt.path}; rerun "
+                "with --resume to continue"
+            )
+        elif rundir.is_ours(out.out_dir):
+            log(
+                f"interrupted before the first checkpoint; rerun with --resume to continue "
+                f"{out.out_dir} (what it computed so far is kept)"
+            )
+        else:
+            log("interrupted before anything was written")
         raise
 
 
@@ -187,9 +200,9 @@ def _run(config: C.Config, ckpt: Checkpoint, log, t_start: float) -> str:
     out, method = config.output, config.method
     sd, raft = load_models(config)
     files = read_files(config, sd)
-    if out.overwrite and os.path.exists(out.out_dir):
-        shutil.rmtree(out.out_dir)  # only now that the inputs were read and checked
-    os.makedirs(out.out_dir, exist_ok=True)
+    if out.overwrite:
+        rundir.replace(out.out_dir)  # only now that the inputs were read and checked
+    rundir.claim(out.out_dir, ckpt.digest)
     image, z_T, latents = source_trajectory(
         config, sd, files.cond, files.uncond, out.out_dir, files.image, files.data, log
     )
@@ -208,14 +221,12 @@ def _run(config: C.Config, ckpt: Checkpoint, log, t_start: float) -> str:
     )
     state = sampler.init(inputs, repeat(z_T), seeds=[config.source.seed + n for n in range(b)])
     logs: dict = {}
-    if out.resume:
+    if out.resume and ckpt.exists():
         state, logs, _ = ckpt.load(state)
         log(f"resuming {out.out_dir} at DDIM step {int(state.step)}/{method.steps}")
-    chunks, saved = [0], [int(state.step) if out.resume else None]
-
-    def checkpoint(state, logs) -> None:
-        ckpt.save(state, logs)
-        saved[0] = int(state.step)
+    elif out.resume:
+        log(f"resuming {out.out_dir}: no checkpoint yet, sampling from the first DDIM step")
+    chunks = [0]
 
     def should_stop() -> bool:
         chunks[0] += 1
@@ -228,7 +239,7 @@ def _run(config: C.Config, ckpt: Checkpoint, log, t_start: float) -> str:
             inputs,
             state,
             logs,
-            checkpoint=checkpoint,
+            checkpoint=ckpt.save,
             on_snapshots=lambda snaps: save_snapshots(out.out_dir, snaps),
             progress=progress,
             should_stop=should_stop,
@@ -236,15 +247,6 @@ def _run(config: C.Config, ckpt: Checkpoint, log, t_start: float) -> str:
         )
         if not result.finished:
             raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        if saved[0] is None:
-            log("interrupted before the first checkpoint; rerun with --overwrite to start again")
-        else:
-            log(
-                f"interrupted: checkpoint at DDIM step {saved[0]} in {ckpt.path}; "
-                "rerun with --resume to continue"
-            )
-        raise
     except DivergenceError as e:
         raise InputError(f"{e}; nothing was written for that chunk") from None
     finally:

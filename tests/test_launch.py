@@ -109,12 +109,29 @@ def test_end_to_end_cli_run_writes_every_output(assets, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_equals_uninterrupted(assets, tmp_path):
+def test_resume_equals_uninterrupted(assets, tmp_path, monkeypatch):
+    """Interrupted before its first checkpoint (after the source was inverted), then after one
+    chunk: each --resume continues, to the uninterrupted run's image; the message on interrupt
+    says what is on disk."""
+    from mgjax import loop
+
     whole = run(_options(assets, tmp_path / "whole"), log=lambda s: None)
+    cut, lines = tmp_path / "cut", []
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "run", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run(_options(assets, cut), log=lines.append)
+    assert "before the first checkpoint; rerun with --resume" in lines[-1], lines
+    assert sorted(os.listdir(cut)) == [".mgjax-run.json", "source.npz"]
     with pytest.raises(KeyboardInterrupt):
-        run(_options(assets, tmp_path / "cut", stop_after_chunks=1), log=lambda s: None)
-    assert not (tmp_path / "cut" / "sample_00").exists()  # nothing half-written
-    run(_options(assets, tmp_path / "cut", resume=True), log=lambda s: None)
+        run(_options(assets, cut, resume=True, stop_after_chunks=1), log=lines.append)
+    assert "checkpoint at DDIM step 2" in lines[-1], lines
+    assert not (cut / "sample_00").exists()  # nothing half-written
+    run(_options(assets, cut, resume=True), log=lambda s: None)
     a = np.asarray(Image.open(Path(whole) / "sample_00" / "edited.png"))
     b = np.asarray(Image.open(tmp_path / "cut" / "sample_00" / "edited.png"))
     np.testing.assert_array_equal(a, b)
@@ -132,20 +149,35 @@ def test_resume_equals_uninterrupted(assets, tmp_path):
         (dict(motion=None, drag="1,2>3"), "is not 'x,y>X,Y'"),
         (dict(drag="1,2>3,4"), "not --motion and --drag"),
         (dict(image=None, prompt=""), "no source"),
-        (dict(resume=True), "no checkpoint.npz"),
+        (dict(resume=True), "holds no run of mgjax.s to continue"),
         (dict(steps=0), "steps must be at least 1"),
         (dict(remat="some"), "remat must be one of none, dots, full, blocks"),
         (dict(attention="flash"), "attention must be one of plain, memory_efficient"),
         (dict(preserve_weight=-1.0), "preserve_weight must be >= 0"),
         (dict(guidance_weight=float("nan")), "guidance_weight must be a finite number"),
+        (dict(out_dir="{mine}"), "was not written by mgjax; give a new --out_dir"),
+        (dict(out_dir="{mine}", overwrite=True), "--overwrite replaces only mgjax's own"),
+        (dict(out_dir="{file}/o"), "is a file, not a folder"),
+        (dict(out_dir="{file}"), "is a file; give the path of a folder"),
     ],
 )
 def test_bad_options_fail_before_loading(assets, tmp_path, change, message):
+    """Each mistake is one InputError before any model loads; nothing is written, and a
+    folder mgjax did not write is left as it was."""
     if change.get("image") == "missing.png":
         change = dict(change, image=str(tmp_path / "missing.png"))
+    mine = tmp_path / "mine"  # somebody's folder
+    (mine / "photos").mkdir(parents=True)
+    (mine / "precious.txt").write_text("keep")
+    (tmp_path / "file").write_text("a file")
+    if "out_dir" in change:
+        where = dict(mine=mine, file=tmp_path / "file")
+        change = dict(change, out_dir=change["out_dir"].format(**where))
     with pytest.raises(ValueError, match=message):  # InputError is a ValueError
         run(_options(assets, tmp_path / "o", **change), log=lambda s: None)
     assert not (tmp_path / "o").exists()
+    assert sorted(os.listdir(mine)) == ["photos", "precious.txt"]
+    assert (tmp_path / "file").read_text() == "a file"
 
 
 def test_real_image_is_inverted_with_its_prompt_without_cfg(assets, tmp_path, monkeypatch):
@@ -182,10 +214,42 @@ def test_bad_inputs_after_reading(assets, tmp_path):
     Image.fromarray(np.ones((64, 64), np.uint8) * 255).save(small)
     with pytest.raises(InputError, match="mask is 64x64 but the image is 128x128"):
         run(_options(assets, tmp_path / "c", object_mask=str(small)), log=lambda s: None)
+    bomb = tmp_path / "bomb.png"  # 65 bytes declaring 30000x30000 pixels
+    bomb.write_bytes(_png_header(30000, 30000))
+    with pytest.raises(InputError, match="declares more than the 67,108,864 pixels allowed"):
+        run(_options(assets, tmp_path / "d", image=str(bomb)), log=lambda s: None)
+    pickled = tmp_path / "mask.npy"
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(InputError, match="holds object data, not numbers"):
+        run(_options(assets, tmp_path / "e", object_mask=str(pickled)), log=lambda s: None)
+    with pytest.raises(InputError, match="not a readable .npy guidance schedule"):
+        run(_options(assets, tmp_path / "f", schedule=str(bomb)), log=lambda s: None)
+    for name in "abcdef":
+        assert not (tmp_path / name).exists()
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG with a valid header declaring width x height and no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_cli_errors_are_one_line(assets, tmp_path):
     (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / ".mgjax-run.json").write_text("{}")  # a folder mgjax wrote
     cmd = [
         sys.executable,
         str(ROOT / "launch.py"),
