@@ -9,6 +9,7 @@ Tensors come back as numpy arrays; `torch.<dtype>` objects come back as `numpy.d
 
 import collections
 import io
+import math
 import struct
 import zipfile
 from collections.abc import Mapping
@@ -103,6 +104,9 @@ def _check_ints(name: str, values: Any) -> tuple[int, ...]:
     return tuple(values)
 
 
+_MAX_REPEAT = 256  # how many times an expanded view may repeat its storage's elements
+
+
 def _view(flat: np.ndarray, offset: Any, size: Any, stride: Any) -> np.ndarray:
     """Copies the strided view (offset, size, stride in elements) out of a flat storage."""
     if not isinstance(flat, np.ndarray) or flat.ndim != 1 or not flat.flags.c_contiguous:
@@ -116,6 +120,14 @@ def _view(flat: np.ndarray, offset: Any, size: Any, stride: Any) -> np.ndarray:
     last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
     if last >= flat.size:
         raise _BadFile(f"tensor of size {size} reaches past the end of its storage")
+    # A view with more elements than its storage repeats them (an expanded tensor: zero
+    # strides). Copying it allocates what the file only declares, so a few bytes could ask for
+    # gigabytes: a view may repeat its storage's elements only within a bound.
+    if math.prod(size) > max(_MAX_REPEAT * flat.size, 2**20):
+        raise _BadFile(
+            f"tensor of size {size} repeats its storage of {flat.size} element(s) more than "
+            f"{_MAX_REPEAT}x; re-save it with .contiguous() if it is meant"
+        )
     strides = tuple(s * flat.itemsize for s in stride)
     return as_strided(flat[offset:], shape=size, strides=strides, writeable=False).copy()
 
@@ -313,6 +325,12 @@ def _read_zip(path: Path) -> Any:
             if type(numel) is not int or numel < 0:
                 raise _BadFile(f"bad storage size {numel!r}")
             nbytes = numel * dtype.itemsize
+            held = zf.getinfo(name).file_size  # checked before anything is allocated
+            if held != nbytes:
+                what = "is truncated" if held < nbytes else "is longer than its storage"
+                raise _BadFile(
+                    f"tensor data {key!r} {what} ({held:,} bytes; its storage declares {nbytes:,})"
+                )
             with zf.open(name) as fh:
                 raw = fh.read(nbytes)
             if len(raw) != nbytes:

@@ -56,7 +56,7 @@ def read_flow_file(path: str, h: int, w: int) -> np.ndarray:
     return f
 
 
-def read_frozen(path: str, lat_shape) -> np.ndarray:
+def read_frozen(path: str, lat_shape, vae_factor: int = 8) -> np.ndarray:
     """A frozen mask file: reference .pth (1,4,h,w) bool, .npy, or a PNG at latent size."""
     require(path, "frozen mask file")
     if path.endswith(".pth"):
@@ -70,27 +70,45 @@ def read_frozen(path: str, lat_shape) -> np.ndarray:
     m = np.asarray(m).astype(bool)
     m = m.reshape((1,) * (4 - m.ndim) + m.shape)
     if m.shape[-2:] != tuple(lat_shape[-2:]):
+        h, w = lat_shape[-2:]
         raise InputError(
-            f"{path}: frozen mask is {m.shape[-1]}x{m.shape[-2]}, the latent grid is "
-            f"{lat_shape[-1]}x{lat_shape[-2]}"
+            f"{path}: frozen mask is {m.shape[-1]}x{m.shape[-2]}; a frozen mask is at the latent "
+            f"grid's size, {w}x{h} (the image's {w * vae_factor}x{h * vae_factor} / {vae_factor})"
         )
     return m[:1]
 
 
-def read_schedule(path: str | None) -> np.ndarray | None:
-    """A .npy of guidance multipliers (one per DDIM step), or None without a path."""
+def read_schedule(path: str | None, steps: int) -> np.ndarray | None:
+    """A .npy of guidance multipliers, one per DDIM step, or None without a path."""
     if not path:
         return None
-    return load_npy(path, "guidance schedule")
+    schedule = load_npy(path, "guidance schedule").astype(np.float32).reshape(-1)
+    if schedule.size != steps:
+        raise InputError(
+            f"{path}: the guidance schedule has {schedule.size} entries but there are {steps} "
+            "DDIM steps; give one multiplier per step"
+        )
+    if not np.isfinite(schedule).all():
+        raise InputError(f"{path}: the guidance schedule contains NaN or inf values")
+    return schedule
+
+
+MIN_SIZE = 64  # the smallest image side RAFT takes (its 1/8 features, pooled 3 times)
 
 
 def fit_image(image: np.ndarray, factor: int, resize: bool, path: str) -> np.ndarray:
     """f32[1,H,W,3] as is when H and W are multiples of `factor`; else resized to the nearest
     multiples with `resize`, an InputError without."""
     h, w = image.shape[1:3]
-    if h % factor == 0 and w % factor == 0:
+    if h % factor == 0 and w % factor == 0 and min(h, w) >= MIN_SIZE:
         return image
-    th, tw = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
+    low = -(-MIN_SIZE // factor) * factor  # the smallest multiple of factor RAFT takes
+    th, tw = max(low, round(h / factor) * factor), max(low, round(w / factor) * factor)
+    if min(h, w) < MIN_SIZE and not resize:
+        raise InputError(
+            f"{path}: {w}x{h} is smaller than the {MIN_SIZE}x{MIN_SIZE} RAFT needs; resize it to "
+            f"{tw}x{th} (or pass --resize)"
+        )
     if not resize:
         raise InputError(
             f"{path}: {w}x{h} is not a multiple of {factor}; resize it to {tw}x{th} "

@@ -22,11 +22,13 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import diffusers
 import jax
@@ -381,16 +383,43 @@ def _resolve(
         return model, True
     if os.path.exists(model) or model.startswith((".", "/")):
         raise InputError(f"{model}: no such folder; give a diffusers folder or a hub id")
-    if from_pt:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-        path = snapshot_download(
-            model,
-            revision=revision,
-            allow_patterns=["unet/*", "vae/*", "text_encoder/*", "tokenizer/*", "*.json"],
+    patterns = ["unet/*", "vae/*", "text_encoder/*", "tokenizer/*", "*.json"]
+    try:  # a model in the local hub cache loads from there, with or without network
+        return snapshot_download(
+            model, revision=revision, allow_patterns=patterns, local_files_only=True
+        ), True
+    except LocalEntryNotFoundError:
+        pass
+    if not hub_reachable():
+        raise InputError(
+            f"{model} (revision {revision}) is not in the local hub cache and the hub cannot be "
+            "reached (offline); give a local diffusers folder with --model, or download the "
+            f"model where there is network: huggingface-cli download {model} --revision "
+            f"{revision}"
         )
-        return path, True
+    if from_pt:
+        return snapshot_download(model, revision=revision, allow_patterns=patterns), True
     return model, False
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub can be reached: False when its offline setting (HF_HUB_OFFLINE) is
+    on, or when one connection to its endpoint fails within `timeout` seconds (instead of the
+    hub client's minutes of retries)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def load(

@@ -123,8 +123,8 @@ def read_files(config: C.Config, sd) -> EditFiles:
     elif mo.frozen_mask == "none":
         frozen = np.zeros(lat, bool)
     else:
-        frozen = read_frozen(mo.frozen_mask, lat)
-    schedule = read_schedule(config.method.schedule)
+        frozen = read_frozen(mo.frozen_mask, lat, sd.vae_factor)
+    schedule = read_schedule(config.method.schedule, config.method.steps)
     if schedule is None and data is not None and data.schedule is not None:
         schedule = data.schedule[: config.method.steps]  # the reference folder's own
     cond, uncond = sd.embed(config.source.prompt), sd.embed("")

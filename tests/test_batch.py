@@ -18,6 +18,7 @@ from PIL import Image
 from flow.errors import InputError
 from mgjax import sd as sdm
 from mgjax.batch import points_to_drag, read_jobs, run_jobs
+from tests.hostile import png_declaring
 from tests.tiny_models import tiny
 from tests.torch_raft import image_pair, random_torchvision_raft
 
@@ -298,3 +299,29 @@ def test_jobs_file_problems_are_per_job(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n# nothing\n")
     with pytest.raises(InputError, match="no jobs"):
         read_jobs(str(tmp_path / "empty.jsonl"), base)
+
+
+@pytest.mark.slow
+def test_a_failing_job_leaves_the_others_and_the_exit_status_says_so(assets, tmp_path):
+    """A decompression bomb (a few dozen bytes declaring 30000x30000) and a good job: the good
+    one is done, the bomb is in the summary with its error, and launch.py exits 3. Every job
+    invalid: exit 3 as well."""
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_declaring(30000, 30000))
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(
+        json.dumps({"name": "bomb", "image": str(bomb), "motion": "translate:3,0"})
+        + "\n"
+        + json.dumps({"name": "good", "motion": "translate:3,0"})
+        + "\n"
+    )
+    res = _launch([f"--jobs={jobs}", *_flags(assets, tmp_path / "out")], 1)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    rows = [json.loads(r) for r in (tmp_path / "out" / "summary.jsonl").read_text().splitlines()]
+    assert [(r["name"], r["status"]) for r in rows] == [("bomb", "invalid"), ("good", "done")]
+    assert "pixels allowed" in rows[0]["error"]
+    assert (tmp_path / "out" / "good" / "sample_00" / "edited.png").exists()
+    jobs.write_text(json.dumps({"name": "bad", "motion": "spin:3"}) + "\n")
+    res = _launch([f"--jobs={jobs}", *_flags(assets, tmp_path / "out2")], 1)
+    assert res.returncode == 3 and "1 invalid" in res.stdout, res.stdout[-2000:]

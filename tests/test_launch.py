@@ -15,6 +15,7 @@ from flow.errors import InputError
 from mgjax import config as C
 from mgjax import sd as sdm
 from mgjax.workflow import resolve_toy, run
+from tests.hostile import png_declaring
 from tests.tiny_models import tiny
 from tests.torch_raft import image_pair, random_torchvision_raft
 
@@ -214,8 +215,8 @@ def test_bad_inputs_after_reading(assets, tmp_path):
     Image.fromarray(np.ones((64, 64), np.uint8) * 255).save(small)
     with pytest.raises(InputError, match="mask is 64x64 but the image is 128x128"):
         run(_options(assets, tmp_path / "c", object_mask=str(small)), log=lambda s: None)
-    bomb = tmp_path / "bomb.png"  # 65 bytes declaring 30000x30000 pixels
-    bomb.write_bytes(_png_header(30000, 30000))
+    bomb = tmp_path / "bomb.png"  # a few dozen bytes declaring 30000x30000 pixels
+    bomb.write_bytes(png_declaring(30000, 30000))
     with pytest.raises(InputError, match="declares more than the 67,108,864 pixels allowed"):
         run(_options(assets, tmp_path / "d", image=str(bomb)), log=lambda s: None)
     pickled = tmp_path / "mask.npy"
@@ -224,27 +225,16 @@ def test_bad_inputs_after_reading(assets, tmp_path):
         run(_options(assets, tmp_path / "e", object_mask=str(pickled)), log=lambda s: None)
     with pytest.raises(InputError, match="not a readable .npy guidance schedule"):
         run(_options(assets, tmp_path / "f", schedule=str(bomb)), log=lambda s: None)
-    for name in "abcdef":
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(tiny)
+    with pytest.raises(InputError, match="smaller than the 64x64 RAFT needs; resize it to 64x64"):
+        run(_options(assets, tmp_path / "g", image=str(tiny)), log=lambda s: None)
+    short = tmp_path / "short.npy"
+    np.save(short, np.ones(3, np.float32))
+    with pytest.raises(InputError, match="has 3 entries but there are 4 DDIM steps"):
+        run(_options(assets, tmp_path / "h", schedule=str(short)), log=lambda s: None)
+    for name in "abcdefgh":
         assert not (tmp_path / name).exists()
-
-
-def _png_header(width: int, height: int) -> bytes:
-    """A PNG with a valid header declaring width x height and no pixel data."""
-    import struct
-    import zlib
-
-    def chunk(kind, data):
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b""))
-        + chunk(b"IEND", b"")
-    )
 
 
 def test_cli_errors_are_one_line(assets, tmp_path):

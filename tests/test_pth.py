@@ -337,3 +337,21 @@ def test_garbage_and_missing(tmp_path: Path) -> None:
         zf.writestr("hello.txt", "hi")
     with pytest.raises(InputError, match="without data.pkl"):
         read_pth(tmp_path / "other.zip")
+
+
+def test_declared_sizes_are_not_trusted(tmp_path: Path) -> None:
+    """A 1.5 kB file whose tensor is one element expanded to 10^9 (4 GB as a copy) is refused
+    before anything is allocated; so is a zip member shorter than its storage declares."""
+    path = tmp_path / "expanded.pth"
+    torch.save({"w": torch.zeros(1).expand(10**9)}, path)
+    assert path.stat().st_size < 4096
+    with pytest.raises(InputError, match="repeats its storage of 1 element"):
+        read_pth(path)
+    hooks = collections.OrderedDict()
+    storage = np.arange(4, dtype=np.float32).tobytes()
+    huge = _Rebuild(_StorageRef(2**40), 0, (4,), (1,), False, hooks)
+    path = _write_zip(tmp_path / "huge.pth", _craft_pickle({"t": huge}), {"0": storage})
+    with pytest.raises(
+        InputError, match="truncated .16 bytes; its storage declares 4,398,046,511,104"
+    ):
+        read_pth(path)

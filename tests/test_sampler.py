@@ -124,6 +124,10 @@ def test_hub_id_and_revision_are_passed_through(monkeypatch, tmp_path):
         sdm.FlaxCLIPTextModel,
     ):
         monkeypatch.setattr(cls, "from_pretrained", recorder(cls.from_pretrained))
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # not cached here
+    monkeypatch.setattr(sdm, "hub_reachable", lambda: True)  # as if online
     sd = sdm.load("CompVis/stable-diffusion-v1-4", revision="bf16")
     assert sorted(calls) == sorted(
         ("CompVis/stable-diffusion-v1-4", sub, "bf16")
@@ -132,6 +136,23 @@ def test_hub_id_and_revision_are_passed_through(monkeypatch, tmp_path):
     assert sd.latent_channels == 4 and sd.vae_factor == 4
     with pytest.raises(InputError, match="no such folder"):
         sdm.load(str(tmp_path / "missing"))
+
+
+def test_a_hub_id_offline_fails_at_once_with_what_to_do(monkeypatch, tmp_path):
+    """With the hub's offline setting on and the model not in the local cache: one line naming
+    the model and the two ways out, in well under a second (no retries)."""
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    t = time.perf_counter()
+    with pytest.raises(InputError, match="not in the local hub cache and the hub cannot be") as e:
+        sdm.load("CompVis/stable-diffusion-v1-4", revision="flax")
+    assert time.perf_counter() - t < 1.0
+    assert "--model" in str(e.value) and "huggingface-cli download" in str(e.value)
+    assert not sdm.hub_reachable()
 
 
 @pytest.mark.slow
