@@ -132,9 +132,9 @@ def main(argv: list[str]) -> None:
         log = lambda s: print(s, flush=True)  # noqa: E731
         try:
             if FLAGS.jobs:
-                from mgjax import batch
+                from mgjax import batch, sharding
 
-                batch.initialize_distributed(
+                sharding.initialize_distributed(
                     FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id
                 )
                 import jax

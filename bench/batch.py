@@ -30,7 +30,7 @@ def measure(batch: int, steps: int, size: int) -> dict:
     import numpy as np
 
     from flow.raft import Raft, RaftConfig, init_raft
-    from mgjax import batch as bt
+    from mgjax import sharding as bt
     from mgjax.sampler import Sampler
     from tests.tiny_models import tiny
 

@@ -3,11 +3,8 @@ the jobs shared among processes (hosts).
 
   python launch.py --jobs jobs.jsonl --out_dir runs/batch [any flag: the default of every job]
 
-A jobs file has one JSON object per line (blank lines and lines starting with # are skipped).
-Its keys are launch.py's flag names (`image`, `prompt`, `seed`, `motion`, `object_mask`,
-`guidance_weight`, ...) and they override the command line for that job. The extra keys are:
-`name` (its output folder, default job_00000, ...), `preset` (a preset's values for the keys the
-job does not give), and `points` (drag pairs [[[x, y], [X, Y]], ...], the same as `drag`).
+The jobs file's format is described in mgjax.jobs; devices and hosts are handled by
+mgjax.sharding.
 
 Jobs whose settings compile to the same program run together, in batches of `batch_size`.
 That needs the same model, image size and guidance settings. The batch axis is sharded over the
@@ -30,19 +27,16 @@ import hashlib
 import io
 import json
 import os
-import re
-from pathlib import Path
 
 import numpy as np
 
 from flow.errors import InputError
 from mgjax import config as C
 from mgjax import rundir
+from mgjax.jobs import Job, read_jobs
 from mgjax.outputs import save_text
+from mgjax.sharding import local_mesh, one_edit, replicate, shard_inputs, shard_state
 
-# Keys a job line may not give: the run-level settings, and num_samples (one job, one image).
-NOT_PER_JOB = (*C.RUN_LEVEL, "num_samples")
-JOB_ONLY = ("name", "preset", "points")
 SUMMARY_METRICS = (
     "flow_epe_inside_object",
     "flow_epe_outside_object",
@@ -50,87 +44,6 @@ SUMMARY_METRICS = (
     "guided_evaluations",
     "sampling_seconds",
 )
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-@dataclasses.dataclass
-class Job:
-    index: int  # position among the jobs (0-based)
-    name: str
-    line: int  # line number in the jobs file
-    config: C.Config | None
-    status: str = "pending"  # pending | done | invalid | diverged | failed
-    error: str | None = None
-    metrics: dict | None = None
-
-
-# ----------------------------------------------------------------------------- jobs file
-
-
-def points_to_drag(points) -> str:
-    """[[[x, y], [X, Y]], ...] -> the --drag string "x,y>X,Y; ..."."""
-    try:
-        pairs = [(tuple(map(float, h)), tuple(map(float, t))) for h, t in points]
-        if not pairs or any(len(h) != 2 or len(t) != 2 for h, t in pairs):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise InputError(
-            f"points must be [[[x, y], [X, Y]], ...] (handle, target pairs), got {points!r}"
-        ) from None
-    return "; ".join(f"{h[0]:g},{h[1]:g}>{t[0]:g},{t[1]:g}" for h, t in pairs)
-
-
-def read_jobs(path: str, explicit: dict, preset: str = "auto") -> list[Job]:
-    """Parse a jobs file against the command line's explicit values and preset (a job's config
-    is mgjax.config.resolve(explicit, preset, job line)). A bad line becomes an invalid job
-    (reported, skipped), not an error of the whole run; a file that cannot be read is one."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"--jobs {path}: cannot read it ({e})") from None
-    out_dir = explicit.get("out_dir") or ""
-    jobs: list[Job] = []
-    seen: set[str] = set()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        index = len(jobs)
-        name = f"job_{index:05d}"
-        try:
-            try:
-                spec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"not JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(spec, dict):
-                raise InputError('a job is a JSON object, e.g. {"image": "a.png", ...}')
-            name = spec.pop("name", name)
-            if not isinstance(name, str) or not _NAME.match(name):
-                raise InputError(f"name {name!r}: letters, digits, '.', '_' and '-' only")
-            if name in seen:
-                raise InputError(f"name {name!r} is used by an earlier job")
-            seen.add(name)
-            run_level = sorted(set(spec) & set(NOT_PER_JOB))
-            if run_level:
-                raise InputError(f"{run_level} belong to the whole run: give them as flags")
-            unknown = sorted(set(spec) - set(C.FIELDS) - set(JOB_ONLY))
-            if unknown:
-                raise InputError(f"unknown key(s) {unknown}; job keys are launch.py's flag names")
-            if "points" in spec:
-                if "drag" in spec:
-                    raise InputError("give points or drag, not both")
-                spec["drag"] = points_to_drag(spec.pop("points"))
-            try:
-                config = C.resolve(explicit, preset, spec)
-                config = C.replace(config, out_dir=os.path.join(out_dir, name), num_samples=1)
-            except ValueError as e:
-                raise InputError(str(e)) from None
-            jobs.append(Job(index, name, number, config))
-        except InputError as e:
-            seen.add(name)
-            jobs.append(Job(index, name, number, None, "invalid", f"line {number}: {e}"))
-    if not jobs:
-        raise InputError(f"--jobs {path}: no jobs in it (one JSON object per line)")
-    return jobs
 
 
 def _finished(job: Job) -> dict | None:
@@ -139,74 +52,6 @@ def _finished(job: Job) -> dict | None:
         return None
     with open(path) as f:
         return json.load(f)
-
-
-# ----------------------------------------------------------------------------- devices
-
-
-def initialize_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
-    """jax.distributed: explicit (--coordinator ...) or automatic on a multi-host Cloud TPU.
-    Must run before anything touches a JAX backend."""
-    import jax
-
-    if coordinator:
-        if num_processes < 1 or not 0 <= process_id < num_processes:
-            raise InputError(
-                f"--process_id {process_id} with --num_processes {num_processes}: each process "
-                "needs an id in 0 .. num_processes - 1"
-            )
-        jax.distributed.initialize(coordinator, num_processes, process_id)
-    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # a pod slice: several hosts
-        jax.distributed.initialize()
-
-
-def local_mesh(batch_size: int):
-    """A 1-D mesh ("batch") over as many local devices as divide the batch size."""
-    import jax
-    from jax.sharding import Mesh
-
-    devices = jax.local_devices()
-    n = max(d for d in range(1, len(devices) + 1) if batch_size % d == 0)
-    return Mesh(np.array(devices[:n]), ("batch",))
-
-
-def _sharded(x, mesh, axis: int | None):
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    spec = [None] * np.ndim(x)
-    if axis is not None:
-        spec[axis] = "batch"
-    return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
-
-
-def shard_inputs(inputs, mesh):
-    """The per-image arrays split over the mesh on their batch axis, the rest replicated."""
-    from mgjax.inputs import map_images
-
-    inputs = map_images(inputs, lambda x, axis: _sharded(x, mesh, axis))
-    return inputs.replace(schedule=_sharded(inputs.schedule, mesh, None))
-
-
-def shard_state(state, mesh):
-    return state.replace(
-        z=_sharded(state.z, mesh, 0),
-        keys=_sharded(state.keys, mesh, 0),
-        step=_sharded(state.step, mesh, None),
-    )
-
-
-def one_edit(inputs, j: int):
-    """Image j of batched inputs, on the host (numpy arrays)."""
-    import jax
-
-    from mgjax.inputs import map_images
-
-    host = jax.tree_util.tree_map(np.asarray, inputs)
-    return map_images(host, lambda x, axis: np.take(x, [j], axis=axis))
-
-
-# ----------------------------------------------------------------------------- preparing jobs
 
 
 @dataclasses.dataclass
@@ -235,13 +80,6 @@ class _Models:
             raft = replicate(raft, self.mesh)
             self._cache[key] = (sd, raft)
         return key, self._cache[key]
-
-
-def replicate(tree, mesh):
-    """Every leaf of `tree` (weights) placed whole on each device of the mesh."""
-    import jax
-
-    return jax.tree_util.tree_map(lambda x: _sharded(x, mesh, None), tree)
 
 
 def _prepare(job: Job, models: _Models, log) -> Prepared:

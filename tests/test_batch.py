@@ -17,7 +17,8 @@ from PIL import Image
 
 from flow.errors import InputError
 from mgjax import sd as sdm
-from mgjax.batch import points_to_drag, read_jobs, run_jobs
+from mgjax.batch import run_jobs
+from mgjax.jobs import points_to_drag, read_jobs
 from tests.hostile import png_declaring
 from tests.tiny_models import tiny
 from tests.torch_raft import image_pair, random_torchvision_raft
