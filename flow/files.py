@@ -98,6 +98,9 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
+_FIX = "free some space or fix the folder, then run again (with --resume for an edit)"
+
+
 def write_atomic(path: str, write: Callable[[str], None]) -> None:
     """Calls write(tmp) on a temporary file beside `path`, then renames it into place with the
     permissions a plainly created file would have (the umask's, not mkstemp's 0600)."""
@@ -105,13 +108,18 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
     if not os.path.isdir(folder):
         raise InputError(f"{path}: folder {folder} does not exist; create it first")
     suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    except OSError as e:
+        raise InputError(f"{path}: cannot write it ({e.strerror}); {_FIX}") from None
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:  # a full disk, a lost mount, ...
+            raise InputError(f"{path}: cannot write it ({e.strerror}); {_FIX}") from None
         raise

@@ -1,5 +1,6 @@
 """launch.py end to end on tiny random models: outputs, resume, and bad input."""
 
+import errno
 import json
 import os
 import subprocess
@@ -112,8 +113,8 @@ def test_end_to_end_cli_run_writes_every_output(assets, tmp_path):
 @pytest.mark.slow
 def test_resume_equals_uninterrupted(assets, tmp_path, monkeypatch):
     """Interrupted before its first checkpoint (after the source was inverted), then after one
-    chunk: each --resume continues, to the uninterrupted run's image; the message on interrupt
-    says what is on disk."""
+    chunk, then the disk fills while the outputs are written: each --resume continues, to the
+    uninterrupted run's image; the messages say what is on disk and what to do."""
     from mgjax import loop
 
     whole = run(_options(assets, tmp_path / "whole"), log=lambda s: None)
@@ -132,7 +133,19 @@ def test_resume_equals_uninterrupted(assets, tmp_path, monkeypatch):
         run(_options(assets, cut, resume=True, stop_after_chunks=1), log=lines.append)
     assert "checkpoint at DDIM step 2" in lines[-1], lines
     assert not (cut / "sample_00").exists()  # nothing half-written
-    run(_options(assets, cut, resume=True), log=lambda s: None)
+    real_replace = os.replace
+
+    def disk_full(src, dst):  # the disk fills up while the outputs are written
+        if str(dst).endswith("edited.png"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", disk_full)
+        with pytest.raises(InputError, match=r"edited.png: cannot write it \(No space left"):
+            run(_options(assets, cut, resume=True), log=lambda s: None)
+    assert not list(cut.rglob(".tmp-*"))  # no temporary file left behind
+    run(_options(assets, cut, resume=True), log=lambda s: None)  # space freed: it completes
     a = np.asarray(Image.open(Path(whole) / "sample_00" / "edited.png"))
     b = np.asarray(Image.open(tmp_path / "cut" / "sample_00" / "edited.png"))
     np.testing.assert_array_equal(a, b)
