@@ -273,6 +273,8 @@ def run_jobs(
         raise InputError(
             "--num_samples does not apply to --jobs: give each sample its own job (its own seed)"
         )
+    if num_processes > 1:  # every process checks the folder before any of them writes to it
+        (kv or _client()).wait_at_barrier("mgjax/checked", 15 * 60 * 1000)
     if base.overwrite:  # each process clears its own share, only folders mgjax wrote
         for j in mine:
             rundir.replace(os.path.join(out, j.name))

@@ -37,6 +37,10 @@ def check(config: Config, out_dir_free: bool = True) -> None:
         parse_drag(mo.drag)  # syntax errors now, not after loading models
     if mo.object_mask and mo.object_box:
         raise InputError("give --object_mask or --object_box, not both")
+    if mo.object_box:
+        from mgjax.motion import parse_box
+
+        parse_box(mo.object_box)  # syntax errors now; the bounds once the image size is known
     if mo.motion:
         from mgjax.motion import parse_motion
 

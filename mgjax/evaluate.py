@@ -111,9 +111,15 @@ def drag_distance(flow: np.ndarray, handles: np.ndarray, targets: np.ndarray) ->
 def evaluate_sample(folder: str, raft_weights: str | None, clip: Clip | None, iters: int) -> dict:
 
     config = {}
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        with open(os.path.join(folder, "config.json")) as f:
-            config = json.load(f)
+    path = os.path.join(folder, "config.json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                config = json.load(f)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise InputError(f"{path}: not a readable config.json ({e})") from None
+        if not isinstance(config, dict):
+            raise InputError(f"{path}: not a config.json written by launch.py (not an object)")
     weights = raft_weights or config.get("raft_weights")
     if not weights:
         raise InputError(f"{folder}: its config.json names no RAFT weights; give --raft_weights")

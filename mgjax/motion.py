@@ -148,9 +148,15 @@ def motion_flow(motion: Motion, height: int, width: int, mask=None) -> np.ndarra
     return flow.astype(np.float32)
 
 
+def parse_box(box: str) -> tuple[int, int, int, int]:
+    """'x0,y0,x1,y1' (pixels, x1/y1 exclusive) -> the four ints, rounded."""
+    x0, y0, x1, y1 = (int(round(v)) for v in _floats(box, 4, "--object_box x0,y0,x1,y1"))
+    return x0, y0, x1, y1
+
+
 def box_mask(box: str, height: int, width: int) -> np.ndarray:
     """'x0,y0,x1,y1' (pixels, x1/y1 exclusive) -> bool[H,W]."""
-    x0, y0, x1, y1 = (int(round(v)) for v in _floats(box, 4, "--object_box x0,y0,x1,y1"))
+    x0, y0, x1, y1 = parse_box(box)
     if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
         raise InputError(
             f"--object_box {box}: needs 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height}"
