@@ -49,6 +49,9 @@ def check(config: Config, out_dir_free: bool = True) -> None:
         require(mo.object_mask, "object mask file")
     if mo.flow:
         require(mo.flow, "flow file")
+    model = config.model.model
+    if not (os.path.isdir(model) or "/" in model):
+        raise InputError(f"--model {model}: give a hub id (owner/name) or a local folder")
     if not config.model.raft_weights:
         raise InputError(
             "--raft_weights is required: download raft-things.pth (princeton-vl/RAFT, "

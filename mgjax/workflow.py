@@ -53,8 +53,6 @@ def load_models(config: C.Config):
     from mgjax import sd as sdm
 
     m = config.model
-    if not (os.path.isdir(m.model) or "/" in m.model):
-        raise InputError(f"--model {m.model}: give a hub id (owner/name) or a local folder")
     sd = sdm.load(
         m.model, revision=m.revision, dtype=m.dtype, from_pt=m.from_pt, attention=m.attention
     )
