@@ -327,3 +327,34 @@ def test_a_failing_job_leaves_the_others_and_the_exit_status_says_so(assets, tmp
     jobs.write_text(json.dumps({"name": "bad", "motion": "spin:3"}) + "\n")
     res = _launch([f"--jobs={jobs}", *_flags(assets, tmp_path / "out2")], 1)
     assert res.returncode == 3 and "1 invalid" in res.stdout, res.stdout[-2000:]
+
+
+def test_a_batch_that_fails_is_recorded_and_the_run_goes_on(assets, tmp_path, monkeypatch):
+    """An error while a batch runs (XLA out of memory, say) marks that batch's jobs failed with
+    the error; the next batch still runs, and the summary says which jobs did not finish."""
+    from mgjax import batch as batch_module
+
+    ran = []
+
+    def run_batch(self, batch, label):
+        ran.append([p.job.name for p in batch])
+        if len(ran) == 1:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate\nmore")
+        for p in batch:
+            p.job.status = "done"
+        return []
+
+    monkeypatch.setattr(batch_module.Runner, "run_batch", run_batch)
+    jobs = str(_jobs(tmp_path / "jobs.jsonl", assets, 3))
+    lines = []
+    rows = run_jobs(jobs, _options(assets, tmp_path / "out"), 2, lines.append)
+    assert ran == [["e0", "e1"], ["e2"]]  # batches of 2
+    by = {r["name"]: r for r in rows}
+    assert by["e0"]["status"] == by["e1"]["status"] == "failed" and by["e2"]["status"] == "done"
+    assert (
+        by["e0"]["error"]
+        == "RuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate"
+    )
+    assert any("failed: RuntimeError" in ln for ln in lines), lines
+    summary = (tmp_path / "out" / "summary.csv").read_text()
+    assert summary.count(",failed,") == 2
