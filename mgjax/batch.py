@@ -245,10 +245,10 @@ def run_jobs(
         raise InputError(f"--batch_size must be >= 1 (0: one per local device), got {batch_size}")
     batch_size = batch_size or jax.local_device_count()
     try:
-        base = C.resolve(explicit, preset).output
-        cache = C.resolve(explicit, preset).speed.compilation_cache
+        run_config = C.resolve(explicit, preset)
     except ValueError as e:
         raise InputError(str(e)) from None
+    base, cache = run_config.output, run_config.speed.compilation_cache
     if not base.out_dir:
         raise InputError("--out_dir is required")
     if cache:
