@@ -101,6 +101,9 @@ def _file_mode() -> int:
 _FIX = "free some space or fix the folder, then run again (with --resume for an edit)"
 
 
+TEMPORARY = ".tmp-"  # the name prefix of write_atomic's temporary files
+
+
 def write_atomic(path: str, write: Callable[[str], None]) -> None:
     """Calls write(tmp) on a temporary file beside `path`, then renames it into place with the
     permissions a plainly created file would have (the umask's, not mkstemp's 0600)."""
@@ -109,7 +112,7 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
         raise InputError(f"{path}: folder {folder} does not exist; create it first")
     suffix = os.path.splitext(path)[1]
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMPORARY, suffix=suffix)
     except OSError as e:
         raise InputError(f"{path}: cannot write it ({e.strerror}); {_FIX}") from None
     os.close(fd)

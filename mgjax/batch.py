@@ -58,6 +58,8 @@ def _finished(job: Job) -> dict | None:
 class Prepared:
     job: Job
     files: object  # mgjax.workflow.EditFiles
+    cond: np.ndarray  # f32[1,L,D] prompt embedding
+    uncond: np.ndarray  # f32[1,L,D] embedding of ""
     image: np.ndarray  # f32[1,H,W,3]
     z_T: np.ndarray  # f32[1,C,h,w]
     latents: np.ndarray  # f32[S,1,C,h,w]
@@ -82,18 +84,29 @@ class _Models:
         return key, self._cache[key]
 
 
-def _prepare(job: Job, models: _Models, log) -> Prepared:
+def _read(job: Job):
+    """The job's input files, read and checked (no model work): mgjax.workflow.EditFiles."""
     from mgjax.checks import check
-    from mgjax.trajectory import source_trajectory
     from mgjax.workflow import read_files, resolve_toy
 
     config = job.config = resolve_toy(job.config)
     check(config, out_dir_free=False)  # the run manages the job folders
+    return read_files(config)
+
+
+def _prepare(job: Job, files, models: _Models, log) -> Prepared:
+    """The job's prompt embeddings and source trajectory (inverted or generated, or read from
+    the job folder's cache)."""
+    from mgjax.trajectory import source_trajectory
+
+    config = job.config
     key, (sd, _) = models.get(config)
-    files = read_files(config, sd)
+    cond, uncond = sd.embed(config.source.prompt), sd.embed("")
+    if config.output.resume:
+        rundir.remove_temporaries(config.output.out_dir)  # of a write that a kill cut short
     rundir.claim(config.output.out_dir, C.digest(config))
     image, z_T, latents = source_trajectory(
-        config, sd, files.cond, files.uncond, config.output.out_dir, files.image, files.data, log
+        config, sd, cond, uncond, config.output.out_dir, files.image, files.data, log
     )
     schedule_id = (
         None
@@ -101,7 +114,7 @@ def _prepare(job: Job, models: _Models, log) -> Prepared:
         else hashlib.sha256(np.asarray(files.schedule, np.float32).tobytes()).hexdigest()
     )
     group = (key, files.h, files.w, config.method, config.speed, schedule_id)
-    return Prepared(job, files, image, z_T, latents, group)
+    return Prepared(job, files, cond, uncond, image, z_T, latents, group)
 
 
 # ----------------------------------------------------------------------------- running
@@ -146,8 +159,8 @@ class Runner:
         inputs = sampler.prepare(
             concat([p.image for p in batch]),
             concat([p.files.flow[None] for p in batch]),
-            concat([np.asarray(p.files.cond) for p in batch]),
-            concat([np.asarray(p.files.uncond) for p in batch]),
+            concat([np.asarray(p.cond) for p in batch]),
+            concat([np.asarray(p.uncond) for p in batch]),
             frozen=concat([np.broadcast_to(p.files.frozen, lat) for p in batch]),
             trajectory=concat([p.latents for p in batch], 1),
             schedule=first.files.schedule,
@@ -292,7 +305,7 @@ def run_jobs(
         f"{len(jobs)} jobs, {len(mine)} for process {process_id}/{num_processes}; batches of "
         f"{batch_size} over {runner.mesh.size} local device(s)"
     )
-    groups: dict[tuple, list[Prepared]] = {}
+    read = []  # every job's inputs are checked before any model loads
     for job in mine:
         if job.status != "pending":
             log(f"{job.name}: invalid: {job.error}")
@@ -302,17 +315,15 @@ def run_jobs(
             job.status, job.metrics = "done", done
             job.error = None
             continue
-        try:
-            p = _prepare(job, runner.models, lambda s, n=job.name: log(f"{n}: {s}"))
-        except InputError as e:
-            job.status, job.error = "invalid", str(e)
-            log(f"{job.name}: invalid: {e}")
-            continue
-        except Exception as e:  # noqa: BLE001 - one job's failure never ends the run
-            job.status, job.error = "failed", _describe(e)
-            log(f"{job.name}: failed: {job.error}")
-            continue
-        groups.setdefault(p.group, []).append(p)
+        files = _isolated(job, log, lambda j=job: _read(j))
+        if files is not None:
+            read.append((job, files))
+    groups: dict[tuple, list[Prepared]] = {}
+    for job, files in read:
+        say = lambda s, n=job.name: log(f"{n}: {s}")  # noqa: E731
+        p = _isolated(job, log, lambda j=job, f=files, say=say: _prepare(j, f, runner.models, say))
+        if p is not None:
+            groups.setdefault(p.group, []).append(p)
     _write_part(summary_part, mine, process_id)
     n_batches = sum(-(-len(g) // batch_size) for g in groups.values())
     count = 0
@@ -324,6 +335,11 @@ def run_jobs(
                 again = runner.run_batch(batch, f"batch {count}/{n_batches}")
             except Exception as e:  # noqa: BLE001 - out of memory, a bug: the other batches run
                 again, error = [], _describe(e)
+                if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+                    error += (
+                        "; rerun with --resume and a smaller --batch_size, or the memory "
+                        "levers (--remat, --dtype bfloat16), to run the jobs that did not finish"
+                    )
                 for p in batch:
                     p.job.status, p.job.error = "failed", error
                 log(f"batch {count}/{n_batches} failed: {error}")
@@ -340,6 +356,19 @@ def run_jobs(
         _write_summary(out, rows)
         return rows
     return _gather(out, rows, process_id, num_processes, kv)
+
+
+def _isolated(job: Job, log, work):
+    """work() or, when it fails, None with the job recorded as invalid (bad input) or failed
+    (anything else): one job's failure never ends the run."""
+    try:
+        return work()
+    except InputError as e:
+        job.status, job.error = "invalid", str(e)
+    except Exception as e:  # noqa: BLE001 - recorded in the summary; the other jobs run
+        job.status, job.error = "failed", _describe(e)
+    log(f"{job.name}: {job.status}: {job.error}")
+    return None
 
 
 def _describe(error: BaseException) -> str:

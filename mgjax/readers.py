@@ -15,8 +15,8 @@ def require(path: str, what: str) -> None:
         raise InputError(f"{path}: no such {what}")
 
 
-def read_mask_image(path: str, h: int, w: int) -> np.ndarray:
-    """A mask PNG/JPG (non-zero = object) or .npy (bool/0-1) -> bool[H,W] of the image size."""
+def _mask(path: str) -> np.ndarray:
+    """A mask PNG/JPG (non-zero = object) or .npy (bool/0-1) -> bool[H,W], any size."""
     require(path, "mask file")
     if path.endswith(".npy"):
         m = load_npy(path, "mask")
@@ -25,9 +25,17 @@ def read_mask_image(path: str, h: int, w: int) -> np.ndarray:
     m = np.asarray(m)
     if m.ndim == 3:
         m = m[..., 0]
+    if m.ndim != 2:
+        raise InputError(f"{path}: a mask is one 2-D array, got shape {m.shape}")
+    return m > (127 if m.dtype == np.uint8 else 0.5)
+
+
+def read_mask_image(path: str, h: int, w: int) -> np.ndarray:
+    """A mask PNG/JPG (non-zero = object) or .npy (bool/0-1) -> bool[H,W] of the image size."""
+    m = _mask(path)
     if m.shape != (h, w):
         raise InputError(f"{path}: mask is {m.shape[1]}x{m.shape[0]} but the image is {w}x{h}")
-    return m > (127 if m.dtype == np.uint8 else 0.5)
+    return m
 
 
 def read_flow_file(path: str, h: int, w: int) -> np.ndarray:
@@ -66,7 +74,7 @@ def read_frozen(path: str, lat_shape, vae_factor: int = 8) -> np.ndarray:
     elif path.endswith(".npy"):
         m = load_npy(path, "frozen mask")
     else:
-        m = read_mask_image(path, lat_shape[-2], lat_shape[-1])
+        m = _mask(path)
     m = np.asarray(m).astype(bool)
     m = m.reshape((1,) * (4 - m.ndim) + m.shape)
     if m.shape[-2:] != tuple(lat_shape[-2:]):

@@ -6,7 +6,7 @@ import os
 import shutil
 
 from flow.errors import InputError
-from flow.files import write_atomic
+from flow.files import TEMPORARY, write_atomic
 
 MARKER = ".mgjax-run.json"
 
@@ -52,6 +52,35 @@ def replace(folder: str) -> None:
     check_replaceable(folder)
     if os.path.isdir(folder):
         shutil.rmtree(folder)
+
+
+def clear(folder: str, keep_folder: bool = False) -> None:
+    """Remove a folder mgjax wrote (keep_folder: only its contents); refuse any other."""
+    if not is_ours(folder):
+        raise InputError(f"{folder} was not written by mgjax; it is left as it is")
+    if not keep_folder:
+        shutil.rmtree(folder)
+        return
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
+def remove_temporaries(folder: str) -> int:
+    """Remove the temporary files (flow.files.write_atomic's) that a killed run left in
+    a folder mgjax wrote; returns how many."""
+    if not is_ours(folder):
+        return 0
+    n = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if name.startswith(TEMPORARY):
+                os.remove(os.path.join(root, name))
+                n += 1
+    return n
 
 
 def claim(folder: str, digest: str | None = None) -> None:

@@ -22,13 +22,11 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import diffusers
 import jax
@@ -38,6 +36,7 @@ import transformers
 
 from flow.errors import InputError
 from mgjax.levers import ATTENTION
+from mgjax.modelinfo import hub_reachable, offline_error
 
 # The libraries' root loggers; getting them sets their levels from DIFFUSERS_VERBOSITY and
 # TRANSFORMERS_VERBOSITY (default: warning), which _quiet() restores after each call.
@@ -394,32 +393,10 @@ def _resolve(
     except LocalEntryNotFoundError:
         pass
     if not hub_reachable():
-        raise InputError(
-            f"{model} (revision {revision}) is not in the local hub cache and the hub cannot be "
-            "reached (offline); give a local diffusers folder with --model, or download the "
-            f"model where there is network: huggingface-cli download {model} --revision "
-            f"{revision}"
-        )
+        raise offline_error(model, revision)
     if from_pt:
         return snapshot_download(model, revision=revision, allow_patterns=patterns), True
     return model, False
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the model hub can be reached: False when its offline setting (HF_HUB_OFFLINE) is
-    on, or when one connection to its endpoint fails within `timeout` seconds (instead of the
-    hub client's minutes of retries)."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
 
 
 def load(

@@ -14,12 +14,12 @@ from mgjax.readers import fit_image
 CACHE = "source.npz"
 
 
-def source_image(config: Config, sd):
+def source_image(config: Config, geometry):
     """(H, W, source image f32[1,H,W,3] in [0, 1] or None when it is generated, the reference
-    folder's contents or None)."""
+    folder's contents or None); `geometry` is the model's mgjax.modelinfo.Geometry."""
     from mgjax.reference import read_reference_folder
 
-    src, factor = config.source, sd.vae_factor * 8
+    src, factor = config.source, geometry.vae_factor * 8
     if src.data_dir:
         data = read_reference_folder(
             src.data_dir, src.target_flow_name, src.edit_mask_name, config.method.steps
@@ -32,8 +32,7 @@ def source_image(config: Config, sd):
     if src.image:
         image = fit_image(read_rgb(src.image)[None] / 255.0, factor, src.resize, src.image)
         return image.shape[1], image.shape[2], image, None
-    size = sd.unet.config.sample_size * sd.vae_factor
-    return size, size, None, None
+    return geometry.image_size, geometry.image_size, None, None
 
 
 def source_trajectory(config: Config, sd, cond, uncond, folder: str, image, data, log):

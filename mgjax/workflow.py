@@ -7,7 +7,6 @@ identical image), and writes each sample's pictures, metrics and config atomical
 
 import dataclasses
 import os
-import shutil
 import time
 
 import numpy as np
@@ -71,8 +70,6 @@ class EditFiles:
     flow: np.ndarray  # f32[H,W,2]
     obj: np.ndarray | None  # bool[H,W] object mask
     frozen: np.ndarray  # bool[1,C,h,w] or [1,1,h,w]
-    cond: np.ndarray  # f32[1,L,D] prompt embedding
-    uncond: np.ndarray  # f32[1,L,D] embedding of ""
     schedule: np.ndarray | None  # f32[S] guidance multipliers, or None (all ones)
 
 
@@ -105,11 +102,14 @@ def target(config: C.Config, data, h: int, w: int):
     return f, obj
 
 
-def read_files(config: C.Config, sd) -> EditFiles:
-    """Source image, target flow, masks, schedule and prompt embeddings of an edit."""
+def read_files(config: C.Config) -> EditFiles:
+    """Source image, target flow, masks and schedule of an edit, each checked against the
+    model's sizes (read from its config files: no weights are loaded)."""
+    from mgjax.modelinfo import geometry
     from mgjax.motion import auto_frozen_mask
     from mgjax.trajectory import source_image
 
+    sd = geometry(config.model.model, config.model.revision)
     h, w, image, data = source_image(config, sd)
     flow, obj = target(config, data, h, w)
     mo = config.motion
@@ -125,8 +125,7 @@ def read_files(config: C.Config, sd) -> EditFiles:
     schedule = read_schedule(config.method.schedule, config.method.steps)
     if schedule is None and data is not None and data.schedule is not None:
         schedule = data.schedule[: config.method.steps]  # the reference folder's own
-    cond, uncond = sd.embed(config.source.prompt), sd.embed("")
-    return EditFiles(h, w, image, data, flow, obj, frozen, cond, uncond, schedule)
+    return EditFiles(h, w, image, data, flow, obj, frozen, schedule)
 
 
 def make_sampler(config: C.Config, sd, raft):
@@ -155,6 +154,7 @@ def run(config: C.Config, log=print) -> str:
     """The whole edit. Returns the output folder."""
     config = resolve_toy(config)
     check(config)
+    files = read_files(config)  # every input file, before any model work
     out = config.output
     t_start = time.perf_counter()
     ckpt = Checkpoint(os.path.join(out.out_dir, CHECKPOINT), C.digest(config))
@@ -165,12 +165,12 @@ def run(config: C.Config, log=print) -> str:
         )
     if config.speed.compilation_cache:
         enable_compilation_cache(config.speed.compilation_cache)
-    created = out.overwrite or not os.path.exists(out.out_dir)
+    made = []  # [whether the folder existed (empty)], once this run claims a folder
     try:
-        return _run(config, ckpt, log, t_start)
+        return _run(config, files, ckpt, log, t_start, made)
     except InputError:
-        if created and os.path.isdir(out.out_dir) and not ckpt.exists():
-            shutil.rmtree(out.out_dir)  # nothing half-written
+        if made and os.path.isdir(out.out_dir) and not ckpt.exists():
+            rundir.clear(out.out_dir, keep_folder=made[0])  # nothing half-written
         raise
     except KeyboardInterrupt:
         if ckpt.exists():
@@ -188,7 +188,7 @@ def run(config: C.Config, log=print) -> str:
         raise
 
 
-def _run(config: C.Config, ckpt: Checkpoint, log, t_start: float) -> str:
+def _run(config: C.Config, files: EditFiles, ckpt: Checkpoint, log, t_start: float, made):
     from mgjax import loop
     from mgjax.progress import Progress
     from mgjax.results import EditResult, save_snapshots, write_samples
@@ -197,12 +197,16 @@ def _run(config: C.Config, ckpt: Checkpoint, log, t_start: float) -> str:
 
     out, method = config.output, config.method
     sd, raft = load_models(config)
-    files = read_files(config, sd)
+    cond, uncond = sd.embed(config.source.prompt), sd.embed("")
     if out.overwrite:
         rundir.replace(out.out_dir)  # only now that the inputs were read and checked
+    if out.resume:
+        rundir.remove_temporaries(out.out_dir)  # of a write that a kill cut short
+    if not rundir.is_ours(out.out_dir):  # a new folder, or an empty one of the user's
+        made.append(os.path.isdir(out.out_dir))
     rundir.claim(out.out_dir, ckpt.digest)
     image, z_T, latents = source_trajectory(
-        config, sd, files.cond, files.uncond, out.out_dir, files.image, files.data, log
+        config, sd, cond, uncond, out.out_dir, files.image, files.data, log
     )
     b = out.num_samples
     sampler = make_sampler(config, sd, raft)
@@ -211,8 +215,8 @@ def _run(config: C.Config, ckpt: Checkpoint, log, t_start: float) -> str:
     inputs = sampler.prepare(
         repeat(image),
         repeat(files.flow[None]),
-        files.cond,
-        files.uncond,
+        cond,
+        uncond,
         frozen=repeat(np.broadcast_to(files.frozen, lat)),
         trajectory=np.repeat(latents, b, axis=1),
         schedule=files.schedule,

@@ -218,8 +218,15 @@ def test_real_image_is_inverted_with_its_prompt_without_cfg(assets, tmp_path, mo
     assert seen["cfg"] == 1.0
 
 
-@pytest.mark.slow
-def test_bad_inputs_after_reading(assets, tmp_path):
+def test_bad_inputs_in_files_fail_before_any_model_work(assets, tmp_path, monkeypatch):
+    """Every input file is read and checked against the model's sizes (from its config files)
+    before a model loads: with loading made impossible, each mistake is still its InputError."""
+    from mgjax import workflow
+
+    def no_models(config):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(workflow, "load_models", no_models)
     with pytest.raises(InputError, match="not a multiple of 32; resize it to 96x128"):
         run(_options(assets, tmp_path / "a", image=str(assets / "odd.png")), log=lambda s: None)
     with pytest.raises(InputError, match="entirely out of the frame"):
@@ -246,8 +253,37 @@ def test_bad_inputs_after_reading(assets, tmp_path):
     np.save(short, np.ones(3, np.float32))
     with pytest.raises(InputError, match="has 3 entries but there are 4 DDIM steps"):
         run(_options(assets, tmp_path / "h", schedule=str(short)), log=lambda s: None)
-    for name in "abcdefgh":
+    frozen = tmp_path / "frozen.png"  # at the image's size, not the latent grid's
+    Image.fromarray(np.ones((SIZE, SIZE), np.uint8) * 255).save(frozen)
+    with pytest.raises(InputError, match="a frozen mask is at the latent grid's size, 32x32"):
+        run(_options(assets, tmp_path / "i", frozen_mask=str(frozen)), log=lambda s: None)
+    flow = tmp_path / "flow.npy"
+    np.save(flow, np.zeros((SIZE, SIZE // 2, 2), np.float32))
+    with pytest.raises(InputError, match=r"flow is \(128, 64, 2\) but the image needs"):
+        run(_options(assets, tmp_path / "j", motion=None, flow=str(flow)), log=lambda s: None)
+    for name in "abcdefghij":
         assert not (tmp_path / name).exists()
+
+
+def test_the_last_checked_input_fails_before_diffusers_is_imported(tmp_path):
+    """The toy pack's demo with a guidance schedule of the wrong length (the last input file
+    checked): exit 2 with its one line, and neither diffusers nor the sampler was even
+    imported, so no model can have been loaded, run or compiled."""
+    short = tmp_path / "short.npy"
+    np.save(short, np.ones(3, np.float32))
+    code = (
+        "import sys, launch\nsys.argv = ['launch.py', '--out_dir=o']\n"
+        f"launch.FLAGS(['launch', '--out_dir={tmp_path / 'o'}', '--schedule={short}'])\n"
+        "try:\n    launch.main(['launch'])\nexcept SystemExit as e:\n    print('exit', e.code)\n"
+        "print('imported', [m for m in ('diffusers', 'transformers', 'mgjax.sd', 'mgjax.sampler')"
+        " if m in sys.modules])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert "exit 2" in done.stdout and "imported []" in done.stdout, done.stdout + done.stderr
+    assert "has 3 entries but there are 100 DDIM steps" in done.stderr, done.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_errors_are_one_line(assets, tmp_path):
@@ -337,3 +373,46 @@ def test_toy_model_resolves_to_the_pack_and_its_demo(tmp_path, monkeypatch):
     )  # fmt: skip
     real = C.make(out_dir="o", model="CompVis/stable-diffusion-v1-4")
     assert resolve_toy(real) is real
+
+
+def _faulty_run(phase: str, flags: list[str], delay: float = 0.0, count: int = 0):
+    cmd = [sys.executable, "-m", "tests.fault_runner", phase, str(delay), str(count), "--"]
+    return subprocess.run(cmd + flags, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_run_killed_anywhere_resumes_to_the_same_image(assets, tmp_path):
+    """SIGKILL (no clean-up of any kind) at a random point of each phase in turn: the source's
+    DDIM inversion, then, resumed, the compilation, then the sampling, then the writing of the
+    outputs. The last --resume completes the run; its image equals the uninterrupted run's byte
+    for byte, and nothing temporary is left."""
+    import random
+
+    seed = random.SystemRandom().randrange(2**32)
+    rng = random.Random(seed)
+    flags = [
+        f"--raft_weights={assets / 'raft.pth'}",
+        f"--model={assets / 'sd'}",
+        f"--image={assets / 'image.png'}",
+        f"--object_mask={assets / 'mask.png'}",
+        "--motion=translate:8,0",
+        f"--compilation_cache={tmp_path / 'xla'}",
+        *(f"--{k}={v}" for k, v in FAST.items()),
+    ]
+    whole = _faulty_run("none", flags + [f"--out_dir={tmp_path / 'whole'}"])
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    seen = json.loads(whole.stdout.strip().splitlines()[-1])
+    expected = (tmp_path / "whole" / "sample_00" / "edited.png").read_bytes()
+    out, resume = tmp_path / "cut", []
+    for phase in ("inversion", "compilation", "sampling", "outputs"):
+        delay = rng.uniform(0, seen[phase]) if phase != "outputs" else 0.0
+        count = rng.randint(1, seen["output_files"]) if phase == "outputs" else 0
+        where = f"{phase} at {delay:.3f} s / file {count} (seed {seed})"
+        killed = _faulty_run(phase, flags + [f"--out_dir={out}"] + resume, delay, count)
+        assert killed.returncode == -9, (where, killed.stderr[-2000:])  # SIGKILL
+        assert phase == "outputs" or not (out / "sample_00" / "edited.png").exists(), where
+        resume = ["--resume"]
+    resumed = _faulty_run("none", flags + [f"--out_dir={out}", "--resume"])
+    assert resumed.returncode == 0, (seed, resumed.stderr[-2000:])
+    assert (out / "sample_00" / "edited.png").read_bytes() == expected, seed
+    assert not list(out.rglob(".tmp-*")), seed  # the killed writes' leftovers are gone
