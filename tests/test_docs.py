@@ -110,6 +110,60 @@ def _run_cases(command: str, cases: list[dict]) -> list[dict]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def command_kind(words: list[str]) -> str | None:
+    """What a README command is, for the test that runs it; None: no test runs it."""
+    if words[:3] == ["pip", "install", "-r"] and len(words) == 4:
+        return "install"
+    if words[:3] == ["python", "-m", "pytest"]:
+        return "tests"
+    if words[:2] == ["python", "launch.py"]:
+        return "launch"
+    if words[:3] == ["python", "-m", "mgjax.evaluate"]:
+        return "evaluate"
+    return None
+
+
+def readme_commands() -> tuple[list[list[str]], dict[str, str]]:
+    """README's shell commands outside the blocks marked as needing real weights."""
+    commands, files = [], {}
+    for body in blocks("README.md", ("bash", "sh", "shell")):
+        more, written = shell_commands(body)
+        commands += more
+        files.update(written)
+    return commands, files
+
+
+def test_shell_commands_are_parsed_as_a_shell_would():
+    text = "cat > j.jsonl <<'END'\n{\"a\": 1}\nEND\npip install -r r.txt && python launch.py \\\n"
+    text += '    --prompt "a b" --out_dir out/x   # comment\n'
+    commands, files = shell_commands(text)
+    assert files == {"j.jsonl": '{"a": 1}\n'}
+    assert commands == [
+        ["pip", "install", "-r", "r.txt"],
+        ["python", "launch.py", "--prompt", "a b", "--out_dir", "out/x"],
+    ]
+    assert command_kind(["gcloud", "compute"]) is None
+
+
+def test_every_readme_shell_command_is_one_a_test_runs_or_marked():
+    """Each command is a toy-pack command the next test runs, an install line naming a file
+    that exists, or the test line CI runs; anything else is marked as needing real weights."""
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci = f.read()
+    commands, _ = readme_commands()
+    assert len(commands) >= 5
+    unknown = [" ".join(w) for w in commands if command_kind(w) is None]
+    assert not unknown, (
+        f"README commands neither run by a test nor marked {REAL_WEIGHTS!r}: {unknown}"
+    )
+    for words in commands:
+        line, kind = " ".join(words), command_kind(words)
+        if kind == "install":
+            assert os.path.isfile(os.path.join(ROOT, words[3])), line
+        elif kind == "tests":
+            assert line in ci, f"README's test command is not the one .ci/run runs: {line}"
+
+
 def add(groups: list, command: str, case: dict) -> None:
     """Appends a case, merging consecutive cases of one command line into one process."""
     if groups and groups[-1][0] == command:
@@ -120,15 +174,9 @@ def add(groups: list, command: str, case: dict) -> None:
 
 @pytest.mark.slow
 def test_every_readme_shell_command_runs_or_needs_real_weights(tmp_path):
-    """The toy-pack commands run as written, with --steps 2, outputs under a temporary folder;
-    the install lines name files that exist and the test line is the one CI runs."""
-    with open(os.path.join(ROOT, ".ci", "run")) as f:
-        ci = f.read()
-    commands, files = [], {}
-    for body in blocks("README.md", ("bash", "sh", "shell")):
-        more, written = shell_commands(body)
-        commands += more
-        files.update(written)
+    """The toy-pack commands run as written, with --steps 2 and outputs under a temporary
+    folder, in README's order (the evaluation and the resume use the demo's run)."""
+    commands, files = readme_commands()
     for name, content in files.items():
         (tmp_path / name).write_text(content)
 
@@ -139,22 +187,14 @@ def test_every_readme_shell_command_runs_or_needs_real_weights(tmp_path):
 
     groups: list[tuple[str, list]] = []  # consecutive cases of one command line, in order
     for words in commands:
-        line = " ".join(words)
-        if words[:3] == ["pip", "install", "-r"]:
-            assert os.path.isfile(os.path.join(ROOT, words[3])), line
-        elif words[:3] == ["python", "-m", "pytest"]:
-            assert line in ci, f"README's test command is not the one .ci/run runs: {line}"
-        elif words[:2] == ["python", "launch.py"]:
+        line, kind = " ".join(words), command_kind(words)
+        if kind == "launch":
             args = [local(a) for a in words[2:]]
             args += ["--steps", STEPS, "--compilation_cache", str(tmp_path / "xla")]
             add(groups, "launch", dict(args=args, work=str(tmp_path), line=line))
-        elif words[:3] == ["python", "-m", "mgjax.evaluate"]:
+        elif kind == "evaluate":
             args = [local(a) for a in words[3:]]
             add(groups, "evaluate", dict(args=args, work=str(tmp_path), line=line))
-        else:
-            pytest.fail(
-                f"README command neither run by this test nor marked {REAL_WEIGHTS!r}: {line}"
-            )
     assert sum(len(cases) for _, cases in groups) >= 5
     for command, cases in groups:
         results = _run_cases(command, [dict(args=c["args"], work=c["work"]) for c in cases])
