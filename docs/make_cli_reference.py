@@ -31,7 +31,8 @@ command line's preset for that job and never overrides an explicit flag.
 """
 
 
-def _value(value) -> str:
+def show_value(value: object) -> str:
+    """A default or preset value as the reference shows it (None: unset, booleans lower case)."""
     if value is None:
         return "unset"
     if isinstance(value, bool):
@@ -50,7 +51,7 @@ def _cell(text: str) -> str:
 def _default(name: str, field: dataclasses.Field) -> str:
     if name == "compilation_cache":  # depends on the user's home: shown as its rule
         return "`$XDG_CACHE_HOME/mgjax/xla`, else `~/.cache/mgjax/xla`"
-    return f"`{_value(field.default)}`"
+    return f"`{show_value(field.default)}`"
 
 
 def _group_table(group: str) -> list[str]:
@@ -67,7 +68,7 @@ def _group_table(group: str) -> list[str]:
             help_text += " One of: " + ", ".join(f"`{c}`" for c in field.metadata["choices"]) + "."
         cells = [f"`--{name}`", _default(name, field)]
         cells += [
-            f"`{_value(C.PRESETS[p][name])}`" if name in C.PRESETS[p] else "" for p in presets
+            f"`{show_value(C.PRESETS[p][name])}`" if name in C.PRESETS[p] else "" for p in presets
         ]
         rows.append("| " + " | ".join([*cells, _cell(help_text)]) + " |")
     return rows
@@ -83,7 +84,7 @@ def _launch_flags() -> list[str]:
         for flag in by_module[module]:
             if flag.name in config_names:
                 continue
-            rows.append(f"| `--{flag.name}` | `{_value(flag.default)}` | {_cell(flag.help)} |")
+            rows.append(f"| `--{flag.name}` | `{show_value(flag.default)}` | {_cell(flag.help)} |")
     return rows
 
 
@@ -103,7 +104,7 @@ def render() -> str:
     lines.append("## Presets\n")
     for name in PRESET_ORDER:
         values = C.PRESETS[name]
-        listed = ", ".join(f"`{k}={_value(v)}`" for k, v in values.items()) or "the defaults"
+        listed = ", ".join(f"`{k}={show_value(v)}`" for k, v in values.items()) or "the defaults"
         lines.append(f"- `{name}`: {listed}")
     return "\n".join(lines) + "\n"
 

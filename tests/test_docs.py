@@ -54,7 +54,7 @@ def test_cli_reference_names_every_flag_and_preset_value():
         assert f"`--{name}`" in text, name
     for preset, values in make_cli_reference.C.PRESETS.items():
         for key, value in values.items():
-            assert f"`{key}={make_cli_reference._value(value)}`" in text, (preset, key)
+            assert f"`{key}={make_cli_reference.show_value(value)}`" in text, (preset, key)
 
 
 def test_relative_links_in_markdown_resolve():
