@@ -57,6 +57,13 @@ def test_cli_reference_names_every_flag_and_preset_value():
             assert f"`{key}={make_cli_reference.show_value(value)}`" in text, (preset, key)
 
 
+def anchors(path: str) -> set[str]:
+    """The anchors of a Markdown file's headings, as GitHub makes them."""
+    with open(path) as f:
+        headings = [line.lstrip("#").strip() for line in f if line.startswith("#")]
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
 def test_relative_links_in_markdown_resolve():
     broken = []
     for name in markdown_files():
@@ -65,9 +72,12 @@ def test_relative_links_in_markdown_resolve():
         for target in LINK.findall(text):
             if re.match(r"[a-z]+:", target) or target.startswith("#"):
                 continue  # web addresses and anchors
-            path = os.path.normpath(os.path.join(ROOT, os.path.dirname(name), target.split("#")[0]))
+            file, _, anchor = target.partition("#")
+            path = os.path.normpath(os.path.join(ROOT, os.path.dirname(name), file))
             if not os.path.exists(path):
                 broken.append(f"{name}: {target}")
+            elif anchor and anchor not in anchors(path):
+                broken.append(f"{name}: {target} (no such heading)")
     assert not broken, "links to missing files:\n" + "\n".join(broken)
 
 
