@@ -14,7 +14,7 @@ weights:
   3. the energy of the exact answer: the scene rendered with the object moved d px right
      (d = 0 is the source, 10 the target), as rendered and after the autoencoder's round trip
      (what guidance sees). Guidance can only find the edit if the energy falls towards d = 10.
-Prints the figures (BENCHMARKS.md, "RAFT gradient").
+Prints the figures (BENCHMARKS.md, "RAFT").
 """
 
 import argparse

@@ -1,4 +1,4 @@
-"""Shared timing and cost helpers of the benchmark scripts."""
+"""Timing and cost functions shared by the benchmark scripts."""
 
 import statistics
 import time

@@ -1,4 +1,4 @@
-"""File helpers for the command lines: images in (with a pixel limit), atomic writes out."""
+"""Files for the command lines: images in (with a pixel limit), atomic writes out."""
 
 import os
 import tempfile

@@ -1,6 +1,6 @@
 """mgjax: Motion Guidance (Geng & Owens, ICLR 2024) in JAX/Flax.
 
-The guided sampler lands with the sampler issue; `flow` (RAFT) is the foundation it builds on.
+`mgjax` is the guided sampler and the editing workflow; `flow` (RAFT) is what it builds on.
 """
 
 __version__ = "0.1.0"

@@ -48,7 +48,7 @@ def sample_folders(run_dirs: list[str]) -> list[str]:
     if not found:
         raise InputError(
             f"no edits with target_flow.npy under {', '.join(run_dirs)} (runs written by "
-            "launch.py since batch editing landed keep the target flow there)"
+            "launch.py keep the target flow there)"
         )
     return sorted(set(found))
 

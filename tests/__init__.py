@@ -1,1 +1,2 @@
-"""The test suite; its helper modules (torch references, XLA cost helpers) import as tests.*."""
+"""The test suite; its shared modules (torch references, XLA cost functions, tiny models)
+import as tests.*."""

@@ -1,5 +1,5 @@
 """Test-wide numerics: fp32 everywhere, JAX matmuls at "highest", torch TF32 off. One
-persistent XLA compilation cache per test session (a fresh temporary folder): tests that
+persistent XLA compilation cache per pytest run (a fresh temporary folder): tests that
 compile the same program (the same sampler configuration, a resumed run) compile it once."""
 
 import atexit

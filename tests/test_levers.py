@@ -136,7 +136,7 @@ def test_blocks_remat_checkpoints_each_block_once_and_keeps_the_gradient(tiny):
 @pytest.mark.slow
 def test_source_cache_encodes_the_source_once_and_keeps_the_result(tiny):
     """source_cache: prepare encodes the source with RAFT once (GuidanceInputs.raft_source), the
-    evaluation no longer does (fewer FLOPs by at least 90% of the encoders'), and the result
+    evaluation does not (fewer FLOPs by at least 90% of the encoders'), and the result
     stays within the noise floor: the same evaluation with its input moved by 1e-7."""
     runs, flops = {}, {}
     for cache in (False, True):

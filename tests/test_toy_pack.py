@@ -55,8 +55,7 @@ def test_embedded_default_moves_the_object_unguided_does_not(tmp_path):
     requested direction, more than half its pixels kept; the same run with lambda_g = 0 leaves
     it where it was. Guided runs amplify rounding: at the preset's 100 steps, runs that differ
     only in XLA's thread count and loop form ended at (+6.5, -0.1) to (+9.3, -0.1) px with 328
-    to 405 of the 424 pixels; at the earlier 50 steps one CPU kept only 207 (BENCHMARKS.md: the
-    rounding studies)."""
+    to 405 of the 424 pixels; at 50 steps one CPU kept only 207 (docs/toy.md: rounding)."""
     meta = pack.info()
     assert meta["demo"]["motion"] == "translate:10,0"
     image = np.asarray(Image.open(pack.demo_files()["image"]), np.float32) / 255.0

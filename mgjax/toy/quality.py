@@ -83,7 +83,7 @@ def edit_scores(edited, scene: shapes.Scene, k: int, matrix) -> dict:
 def forward_warp(image, flow, moving) -> tuple[np.ndarray, np.ndarray]:
     """Splat the `moving` pixels of image (f32[H,W,3]) to p + flow(p), bilinearly, over the
     source with the moved pixels' old places cleared. Returns (warped image, hole mask bool[H,W]:
-    pixels the object left that nothing landed on; they are black in the image)."""
+    pixels the object left that nothing lands on; they are black in the image)."""
     h, w, _ = image.shape
     acc = np.zeros((h, w, 3))
     weight = np.zeros((h, w))
@@ -97,8 +97,8 @@ def forward_warp(image, flow, moving) -> tuple[np.ndarray, np.ndarray]:
             ok = (cx >= 0) & (cx < w) & (cy >= 0) & (cy < h) & (wgt > 0)
             np.add.at(acc, (cy[ok], cx[ok]), wgt[ok, None] * image[ys[ok], xs[ok]])
             np.add.at(weight, (cy[ok], cx[ok]), wgt[ok])
-    landed = weight > 0.5
+    reached = weight > 0.5
     out = np.where(moving[..., None], 0.0, image)
-    out[landed] = acc[landed] / weight[landed, None]
-    holes = moving & ~landed
+    out[reached] = acc[reached] / weight[reached, None]
+    holes = moving & ~reached
     return out.astype(np.float32), holes
