@@ -336,6 +336,10 @@ def serve(explicit: dict, preset: str, host: str, port: int, launcher: str, log=
     out_root = config.output.out_dir or os.path.join("runs", "editor")
     check_writable(out_root)
     os.makedirs(out_root, exist_ok=True)
+    if config.speed.compilation_cache:
+        from mgjax.workflow import enable_compilation_cache
+
+        enable_compilation_cache(config.speed.compilation_cache)
     scratch = tempfile.mkdtemp(prefix="mgjax-editor-")
     try:
         log(f"loading {config.model.model} ...")
