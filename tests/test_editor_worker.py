@@ -2,9 +2,10 @@
 dropped; running: stopped at its next should_stop), and errors that leave it running."""
 
 import threading
+import time
 
 from flow.errors import InputError
-from mgjax.editor.worker import Job, Worker
+from mgjax.editor.worker import Cancelled, Job, Worker
 
 
 def gated(order: list, gate: threading.Event, name: str):
@@ -13,7 +14,7 @@ def gated(order: list, gate: threading.Event, name: str):
     def run(job: Job) -> dict:
         while not gate.wait(0.01):
             if job.should_stop():
-                return dict(stopped=True)
+                raise Cancelled(at="waiting")
         order.append(name)
         return dict(name=name)
 
@@ -26,7 +27,7 @@ def test_fifo_with_places_and_one_job_at_a_time():
     places = [worker.submit(j) for j in jobs]
     assert places == [1, 2, 3]
     while jobs[0].status != "running":
-        pass
+        time.sleep(0.001)
     assert [worker.place(j) for j in jobs] == [0, 1, 2]  # a runs; b is next
     gate.set()
     for j in jobs:
@@ -42,12 +43,13 @@ def test_cancel_drops_a_queued_job_and_stops_a_running_one():
     worker.submit(running)
     worker.submit(queued)
     while running.status != "running":
-        pass
+        time.sleep(0.001)
     worker.cancel(queued)
     assert queued.status == "cancelled" and worker.place(queued) is None
     worker.cancel(running)
     assert worker.wait(running, 10) and running.status == "cancelled"
-    assert running.events[-1]["type"] == "cancelled" and order == []
+    assert running.events[-1]["type"] == "cancelled" and running.events[-1]["at"] == "waiting"
+    assert order == []
     worker.close()
 
 

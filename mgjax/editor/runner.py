@@ -19,7 +19,7 @@ from flow.errors import InputError
 from mgjax import config as C
 from mgjax import outputs, rundir, workflow
 from mgjax.checkpoint import Checkpoint
-from mgjax.editor.worker import Job
+from mgjax.editor.worker import Cancelled, Job
 from mgjax.motion import auto_frozen_mask
 
 INPUTS = "inputs"  # the authored source, mask, flow and frozen mask, inside the run folder
@@ -111,8 +111,8 @@ class Engine:
             )
         except DivergenceError as e:
             raise InputError(f"the edit diverged ({e}); lower the guidance weight") from None
-        if not result.finished:
-            return dict(step=int(result.state.step), folder=out_dir)
+        if not result.finished:  # the checkpoint stays: launch.py --resume continues it
+            raise Cancelled(step=int(result.state.step), folder=out_dir)
         job.emit("phase", text="writing the outputs")
         edited = sampler.decode(result.state.z)
         wall = time.perf_counter() - t_start

@@ -32,6 +32,14 @@ def _finite(value):
     return value
 
 
+class Cancelled(Exception):
+    """Raised by a job's run when it stopped because it was asked to (should_stop)."""
+
+    def __init__(self, **data):
+        super().__init__("cancelled")
+        self.data = data
+
+
 class Job:
     """One queued piece of work: `run(job)` returns the result (a dict) or raises."""
 
@@ -149,8 +157,9 @@ class Worker:
                 job.status = "running"
             job.emit("started")
             try:
-                result = job.run(job)
-                status = "cancelled" if job.cancel_requested else "done"
+                result, status = job.run(job), "done"  # a cancel after the last chunk: done
+            except Cancelled as e:
+                result, status = e.data, "cancelled"
             except InputError as e:  # a bad input, a divergence: the page shows the sentence
                 status, result, job.error = "failed", None, str(e)
             except Exception as e:  # anything else: one line on the page, the trace in the log
