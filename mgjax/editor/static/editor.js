@@ -124,13 +124,16 @@ function loadMaskImage(url) {
   im.src = url;
 }
 
-function paint(p, erase) {
+function paint(from, to, erase) { // a round-capped segment: fast strokes leave no gaps
   const ctx = maskContext();
   ctx.globalCompositeOperation = erase ? "destination-out" : "source-over";
-  ctx.fillStyle = "#fff";
+  ctx.strokeStyle = ctx.fillStyle = "#fff";
+  ctx.lineWidth = Number($("brush-size").value);
+  ctx.lineCap = "round";
   ctx.beginPath();
-  ctx.arc(p.x, p.y, Number($("brush-size").value) / 2, 0, 2 * Math.PI);
-  ctx.fill();
+  ctx.moveTo(from.x, from.y);
+  ctx.lineTo(to.x + 1e-3, to.y);
+  ctx.stroke();
   ctx.globalCompositeOperation = "source-over";
 }
 
@@ -185,7 +188,7 @@ function onDown(ev) {
   S.gesture = { tool, p0: p, p };
   if (tool === "brush" || tool === "eraser") {
     S.box = null;
-    paint(p, tool === "eraser");
+    paint(p, p, tool === "eraser");
   } else if (["translate", "rotate", "scale", "stretch"].includes(tool)) {
     S.pairs = [];
     S.terms.push(null);
@@ -200,8 +203,9 @@ function onMove(ev) {
   const g = S.gesture;
   if (!g) return;
   const p = imagePoint(ev);
+  const last = g.p;
   g.p = p;
-  if (g.tool === "brush" || g.tool === "eraser") paint(p, g.tool === "eraser");
+  if (g.tool === "brush" || g.tool === "eraser") paint(last, p, g.tool === "eraser");
   else if (g.tool === "box") { /* drawn from the gesture */ }
   else if (g.tool === "points") { const q = S.pairs[S.pairs.length - 1]; q[2] = p.x; q[3] = p.y; }
   else { S.terms[S.terms.length - 1] = motionTerm(g.tool, g.p0, p); }
