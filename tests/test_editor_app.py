@@ -169,7 +169,9 @@ def test_preview_translation_in_a_box_is_numpys_flow(editor):
     expected = np.zeros((64, 64, 2), np.float32)
     expected[12:40, 10:30] = (5, -2)
     norm = float(np.linalg.norm(expected, axis=-1).max())  # as target_flow.png is scaled
-    np.testing.assert_array_equal(decode(r.json()["flow"]), flow_to_color(expected, norm))
+    colours = decode(r.json()["flow"])
+    np.testing.assert_array_equal(colours[..., :3], flow_to_color(expected, norm))
+    np.testing.assert_array_equal(colours[..., 3] > 0, np.any(expected != 0, axis=-1))
     frozen = decode(r.json()["frozen"]) > 127  # latent grid 16x16: the box's cells are editable
     assert frozen.shape == (16, 16)
     assert (
@@ -195,7 +197,7 @@ def test_preview_rotation_about_a_painted_masks_centroid(editor):
     p = np.stack([xx, yy], -1).astype(np.float64) - c
     expected = np.where(mask[..., None] > 0, p @ rot.T - p, 0.0).astype(np.float32)
     norm = float(np.linalg.norm(expected, axis=-1).max())
-    got = decode(r.json()["flow"]).astype(int)
+    got = decode(r.json()["flow"])[..., :3].astype(int)
     assert np.abs(got - flow_to_color(expected, norm).astype(int)).max() <= 1  # float32 rounding
     assert r.json()["moving_pixels"] == int((mask > 0).sum())
 

@@ -206,8 +206,8 @@ def resolve(explicit: dict, preset: str, job: dict) -> C.Config:
 
 def preview(config: C.Config, h: int, w: int, vae_factor: int) -> dict:
     """The target flow and the automatic frozen mask of an authored edit, as launch.py makes
-    them: the flow as the colour wheel (scaled to its largest displacement, as target_flow.png),
-    the frozen mask at the latent grid (255 = kept from the source)."""
+    them: the flow as the colour wheel (scaled to its largest displacement, as target_flow.png;
+    alpha 0 where nothing moves), the frozen mask at the latent grid (255 = kept)."""
     from mgjax.motion import box_mask
     from mgjax.workflow import target
 
@@ -226,8 +226,10 @@ def preview(config: C.Config, h: int, w: int, vae_factor: int) -> dict:
     frozen = auto_frozen_mask(flow, vae_factor, config.motion.dilate)[0, 0]
     norm = float(np.linalg.norm(flow, axis=-1).max())
     moving = np.any(flow != 0, axis=-1)
+    # the colour wheel where something moves, transparent where nothing does
+    colours = np.dstack([flow_to_color(flow, max(norm, 1e-6)), moving.astype(np.uint8) * 255])
     return dict(
-        flow=data_url(flow_to_color(flow, max(norm, 1e-6))),
+        flow=data_url(colours),
         frozen=data_url(frozen.astype(np.uint8) * 255),
         max_displacement=norm,
         moving_pixels=int(moving.sum()),

@@ -242,21 +242,14 @@ function draw() {
   if (!S.source) return;
   if (S.img.complete) ctx.drawImage(S.img, 0, 0, view.width, view.height);
   if ($("show-frozen").checked && S.frozenImg) ctx.drawImage(S.frozenImg, 0, 0, view.width, view.height);
-  if ($("show-flow").checked && S.flowImg) {
-    ctx.globalCompositeOperation = "multiply"; // white (no motion) leaves the image as it is
+  const flowShown = $("show-flow").checked && S.flowImg;
+  if ($("show-mask").checked && !flowShown) ctx.drawImage(tinted(S.mask, "rgba(230, 30, 60, 0.45)"), 0, 0, view.width, view.height);
+  if (flowShown) { // the colour wheel where something moves (transparent elsewhere)
+    ctx.globalAlpha = 0.7;
     ctx.drawImage(S.flowImg, 0, 0, view.width, view.height);
-    ctx.globalCompositeOperation = "source-over";
+    ctx.globalAlpha = 1;
   }
-  if ($("show-mask").checked) {
-    const tint = document.createElement("canvas");
-    tint.width = S.mask.width; tint.height = S.mask.height;
-    const t = tint.getContext("2d");
-    t.drawImage(S.mask, 0, 0);
-    t.globalCompositeOperation = "source-in";
-    t.fillStyle = "rgba(230, 30, 60, 0.45)";
-    t.fillRect(0, 0, tint.width, tint.height);
-    ctx.drawImage(tint, 0, 0, view.width, view.height);
-  }
+  if ($("show-mask").checked && S.hasMask) outline(ctx, k);
   ctx.lineWidth = 2;
   const g = S.gesture;
   const box = g && g.tool === "box" ? [g.p0.x, g.p0.y, g.p.x, g.p.y] : S.box;
@@ -272,6 +265,36 @@ function draw() {
     ctx.beginPath(); ctx.moveTo(cx - 8, cy); ctx.lineTo(cx + 8, cy);
     ctx.moveTo(cx, cy - 8); ctx.lineTo(cx, cy + 8); ctx.stroke();
   }
+}
+
+function tinted(source, colour) {
+  const c = document.createElement("canvas");
+  c.width = source.width; c.height = source.height;
+  const t = c.getContext("2d");
+  t.drawImage(source, 0, 0);
+  t.globalCompositeOperation = "source-in";
+  t.fillStyle = colour;
+  t.fillRect(0, 0, c.width, c.height);
+  return c;
+}
+
+function outline(ctx, k) { // the mask's boundary, one image pixel wide
+  const w = S.mask.width, h = S.mask.height;
+  const a = maskContext().getImageData(0, 0, w, h).data;
+  const on = (x, y) => x >= 0 && y >= 0 && x < w && y < h && a[4 * (y * w + x) + 3] > 127;
+  ctx.strokeStyle = "rgba(255, 230, 0, 0.95)";
+  ctx.lineWidth = 2;
+  ctx.beginPath();
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) {
+      if (!on(x, y)) continue; // a side of an object pixel that faces the outside
+      if (!on(x - 1, y)) { ctx.moveTo(x * k, y * k); ctx.lineTo(x * k, (y + 1) * k); }
+      if (!on(x + 1, y)) { ctx.moveTo((x + 1) * k, y * k); ctx.lineTo((x + 1) * k, (y + 1) * k); }
+      if (!on(x, y - 1)) { ctx.moveTo(x * k, y * k); ctx.lineTo((x + 1) * k, y * k); }
+      if (!on(x, y + 1)) { ctx.moveTo(x * k, (y + 1) * k); ctx.lineTo((x + 1) * k, (y + 1) * k); }
+    }
+  }
+  ctx.stroke();
 }
 
 function arrow(ctx, x0, y0, x1, y1) {
