@@ -296,3 +296,19 @@ def test_unknown_job_and_files_outside_the_run(editor):
     assert editor.client.get(f"{base}/job.jsonl").status_code == 200
     assert editor.client.get(f"{base}/../../../etc/passwd").status_code == 404
     assert editor.client.get(f"{base}/%2E%2E/%2E%2E/etc/passwd").status_code == 404
+
+
+def test_serve_with_jobs_is_one_error_line(tmp_path, repo_root):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "launch.py", "--serve", "--jobs", str(tmp_path / "j.jsonl")],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: --serve and --jobs exclude each other"
+    ]

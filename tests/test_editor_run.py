@@ -90,3 +90,35 @@ def test_edit_cancel_and_programs_reused(tmp_path):
     assert (sampler.compile_seconds, sampler.traces) == (compiled, traces)  # nothing recompiled
     assert list(engine.samplers.values()) == [sampler]
     worker.close()
+
+
+def test_generated_source_is_the_one_the_edit_uses(tmp_path):
+    explicit = {"chunk": 2, "compilation_cache": ""}
+    engine = Engine(authoring.resolve(explicit, "auto", {}), str(tmp_path / "generated"))
+    worker = Worker()
+    store = authoring.Store(str(tmp_path / "store"))
+    editor = A.Editor(engine, store, worker, explicit, "auto", str(tmp_path / "runs"), "launch.py")
+    client = TestClient(A.create_app(editor))
+    prompt = "a red square on a striped blue background"
+    r = client.post("/api/generate", json={"prompt": prompt, "seed": 3, "steps": 2})
+    assert r.status_code == 200, r.text
+    job = worker.jobs[r.json()["id"]]
+    assert worker.wait(job, 300) and job.status == "done", job.error
+    made = job.events[-1]
+    generated = np.asarray(
+        Image.open(io.BytesIO(client.get(f"/api/images/{made['image']}").content))
+    )
+    assert generated.shape == (64, 64, 3) and made["seed"] == 3
+
+    spec = {"image": None, "prompt": prompt, "seed": 3, "steps": 2, "box": "8,8,30,30"}
+    r = client.post("/api/run", json={**spec, "motion": "translate:4,0"})
+    assert r.status_code == 200, r.text
+    edit = worker.jobs[r.json()["id"]]
+    assert worker.wait(edit, 300) and edit.status == "done", edit.error
+    logs = [e["text"] for e in edit.events if e["type"] == "log"]
+    assert not any("generating" in line for line in logs)  # the page's generation, reused
+    source = np.asarray(Image.open(os.path.join(r.json()["folder"], "sample_00", "source.png")))
+    np.testing.assert_array_equal(source, generated)
+    line = json.loads(open(os.path.join(r.json()["folder"], "job.jsonl")).read())
+    assert "image" not in line and (line["prompt"], line["seed"]) == (prompt, 3)
+    worker.close()
