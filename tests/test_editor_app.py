@@ -279,10 +279,21 @@ def test_run_writes_inputs_and_a_jobs_line_that_reproduces_the_config(editor, mo
     assert "--jobs job.jsonl" in open("reproduce.txt").read()
 
 
-def test_run_without_a_motion_is_refused_before_anything_is_written(editor):
-    r = editor.client.post("/api/run", json={"image": demo(editor), "box": "1,1,9,9"})
-    assert r.status_code == 400 and "no motion" in r.json()["error"]
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ({"box": "1,1,9,9"}, "no motion"),
+        ({"box": "1,1,9,9", "motion": "translate:100,0"}, "out of the frame"),
+        ({"box": "1,1,9,9", "drag": "30,30>40,30"}, "outside the object mask"),
+        ({"box": "1,1,9,9", "motion": "translate:1,0", "steps": 0}, "steps must be"),
+    ],
+    ids=["no-motion", "leaves-frame", "handle-off-object", "zero-steps"],
+)
+def test_bad_runs_are_refused_before_anything_is_written(editor, spec, words):
+    r = editor.client.post("/api/run", json={"image": demo(editor), **spec})
+    assert r.status_code == 400 and words in r.json()["error"], r.text
     assert not os.path.exists(editor.out_root) or not os.listdir(editor.out_root)
+    assert not editor.worker.jobs
 
 
 def test_unknown_job_and_files_outside_the_run(editor):

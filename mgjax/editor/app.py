@@ -26,6 +26,7 @@ import io
 import itertools
 import json
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -106,6 +107,9 @@ def create_app(editor: Editor) -> Starlette:
     async def index(request):
         return FileResponse(STATIC / "index.html")
 
+    toy = editor.explicit.get("model", C.Model().model) == C.TOY_MODEL
+    scenes = authoring.toy_scenes() if toy else []
+
     async def info(request):
         presets = {}
         for name in ("auto", *sorted(C.PRESETS)):
@@ -116,14 +120,12 @@ def create_app(editor: Editor) -> Starlette:
         return JSONResponse(
             dict(
                 model=editor.explicit.get("model", C.Model().model),
-                toy=editor.explicit.get("model", C.TOY_MODEL) == C.TOY_MODEL,
+                toy=toy,
                 native=engine.native,
                 factor=engine.factor,
                 preset=editor.preset,
                 presets=presets,
-                scenes=authoring.toy_scenes()
-                if editor.explicit.get("model", "toy") == "toy"
-                else [],
+                scenes=scenes,
                 limits=authoring.limits(),
                 out_root=os.path.abspath(editor.out_root),
             )
@@ -172,19 +174,21 @@ def create_app(editor: Editor) -> Starlette:
         out_dir = os.path.join(editor.out_root, name)
         every = config.output.log_every or max(1, config.method.steps // 10)
         config = resolve_toy(C.replace(config, out_dir=out_dir, log_every=every))
+        authoring.preview(config, h, w, engine.vae_factor)  # the motion's errors, before writing
         check(config)
-        config, line = runner.write_inputs(_claimed(config), job_line)
-        runner.claim(config)
-        runner.write_reproduction(
-            config, line, editor.explicit, editor.launcher, h, w, engine.vae_factor
-        )
+        os.makedirs(out_dir)
+        try:
+            config, line = runner.write_inputs(config, job_line)
+            runner.claim(config)
+            runner.write_reproduction(
+                config, line, editor.explicit, editor.launcher, h, w, engine.vae_factor
+            )
+        except BaseException:
+            shutil.rmtree(out_dir)  # created above: nothing half-written stays
+            raise
         title = f"{name}: {config.motion.motion or config.motion.drag}"
         job = Job("edit", title, lambda job: engine.edit(config, job), folder=out_dir)
         return dict(id=job.id, name=name, place=worker.submit(job), folder=out_dir)
-
-    def _claimed(config):
-        os.makedirs(config.output.out_dir, exist_ok=True)
-        return config
 
     async def generate(request):
         spec = await _json(request)
@@ -323,7 +327,6 @@ def zip_folder(folder: str) -> bytes:
 
 def serve(explicit: dict, preset: str, host: str, port: int, launcher: str, log=print) -> None:
     """Load the models once, then serve the editor at http://host:port/ until interrupted."""
-    import shutil
     import tempfile
 
     import uvicorn

@@ -7,7 +7,6 @@ memory and time without finishing either sooner.
 """
 
 import collections
-import itertools
 import logging
 import math
 import threading
@@ -88,7 +87,6 @@ class Worker:
         self.queue: collections.deque[Job] = collections.deque()
         self.current: Job | None = None
         self.cond = threading.Condition()
-        self.count = itertools.count(1)
         self.closed = False
         self.thread = threading.Thread(target=self._loop, name="mgjax-editor-worker", daemon=True)
         self.thread.start()
