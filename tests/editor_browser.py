@@ -224,7 +224,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("screenshot", help="where the finished page's screenshot goes (PNG)")
     parser.add_argument("--shots", help="also save the authoring (rotation) screenshot here")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=100, help="DDIM steps (the toy preset's 100)")
     args = parser.parse_args()
     out = tempfile.mkdtemp(prefix="mgjax-editor-shot-")
     server = Server(out)

@@ -51,7 +51,16 @@ class Editor:
     """What the handlers share: the engine (models), the store, the worker and the settings the
     server was started with."""
 
-    def __init__(self, engine, store, worker, explicit, preset, out_root, launcher):
+    def __init__(
+        self,
+        engine,  # mgjax.editor.runner.Engine, or anything with its attributes (tests)
+        store: authoring.Store,
+        worker: Worker,
+        explicit: dict,
+        preset: str,
+        out_root: str,
+        launcher: str,
+    ):
         self.engine, self.store, self.worker = engine, store, worker
         self.explicit, self.preset, self.out_root = dict(explicit), preset, out_root
         self.launcher = launcher

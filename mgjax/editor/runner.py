@@ -49,6 +49,7 @@ class Engine:
         return int(self.sd.vae_factor) * 8
 
     def sampler(self, config: C.Config):
+        """The Sampler of config's method, speed and snapshot setting (made once)."""
         key = (config.method, config.speed, config.output.log_every)
         if key not in self.samplers:
             self.samplers[key] = workflow.make_sampler(config, self.sd, self.raft)
