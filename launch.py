@@ -16,6 +16,8 @@
   # many edits, batched over the local devices (one JSON object of flags per line)
   python launch.py --jobs jobs.jsonl --out_dir runs/batch --model CompVis/stable-diffusion-v1-4 \\
       --raft_weights raft-things.pth
+  # the browser motion editor at http://127.0.0.1:8765/ (docs/editor.md)
+  python launch.py --serve
   # the authors' example folders
   python launch.py --model CompVis/stable-diffusion-v1-4 --data_dir data/apple \\
       --target_flow_name right.pth --edit_mask_name right.mask.pth ...
@@ -29,6 +31,7 @@ explicit flag < a jobs-file line's key. Ctrl-C leaves what was computed; --resum
 """
 
 import dataclasses
+import os
 import sys
 
 from absl import app, flags, logging
@@ -92,6 +95,21 @@ flags.DEFINE_integer("num_processes", 1, "Processes in the run (with --coordinat
 flags.DEFINE_integer(
     "process_id", 0, "This process's id, 0 .. num_processes - 1 (with --coordinator).", **_batch
 )
+_serve = dict(module_name="launch.py editor")
+flags.DEFINE_bool(
+    "serve",
+    False,
+    "Serve the browser motion editor (docs/editor.md) with these model and guidance flags; "
+    "its runs go to --out_dir (default runs/editor).",
+    **_serve,
+)
+flags.DEFINE_integer("port", 8765, "The editor's port (with --serve).", **_serve)
+flags.DEFINE_string(
+    "host",
+    "127.0.0.1",
+    "The editor's address (with --serve); other than 127.0.0.1 it is reachable by others.",
+    **_serve,
+)
 FLAGS = flags.FLAGS
 for _name in [
     *C.FIELDS,
@@ -101,6 +119,9 @@ for _name in [
     "coordinator",
     "num_processes",
     "process_id",
+    "serve",
+    "port",
+    "host",
 ]:
     flags.declare_key_flag(_name)  # --helpshort lists them all
 
@@ -131,6 +152,14 @@ def main(argv: list[str]) -> None:
             raise InputError(f"unexpected arguments {argv[1:]}; see --help")
         log = lambda s: print(s, flush=True)  # noqa: E731
         try:
+            if FLAGS.serve:
+                from mgjax.editor.app import serve
+
+                if FLAGS.jobs:
+                    raise InputError("--serve and --jobs exclude each other")
+                launcher = os.path.abspath(__file__)
+                serve(explicit_values(), FLAGS.preset, FLAGS.host, FLAGS.port, launcher, log)
+                return
             if FLAGS.jobs:
                 from mgjax import batch, sharding
 

@@ -81,7 +81,9 @@ class Progress:
                 postfix="first chunk",
             )
 
-    def __call__(self, state: _HasStep, logs: dict) -> None:
+    def measure(self, state: _HasStep, logs: dict) -> dict:
+        """The figures after a chunk: steps done and total, steps/s, evals/s, ETA (s) and the
+        chunk's last finite energy (NaN while unknown)."""
         done, now = int(state.step), self.clock()
         if self.start is None:
             self.start = (done, now)
@@ -89,8 +91,20 @@ class Progress:
         else:
             rate = (done - self.start[0]) / max(now - self.start[1], 1e-9)
         eta = (self.total - done) / rate if rate > 0 else math.nan
-        evals = _number(rate * self.k, ".2f")
-        energy = _number(_last_energy(logs), ".4g")
+        return dict(
+            done=done,
+            total=self.total,
+            steps_per_s=rate,
+            evals_per_s=rate * self.k,
+            eta_s=eta,
+            energy=_last_energy(logs),
+        )
+
+    def __call__(self, state: _HasStep, logs: dict) -> None:
+        f = self.measure(state, logs)
+        done, eta = f["done"], f["eta_s"]
+        evals = _number(f["evals_per_s"], ".2f")
+        energy = _number(f["energy"], ".4g")
         if self.bar is not None:
             text = f"{evals} evals/s, ETA {_duration(eta)}, energy {energy}"
             self.bar.set_postfix_str(text, refresh=False)

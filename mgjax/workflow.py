@@ -134,6 +134,27 @@ def make_sampler(config: C.Config, sd, raft):
     return Sampler(sd, raft, config.method, config.speed, snapshot_every=config.output.log_every)
 
 
+def start(config: C.Config, sampler, files: EditFiles, prompts, source):
+    """(GuidanceInputs, SamplerState at the first DDIM step) of an edit's num_samples samples
+    (seeds seed, seed + 1, ...); prompts: (cond, uncond) embeddings; source: (image, z_T,
+    latents) of mgjax.trajectory.source_trajectory."""
+    (cond, uncond), (image, z_T, latents) = prompts, source
+    b, sd = config.output.num_samples, sampler.sd
+    repeat = lambda x: np.repeat(np.asarray(x), b, axis=0)  # noqa: E731
+    lat = (1, sd.latent_channels, files.h // sd.vae_factor, files.w // sd.vae_factor)
+    inputs = sampler.prepare(
+        repeat(image),
+        repeat(files.flow[None]),
+        cond,
+        uncond,
+        frozen=repeat(np.broadcast_to(files.frozen, lat)),
+        trajectory=np.repeat(latents, b, axis=1),
+        schedule=files.schedule,
+    )
+    seeds = [config.source.seed + n for n in range(b)]
+    return inputs, sampler.init(inputs, repeat(z_T), seeds=seeds)
+
+
 def enable_compilation_cache(path: str) -> None:
     """JAX's persistent compilation cache in `path`: a rerun with the same shapes and settings
     loads the compiled program instead of compiling it again."""
@@ -208,20 +229,8 @@ def _run(config: C.Config, files: EditFiles, ckpt: Checkpoint, log, t_start: flo
     image, z_T, latents = source_trajectory(
         config, sd, cond, uncond, out.out_dir, files.image, files.data, log
     )
-    b = out.num_samples
     sampler = make_sampler(config, sd, raft)
-    repeat = lambda x: np.repeat(np.asarray(x), b, axis=0)  # noqa: E731
-    lat = (1, sd.latent_channels, files.h // sd.vae_factor, files.w // sd.vae_factor)
-    inputs = sampler.prepare(
-        repeat(image),
-        repeat(files.flow[None]),
-        cond,
-        uncond,
-        frozen=repeat(np.broadcast_to(files.frozen, lat)),
-        trajectory=np.repeat(latents, b, axis=1),
-        schedule=files.schedule,
-    )
-    state = sampler.init(inputs, repeat(z_T), seeds=[config.source.seed + n for n in range(b)])
+    inputs, state = start(config, sampler, files, (cond, uncond), (image, z_T, latents))
     logs: dict = {}
     if out.resume and ckpt.exists():
         state, logs, _ = ckpt.load(state)

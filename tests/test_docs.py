@@ -126,6 +126,8 @@ def command_kind(words: list[str]) -> str | None:
         return "install"
     if words[:3] == ["python", "-m", "pytest"]:
         return "tests"
+    if words[:3] == ["python", "launch.py", "--serve"]:
+        return "serve"  # the browser editor's test starts it so (tests/editor_browser.py)
     if words[:2] == ["python", "launch.py"]:
         return "launch"
     if words[:3] == ["python", "-m", "mgjax.evaluate"]:
@@ -172,6 +174,10 @@ def test_every_readme_shell_command_is_one_a_test_runs_or_marked():
             assert os.path.isfile(os.path.join(ROOT, words[3])), line
         elif kind == "tests":
             assert line in ci, f"README's test command is not the one .ci/run runs: {line}"
+        elif kind == "serve":
+            with open(os.path.join(ROOT, "tests", "editor_browser.py")) as f:
+                source = f.read()
+            assert '"launch.py",' in source and '"--serve",' in source, line
 
 
 def add(groups: list, command: str, case: dict) -> None:

@@ -1,0 +1,366 @@
+"""The editor's web application and `serve`.
+
+Starlette on uvicorn: an ASGI toolkit small enough to read in an afternoon, with a test client,
+static files and streaming responses (server-sent events for progress) built in; the page is
+plain HTML/CSS/JavaScript with canvases, so nothing is built, bundled or fetched from elsewhere.
+Uploads are raw request bodies (the page sends the file's bytes), so no form-parsing library is
+needed. Request handlers run model-free work in a thread pool; the models run only in the
+worker thread.
+
+  GET  /                       the page
+  GET  /api/info               model, presets, limits, toy scenes
+  POST /api/upload             a raw PNG/JPEG body -> a stored source
+  GET  /api/images/{id}        a stored image
+  POST /api/scene              a toy-pack scene as a source
+  POST /api/preview            the authored edit's target flow and frozen mask
+  POST /api/run                queue an edit;   POST /api/generate: queue a generated source
+  GET  /api/jobs[/{id}]        the queue, one job
+  GET  /api/jobs/{id}/events   server-sent events (every event of the job, then live ones)
+  POST /api/jobs/{id}/cancel   drop it from the queue, or stop it after the current chunk
+  GET  /api/jobs/{id}/files/{path}, /api/jobs/{id}/zip   the run folder's files, all as a zip
+"""
+
+import asyncio
+import datetime
+import io
+import itertools
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from flow.errors import InputError
+from mgjax import config as C
+from mgjax.checks import check
+from mgjax.editor import authoring
+from mgjax.editor.worker import Job, Worker
+
+STATIC = Path(__file__).resolve().parent / "static"
+ZIP_SKIP = ("checkpoint.npz", "source.npz")  # large and internal: resumption caches
+
+
+class Editor:
+    """What the handlers share: the engine (models), the store, the worker and the settings the
+    server was started with."""
+
+    def __init__(
+        self,
+        engine,  # mgjax.editor.runner.Engine, or anything with its attributes (tests)
+        store: authoring.Store,
+        worker: Worker,
+        explicit: dict,
+        preset: str,
+        out_root: str,
+        launcher: str,
+    ):
+        self.engine, self.store, self.worker = engine, store, worker
+        self.explicit, self.preset, self.out_root = dict(explicit), preset, out_root
+        self.launcher = launcher
+        self.count = itertools.count(1)
+
+    def run_name(self) -> str:
+        now = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        while True:
+            name = f"edit-{now}-{next(self.count):03d}"
+            if not os.path.exists(os.path.join(self.out_root, name)):
+                return name
+
+
+def _error(message: str, status: int = 400) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _body(request: Request) -> bytes:
+    """The request body, refused past authoring.MAX_UPLOAD_BYTES (by its declared length when
+    given, else while it arrives)."""
+    limit = authoring.MAX_UPLOAD_BYTES
+    mb = f"{limit / 2**20:.0f} MB"
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _TooLarge(f"the upload is {int(declared) / 2**20:.1f} MB, more than the {mb} allowed")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge(f"the upload is more than the {mb} allowed")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _json(request: Request) -> dict:
+    try:
+        spec = json.loads(await _body(request))
+    except (ValueError, UnicodeDecodeError):
+        raise InputError("the request is not JSON") from None
+    if not isinstance(spec, dict):
+        raise InputError("the request is not a JSON object")
+    return spec
+
+
+def create_app(editor: Editor) -> Starlette:
+    """The application over `editor` (tests build one around their own engine and folders)."""
+    engine, store, worker = editor.engine, editor.store, editor.worker
+
+    async def index(request):
+        return FileResponse(STATIC / "index.html")
+
+    toy = editor.explicit.get("model", C.Model().model) == C.TOY_MODEL
+    scenes = authoring.toy_scenes() if toy else []
+
+    async def info(request):
+        presets = {}
+        for name in ("auto", *sorted(C.PRESETS)):
+            cfg = authoring.resolve(editor.explicit, name, {})
+            flat = C.flat(cfg)
+            presets[name] = {k: flat[k] for k in (*authoring.PAGE_SETTINGS, "cfg_scale")}
+            presets[name]["resolved"] = C.preset_for(name, cfg.model.model)
+        return JSONResponse(
+            dict(
+                model=editor.explicit.get("model", C.Model().model),
+                toy=toy,
+                native=engine.native,
+                factor=engine.factor,
+                preset=editor.preset,
+                presets=presets,
+                scenes=scenes,
+                limits=authoring.limits(),
+                out_root=os.path.abspath(editor.out_root),
+            )
+        )
+
+    async def upload(request):
+        body = await _body(request)
+        if not body:
+            raise InputError("the upload is empty; choose a PNG or JPEG file")
+        return JSONResponse(
+            await run_in_threadpool(store.add_source, body, engine.native, engine.factor)
+        )
+
+    async def image(request):
+        return FileResponse(store.path(request.path_params["ident"]), media_type="image/png")
+
+    async def scene(request):
+        spec = await _json(request)
+        return JSONResponse(await run_in_threadpool(authoring.toy_scene, store, spec.get("seed")))
+
+    def authored(spec: dict):
+        job, h, w = authoring.job_values(spec, store, engine.native)
+        return authoring.resolve(editor.explicit, editor.preset, job), job, h, w
+
+    async def preview(request):
+        spec = await _json(request)
+
+        def work():
+            config, _, h, w = authored(spec)
+            return authoring.preview(config, h, w, engine.vae_factor)
+
+        return JSONResponse(await run_in_threadpool(work))
+
+    async def run(request):
+        spec = await _json(request)
+        return JSONResponse(await run_in_threadpool(submit_edit, spec))
+
+    def submit_edit(spec: dict) -> dict:
+        from mgjax.editor import runner
+        from mgjax.workflow import resolve_toy
+
+        config, job_line, h, w = authored(spec)
+        if not (config.motion.motion or config.motion.drag):
+            raise InputError("no motion yet: drag on the image with a tool, or type a motion")
+        name = editor.run_name()
+        out_dir = os.path.join(editor.out_root, name)
+        every = config.output.log_every or max(1, config.method.steps // 10)
+        config = resolve_toy(C.replace(config, out_dir=out_dir, log_every=every))
+        authoring.preview(config, h, w, engine.vae_factor)  # the motion's errors, before writing
+        check(config)
+        os.makedirs(out_dir)
+        try:
+            config, line = runner.write_inputs(config, job_line)
+            runner.claim(config)
+            runner.write_reproduction(
+                config, line, editor.explicit, editor.launcher, h, w, engine.vae_factor
+            )
+        except BaseException:
+            shutil.rmtree(out_dir)  # created above: nothing half-written stays
+            raise
+        title = f"{name}: {config.motion.motion or config.motion.drag}"
+        job = Job("edit", title, lambda job: engine.edit(config, job), folder=out_dir)
+        return dict(id=job.id, name=name, place=worker.submit(job), folder=out_dir)
+
+    async def generate(request):
+        spec = await _json(request)
+
+        def submit() -> dict:
+            prompt = (spec.get("prompt") or "").strip()
+            if not prompt:
+                raise InputError("type a prompt to generate a source from")
+            job_line = {"prompt": prompt}
+            job_line |= {k: spec[k] for k in ("steps", "seed") if spec.get(k) is not None}
+            if spec.get("preset"):
+                job_line["preset"] = spec["preset"]
+            config = authoring.resolve(editor.explicit, editor.preset, job_line)
+
+            def work(job: Job) -> dict:
+                image = engine.generate(config, job)
+                ident = store.put("gen", image)
+                h, w = image.shape[:2]
+                return dict(image=ident, width=w, height=h, prompt=prompt, seed=config.source.seed)
+
+            job = Job("generate", f"generate: {prompt}", work)
+            return dict(id=job.id, place=worker.submit(job))
+
+        return JSONResponse(await run_in_threadpool(submit))
+
+    def find(request) -> Job:
+        job = worker.jobs.get(request.path_params["job"])
+        if job is None:
+            raise InputError("no such job (the server was restarted?); run the edit again")
+        return job
+
+    async def jobs(request):
+        return JSONResponse([j.summary(worker.place(j)) for j in worker.jobs.values()])
+
+    async def job_info(request):
+        job = find(request)
+        return JSONResponse(job.summary(worker.place(job)))
+
+    async def events(request):
+        job = find(request)
+
+        async def stream():
+            sent, last_place = 0, None
+            while True:
+                while sent < len(job.events):
+                    yield f"data: {json.dumps(job.events[sent])}\n\n"
+                    sent += 1
+                place = worker.place(job)
+                if job.status == "queued" and place != last_place:
+                    yield f"data: {json.dumps({'type': 'place', 'place': place})}\n\n"
+                    last_place = place
+                if job.finished and sent == len(job.events):
+                    yield "event: end\ndata: {}\n\n"
+                    return
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(0.2)
+
+        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+    async def cancel(request):
+        job = find(request)
+        worker.cancel(job)
+        return JSONResponse(job.summary(worker.place(job)))
+
+    def job_file(job: Job, rel: str) -> str:
+        root = os.path.realpath(job.folder) if job.folder else ""
+        path = os.path.realpath(os.path.join(root, rel))
+        if not root or os.path.commonpath([root, path]) != root or not os.path.isfile(path):
+            raise _NotFound(rel)
+        return path
+
+    async def files(request):
+        job = find(request)
+        return FileResponse(
+            job_file(job, request.path_params["path"]), headers={"Cache-Control": "no-store"}
+        )
+
+    async def archive(request):
+        job = find(request)
+        if job.kind != "edit" or job.status != "done":
+            raise InputError("the edit has not finished; download it once it is done")
+        data = await run_in_threadpool(zip_folder, job.folder)
+        name = os.path.basename(job.folder)
+        headers = {"Content-Disposition": f'attachment; filename="{name}.zip"'}
+        return Response(data, media_type="application/zip", headers=headers)
+
+    async def input_error(request, exc):
+        return _error(str(exc))
+
+    async def too_large(request, exc):
+        return _error(str(exc), 413)
+
+    async def not_found(request, exc):
+        return _error("no such file", 404)
+
+    routes = [
+        Route("/", index),
+        Route("/api/info", info),
+        Route("/api/upload", upload, methods=["POST"]),
+        Route("/api/images/{ident}", image),
+        Route("/api/scene", scene, methods=["POST"]),
+        Route("/api/preview", preview, methods=["POST"]),
+        Route("/api/run", run, methods=["POST"]),
+        Route("/api/generate", generate, methods=["POST"]),
+        Route("/api/jobs", jobs),
+        Route("/api/jobs/{job}", job_info),
+        Route("/api/jobs/{job}/events", events),
+        Route("/api/jobs/{job}/cancel", cancel, methods=["POST"]),
+        Route("/api/jobs/{job}/files/{path:path}", files),
+        Route("/api/jobs/{job}/zip", archive),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    handlers = {InputError: input_error, _TooLarge: too_large, _NotFound: not_found}
+    return Starlette(routes=routes, exception_handlers=handlers)
+
+
+class _NotFound(Exception):
+    pass
+
+
+def zip_folder(folder: str) -> bytes:
+    """The run folder as a zip (under the folder's name), without the resumption caches."""
+    buf, name = io.BytesIO(), os.path.basename(os.path.normpath(folder))
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for root, dirs, names in os.walk(folder):
+            dirs.sort()
+            for n in sorted(names):
+                if n in ZIP_SKIP or n.startswith("."):
+                    continue
+                path = os.path.join(root, n)
+                z.write(path, os.path.join(name, os.path.relpath(path, folder)))
+    return buf.getvalue()
+
+
+def serve(explicit: dict, preset: str, host: str, port: int, launcher: str, log=print) -> None:
+    """Load the models once, then serve the editor at http://host:port/ until interrupted."""
+    import tempfile
+
+    import uvicorn
+
+    from mgjax.editor.authoring import Store
+    from mgjax.editor.runner import Engine
+    from mgjax.rundir import check_writable
+
+    config = authoring.resolve(explicit, preset, {})
+    out_root = config.output.out_dir or os.path.join("runs", "editor")
+    check_writable(out_root)
+    os.makedirs(out_root, exist_ok=True)
+    if config.speed.compilation_cache:
+        from mgjax.workflow import enable_compilation_cache
+
+        enable_compilation_cache(config.speed.compilation_cache)
+    scratch = tempfile.mkdtemp(prefix="mgjax-editor-")
+    try:
+        log(f"loading {config.model.model} ...")
+        engine = Engine(config, os.path.join(scratch, "generated"))
+        worker = Worker()
+        editor = Editor(engine, Store(scratch), worker, explicit, preset, out_root, launcher)
+        shown = f"[{host}]" if ":" in host else host
+        log(f"mgjax editor: http://{shown}:{port}/  (runs are written to {out_root}; Ctrl-C stops)")
+        uvicorn.run(create_app(editor), host=host, port=port, log_level="warning")
+        worker.close()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # the server's own uploads and caches

@@ -1,0 +1,325 @@
+"""The editor's endpoints through Starlette's TestClient, without models: uploads (limits, bad
+files, resizing), the target-flow preview against numpy's flows, toy scenes, paths the client
+cannot reach, and a queued edit's written inputs and jobs-file line (the edit itself is a
+stand-in here; test_editor_run runs real ones)."""
+
+import base64
+import io
+import json
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+from starlette.testclient import TestClient
+
+from flow.viz import flow_to_color
+from mgjax import config as C
+from mgjax import jobs
+from mgjax.editor import app as A
+from mgjax.editor import authoring
+from mgjax.editor.worker import Worker
+from mgjax.toy import pack
+from mgjax.workflow import resolve_toy
+
+
+class Engine:
+    """The toy pack's sizes, and an edit that records its config instead of sampling."""
+
+    native, factor, vae_factor = 64, 32, 4
+
+    def __init__(self):
+        self.configs = []
+
+    def edit(self, config, job):
+        self.configs.append(config)
+        job.emit("progress", done=1, total=1, energy=float("nan"))
+        return dict(samples=[], metrics=[], folder=config.output.out_dir)
+
+
+@pytest.fixture
+def editor(tmp_path):
+    worker = Worker()
+    ed = A.Editor(
+        Engine(),
+        authoring.Store(str(tmp_path / "store")),
+        worker,
+        {},
+        "auto",
+        str(tmp_path / "runs"),
+        "launch.py",
+    )
+    with TestClient(A.create_app(ed)) as client:
+        ed.client = client
+        yield ed
+    worker.close()
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode(url: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))))
+
+
+def demo(editor) -> str:
+    r = editor.client.post("/api/scene", json={"seed": None})
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+def test_page_and_static_files_load_nothing_from_elsewhere(editor):
+    page = editor.client.get("/")
+    assert page.status_code == 200 and "<canvas" in page.text
+    for name in os.listdir(A.STATIC):
+        text = (A.STATIC / name).read_text()
+        assert "http://" not in text and "https://" not in text, name
+        assert "//fonts." not in text and "@import" not in text, name
+        assert editor.client.get(f"/static/{name}").status_code == 200
+
+
+def test_upload_is_fitted_to_the_model(editor):
+    rgb = np.random.default_rng(0).integers(0, 256, (70, 100, 3), np.uint8)
+    r = editor.client.post("/api/upload", content=png(rgb))
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["width"] % 32 == 0 and got["height"] % 32 == 0
+    assert max(got["width"], got["height"]) <= 64 and "resized from 100x70" in got["note"]
+    back = np.asarray(Image.open(io.BytesIO(editor.client.get(f"/api/images/{got['id']}").content)))
+    assert back.shape == (got["height"], got["width"], 3)
+
+
+def test_upload_of_the_model_size_is_kept_as_sent(editor):
+    rgb = np.random.default_rng(1).integers(0, 256, (64, 64, 3), np.uint8)
+    got = editor.client.post("/api/upload", content=png(rgb)).json()
+    back = Image.open(io.BytesIO(editor.client.get(f"/api/images/{got['id']}").content))
+    np.testing.assert_array_equal(np.asarray(back), rgb)
+    assert got["note"] == ""
+
+
+def _bomb_png(w: int, h: int) -> bytes:
+    """A PNG header declaring w x h pixels, with no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        (b"hello, this is text", 400, "not a PNG or JPEG"),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 100, 400, "not a readable image"),
+        (_bomb_png(100_000, 100_000), 400, "more than the"),
+        (b"", 400, "empty"),
+    ],
+    ids=["text", "corrupt-png", "pixel-bomb", "empty"],
+)
+def test_bad_uploads_are_one_sentence(editor, body, status, words):
+    r = editor.client.post("/api/upload", content=body)
+    assert r.status_code == status
+    message = r.json()["error"]
+    assert words in message and "\n" not in message and "Traceback" not in message
+    assert not [n for n in os.listdir(editor.store.root) if n.startswith("upload-")]
+
+
+def test_upload_over_the_limit_is_refused_unread(editor, monkeypatch):
+    monkeypatch.setattr(authoring, "MAX_UPLOAD_BYTES", 1000)
+    r = editor.client.post("/api/upload", content=b"\x89PNG\r\n\x1a\n" + b"x" * 2000)
+    assert r.status_code == 413 and "more than the" in r.json()["error"]
+
+    def chunks():  # no declared length: counted while it arrives
+        yield b"\x89PNG\r\n\x1a\n"
+        yield b"x" * 2000
+
+    r = editor.client.post("/api/upload", content=chunks())
+    assert r.status_code == 413
+
+
+def test_scene_is_the_packs_demo(editor):
+    got = editor.client.post("/api/scene", json={"seed": None}).json()
+    image = np.asarray(
+        Image.open(io.BytesIO(editor.client.get(f"/api/images/{got['id']}").content))
+    )
+    np.testing.assert_array_equal(image, np.asarray(Image.open(pack.demo_files()["image"])))
+    assert got["prompt"] == pack.info()["demo"]["prompt"]
+    other = editor.client.post("/api/scene", json={"seed": 3}).json()
+    assert other["id"] != got["id"] and other["prompt"]
+
+
+def test_preview_translation_in_a_box_is_numpys_flow(editor):
+    src = demo(editor)
+    r = editor.client.post(
+        "/api/preview", json={"image": src, "box": "10,12,30,40", "motion": "translate:5,-2"}
+    )
+    assert r.status_code == 200, r.text
+    expected = np.zeros((64, 64, 2), np.float32)
+    expected[12:40, 10:30] = (5, -2)
+    norm = float(np.linalg.norm(expected, axis=-1).max())  # as target_flow.png is scaled
+    colours = decode(r.json()["flow"])
+    np.testing.assert_array_equal(colours[..., :3], flow_to_color(expected, norm))
+    np.testing.assert_array_equal(colours[..., 3] > 0, np.any(expected != 0, axis=-1))
+    frozen = decode(r.json()["frozen"]) > 127  # latent grid 16x16: the box's cells are editable
+    assert frozen.shape == (16, 16)
+    assert (
+        not frozen[12 // 4 : 40 // 4, 10 // 4 : 30 // 4].any() and frozen[0, -1] and frozen[-1, 0]
+    )
+
+
+def test_preview_rotation_about_a_painted_masks_centroid(editor):
+    src = demo(editor)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:36, 24:44] = 255
+    encoded = base64.b64encode(png(mask)).decode()
+    r = editor.client.post(
+        "/api/preview", json={"image": src, "mask": encoded, "motion": "rotate:30"}
+    )
+    assert r.status_code == 200, r.text
+    ys, xs = np.nonzero(mask)
+    c = np.array([xs.mean(), ys.mean()])
+    assert r.json()["center"] == pytest.approx(c.tolist())
+    t = np.deg2rad(30.0)  # counter-clockwise on screen, y down
+    rot = np.array([[np.cos(t), np.sin(t)], [-np.sin(t), np.cos(t)]])
+    yy, xx = np.mgrid[0:64, 0:64]
+    p = np.stack([xx, yy], -1).astype(np.float64) - c
+    expected = np.where(mask[..., None] > 0, p @ rot.T - p, 0.0).astype(np.float32)
+    norm = float(np.linalg.norm(expected, axis=-1).max())
+    got = decode(r.json()["flow"])[..., :3].astype(int)
+    assert np.abs(got - flow_to_color(expected, norm).astype(int)).max() <= 1  # float32 rounding
+    assert r.json()["moving_pixels"] == int((mask > 0).sum())
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ({"box": "10,10,20,20", "motion": "translate:200,0"}, "out of the frame"),
+        ({"box": "10,10,20,20", "motion": "spin:3"}, "unknown motion"),
+        ({"box": "10,10,90,20", "motion": "translate:1,0"}, "--object_box"),
+        (
+            {
+                "mask": base64.b64encode(png(np.zeros((8, 8), np.uint8))).decode(),
+                "motion": "scale:2",
+            },
+            "mask is 8x8",
+        ),
+        ({"mask": "not base64 !", "motion": "scale:2"}, "base64"),
+        ({"box": "10,10,20,20", "motion": "translate:1,0", "drag": "1,1>2,2"}, "not both"),
+        ({"drag": "70,10>80,10"}, "outside the 64x64 image"),
+    ],
+    ids=["leaves-frame", "unknown", "box-outside", "mask-size", "mask-data", "two-motions", "drag"],
+)
+def test_preview_errors_are_one_sentence(editor, spec, words):
+    r = editor.client.post("/api/preview", json={"image": demo(editor), **spec})
+    assert r.status_code == 400
+    assert words in r.json()["error"] and "\n" not in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/api/images/..%2F..%2Fetc%2Fpasswd", "/api/images/src-0123", "/api/images/mask-" + "0" * 32],
+)
+def test_client_names_are_never_paths(editor, path):
+    assert editor.client.get(path).status_code in (400, 404)
+
+
+def test_run_writes_inputs_and_a_jobs_line_that_reproduces_the_config(editor, monkeypatch):
+    src = demo(editor)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:36, 24:44] = 255
+    spec = {
+        "image": src,
+        "prompt": "a green diamond",
+        "mask": base64.b64encode(png(mask)).decode(),
+        "motion": "rotate:20+translate:4,0",
+        "preset": "toy",
+        "steps": 3,
+        "seed": 5,
+    }
+    r = editor.client.post("/api/run", json=spec)
+    assert r.status_code == 200, r.text
+    job = editor.worker.jobs[r.json()["id"]]
+    assert editor.worker.wait(job, 30) and job.status == "done"
+    with editor.client.stream("GET", f"/api/jobs/{job.id}/events") as events:
+        lines = [json.loads(x[6:]) for x in events.iter_lines() if x.startswith("data: ")]
+        assert lines.pop() == {}  # the "end" event
+    kinds = [e["type"] for e in lines]
+    assert kinds[0] == "queued" and "started" in kinds and kinds[-1] == "done"
+    assert [e for e in lines if e["type"] == "progress"][0]["energy"] is None  # NaN -> null
+
+    (config,) = editor.engine.configs
+    folder = r.json()["folder"]
+    assert config.output.out_dir == folder and config.method.steps == 3
+    assert config.source.image == os.path.join(folder, "inputs", "source.png")
+    assert np.array_equal(np.asarray(Image.open(config.motion.object_mask)) > 127, mask > 0)
+    flow = np.load(os.path.join(folder, "inputs", "target_flow.npy"))
+    assert flow.shape == (64, 64, 2) and (np.any(flow != 0, -1) == (mask > 0)).all()
+
+    monkeypatch.chdir(folder)  # the line's paths are relative to the run folder
+    (parsed,) = jobs.read_jobs("job.jsonl", {}, "auto")
+    again = C.flat(resolve_toy(parsed.config))
+    ran = C.flat(config)
+    for key in ("image", "object_mask"):
+        assert os.path.samefile(again.pop(key), ran.pop(key))
+    for key in C.RUN_LEVEL:
+        again.pop(key), ran.pop(key)
+    assert again == ran
+    assert "--jobs job.jsonl" in open("reproduce.txt").read()
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ({"box": "1,1,9,9"}, "no motion"),
+        ({"box": "1,1,9,9", "motion": "translate:100,0"}, "out of the frame"),
+        ({"box": "1,1,9,9", "drag": "30,30>40,30"}, "outside the object mask"),
+        ({"box": "1,1,9,9", "motion": "translate:1,0", "steps": 0}, "steps must be"),
+    ],
+    ids=["no-motion", "leaves-frame", "handle-off-object", "zero-steps"],
+)
+def test_bad_runs_are_refused_before_anything_is_written(editor, spec, words):
+    r = editor.client.post("/api/run", json={"image": demo(editor), **spec})
+    assert r.status_code == 400 and words in r.json()["error"], r.text
+    assert not os.path.exists(editor.out_root) or not os.listdir(editor.out_root)
+    assert not editor.worker.jobs
+
+
+def test_unknown_job_and_files_outside_the_run(editor):
+    assert editor.client.get("/api/jobs/nope").status_code == 400
+    r = editor.client.post(
+        "/api/run", json={"image": demo(editor), "box": "1,1,9,9", "motion": "translate:1,0"}
+    )
+    job = editor.worker.jobs[r.json()["id"]]
+    editor.worker.wait(job, 30)
+    base = f"/api/jobs/{job.id}/files"
+    assert editor.client.get(f"{base}/job.jsonl").status_code == 200
+    assert editor.client.get(f"{base}/../../../etc/passwd").status_code == 404
+    assert editor.client.get(f"{base}/%2E%2E/%2E%2E/etc/passwd").status_code == 404
+
+
+def test_serve_with_jobs_is_one_error_line(tmp_path, repo_root):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "launch.py", "--serve", "--jobs", str(tmp_path / "j.jsonl")],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: --serve and --jobs exclude each other"
+    ]
