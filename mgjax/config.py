@@ -70,7 +70,11 @@ class Source:
     )
     target_flow_name: str | None = _field(None, "With --data_dir: the flow file in flows/.")
     edit_mask_name: str | None = _field(None, "With --data_dir: the frozen mask in flows/.")
-    resize: bool = _field(False, "Resize an --image whose size the model cannot take.")
+    resize: bool = _field(
+        False,
+        "Resize an --image whose size the model cannot take: to multiples of its factor, and "
+        "one over twice the model's side down to that side.",
+    )
 
 
 @dataclasses.dataclass(frozen=True)

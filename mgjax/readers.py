@@ -104,10 +104,30 @@ def read_schedule(path: str | None, steps: int) -> np.ndarray | None:
 MIN_SIZE = 64  # the smallest image side RAFT takes (its 1/8 features, pooled 3 times)
 
 
-def fit_image(image: np.ndarray, factor: int, resize: bool, path: str) -> np.ndarray:
+def _resized(image: np.ndarray, h: int, w: int) -> np.ndarray:
+    from PIL import Image
+
+    im = Image.fromarray(np.clip(np.rint(image[0] * 255), 0, 255).astype(np.uint8))
+    return (np.asarray(im.resize((w, h), Image.LANCZOS), np.float32) / 255.0)[None]
+
+
+def fit_image(
+    image: np.ndarray, factor: int, resize: bool, path: str, native: int | None = None
+) -> np.ndarray:
     """f32[1,H,W,3] as is when H and W are multiples of `factor`; else resized to the nearest
-    multiples with `resize`, an InputError without."""
+    multiples with `resize`, an InputError without. native: the model's image side; an image
+    over twice that on its longer side is refused, or with `resize` scaled down to it."""
     h, w = image.shape[1:3]
+    if native and max(h, w) > 2 * native:
+        if not resize:
+            raise InputError(
+                f"{path}: {w}x{h} is larger than this model takes (at most {2 * native} pixels "
+                f"a side, twice its {native}x{native}); scale it down, or pass --resize to fit "
+                f"its longer side to {native}"
+            )
+        s = native / max(h, w)
+        image = _resized(image, max(1, round(h * s)), max(1, round(w * s)))
+        h, w = image.shape[1:3]
     if h % factor == 0 and w % factor == 0 and min(h, w) >= MIN_SIZE:
         return image
     low = -(-MIN_SIZE // factor) * factor  # the smallest multiple of factor RAFT takes
@@ -122,7 +142,4 @@ def fit_image(image: np.ndarray, factor: int, resize: bool, path: str) -> np.nda
             f"{path}: {w}x{h} is not a multiple of {factor}; resize it to {tw}x{th} "
             "(or pass --resize)"
         )
-    from PIL import Image
-
-    im = Image.fromarray(np.clip(np.rint(image[0] * 255), 0, 255).astype(np.uint8))
-    return (np.asarray(im.resize((tw, th), Image.LANCZOS), np.float32) / 255.0)[None]
+    return _resized(image, th, tw)

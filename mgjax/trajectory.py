@@ -30,7 +30,8 @@ def source_image(config: Config, geometry):
         image = fit_image(data.source, factor, False, pred)
         return image.shape[1], image.shape[2], image, data
     if src.image:
-        image = fit_image(read_rgb(src.image)[None] / 255.0, factor, src.resize, src.image)
+        image = read_rgb(src.image)[None] / 255.0
+        image = fit_image(image, factor, src.resize, src.image, geometry.image_size)
         return image.shape[1], image.shape[2], image, None
     return geometry.image_size, geometry.image_size, None, None
 

@@ -261,8 +261,24 @@ def test_bad_inputs_in_files_fail_before_any_model_work(assets, tmp_path, monkey
     np.save(flow, np.zeros((SIZE, SIZE // 2, 2), np.float32))
     with pytest.raises(InputError, match=r"flow is \(128, 64, 2\) but the image needs"):
         run(_options(assets, tmp_path / "j", motion=None, flow=str(flow)), log=lambda s: None)
-    for name in "abcdefghij":
+    big = tmp_path / "big.png"  # the tiny model's images are 128x128: at most 256 a side
+    Image.fromarray(np.zeros((300, 260, 3), np.uint8)).save(big)
+    with pytest.raises(InputError, match="260x300 is larger than this model takes"):
+        run(_options(assets, tmp_path / "k", image=str(big)), log=lambda s: None)
+    for name in "abcdefghijk":
         assert not (tmp_path / name).exists()
+
+
+def test_resize_fits_an_image_to_the_model():
+    """--resize: an image over twice the model's side is scaled to that side on its longer
+    side, keeping its aspect, then rounded to multiples of the factor."""
+    from mgjax.readers import fit_image
+
+    wide = np.random.default_rng(0).random((1, 500, 1000, 3)).astype(np.float32)
+    assert fit_image(wide, 32, True, "x", native=128).shape == (1, 64, 128, 3)
+    assert fit_image(wide, 32, True, "x", native=512).shape == (1, 512, 992, 3)  # not over 2x
+    with pytest.raises(InputError, match="pass --resize to fit its longer side to 128"):
+        fit_image(wide, 32, False, "x", native=128)
 
 
 def test_the_last_checked_input_fails_before_diffusers_is_imported(tmp_path):
