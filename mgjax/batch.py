@@ -31,8 +31,8 @@ import os
 import numpy as np
 
 from flow.errors import InputError
+from mgjax import conditioning, rundir
 from mgjax import config as C
-from mgjax import rundir
 from mgjax.jobs import Job, read_jobs
 from mgjax.outputs import save_text
 from mgjax.sharding import local_mesh, one_edit, replicate, shard_inputs, shard_state
@@ -146,8 +146,8 @@ class Runner:
         inputs = sampler.prepare(
             concat([p.image for p in batch]),
             concat([p.files.flow[None] for p in batch]),
-            concat([np.asarray(p.files.cond) for p in batch]),
-            concat([np.asarray(p.files.uncond) for p in batch]),
+            conditioning.concat([p.files.cond for p in batch], np),
+            conditioning.concat([p.files.uncond for p in batch], np),
             frozen=concat([np.broadcast_to(p.files.frozen, lat) for p in batch]),
             trajectory=concat([p.latents for p in batch], 1),
             schedule=first.files.schedule,

@@ -125,7 +125,7 @@ def read_files(config: C.Config, sd) -> EditFiles:
     schedule = read_schedule(config.method.schedule, config.method.steps)
     if schedule is None and data is not None and data.schedule is not None:
         schedule = data.schedule[: config.method.steps]  # the reference folder's own
-    cond, uncond = sd.embed(config.source.prompt), sd.embed("")
+    cond, uncond = sd.embed(config.source.prompt, (h, w)), sd.embed("", (h, w))
     return EditFiles(h, w, image, data, flow, obj, frozen, cond, uncond, schedule)
 
 
