@@ -5,10 +5,14 @@ from_pt path, against diffusers' own PyTorch pipeline and scheduler, and the gui
 against the PyTorch transcription of the reference loop extended to these conditionings."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from flow import load_raft
 from flow.convert import convert
@@ -26,13 +30,14 @@ def raft(tmp_path_factory):
     raft_t = random_torchvision_raft(small=True, seed=3)
     torch.save(raft_t.state_dict(), folder / "raft.pth")
     convert(str(folder / "raft.pth"), str(folder / "raft.mgjax"))
-    return raft_t, load_raft(str(folder / "raft.mgjax"), context_norm="batch")
+    raft = load_raft(str(folder / "raft.mgjax"), context_norm="batch")
+    return dict(raft_t=raft_t, raft=raft, raft_pth=folder / "raft.pth")
 
 
 def _backbone(tmp_path_factory, raft, kind):
     folder = tmp_path_factory.mktemp(f"tiny_{kind}_pt")
     models = tiny_models.torch_folder(folder, kind)
-    models.update(raft_t=raft[0], raft=raft[1], folder=folder)
+    models.update(raft, folder=folder)
     models["sd"] = sdm.load(str(folder), from_pt=True)
     return models
 
@@ -200,3 +205,47 @@ def test_scheduler_with_other_betas_is_refused(vpred, tmp_path):
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
     with pytest.raises(InputError, match="prediction_type 'sample' is not supported"):
         sdm.load(str(tmp_path), from_pt=True)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--steps=2", "--recursive_steps=1", "--chunk=1", "--guidance_weight=30", "--clip=10"]
+
+
+def _launch(args, cwd):
+    cmd = [sys.executable, str(ROOT / "launch.py"), *args, *FAST]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def _outputs(folder: Path, size: tuple[int, int]):
+    """The files of an edit, each of the image's (width, height)."""
+    for name in ("edited.png", "source.png", "target_flow.png", "achieved_flow.png"):
+        assert Image.open(folder / name).size == size, name
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["guided_evaluations"] == 2 and "flow_epe_inside_object" in metrics
+    assert np.asarray(Image.open(folder / "edited.png")).std() > 0
+
+
+@pytest.mark.slow
+def test_launch_edits_with_an_sdxl_folder_from_pytorch_weights(sdxl, tmp_path):
+    """launch.py --model <SDXL folder> --from_pt for a generated source (at the model's native
+    size), and a --jobs file with an inverted real image (of another size: its own time ids)
+    and a generated source; the outputs have the form SD v1's have."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (128, 192, 3), np.uint8)).save(tmp_path / "image.png")
+    for w in (128, 192):
+        mask = np.zeros((128, w), np.uint8)
+        mask[40:90, 30:80] = 255
+        Image.fromarray(mask).save(tmp_path / f"mask{w}.png")
+    model = [f"--model={sdxl['folder']}", "--from_pt", f"--raft_weights={sdxl['raft_pth']}"]
+    common = [*model, "--motion=translate:6,0", f"--object_mask={tmp_path / 'mask128.png'}"]
+    _launch([*common, f"--out_dir={tmp_path / 'gen'}", "--prompt=a cat"], tmp_path)
+    _outputs(tmp_path / "gen" / "sample_00", (128, 128))
+    real = {"image": str(tmp_path / "image.png"), "object_mask": str(tmp_path / "mask192.png")}
+    jobs = [{"name": "real", **real}, {"name": "made", "prompt": "a dog", "seed": 3}]
+    (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(j) for j in jobs) + "\n")
+    out = _launch([*common, f"--out_dir={tmp_path / 'jobs'}", "--jobs=jobs.jsonl"], tmp_path)
+    assert "jobs: 2 done" in out, out
+    _outputs(tmp_path / "jobs" / "real" / "sample_00", (192, 128))
+    _outputs(tmp_path / "jobs" / "made" / "sample_00", (128, 128))
