@@ -249,3 +249,34 @@ def test_launch_edits_with_an_sdxl_folder_from_pytorch_weights(sdxl, tmp_path):
     assert "jobs: 2 done" in out, out
     _outputs(tmp_path / "jobs" / "real" / "sample_00", (192, 128))
     _outputs(tmp_path / "jobs" / "made" / "sample_00", (128, 128))
+
+
+def test_conditioning_pytrees_pass_through_inputs_untouched():
+    """SDXL's dict conditioning is broadcast to the batch, kept leaf by leaf and mapped per image
+    (what sharding does) by the backbone-free inputs code; a wrong batch is one error."""
+    from types import SimpleNamespace
+
+    from mgjax import config as C
+    from mgjax.inputs import map_images, prepare
+
+    b, h = 3, 64
+    cond = {
+        "text": np.ones((1, 77, 64)),
+        "pooled": np.arange(32.0)[None],
+        "time_ids": np.full((1, 6), h),
+    }
+    sd = SimpleNamespace(vae_factor=8, latent_channels=4)
+    method = C.Method(steps=2)
+    args = (np.zeros((b, h, h, 3)), np.zeros((b, h, h, 2)))
+    inputs = prepare(sd, method, *args, cond, cond, z0=np.zeros((b, 4, 8, 8)))
+    assert {k: v.shape for k, v in inputs.cond.items()} == {
+        "text": (b, 77, 64),
+        "pooled": (b, 32),
+        "time_ids": (b, 6),
+    }
+    np.testing.assert_array_equal(inputs.uncond["pooled"][2], np.arange(32.0))
+    first = map_images(inputs, lambda x, axis: np.take(x, [0], axis=axis))
+    assert first.cond["time_ids"].shape == (1, 6) and first.source.shape == (1, h, h, 3)
+    bad = dict(cond, pooled=np.zeros((2, 32)))
+    with pytest.raises(InputError, match=r"first axis must be 1 or the batch \(3\)"):
+        prepare(sd, method, *args, bad, cond, z0=np.zeros((b, 4, 8, 8)))
