@@ -413,9 +413,23 @@ def save(sd: StableDiffusion, folder) -> None:
         sd.vae.save_pretrained(folder / "vae", params=sd.params["vae"])
         sd.text_encoder.save_pretrained(folder / "text_encoder", params=sd.params["text"])
         sd.tokenizer.save_pretrained(folder / "tokenizer")
-    (folder / "model_index.json").write_text(
-        json.dumps({"_class_name": "FlaxStableDiffusionPipeline", "_diffusers_version": "0.39.0"})
-    )
+        if sd.text_encoder_2 is not None:
+            sd.text_encoder_2.save_pretrained(folder / "text_encoder_2", params=sd.params["text_2"])
+            sd.tokenizer_2.save_pretrained(folder / "tokenizer_2")
+        FlaxDDIMScheduler(  # SD's schedule, as the sampler's DDIM module computes it
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            prediction_type=sd.prediction_type,
+        ).save_pretrained(folder / "scheduler")
+    index = {"_class_name": "FlaxStableDiffusionPipeline", "_diffusers_version": "0.39.0"}
+    if sd.text_time:
+        index = dict(index, _class_name="FlaxStableDiffusionXLPipeline")
+        index["force_zeros_for_empty_prompt"] = sd.zero_uncond
+    (folder / "model_index.json").write_text(json.dumps(index))
 
 
 # ----------------------------------------------------------------------------- loading

@@ -280,3 +280,25 @@ def test_conditioning_pytrees_pass_through_inputs_untouched():
     bad = dict(cond, pooled=np.zeros((2, 32)))
     with pytest.raises(InputError, match=r"first axis must be 1 or the batch \(3\)"):
         prepare(sd, method, *args, bad, cond, z0=np.zeros((b, 4, 8, 8)))
+
+
+def test_sdxl_flax_folder_roundtrip(sdxl, vpred, tmp_path):
+    """A model loaded from PyTorch weights, saved as a Flax diffusers folder and loaded from it
+    (the hub's Flax path): the same kind, parameters and embeddings."""
+    import jax
+
+    for name, m in (("xl", sdxl), ("v", vpred)):
+        sd = m["sd"]
+        sdm.save(sd, tmp_path / name)
+        back = sdm.load(str(tmp_path / name))
+        assert (back.text_time, back.prediction_type, back.zero_uncond) == (
+            sd.text_time,
+            sd.prediction_type,
+            sd.zero_uncond,
+        )
+        assert jax.tree_util.tree_structure(back.params) == jax.tree_util.tree_structure(sd.params)
+        for a, b in zip(*map(jax.tree_util.tree_leaves, (back.params, sd.params)), strict=True):
+            np.testing.assert_array_equal(a, b)
+        embeddings = (jax.tree_util.tree_leaves(x.embed(["a cat", ""])) for x in (back, sd))
+        for a, b in zip(*embeddings, strict=True):
+            np.testing.assert_array_equal(a, b)
