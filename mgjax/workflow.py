@@ -71,8 +71,8 @@ class EditFiles:
     flow: np.ndarray  # f32[H,W,2]
     obj: np.ndarray | None  # bool[H,W] object mask
     frozen: np.ndarray  # bool[1,C,h,w] or [1,1,h,w]
-    cond: np.ndarray  # f32[1,L,D] prompt embedding
-    uncond: np.ndarray  # f32[1,L,D] embedding of ""
+    cond: object  # the prompt's conditioning (the model's pytree, batch 1; SD: f32[1,L,D])
+    uncond: object  # the same for ""
     schedule: np.ndarray | None  # f32[S] guidance multipliers, or None (all ones)
 
 
