@@ -282,6 +282,7 @@ def test_conditioning_pytrees_pass_through_inputs_untouched():
         prepare(sd, method, *args, bad, cond, z0=np.zeros((b, 4, 8, 8)))
 
 
+@pytest.mark.slow
 def test_sdxl_flax_folder_roundtrip(sdxl, vpred, tmp_path):
     """A model loaded from PyTorch weights, saved as a Flax diffusers folder and loaded from it
     (the hub's Flax path): the same kind, parameters and embeddings."""
