@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.timing import xla_flops
+from bench.timing import memory_row, xla_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,17 +194,7 @@ def memory_only(names: list[str], batches: list[int]) -> list[dict]:
             # abstract weights: only shapes; the edit arrays are concrete but small
             t = time.perf_counter()
             compiled = sampler.compiled_chunk(edit, state, length=1, mode="guided")
-            mem = compiled.memory_analysis()
-            rows.append(
-                dict(
-                    name=name,
-                    batch=b,
-                    compile_s=time.perf_counter() - t,
-                    arg_gib=mem.argument_size_in_bytes / GIB,
-                    temp_gib=mem.temp_size_in_bytes / GIB,
-                )
-            )
-            print(json.dumps(rows[-1]), flush=True)
+            rows.append(memory_row(name, b, compiled, time.perf_counter() - t))
     return rows
 
 

@@ -24,3 +24,20 @@ def xla_flops(compiled) -> float | None:
         return None
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def memory_row(name: str, batch: int, compiled, compile_s: float) -> dict:
+    """XLA's memory analysis of a compiled program (arguments and temporaries, GiB) as a row,
+    printed as one JSON line."""
+    import json
+
+    mem = compiled.memory_analysis()
+    row = dict(
+        name=name,
+        batch=batch,
+        compile_s=compile_s,
+        arg_gib=mem.argument_size_in_bytes / 2**30,
+        temp_gib=mem.temp_size_in_bytes / 2**30,
+    )
+    print(json.dumps(row), flush=True)
+    return row

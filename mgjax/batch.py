@@ -31,8 +31,8 @@ import os
 import numpy as np
 
 from flow.errors import InputError
+from mgjax import conditioning, rundir
 from mgjax import config as C
-from mgjax import rundir
 from mgjax.jobs import Job, read_jobs
 from mgjax.outputs import save_text
 from mgjax.sharding import local_mesh, one_edit, replicate, shard_inputs, shard_state
@@ -58,8 +58,8 @@ def _finished(job: Job) -> dict | None:
 class Prepared:
     job: Job
     files: object  # mgjax.workflow.EditFiles
-    cond: np.ndarray  # f32[1,L,D] prompt embedding
-    uncond: np.ndarray  # f32[1,L,D] embedding of ""
+    cond: object  # the prompt's conditioning (the model's pytree, batch 1; SD: f32[1,L,D])
+    uncond: object  # the same for ""
     image: np.ndarray  # f32[1,H,W,3]
     z_T: np.ndarray  # f32[1,C,h,w]
     latents: np.ndarray  # f32[S,1,C,h,w]
@@ -98,10 +98,11 @@ def _prepare(job: Job, files, models: _Models, log) -> Prepared:
     """The job's prompt embeddings and source trajectory (inverted or generated, or read from
     the job folder's cache)."""
     from mgjax.trajectory import source_trajectory
+    from mgjax.workflow import embed
 
     config = job.config
     key, (sd, _) = models.get(config)
-    cond, uncond = sd.embed(config.source.prompt), sd.embed("")
+    cond, uncond = embed(config, sd, files)
     if config.output.resume:
         rundir.remove_temporaries(config.output.out_dir)  # of a write that a kill cut short
     rundir.claim(config.output.out_dir, C.digest(config))
@@ -159,8 +160,8 @@ class Runner:
         inputs = sampler.prepare(
             concat([p.image for p in batch]),
             concat([p.files.flow[None] for p in batch]),
-            concat([np.asarray(p.cond) for p in batch]),
-            concat([np.asarray(p.uncond) for p in batch]),
+            conditioning.concat([p.cond for p in batch], np),
+            conditioning.concat([p.uncond for p in batch], np),
             frozen=concat([np.broadcast_to(p.files.frozen, lat) for p in batch]),
             trajectory=concat([p.latents for p in batch], 1),
             schedule=first.files.schedule,

@@ -255,6 +255,11 @@ RUN_LEVEL = (
 #   K = 1); with K >= 2 or CFG 3 it regrows the object anywhere in the unfrozen region even
 #   unguided, so a "moved" object would prove nothing. The full gradient through RAFT: with the
 #   detached one the demo's object is lost.
+#   sdxl: for 1024x1024 images (128x128x4 latents, SDXL's native size), the same rule the other
+#   way: 4x the latent elements of SD's 64x64x4, so lambda_g x 4; the clip bounds an L2 norm
+#   over 4x more elements: clip x 2 is the same per-element bound; flows in pixels are 2x larger
+#   for the same relative motion: lambda_flow / 2 keeps the flow/colour balance. Derived, not
+#   tuned: untested on real SDXL weights (docs/sdxl.md).
 _M = Method()
 PRESETS: dict[str, dict] = {
     "paper": {},
@@ -267,6 +272,11 @@ PRESETS: dict[str, dict] = {
         flow_weight=_M.flow_weight * 8,
         cfg_scale=1.0,
         raft_gradient="full",
+    ),
+    "sdxl": dict(
+        guidance_weight=_M.guidance_weight * 4,
+        clip=_M.clip * 2,
+        flow_weight=_M.flow_weight / 2,
     ),
 }
 TOY_MODEL = "toy"

@@ -1,11 +1,13 @@
 """The per-edit arrays of the guided sampler (`GuidanceInputs`), checked and assembled by
 `prepare` on the host, before anything is compiled."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
 from flow.errors import InputError
+from mgjax import conditioning
 from mgjax.energy import occlusion_mask
 
 
@@ -17,8 +19,8 @@ class GuidanceInputs:
     target_flow: jnp.ndarray  # f32[B,H,W,2]
     occlusion: jnp.ndarray  # f32[B,H,W,1], 1 = used by the colour loss
     frozen: jnp.ndarray  # bool[B,C,h,w], True = copied from the source trajectory
-    cond: jnp.ndarray  # f32[B,L,D] prompt embedding
-    uncond: jnp.ndarray  # f32[B,L,D] embedding of ""
+    cond: object  # the model's conditioning pytree of the prompt, every leaf batch first [B,...]
+    uncond: object  # the same for "" (classifier-free guidance's unconditional input)
     schedule: jnp.ndarray  # f32[S] guidance multiplier per DDIM step, index 0 = noisiest
     trajectory: jnp.ndarray | None = None  # f32[S,B,C,h,w] source latents, sampling order
     z0: jnp.ndarray | None = None  # f32[B,C,h,w] source latent, when there is no trajectory
@@ -45,7 +47,7 @@ def map_images(inputs: GuidanceInputs, fn) -> GuidanceInputs:
     """`inputs` with fn(array, batch_axis) applied to each per-image array, extras included
     (absent fields stay absent); the schedule is kept."""
     changes = {
-        k: fn(getattr(inputs, k), axis)
+        k: jax.tree_util.tree_map(lambda x, axis=axis: fn(x, axis), getattr(inputs, k))
         for k, axis in BATCH_AXIS.items()
         if getattr(inputs, k) is not None
     }
@@ -74,7 +76,7 @@ def prepare(
 
     Args:
       source: [B,H,W,3] in [0, 1]; target_flow: [B,H,W,2] in pixels.
-      cond, uncond: [B or 1, L, D] prompt embeddings.
+      cond, uncond: the model's conditionings (`embed`), each leaf [B or 1, ...].
       frozen: [B,C,h,w] or [B,1,h,w] (True = frozen), or None (nothing frozen).
       trajectory: [S,B,C,h,w] source latents, or z0: [B,C,h,w] (exactly one of them).
       schedule: [S] guidance multipliers, or None (all ones).
@@ -145,9 +147,7 @@ def prepare(
         if z0.shape != lat:
             raise InputError(f"source latent z0 is {z0.shape}, expected {lat}")
         z0 = jnp.asarray(z0)
-    cond, uncond = (
-        jnp.broadcast_to(jnp.asarray(c, dtype), (b,) + c.shape[-2:]) for c in (cond, uncond)
-    )
+    cond, uncond = (conditioning.broadcast(c, b, dtype) for c in (cond, uncond))
     extras = {} if extras is None else dict(extras)
     for name, x in extras.items():
         if np.ndim(x) == 0 or np.shape(x)[0] != b:

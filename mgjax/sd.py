@@ -1,6 +1,7 @@
 """The Stable Diffusion seam: the one module that imports diffusers and transformers.
 
-It loads the UNet, the VAE, the CLIP text encoder and its tokenizer from
+It loads SD 1.x, SD 2.x-style v-prediction models and SDXL (the UNet, the VAE, the CLIP text
+encoder(s) and tokenizer(s)) from
 
 * a hub id and revision (`CompVis/stable-diffusion-v1-4`, revision `flax` or `bf16`),
 * a local diffusers-format folder holding Flax weights (offline), or
@@ -9,9 +10,14 @@ It loads the UNet, the VAE, the CLIP text encoder and its tokenizer from
   `flow.pth`'s restricted unpickler, then renamed by diffusers' / transformers' converters.
 
 and it builds random-init models of the same classes from configs (`random_init`; the tests
-use tiny ones). Everything the sampler needs is a method here, taking the parameter pytree as
-an explicit argument, so the sampler can pass the weights as jit arguments. Latents are NCHW
-(the diffusers layout, and the reference's file layout); images are NHWC.
+use tiny ones). The kind is read from the model's configs: the UNet's `addition_embed_type`
+"text_time" means SDXL's conditioning (two text encoders, pooled embedding, size time ids), the
+scheduler's `prediction_type` "v_prediction" a model whose output `eps` converts to a noise
+estimate. The sampler sees one interface whatever the kind: `embed` returns an opaque
+conditioning pytree (mgjax.conditioning), `eps` a noise estimate, `decode`/`encode` apply the
+model's own scaling factor. Everything the sampler needs is a method here, taking the parameter
+pytree as an explicit argument, so the sampler can pass the weights as jit arguments. Latents
+are NCHW (the diffusers layout, and the reference's file layout); images are NHWC.
 
 diffusers 0.39 and transformers 4.x log a deprecation notice from every Flax class they define
 and every Flax module's `setup()`; the calls into them made here run under `_quiet()`, which
@@ -35,6 +41,7 @@ import numpy as np
 import transformers
 
 from flow.errors import InputError
+from mgjax import conditioning, ddim
 from mgjax.levers import ATTENTION
 from mgjax.modelinfo import hub_reachable, offline_error
 
@@ -65,11 +72,21 @@ def _quiet() -> Iterator[None]:
 
 
 with _quiet():  # the Flax classes log their deprecation notice as they are defined
-    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
+    from diffusers import (
+        FlaxAutoencoderKL,
+        FlaxDDIMScheduler,
+        FlaxDiffusionPipeline,
+        FlaxUNet2DConditionModel,
+    )
     from diffusers.models.modeling_flax_pytorch_utils import (
         convert_pytorch_state_dict_to_flax as _diffusers_from_pt,
     )
-    from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTokenizer,
+        FlaxCLIPTextModel,
+        FlaxCLIPTextModelWithProjection,
+    )
     from transformers.modeling_flax_pytorch_utils import (
         convert_pytorch_state_dict_to_flax as _transformers_from_pt,
     )
@@ -89,10 +106,11 @@ def cast(tree, dtype):
 
 @dataclass(eq=False)
 class StableDiffusion:
-    """UNet + VAE + CLIP text encoder + tokenizer; the parameters live in `params`.
+    """UNet + VAE + CLIP text encoder(s) + tokenizer(s); the parameters live in `params`.
 
-    `params` = {"unet", "vae", "text"} is a pytree; every method that runs a network takes it
-    explicitly, so jitted callers pass the weights as arguments instead of baking constants.
+    `params` = {"unet", "vae", "text"} (SDXL: and "text_2") is a pytree; every method that runs
+    a network takes it explicitly, so jitted callers pass the weights as arguments instead of
+    baking constants.
     """
 
     unet: Any
@@ -101,9 +119,30 @@ class StableDiffusion:
     tokenizer: Any
     params: dict
     dtype: Any = jnp.float32
+    text_encoder_2: Any = None  # SDXL: CLIPTextModelWithProjection (hidden states + pooled)
+    tokenizer_2: Any = None
+    prediction_type: str = "epsilon"  # the scheduler's: epsilon or v_prediction
+    # SDXL's force_zeros_for_empty_prompt: the prompt "" conditions with zeros, the
+    # unconditional input SDXL was trained with
+    zero_uncond: bool = False
 
     def __post_init__(self):
-        self._embeddings: dict[str, np.ndarray] = {}
+        self._embeddings: dict[str, tuple] = {}
+        if self.prediction_type not in conditioning.PREDICTION_TYPES:
+            raise InputError(
+                f"prediction_type {self.prediction_type!r} is not supported; one of "
+                f"{conditioning.PREDICTION_TYPES}"
+            )
+
+    @property
+    def text_time(self) -> bool:
+        """Whether the UNet takes SDXL's added conditions (pooled embedding and time ids)."""
+        return self.unet.config.get("addition_embed_type") == "text_time"
+
+    @property
+    def default_size(self) -> int:
+        """The image side the model was trained at (512 for SD v1.x, 1024 for SDXL)."""
+        return self.unet.config.sample_size * self.vae_factor
 
     @property
     def out_dtype(self):
@@ -123,16 +162,28 @@ class StableDiffusion:
     def scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
 
-    def eps(self, params, z, t, context):
-        """UNet noise estimate: z f32[N,C,h,w], t i32[N], context [N,L,D] -> f32[N,C,h,w]."""
+    def eps(self, params, z, t, cond):
+        """Noise estimate: z f32[N,C,h,w], t i32[N], cond the conditioning pytree of `embed`
+        (batch N) -> f32[N,C,h,w]. A v-prediction model's output is converted
+        (conditioning.eps_from_v: eps = sqrt(abar) v + sqrt(1 - abar) z)."""
+        t = jnp.asarray(t, jnp.int32)
+        added = None
+        if self.text_time:  # SDXL: the pooled embedding and the time ids as added conditions
+            added = {"text_embeds": cond["pooled"].astype(self.dtype), "time_ids": cond["time_ids"]}
+            cond = cond["text"]
         with _quiet():
             out = self.unet.apply(
                 {"params": params["unet"]},
                 jnp.asarray(z).astype(self.dtype),
-                jnp.asarray(t, jnp.int32),
-                jnp.asarray(context).astype(self.dtype),
+                t,
+                jnp.asarray(cond).astype(self.dtype),
+                added_cond_kwargs=added,
             ).sample
-        return out.astype(self.out_dtype)
+        out = out.astype(self.out_dtype)
+        if self.prediction_type == "v_prediction":
+            abar = jnp.asarray(ddim.alphas_cumprod(), self.out_dtype)[t]
+            out = conditioning.eps_from_v(out, jnp.asarray(z, self.out_dtype), abar)
+        return out
 
     def decode(self, params, latents):
         """Latents f32[N,C,h,w] (scaled) -> images f32[N,H,W,3], about [-1, 1], not clamped."""
@@ -152,8 +203,11 @@ class StableDiffusion:
         mean = jnp.transpose(dist.mean, (0, 3, 1, 2))  # Flax's encoder answers in NHWC
         return mean.astype(self.out_dtype) * self.scaling_factor
 
-    def embed(self, prompts) -> jnp.ndarray:
-        """CLIP last hidden states f32[N,L,D] for a list of prompts, each computed once."""
+    def embed(self, prompts, size: tuple[int, int] | None = None):
+        """The conditioning of a list of prompts, each encoded once: CLIP's last hidden states
+        f32[N,L,D]; for SDXL {"text": both encoders' penultimate hidden states concatenated
+        f32[N,L,D1+D2], "pooled": the second encoder's projection f32[N,P], "time_ids":
+        f32[N,6] for an uncropped image of `size` (H, W) pixels, default the model's native}."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         missing = sorted({p for p in prompts if p not in self._embeddings})
         if missing and self.text_encoder is None:
@@ -163,17 +217,50 @@ class StableDiffusion:
             )
         if missing:
             with _quiet():
-                ids = self.tokenizer(
-                    missing,
-                    padding="max_length",
-                    max_length=self.tokenizer.model_max_length,
-                    truncation=True,
-                    return_tensors="np",
-                ).input_ids
-                out = self.text_encoder(ids, params=self.params["text"])[0]
-            for p, e in zip(missing, np.asarray(out, np.float32), strict=True):
-                self._embeddings[p] = e
-        return jnp.asarray(np.stack([self._embeddings[p] for p in prompts]))
+                encoded = self._encode(missing)
+            for i, p in enumerate(missing):
+                self._embeddings[p] = tuple(e[i] for e in encoded)
+        text = np.stack([self._embeddings[p][0] for p in prompts])
+        if not self.text_time:
+            return jnp.asarray(text)
+        h, w = size or (self.default_size,) * 2
+        return {
+            "text": jnp.asarray(text),
+            "pooled": jnp.asarray(np.stack([self._embeddings[p][1] for p in prompts])),
+            "time_ids": jnp.asarray(conditioning.time_ids(h, w, len(prompts))),
+        }
+
+    def _encode(self, prompts: list[str]) -> tuple[np.ndarray, ...]:
+        """(hidden states f32[N,L,D],) or, for SDXL, (hidden states, pooled f32[N,P])."""
+
+        def ids(tokenizer):
+            return tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="np",
+            ).input_ids
+
+        if not self.text_time:
+            out = self.text_encoder(ids(self.tokenizer), params=self.params["text"])[0]
+            return (np.asarray(out, np.float32),)
+        # SDXL (diffusers' SDXL pipelines): each encoder's penultimate hidden states, then the
+        # second encoder's pooled projection
+        one = self.text_encoder(
+            ids(self.tokenizer), params=self.params["text"], output_hidden_states=True
+        )
+        two = self.text_encoder_2(
+            ids(self.tokenizer_2), params=self.params["text_2"], output_hidden_states=True
+        )
+        text = np.concatenate(
+            [np.asarray(one.hidden_states[-2]), np.asarray(two.hidden_states[-2])], axis=-1
+        ).astype(np.float32)
+        pooled = np.array(two.text_embeds, np.float32)
+        if self.zero_uncond:
+            empty = np.asarray([p == "" for p in prompts])
+            text[empty], pooled[empty] = 0.0, 0.0
+        return text, pooled
 
     @property
     def attention(self) -> str:
@@ -194,6 +281,11 @@ class StableDiffusion:
             self.params,
             dtype or jnp.dtype(self.dtype).name,
             attention or self.attention,
+            text_2=None
+            if self.text_encoder_2 is None
+            else (self.text_encoder_2.config, self.tokenizer_2),
+            prediction_type=self.prediction_type,
+            zero_uncond=self.zero_uncond,
         )
 
 
@@ -212,21 +304,38 @@ def _attention(name: str) -> bool:
 
 
 def build(
-    unet_config, vae_config, text_config, tokenizer, params, dtype="float32", attention="plain"
+    unet_config,
+    vae_config,
+    text_config,
+    tokenizer,
+    params,
+    dtype="float32",
+    attention="plain",
+    text_2=None,
+    prediction_type: str = "epsilon",
+    zero_uncond: bool = False,
 ):
     """Instantiate the Flax modules from configs with computation dtype `dtype` and the UNet
-    attention implementation `attention` (ATTENTION); text_config None: no text encoder."""
+    attention implementation `attention` (ATTENTION); text_config None: no text encoder.
+    text_2: SDXL's second encoder, (CLIPTextConfig, tokenizer), or None. The VAE computes in
+    `dtype` too, float32 or bfloat16: there is no float16 path (SDXL's VAE overflows in it)."""
     jdt = _dtype(dtype)
     with _quiet():
         unet = FlaxUNet2DConditionModel.from_config(
             dict(unet_config), dtype=jdt, use_memory_efficient_attention=_attention(attention)
         )
         vae = FlaxAutoencoderKL.from_config(dict(vae_config), dtype=jdt)
-        text = None
+        text = text2 = tokenizer_2 = None
         if text_config is not None:
             text = FlaxCLIPTextModel(text_config, dtype=jdt, _do_init=False)
-    params = {k: cast(v, jdt) for k, v in params.items() if k != "text" or text is not None}
-    return StableDiffusion(unet, vae, text, tokenizer, params, jdt)
+            if text_2 is not None:
+                text2 = FlaxCLIPTextModelWithProjection(text_2[0], dtype=jdt, _do_init=False)
+                tokenizer_2 = text_2[1]
+    texts = {"text", "text_2"}
+    params = {k: cast(v, jdt) for k, v in params.items() if k not in texts or text is not None}
+    return StableDiffusion(
+        unet, vae, text, tokenizer, params, jdt, text2, tokenizer_2, prediction_type, zero_uncond
+    )
 
 
 # ----------------------------------------------------------------------------- random init
@@ -303,9 +412,23 @@ def save(sd: StableDiffusion, folder) -> None:
         sd.vae.save_pretrained(folder / "vae", params=sd.params["vae"])
         sd.text_encoder.save_pretrained(folder / "text_encoder", params=sd.params["text"])
         sd.tokenizer.save_pretrained(folder / "tokenizer")
-    (folder / "model_index.json").write_text(
-        json.dumps({"_class_name": "FlaxStableDiffusionPipeline", "_diffusers_version": "0.39.0"})
-    )
+        if sd.text_encoder_2 is not None:
+            sd.text_encoder_2.save_pretrained(folder / "text_encoder_2", params=sd.params["text_2"])
+            sd.tokenizer_2.save_pretrained(folder / "tokenizer_2")
+        FlaxDDIMScheduler(  # SD's schedule, as the sampler's DDIM module computes it
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            prediction_type=sd.prediction_type,
+        ).save_pretrained(folder / "scheduler")
+    index = {"_class_name": "FlaxStableDiffusionPipeline", "_diffusers_version": "0.39.0"}
+    if sd.text_time:
+        index = dict(index, _class_name="FlaxStableDiffusionXLPipeline")
+        index["force_zeros_for_empty_prompt"] = sd.zero_uncond
+    (folder / "model_index.json").write_text(json.dumps(index))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -325,7 +448,7 @@ class _Shapes:
 
 def _param_shapes(model):
     key = jax.random.PRNGKey(0)
-    if isinstance(model, FlaxCLIPTextModel):
+    if isinstance(model, FlaxCLIPTextModel | FlaxCLIPTextModelWithProjection):
         return jax.eval_shape(lambda k: model.init_weights(k, model.input_shape), key)
     return jax.eval_shape(model.init_weights, key)
 
@@ -365,6 +488,18 @@ def _float32(sd: dict) -> dict:
     }
 
 
+# the subfolders read: SD's four, SDXL's second encoder and tokenizer, the scheduler's config
+_PARTS = (
+    "unet",
+    "vae",
+    "text_encoder",
+    "tokenizer",
+    "text_encoder_2",
+    "tokenizer_2",
+    "scheduler",
+)
+
+
 def _resolve(
     model: str, revision: str | None, from_pt: bool, text_encoder: bool = True
 ) -> tuple[str, bool]:
@@ -385,7 +520,7 @@ def _resolve(
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    patterns = ["unet/*", "vae/*", "text_encoder/*", "tokenizer/*", "*.json"]
+    patterns = [f"{part}/*" for part in _PARTS] + ["*.json"]
     try:  # a model in the local hub cache loads from there, with or without network
         return snapshot_download(
             model, revision=revision, allow_patterns=patterns, local_files_only=True
@@ -427,40 +562,90 @@ def load(
         ) from None
 
 
+def _kind(where: str, rev, text_time: bool) -> tuple[str, bool]:
+    """(prediction_type, zero_uncond) from the scheduler's config and model_index.json; a model
+    without them predicts noise. The sampler's DDIM schedule is SD's, so a scheduler with other
+    betas is refused."""
+    try:
+        sched = FlaxDDIMScheduler.load_config(where, subfolder="scheduler", revision=rev)
+    except OSError:
+        sched = {}
+    betas = (
+        sched.get("beta_schedule", "scaled_linear"),
+        sched.get("beta_start", 0.00085),
+        sched.get("beta_end", 0.012),
+        sched.get("num_train_timesteps", 1000),
+    )
+    if betas[0] != "scaled_linear" or not np.allclose(betas[1:], (0.00085, 0.012, 1000)):
+        raise InputError(
+            f"{where}: the scheduler's betas {betas} are not Stable Diffusion's (scaled_linear, "
+            "0.00085, 0.012, 1000), the only schedule the sampler implements"
+        )
+    try:
+        index = FlaxDiffusionPipeline.load_config(where, revision=rev)
+    except OSError:
+        index = {}
+    zero = bool(index.get("force_zeros_for_empty_prompt", True)) and text_time
+    return sched.get("prediction_type", "epsilon"), zero
+
+
 def _load(model, revision, dtype, from_pt, with_text: bool = True) -> StableDiffusion:
     _dtype(dtype)
     where, local = _resolve(model, revision, from_pt, with_text)
     rev = None if local else revision
-    tokenizer = text = None
-    if with_text:
-        tokenizer = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", revision=rev)
     if from_pt:
         root = Path(where)
-        unet_cfg = FlaxUNet2DConditionModel.load_config(where, subfolder="unet")
-        vae_cfg = FlaxAutoencoderKL.load_config(where, subfolder="vae")
-        unet = FlaxUNet2DConditionModel.from_config(unet_cfg)
-        vae = FlaxAutoencoderKL.from_config(vae_cfg)
+        unet = FlaxUNet2DConditionModel.from_config(
+            FlaxUNet2DConditionModel.load_config(where, subfolder="unet")
+        )
+        vae = FlaxAutoencoderKL.from_config(FlaxAutoencoderKL.load_config(where, subfolder="vae"))
         params = {}
-        if with_text:
-            text_cfg = CLIPTextConfig.from_pretrained(where, subfolder="text_encoder")
-            text = FlaxCLIPTextModel(text_cfg, _do_init=False)
-            params["text"] = _transformers_from_pt(
-                _float32(read_torch_weights(root / "text_encoder")),
-                _Shapes(text, _param_shapes(text)),
-            )
-        for name, m in (("unet", unet), ("vae", vae)):
-            state = {k: _Tensor(v) for k, v in _float32(read_torch_weights(root / name)).items()}
-            params[name] = _diffusers_from_pt(state, _Shapes(m, _param_shapes(m)))
     else:
         unet, unet_p = FlaxUNet2DConditionModel.from_pretrained(
             where, subfolder="unet", revision=rev
         )
         vae, vae_p = FlaxAutoencoderKL.from_pretrained(where, subfolder="vae", revision=rev)
         params = {"unet": unet_p, "vae": vae_p}
-        if with_text:
-            text = FlaxCLIPTextModel.from_pretrained(
-                where, subfolder="text_encoder", revision=rev, _do_init=False
+    text_time = unet.config.get("addition_embed_type") == "text_time"
+    if text_time and with_text and local:
+        for part in ("text_encoder_2", "tokenizer_2"):
+            if not (Path(where) / part).is_dir():
+                raise InputError(
+                    f"{model}: an SDXL UNet (addition_embed_type text_time) but no {part}/ "
+                    "subfolder; an SDXL folder holds text_encoder_2/ and tokenizer_2/ too"
+                )
+    prediction_type, zero_uncond = _kind(where, rev, text_time)
+    encoders = [("text", "text_encoder", "tokenizer", FlaxCLIPTextModel)]
+    if text_time:
+        encoders.append(
+            ("text_2", "text_encoder_2", "tokenizer_2", FlaxCLIPTextModelWithProjection)
+        )
+    texts = {}  # name -> (module, tokenizer)
+    for name, sub, tok, cls in encoders if with_text else ():
+        tokenizer = CLIPTokenizer.from_pretrained(where, subfolder=tok, revision=rev)
+        if from_pt:
+            module = cls(CLIPTextConfig.from_pretrained(where, subfolder=sub), _do_init=False)
+            params[name] = _transformers_from_pt(
+                _float32(read_torch_weights(root / sub)), _Shapes(module, _param_shapes(module))
             )
-            text, params["text"] = text if isinstance(text, tuple) else (text, text.params)
-    text_config = None if text is None else text.config
-    return build(unet.config, vae.config, text_config, tokenizer, params, dtype)
+        else:
+            module = cls.from_pretrained(where, subfolder=sub, revision=rev, _do_init=False)
+            module, params[name] = module if isinstance(module, tuple) else (module, module.params)
+        texts[name] = module, tokenizer
+    if from_pt:
+        for name, m in (("unet", unet), ("vae", vae)):
+            state = {k: _Tensor(v) for k, v in _float32(read_torch_weights(root / name)).items()}
+            params[name] = _diffusers_from_pt(state, _Shapes(m, _param_shapes(m)))
+    text, tokenizer = texts.get("text", (None, None))
+    text_2 = (texts["text_2"][0].config, texts["text_2"][1]) if "text_2" in texts else None
+    return build(
+        unet.config,
+        vae.config,
+        None if text is None else text.config,
+        tokenizer,
+        params,
+        dtype,
+        text_2=text_2,
+        prediction_type=prediction_type,
+        zero_uncond=zero_uncond,
+    )

@@ -18,7 +18,7 @@ import numpy as np
 from jax import lax
 
 from flow.errors import InputError
-from mgjax import ddim
+from mgjax import conditioning, ddim
 from mgjax.config import Method
 
 
@@ -29,9 +29,10 @@ class Trajectory(NamedTuple):
 
 
 def cfg_eps(sd, params, z, t, cond, uncond, cfg_scale, skip_at_one: bool = False):
-    """Classifier-free guided noise estimate, one UNet call on the batch [uncond, cond]. With
-    `skip_at_one` and `cfg_scale` 1 (a Python number) that is eps(cond) alone: the unconditional
-    half is skipped (the guided sampler asks for it; DDIM inversion keeps both halves)."""
+    """Classifier-free guided noise estimate, one UNet call on the batch [uncond, cond] (the
+    conditionings are the model's pytrees, batch first). With `skip_at_one` and `cfg_scale` 1 (a
+    Python number) that is eps(cond) alone: the unconditional half is skipped (the guided sampler
+    asks for it; DDIM inversion keeps both halves)."""
     b = z.shape[0]
     if skip_at_one and isinstance(cfg_scale, int | float) and cfg_scale == 1.0:
         return sd.eps(params, z, jnp.full((b,), t, jnp.int32), cond)
@@ -39,7 +40,7 @@ def cfg_eps(sd, params, z, t, cond, uncond, cfg_scale, skip_at_one: bool = False
         params,
         jnp.concatenate([z, z]),
         jnp.full((2 * b,), t, jnp.int32),
-        jnp.concatenate([uncond, cond]),
+        conditioning.concat([uncond, cond]),
     )
     return eps[:b] + cfg_scale * (eps[b:] - eps[:b])
 
@@ -62,9 +63,7 @@ def _chunk(sd, schedule_steps, params, z, first, cond, uncond, *, length, cfg_sc
 
 def _run(sd, z, cond, uncond, num_steps, cfg_scale, chunk, inverse, on_chunk):
     b = z.shape[0]
-    cond, uncond = (
-        jnp.broadcast_to(jnp.asarray(c, jnp.float32), (b,) + c.shape[-2:]) for c in (cond, uncond)
-    )
+    cond, uncond = (conditioning.broadcast(c, b) for c in (cond, uncond))
     pieces = []
     done = 0
     while done < num_steps:

@@ -128,6 +128,13 @@ def read_files(config: C.Config) -> EditFiles:
     return EditFiles(h, w, image, data, flow, obj, frozen, schedule)
 
 
+def embed(config: C.Config, sd, files: EditFiles):
+    """(cond, uncond): the conditioning of the prompt and of "" for this edit's image size (the
+    model's pytree with batch 1; SD: f32[1,L,D])."""
+    size = (files.h, files.w)
+    return sd.embed(config.source.prompt, size), sd.embed("", size)
+
+
 def make_sampler(config: C.Config, sd, raft):
     from mgjax.sampler import Sampler
 
@@ -218,7 +225,7 @@ def _run(config: C.Config, files: EditFiles, ckpt: Checkpoint, log, t_start: flo
 
     out, method = config.output, config.method
     sd, raft = load_models(config)
-    cond, uncond = sd.embed(config.source.prompt), sd.embed("")
+    cond, uncond = embed(config, sd, files)
     if out.overwrite:
         rundir.replace(out.out_dir)  # only now that the inputs were read and checked
     if out.resume:

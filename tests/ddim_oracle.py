@@ -2,6 +2,8 @@
 
 import logging
 
+from tests.tiny_models import SCHEDULER
+
 
 def ddim_oracle(num_steps: int):
     """(scheduler, state) with Stable Diffusion's betas, no sample clipping, no "alpha to one",
@@ -9,14 +11,6 @@ def ddim_oracle(num_steps: int):
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     from diffusers import FlaxDDIMScheduler
 
-    sched = FlaxDDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    sched = FlaxDDIMScheduler(**SCHEDULER)
     state = sched.set_timesteps(sched.create_state(), num_steps)
     return sched, state

@@ -2,7 +2,6 @@
 (created in torch, read by our from_pt path) and identical noise; plus DDIM, frozen-mask,
 tracing, batching, inversion and bad-input checks."""
 
-import copy
 import dataclasses
 
 import jax
@@ -10,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 from flow import load_raft
 from flow.convert import convert
@@ -19,15 +17,12 @@ from mgjax import config as C
 from mgjax import ddim, loop, source
 from mgjax import sd as sdm
 from mgjax.energy import Energy, PreservationEnergy
-from mgjax.guidance import eval_noise
 from mgjax.progress import Progress
 from mgjax.sampler import DivergenceError, Sampler
 from tests import tiny_models, xla
 from tests.ddim_oracle import ddim_oracle as _oracle
-from tests.torch_raft import image_pair, random_torchvision_raft
-from tests.torch_reference import ReferenceFlowLoss, reference_sample
-
-H = W = 128  # torchvision RAFT's minimum; tiny VAE factor 4: latents 4x32x32
+from tests.parity import LOG_PAIRS, PARITY, H, W, reference_run, run_ours, scene, to_torch
+from tests.torch_raft import random_torchvision_raft
 
 
 @pytest.fixture(scope="module")
@@ -53,18 +48,6 @@ def models(tmp_path_factory):
     return dict(unet=unet, vae=vae, text=text, raft_t=raft_t, sd=ours, raft=raft, folder=folder)
 
 
-def _scene(seed=0):
-    """A textured source image in [0, 1] and a square moved 3 px right, 2 px down."""
-    a, _ = image_pair(1, H, W, seed=seed)
-    flow = np.zeros((1, H, W, 2), np.float32)
-    flow[:, 40:88, 32:80] = (6.0, 4.0)
-    return a / 255.0, flow
-
-
-def _t(x):
-    return torch.from_numpy(np.array(x))
-
-
 @pytest.mark.slow
 def test_seam_matches_torch_models(models):
     sd = models["sd"]
@@ -75,10 +58,12 @@ def test_seam_matches_torch_models(models):
         ["a photo of a cat", ""], padding="max_length", max_length=77, return_tensors="np"
     ).input_ids
     with torch.no_grad():
-        ctx = models["text"](_t(ids))[0].numpy()
-        eps = models["unet"](_t(z), _t(t), encoder_hidden_states=_t(ctx)).sample.numpy()
-        img = models["vae"].decode(_t(z) / 0.18215).sample.numpy().transpose(0, 2, 3, 1)
-        x = _t(img).permute(0, 3, 1, 2).clamp(-1, 1)
+        ctx = models["text"](to_torch(ids))[0].numpy()
+        eps = models["unet"](
+            to_torch(z), to_torch(t), encoder_hidden_states=to_torch(ctx)
+        ).sample.numpy()
+        img = models["vae"].decode(to_torch(z) / 0.18215).sample.numpy().transpose(0, 2, 3, 1)
+        x = to_torch(img).permute(0, 3, 1, 2).clamp(-1, 1)
         mean = models["vae"].encode(x).latent_dist.mean.numpy() * 0.18215
     ours_ctx = np.asarray(sd.embed(["a photo of a cat", ""]))
     np.testing.assert_allclose(ours_ctx, ctx, atol=1e-5)
@@ -178,76 +163,8 @@ def test_flax_folder_roundtrip_and_bf16(tmp_path):
         sdm.load(str(tmp_path))
 
 
-def _reference_run(
-    models, cfg, img, flow, frozen, traj, cond, uncond, z_T, keys, steps, double=False
-):
-    """The torch transcription on the same weights and noise (float64 copies if `double`);
-    cfg: flat-named method settings."""
-    cfg = C.make(**cfg).method
-    unet, vae, raft = models["unet"], models["vae"], models["raft_t"]
-    dt = torch.float64 if double else torch.float32
-    if double:
-        unet, vae, raft = (copy.deepcopy(m).double() for m in (unet, vae, raft))
-    t = lambda x: _t(x).to(dt)  # noqa: E731
-    energy = ReferenceFlowLoss(
-        raft,
-        t(flow).permute(0, 3, 1, 2),
-        cfg.color_weight,
-        cfg.flow_weight,
-        cfg.oracle,
-        cfg.occlusion_masking,
-        iters=cfg.raft_iters,
-    )
-    np_dt = np.float64 if double else np.float32
-
-    def noise_fn(i, j):
-        shape = z_T.shape
-        return tuple(t(n) for n in eval_noise(keys, i, j, cfg.recursive_steps, shape, np_dt))
-
-    inputs = []
-    grid = torchvision.models.optical_flow.raft.make_coords_grid
-    with pytest.MonkeyPatch.context() as mp:
-        if double:  # torchvision builds its lookup grid with .float(); keep it float64
-            mp.setattr(
-                torchvision.models.optical_flow.raft,
-                "make_coords_grid",
-                lambda *a: grid(*a).double(),
-            )
-        torch.set_default_dtype(dt)
-        try:
-            z, logs = reference_sample(
-                unet,
-                vae,
-                energy,
-                t(img).permute(0, 3, 1, 2) * 2 - 1,
-                t(cond),
-                t(uncond),
-                t(z_T),
-                noise_fn,
-                num_ddim_steps=cfg.steps,
-                max_steps=steps,
-                cached_latents=t(traj),
-                edit_mask=_t(frozen),
-                num_recursive_steps=cfg.recursive_steps,
-                clip_grad=cfg.clip,
-                guidance_weight=cfg.guidance_weight,
-                cfg_scale=cfg.cfg_scale,
-                eta=cfg.eta,
-                unet_inputs=inputs,
-            )
-        finally:
-            torch.set_default_dtype(torch.float32)
-    return z.numpy(), logs, energy, inputs
-
-
-# lambda_g = 30 rather than the paper's 300: with random tiny weights, 300 makes the guided
-# map chaotic (two fp64 runs whose UNets differ by 1e-7 end 5e-3 apart after 6 evaluations),
-# so the check would measure amplified rounding instead of the algorithm.
-PARITY = dict(recursive_steps=2, guidance_weight=30.0, clip=7.7, chunk=3)
-
-
 def _parity_inputs(sd):
-    img, flow = _scene()
+    img, flow = scene()
     rng = np.random.default_rng(1)
     traj = rng.standard_normal((500, 1, 4, 32, 32)).astype(np.float32)
     frozen = np.ones((1, 4, 32, 32), bool)
@@ -263,23 +180,6 @@ def _sample(sampler, inputs, state, **hooks):
     return result.state, result.logs, snapshots
 
 
-def _ours(sd, raft, cfg, img, flow, traj, frozen, cond, uncond, steps=3):
-    sampler = Sampler.of(sd, raft, **cfg)
-    edit = sampler.prepare(img, flow, cond, uncond, frozen=frozen, trajectory=traj)
-    state = sampler.init(edit, traj[0], seeds=7)
-    state, logs, _ = sampler.run_chunk(edit, state, steps)
-    return np.asarray(state.z), {k: np.asarray(v).reshape(-1) for k, v in logs.items()}, edit, state
-
-
-LOG_PAIRS = (
-    ("energy", "losses"),
-    ("flow_loss", "losses_flow"),
-    ("color_loss", "losses_color"),
-    ("noise_norm", "noise_norms"),
-    ("guidance_norm", "guidance_norms"),
-)
-
-
 @pytest.mark.slow
 def test_guided_steps_match_reference_transcription(models):
     """3 DDIM steps x 2 recursive steps of the 500-step schedule, a frozen mask, clipping on some
@@ -287,8 +187,10 @@ def test_guided_steps_match_reference_transcription(models):
     sampler with the source image moved by 1e-6 lands ~7e-5 away, the fp32 noise floor)."""
     sd, cfg = models["sd"], PARITY
     img, flow, traj, frozen, cond, uncond = _parity_inputs(sd)
-    ours, logs, edit, state = _ours(sd, models["raft"], cfg, img, flow, traj, frozen, cond, uncond)
-    ref, rlogs, energy, _ = _reference_run(
+    ours, logs, edit, state = run_ours(
+        sd, models["raft"], cfg, img, flow, traj, frozen, cond, uncond
+    )
+    ref, rlogs, energy, _ = reference_run(
         models, cfg, img, flow, frozen, traj, cond, uncond, traj[0], np.asarray(state.keys), 3
     )
     # the occlusion masks agree (ours: scatter of landings; reference: gradient trick)
@@ -297,12 +199,12 @@ def test_guided_steps_match_reference_transcription(models):
     clipped = rlogs["guidance_norms"] >= cfg["clip"] * (1 - 1e-6)
     assert clipped.any() and not clipped.all(), rlogs["guidance_norms"]  # clipping active
     rel = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
-    nudged, *_ = _ours(sd, models["raft"], cfg, img + 1e-6, flow, traj, frozen, cond, uncond)
+    nudged, *_ = run_ours(sd, models["raft"], cfg, img + 1e-6, flow, traj, frozen, cond, uncond)
     floor = np.linalg.norm(ours - nudged) / np.linalg.norm(ours)
     print(f"guided parity (fp32): vs torch {rel:.2e}; vs itself, source moved 1e-6: {floor:.2e}")
     assert rel < 1e-3, rel
     # the scan chunk (the GPU/TPU default; this run is loops "auto" = unrolled on CPU) too
-    scan, *_ = _ours(
+    scan, *_ = run_ours(
         sd, models["raft"], cfg | dict(loops="scan"), img, flow, traj, frozen,
         cond, uncond,
     )  # fmt: skip
@@ -316,7 +218,7 @@ def test_guided_steps_match_reference_transcription(models):
         np.testing.assert_allclose(logs[ours_name], rlogs[ref_name], rtol=rtol, err_msg=ours_name)
     # the guidance moved the latents: the comparison is not between two plain DDIM runs
     plain = cfg | dict(guidance_weight=0.0)
-    zp, *_ = _ours(sd, models["raft"], plain, img, flow, traj, frozen, cond, uncond)
+    zp, *_ = run_ours(sd, models["raft"], plain, img, flow, traj, frozen, cond, uncond)
     moved = np.linalg.norm(zp - ref) / np.linalg.norm(ref)
     assert moved > 30 * rel, (moved, rel)
 
@@ -330,7 +232,7 @@ def test_full_raft_gradient_changes_the_gradient_not_the_energy(models):
     img, flow, traj, frozen, cond, uncond = _parity_inputs(sd)
     cfg = PARITY | dict(clip=0.0, recursive_steps=1, chunk=1)
     logs = {
-        g: _ours(sd, models["raft"], cfg | dict(raft_gradient=g), img, flow,
+        g: run_ours(sd, models["raft"], cfg | dict(raft_gradient=g), img, flow,
                  traj, frozen, cond, uncond, steps=1)[1]
         for g in ("detached", "full")
     }  # fmt: skip
@@ -359,7 +261,7 @@ class Recording:
 def test_frozen_latents_before_every_unet_call_and_traces_once(models):
     sd = Recording(models["sd"])
     cfg = C.make(steps=6, recursive_steps=2, chunk=2, clip=0.0).method
-    img, flow = _scene(seed=3)
+    img, flow = scene(seed=3)
     rng = np.random.default_rng(2)
     traj = rng.standard_normal((6, 1, 4, 32, 32)).astype(np.float32)
     frozen = np.zeros((1, 1, 32, 32), bool)
@@ -425,7 +327,7 @@ def test_user_energy_runs_in_the_jitted_sampler_without_retracing(models):
     extras values compile once."""
     sd = models["sd"]
     cfg = dict(steps=4, recursive_steps=2, chunk=2, guidance_weight=3e5, clip=0)
-    img, flow = _scene(seed=1)
+    img, flow = scene(seed=1)
     img, flow = np.repeat(img, 3, axis=0), np.repeat(flow, 3, axis=0)
     cond, uncond = sd.embed("a lamp"), sd.embed("")
     rng = np.random.default_rng(5)
@@ -460,7 +362,7 @@ def test_user_energy_runs_in_the_jitted_sampler_without_retracing(models):
 @pytest.mark.slow
 def test_zero_guidance_is_plain_ddim_and_diffusers_scheduler(models):
     sd, steps = models["sd"], 8
-    img, flow = _scene()
+    img, flow = scene()
     cond, uncond = sd.embed("a red ball"), sd.embed("")
     z_T = np.random.default_rng(3).standard_normal((1, 4, 32, 32)).astype(np.float32)
     cfg = C.make(steps=steps, recursive_steps=1, guidance_weight=0.0, chunk=4).method
@@ -488,8 +390,8 @@ def test_batch_equals_single_images_and_seeds(models):
     # lambda_g 10: larger weights amplify batched-vs-single rounding (1e-7) chaotically. The
     # clip bites on some evaluations; it must act per image for a batch to equal its singles.
     cfg = dict(steps=4, recursive_steps=2, chunk=2, guidance_weight=10.0, clip=1.0)
-    img0, flow0 = _scene(seed=0)
-    img1, flow1 = _scene(seed=5)
+    img0, flow0 = scene(seed=0)
+    img1, flow1 = scene(seed=5)
     flow1 = -flow1
     cond, uncond = sd.embed("a tree"), sd.embed("")
     rng = np.random.default_rng(4)
@@ -582,7 +484,7 @@ def test_inversion_then_sampling_reconstructs(models, coupling, bound):
 def test_bad_inputs_rejected_before_compute(models):
     sd = models["sd"]
     sampler = Sampler.of(sd, models["raft"], steps=4)
-    img, flow = _scene()
+    img, flow = scene()
     cond = uncond = np.zeros((1, 77, 32), np.float32)
     z0 = np.zeros((1, 4, 32, 32), np.float32)
     cases = [

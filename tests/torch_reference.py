@@ -107,9 +107,17 @@ def reference_sample(
     eta=0.0,
     tgt_z0=None,
     unet_inputs=None,
+    added_cond=None,
+    prediction_type="epsilon",
+    scaling_factor=0.18215,
 ):
     """DDIMSamplerWithGrad.sample. noise_fn(i, j) -> (source, eta, recursive) noise tensors.
-    `unet_inputs`, if a list, collects each guided evaluation's UNet input latent."""
+    `unet_inputs`, if a list, collects each guided evaluation's UNet input latent.
+
+    Extended beyond SD v1.4 to other backbones, as diffusers' pipelines call them:
+    `added_cond` (uncond, cond) dicts of SDXL's added conditions (text_embeds, time_ids), the
+    UNet's `prediction_type` ("v_prediction": the noise is sqrt(a_t) v + sqrt(1 - a_t) z, the
+    eps form of diffusers' DDIMScheduler) and the VAE's `scaling_factor`."""
     steps, alphas, alphas_prev, sigmas = reference_schedule(num_ddim_steps, eta)
     time_range = np.flip(steps)
     total = len(steps)
@@ -139,14 +147,23 @@ def reference_sample(
                 unet_inputs.append(noisy_latent.clone())
             with torch.enable_grad():
                 z = noisy_latent.detach().requires_grad_(True)
-                e_u, e_c = unet(
+                extra = {}
+                if added_cond is not None:
+                    extra["added_cond_kwargs"] = {
+                        k: torch.cat([added_cond[0][k], added_cond[1][k]]) for k in added_cond[1]
+                    }
+                out = unet(
                     torch.cat([z] * 2),
                     torch.cat([ts] * 2),
                     encoder_hidden_states=torch.cat([uncond_embed, cond_embed]),
-                ).sample.chunk(2)
+                    **extra,
+                ).sample
+                if prediction_type == "v_prediction":
+                    out = a_t.sqrt() * out + sqrt_one_minus_at * torch.cat([z] * 2)
+                e_u, e_c = out.chunk(2)
                 e_t = e_u + cfg_scale * (e_c - e_u)
                 pred_x0 = (z - sqrt_one_minus_at * e_t) / a_t.sqrt()
-                recons = vae.decode(pred_x0 / 0.18215).sample
+                recons = vae.decode(pred_x0 / scaling_factor).sample
                 loss, info = energy(recons, src_img)
                 grad = torch.autograd.grad(loss, z)[0]
             e_t = e_t.detach()

@@ -67,7 +67,7 @@ class Engine:
         out_dir, method = config.output.out_dir, config.method
         t_start = time.perf_counter()
         files = workflow.read_files(config)
-        cond, uncond = self.sd.embed(config.source.prompt), self.sd.embed("")
+        cond, uncond = workflow.embed(config, self.sd, files)
         cached = os.path.join(self.generation_folder(config), "source.npz")
         if not config.source.image and os.path.isfile(cached):
             shutil.copy(cached, os.path.join(out_dir, "source.npz"))  # generated on the page
@@ -126,7 +126,7 @@ class Engine:
 
         folder = self.generation_folder(config)
         os.makedirs(folder, exist_ok=True)
-        cond, uncond = self.sd.embed(config.source.prompt), self.sd.embed("")
+        cond, uncond = self.sd.embed(config.source.prompt), self.sd.embed("")  # native size
         image, _, _ = source_trajectory(config, self.sd, cond, uncond, folder, None, None, job.log)
         return outputs.to_uint8(image[0])
 

@@ -1,0 +1,59 @@
+"""Prompt conditionings as opaque pytrees, and the prediction-type conversion.
+
+A conditioning is whatever the model seam's `embed` returns and its `eps` takes: for SD 1.x/2.x
+the text encoder's hidden states f32[B,L,D]; for SDXL a dict of the concatenated hidden states,
+the pooled embedding and the size/crop time ids. Every leaf has the batch first, so the guided
+sampler, inversion and batching handle any backbone's conditioning with these pytree maps and
+never look inside.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flow.errors import InputError
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def broadcast(cond, batch: int, dtype=jnp.float32):
+    """Each leaf [1 or batch, ...] as [batch, ...] in `dtype`."""
+
+    def one(c):
+        c = jnp.asarray(c, dtype)
+        if c.ndim == 0 or c.shape[0] not in (1, batch):
+            raise InputError(
+                f"prompt conditioning has shape {c.shape}; its first axis must be 1 or the "
+                f"batch ({batch})"
+            )
+        return jnp.broadcast_to(c, (batch,) + c.shape[1:])
+
+    return jax.tree_util.tree_map(one, cond)
+
+
+def concat(conds, module=jnp):
+    """The conditionings' leaves concatenated along the batch (jnp, or np on the host)."""
+    return jax.tree_util.tree_map(lambda *c: module.concatenate(c), *conds)
+
+
+def host(cond):
+    """The conditioning with numpy leaves."""
+    return jax.tree_util.tree_map(np.asarray, cond)
+
+
+def eps_from_v(v, z, abar):
+    """The noise estimate of a v-prediction model (Salimans & Ho 2022, "progressive
+    distillation", sec. 4): with z = sqrt(abar) x0 + sqrt(1 - abar) eps and
+    v = sqrt(abar) eps - sqrt(1 - abar) x0,
+
+        eps = sqrt(abar) v + sqrt(1 - abar) z.
+
+    v, z f32[B,C,h,w]; abar f32[B] or a scalar."""
+    abar = jnp.reshape(jnp.asarray(abar, z.dtype), (-1,) + (1,) * (z.ndim - 1))
+    return jnp.sqrt(abar) * v + jnp.sqrt(1.0 - abar) * z
+
+
+def time_ids(height: int, width: int, batch: int = 1) -> np.ndarray:
+    """SDXL's size conditioning f32[batch,6]: original size (H, W), crop top-left (0, 0), target
+    size (H, W), as diffusers' SDXL pipelines build it for an uncropped image."""
+    return np.tile(np.asarray([height, width, 0, 0, height, width], np.float32), (batch, 1))
