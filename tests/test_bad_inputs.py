@@ -86,6 +86,12 @@ CASES = [
     ("launch", [*EDIT, *OUT, "--motion=", "--flow={flow_nan}"], 2, "NaN or inf"),
     ("launch", [*EDIT, *OUT, "--motion=", "--flow={text}"], 2, "must be .npy, .flo or .pth"),
     ("launch", [*EDIT, *OUT, "--frozen_mask={frozen_small}"], 2, "at the latent grid's size"),
+    ("launch", [*EDIT, *OUT, "--frozen_mask={mask}"], 2, "latent grid's size, 16x16 (the image's"),
+    ("launch", [*EDIT[1:], *OUT, "--image={large}"], 2, "larger than this model takes"),
+    ("launch", [*EDIT, *OUT, "--model={no_vae_config}", "--raft_weights={raft}"], 2,
+     "no vae/config.json"),
+    ("launch", [*EDIT, *OUT, "--model={bad_unet_config}", "--raft_weights={raft}"], 2,
+     "not a readable UNet config"),
     ("launch", [*EDIT, *OUT, "--frozen_mask={corrupt_pth}"], 2, "not a readable PyTorch"),
     ("launch", [*EDIT, *OUT, "--schedule={short}"], 2, "has 3 entries but there are 2"),
     ("launch", [*EDIT, *OUT, "--schedule={nan_schedule}"], 2, "NaN or inf"),
@@ -165,6 +171,15 @@ def _write_assets(folder: Path) -> dict[str, str]:
     shutil.copytree(pack.sd_folder(), folder / "no_tokenizer")
     shutil.rmtree(folder / "no_tokenizer" / "tokenizer")
     a["no_tokenizer"] = str(folder / "no_tokenizer")
+    put("large.png", lambda p: Image.fromarray(np.zeros((2048, 2048, 3), np.uint8)).save(p))
+    sd = Path(pack.sd_folder())
+    for name in ("no_vae_config", "bad_unet_config"):
+        for part in ("vae", "unet"):
+            (folder / name / part).mkdir(parents=True)
+        a[name] = str(folder / name)
+    shutil.copy(sd / "unet" / "config.json", folder / "no_vae_config" / "unet")
+    shutil.copy(sd / "vae" / "config.json", folder / "bad_unet_config" / "vae")
+    (folder / "bad_unet_config" / "unet" / "config.json").write_text("{not json")
     bad = folder / "bad_config_run" / "sample_00"
     bad.mkdir(parents=True)
     (bad / "config.json").write_text("{not json")
