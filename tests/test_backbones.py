@@ -300,6 +300,8 @@ def test_sdxl_flax_folder_roundtrip(sdxl, vpred, tmp_path):
         assert jax.tree_util.tree_structure(back.params) == jax.tree_util.tree_structure(sd.params)
         for a, b in zip(*map(jax.tree_util.tree_leaves, (back.params, sd.params)), strict=True):
             np.testing.assert_array_equal(a, b)
+        # the parameters are equal bit for bit (above); two compilations of the encoders may sum
+        # in another order on a busy CPU, so the embeddings agree to float32 rounding
         embeddings = (jax.tree_util.tree_leaves(x.embed(["a cat", ""])) for x in (back, sd))
         for a, b in zip(*embeddings, strict=True):
-            np.testing.assert_array_equal(a, b)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
