@@ -28,13 +28,18 @@ def events(client, job_id: str) -> list[dict]:
     return lines[:-1]  # the last is the "end" event
 
 
-def test_edit_cancel_and_programs_reused(tmp_path):
-    explicit = {"chunk": 1, "compilation_cache": ""}
+def _editor(explicit: dict, tmp_path):
+    """(Engine, Worker, TestClient) of an editor on the toy pack, its folders under tmp_path."""
     engine = Engine(authoring.resolve(explicit, "auto", {}), str(tmp_path / "generated"))
     worker = Worker()
     store = authoring.Store(str(tmp_path / "store"))
     editor = A.Editor(engine, store, worker, explicit, "auto", str(tmp_path / "runs"), "launch.py")
-    client = TestClient(A.create_app(editor))
+    return engine, worker, TestClient(A.create_app(editor))
+
+
+def test_edit_cancel_and_programs_reused(tmp_path):
+    explicit = {"chunk": 1, "compilation_cache": ""}
+    engine, worker, client = _editor(explicit, tmp_path)
     scene = client.post("/api/scene", json={"seed": None}).json()
     mask = base64.b64encode(base64.b64decode(scene["mask"].split(",")[1])).decode()
     spec = {
@@ -94,11 +99,7 @@ def test_edit_cancel_and_programs_reused(tmp_path):
 
 def test_generated_source_is_the_one_the_edit_uses(tmp_path):
     explicit = {"chunk": 2, "compilation_cache": ""}
-    engine = Engine(authoring.resolve(explicit, "auto", {}), str(tmp_path / "generated"))
-    worker = Worker()
-    store = authoring.Store(str(tmp_path / "store"))
-    editor = A.Editor(engine, store, worker, explicit, "auto", str(tmp_path / "runs"), "launch.py")
-    client = TestClient(A.create_app(editor))
+    engine, worker, client = _editor(explicit, tmp_path)
     prompt = "a red square on a striped blue background"
     r = client.post("/api/generate", json={"prompt": prompt, "seed": 3, "steps": 2})
     assert r.status_code == 200, r.text
