@@ -203,6 +203,30 @@ class StableDiffusion:
         mean = jnp.transpose(dist.mean, (0, 3, 1, 2))  # Flax's encoder answers in NHWC
         return mean.astype(self.out_dtype) * self.scaling_factor
 
+    def posterior(self, params, images):
+        """Images f32[N,H,W,3] in [-1, 1] -> the VAE posterior's (mean, std), each f32[N,C,h,w]
+        and unscaled (the autoencoder's own latent space, for training it)."""
+        x = jnp.transpose(images, (0, 3, 1, 2)).astype(self.dtype)
+        with _quiet():
+            dist = self.vae.apply({"params": params["vae"]}, x, method=self.vae.encode).latent_dist
+        return tuple(
+            jnp.transpose(a, (0, 3, 1, 2)).astype(self.out_dtype) for a in (dist.mean, dist.std)
+        )
+
+    def token_ids(self, prompts) -> np.ndarray:
+        """Prompts -> token ids i32[N,L], padded to the tokenizer's model_max_length."""
+        ids = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+            truncation=True, return_tensors="np",
+        ).input_ids  # fmt: skip
+        return np.asarray(ids, np.int32)
+
+    def text_states(self, params, ids):
+        """Token ids i32[N,L] -> the text encoder's last hidden states f32[N,L,D], traceable
+        (the conditioning of an SD v1-style model, for training it with the UNet)."""
+        with _quiet():
+            return self.text_encoder(ids, params=params["text"])[0]
+
     def embed(self, prompts, size: tuple[int, int] | None = None):
         """The conditioning of a list of prompts, each encoded once: CLIP's last hidden states
         f32[N,L,D]; for SDXL {"text": both encoders' penultimate hidden states concatenated

@@ -95,13 +95,17 @@ def test_ground_truth_edit_and_measures():
 
 
 def test_toy_tokenizer_makes_each_word_one_token(tmp_path):
-    from mgjax.toy.train_ldm import _words, toy_tokenizer
+    from transformers import CLIPTokenizer
 
-    tok = toy_tokenizer(tmp_path)
+    from mgjax.toy.train_ldm import MAX_TOKENS, _words, check_tokenizer, tokenizer_files
+
+    tok = CLIPTokenizer.from_pretrained(str(tokenizer_files(tmp_path)))
+    check_tokenizer(tok)
     prompt = "a dotted yellow diamond and an orange circle on a checkered purple background"
     assert tok.tokenize(prompt) == [w + "</w>" for w in prompt.split()]
     assert all(len(tok.tokenize(w)) == 1 for w in _words())
     assert tok.tokenize("zebra")  # other text still tokenizes (byte-level fallback)
+    assert tok.model_max_length == MAX_TOKENS and tok.pad_token == "<|endoftext|>"
 
 
 @pytest.mark.slow

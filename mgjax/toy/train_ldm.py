@@ -1,11 +1,16 @@
 """Train the toy pack's latent diffusion model on the shapes world: a diffusers AutoencoderKL
 (VAE factor 4), then a UNet2DConditionModel with a small CLIP text encoder trained jointly,
 text-conditionally with prompt dropout (so that classifier-free guidance works). The same Flax
-classes the real pipeline loads; the result is written as a diffusers folder that
-`mgjax.sd.load` reads. Seeded, optax, progress lines, loss curves, a sample grid.
+classes the real pipeline loads, built and run through the model seam (mgjax.sd); the result is
+a diffusers folder that `mgjax.sd.load` reads. Seeded, optax, progress lines, loss curves, a
+sample grid; each stage stops at its time budget, and a run continues from any folder it wrote
+(the shipped pack included) with --init.
 
-  python -m mgjax.toy.train_ldm --out_dir runs/ldm [--vae_minutes 15] [--unet_minutes 40]
-  python -m mgjax.toy.train_ldm --out_dir runs/ldm2 --vae_from runs/ldm/sd/vae  # UNet only
+  python -m mgjax.toy.train_ldm --out_dir runs/vae --unet_steps 0          # autoencoder only
+  python -m mgjax.toy.train_ldm --out_dir runs/ldm --init runs/vae/sd --vae_steps 0 \
+      --fresh_unet                                                      # UNet on that autoencoder
+  python -m mgjax.toy.train_ldm --out_dir runs/ldm2 --init mgjax/toy/pack/sd --vae_steps 0
+                                                                        # continue the UNet
 
 Writes OUT/sd/ (unet/, vae/, text_encoder/, tokenizer/, model_index.json), OUT/vae_losses.png,
 OUT/unet_losses.png, OUT/samples.png (prompts x seeds, CFG 7.5, 50 DDIM steps), OUT/log.json.
@@ -25,19 +30,22 @@ from absl import app, flags
 
 from mgjax import ddim, outputs
 from mgjax import sd as sdm
-from mgjax.toy import shapes
+from mgjax.toy import quality, shapes
 
 FLAGS = flags.FLAGS
 
 SIZE = 64
+# The autoencoder: 48 channels at 64x64 and 96 below, two downsamplings (16x16x4 latents).
+# GroupNorm in groups of 16 (48 is not a multiple of diffusers' default 32).
 TOY_VAE = dict(
     in_channels=3,
     out_channels=3,
     down_block_types=("DownEncoderBlock2D",) * 3,
     up_block_types=("UpDecoderBlock2D",) * 3,
-    block_out_channels=(32, 64, 64),
+    block_out_channels=(48, 96, 96),
     layers_per_block=1,
     latent_channels=4,
+    norm_num_groups=16,
     sample_size=SIZE,
 )
 TOY_UNET = dict(
@@ -48,10 +56,17 @@ TOY_UNET = dict(
     # (1.30 s vs 0.56 s per batch of 32 on 2 cores), and objects span 2-4 cells at 8x8
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(32, 64, 64),
-    layers_per_block=1,
+    block_out_channels=(64, 128, 128),
+    layers_per_block=2,
     attention_head_dim=8,
     cross_attention_dim=64,
+)
+TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    projection_dim=64,
 )
 MAX_TOKENS = 24
 
@@ -76,15 +91,13 @@ def _bpe(word: str, ranks: dict) -> list[str]:
     return parts
 
 
-def toy_tokenizer(folder):
-    """A real CLIPTokenizer whose merges make each shapes-world word one token (the byte-level
-    alphabet stays, so any text still tokenizes). Merge chains are built word by word, left to
-    right; an order in which no word's chain is cut by another's is searched and then checked
-    with the tokenizer itself."""
-    from transformers import CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
+def tokenizer_files(folder) -> Path:
+    """Write a CLIP tokenizer folder (vocab.json, merges.txt, tokenizer_config.json) whose
+    merges make each shapes-world word one token (the byte-level alphabet stays, so any text
+    still tokenizes). Merge chains are built word by word, left to right; an order in which no
+    word's chain is cut by another's is searched, and the tokenizer itself checks it once the
+    models are built (`check_tokenizer`)."""
+    chars = sdm.byte_symbols()
     words = _words()
     rng = np.random.default_rng(0)
     for _ in range(500):
@@ -110,41 +123,65 @@ def toy_tokenizer(folder):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tok = CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>"
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "model_max_length": MAX_TOKENS,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "tokenizer_class": "CLIPTokenizer",
+            }
+        )
     )
-    tok.model_max_length = MAX_TOKENS
+    return folder
+
+
+def check_tokenizer(tokenizer) -> None:
     for w in _words():
-        assert tok.tokenize(w) == [w + "</w>"], (w, tok.tokenize(w))
-    tok.save_pretrained(str(folder))
-    return tok
+        if tokenizer.tokenize(w) != [w + "</w>"]:
+            raise RuntimeError(f"the toy tokenizer splits {w!r}: {tokenizer.tokenize(w)}")
 
 
-def text_config(tokenizer):
-    from transformers import CLIPTextConfig
+def new_models(folder, seed: int) -> sdm.StableDiffusion:
+    """The toy models with random weights (TOY_UNET, TOY_VAE, TEXT), built by the seam."""
+    tokenizer = tokenizer_files(Path(folder) / "tokenizer_build")
+    text = dict(TEXT, vocab_size=len(json.loads((tokenizer / "vocab.json").read_text())),
+                max_position_embeddings=MAX_TOKENS)  # fmt: skip
+    sd = sdm.random_init(TOY_UNET, TOY_VAE, text, tokenizer, seed=seed)
+    ids = sd.tokenizer
+    text.update(bos_token_id=ids.bos_token_id, eos_token_id=ids.eos_token_id,
+                pad_token_id=ids.pad_token_id)  # fmt: skip
+    sd = sdm.random_init(TOY_UNET, TOY_VAE, text, tokenizer, seed=seed)
+    check_tokenizer(sd.tokenizer)
+    return sd
 
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_TOKENS,
-        projection_dim=64,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+
+def with_params(sd: sdm.StableDiffusion, params: dict, scaling: float | None = None):
+    """The same models with other parameters (and another latent scaling factor)."""
+    vae = dict(sd.vae.config)
+    if scaling is not None:
+        vae["scaling_factor"] = scaling
+    return sdm.build(sd.unet.config, vae, sd.text_encoder.config, sd.tokenizer, params)
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def render_batch(rng, n: int, supersample: int = 2):
-    """n random scenes: images f32[n,64,64,3] in [-1, 1] and their prompts."""
-    scenes = [shapes.sample_scene(rng, SIZE) for _ in range(n)]
-    images = np.stack([shapes.render(s, supersample=supersample)["image"] for s in scenes])
-    return 2.0 * images - 1.0, [shapes.prompt(s) for s in scenes]
+def render_pool(rng, n: int, supersample: int = 4, log=print):
+    """n random scenes: images f32[n,64,64,3] in [-1, 1], the union of their objects' exact
+    masks bool[n,64,64], and their prompts."""
+    images, masks, prompts = [], [], []
+    for i in range(n):
+        scene = shapes.sample_scene(rng, SIZE)
+        out = shapes.render(scene, supersample=supersample)
+        images.append(2.0 * out["image"] - 1.0)
+        masks.append(out["masks"].any(axis=0))
+        prompts.append(shapes.prompt(scene))
+        if (i + 1) % 2000 == 0:
+            log(f"rendered {i + 1}/{n} scenes")
+    return np.stack(images).astype(np.float32), np.stack(masks), prompts
 
 
 def _progress(name, step, steps, start, minutes, loss, log):
@@ -160,84 +197,127 @@ def _progress(name, step, steps, start, minutes, loss, log):
 # ----------------------------------------------------------------------------- stages
 
 
-def train_vae(rng, minutes, steps, batch, log_every, log):
-    from diffusers import FlaxAutoencoderKL
+def train_vae(sd, rng, minutes, steps, batch, crop, full_share, object_weight, lr, pool,
+              log_every, log):  # fmt: skip
+    """The autoencoder, on random `crop` x `crop` crops of a pool of rendered scenes (the
+    networks are convolutional; a crop step costs a quarter of a full one), then on full
+    images for the last `full_share` of the steps or of the time budget, so that the GroupNorm
+    statistics and the mid-block attention see whole 64x64 images. Loss: L1 + L2 of the
+    reconstruction, object pixels weighted `object_weight` times (the world's exact masks: the
+    objects are what guidance moves and the measures segment), plus a small KL term; the
+    latent is sampled from the posterior, so the decoder also learns to draw from latents
+    that are not exact encodings (guidance decodes one-step estimates)."""
+    images, masks, _ = render_pool(rng, pool, log=log)
+    opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps,
+                                                         lr / 10), 1e-4)  # fmt: skip
+    params = sd.params
+    state = opt.init(params["vae"])
 
-    vae = FlaxAutoencoderKL(**TOY_VAE)
-    params = vae.init_weights(jax.random.PRNGKey(int(rng.integers(2**31))))
-    opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-3, steps // 20, steps), 1e-4)
-    state = opt.init(params)
-
-    def loss_fn(p, x, key):
-        x = jnp.transpose(x, (0, 3, 1, 2))
-        dist = vae.apply({"params": p}, x, method=vae.encode).latent_dist
-        z = jnp.transpose(dist.sample(key), (0, 3, 1, 2))
-        rec = vae.apply({"params": p}, z, method=vae.decode).sample
-        kl = dist.kl().mean()
-        return jnp.abs(rec - x).mean() + 0.5 * jnp.square(rec - x).mean() + 1e-5 * kl
+    def loss_fn(vae_params, x, m, key):
+        p = dict(params, vae=vae_params)
+        mean, std = sd.posterior(p, x)
+        z = mean + std * jax.random.normal(key, mean.shape)
+        rec = sd.decode(p, z * sd.scaling_factor)
+        w = (1.0 + (object_weight - 1.0) * m)[..., None]
+        err = jnp.abs(rec - x) + 0.5 * jnp.square(rec - x)
+        kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.square(std) - 1.0 - 2.0 * jnp.log(std))
+        return jnp.sum(w * err) / (3.0 * jnp.sum(w)) + 1e-6 * kl
 
     @jax.jit
-    def step_fn(p, s, x, key):
-        loss, g = jax.value_and_grad(loss_fn)(p, x, key)
-        u, s = opt.update(g, s, p)
-        return optax.apply_updates(p, u), s, loss
+    def step_fn(vp, s, x, m, key):
+        loss, g = jax.value_and_grad(loss_fn)(vp, x, m, key)
+        u, s = opt.update(g, s, vp)
+        return optax.apply_updates(vp, u), s, loss
 
-    key, curve, start, acc = jax.random.PRNGKey(0), [], time.perf_counter(), []
+    key, curve, start, acc = (
+        jax.random.PRNGKey(int(rng.integers(2**31))),
+        [],
+        time.perf_counter(),
+        [],
+    )
+    vp = params["vae"]
     for step in range(1, steps + 1):
+        full = (
+            step > (1 - full_share) * steps
+            or time.perf_counter() - start > (1 - full_share) * minutes * 60
+        )
+        if full:
+            idx = rng.integers(0, pool, max(batch // 4, 1))
+            x, m = images[idx], masks[idx]
+        else:
+            idx = rng.integers(0, pool, batch)
+            i0, j0 = rng.integers(0, SIZE - crop + 1, 2) // 4 * 4  # on the latent grid
+            x = images[idx, i0 : i0 + crop, j0 : j0 + crop]
+            m = masks[idx, i0 : i0 + crop, j0 : j0 + crop]
         key, sub = jax.random.split(key)
-        params, state, loss = step_fn(params, state, jnp.asarray(render_batch(rng, batch)[0]), sub)
+        vp, state, loss = step_fn(vp, state, jnp.asarray(x), jnp.asarray(m, jnp.float32), sub)
         acc.append(float(loss))
         if step % log_every == 0 or step == steps:
             curve.append(float(np.mean(acc)))
             acc = []
-            if _progress("vae", step, steps, start, minutes, curve[-1], log):
+            if _progress("vae" + (" (full images)" if full else ""), step, steps, start, minutes,
+                         curve[-1], log):  # fmt: skip
                 break
-    return vae, params, np.asarray(curve)
+    return dict(params, vae=vp), np.asarray(curve)
 
 
-def train_unet(
-    rng, vae, vae_params, tokenizer, minutes, steps, pool, log_every, log, lr=3e-4, ema=0.999,
-    snr_gamma=5.0,
-):  # fmt: skip
+def roundtrip_report(sd, seeds, log=print) -> dict:
+    """The autoencoder's round trip (posterior mean, decode) of the scenes with these seeds:
+    PSNR per scene and, per object, the IoU of its colour mask (quality.segment) in the round
+    trip with that in the rendered scene, both within 3 px of the object."""
+    encode_decode = jax.jit(lambda p, x: sd.decode(p, sd.encode(p, x)))
+    psnrs, ious = [], []
+    for chunk in np.array_split(np.asarray(seeds), max(len(seeds) // 50, 1)):
+        scenes = [shapes.sample_scene(np.random.default_rng(int(s)), SIZE) for s in chunk]
+        outs = [shapes.render(s) for s in scenes]
+        x = np.stack([o["image"] for o in outs])
+        y = np.clip(np.asarray(encode_decode(sd.params, jnp.asarray(2 * x - 1))) * 0.5 + 0.5, 0, 1)
+        for scene, out, a, b in zip(scenes, outs, x, y, strict=True):
+            psnrs.append(quality.psnr(b, a, np.ones(a.shape[:2], bool)))
+            for k in range(len(scene.objects)):
+                ious.append(quality.object_kept(a, b, out["masks"][k]))
+    report = {
+        "scenes": len(psnrs),
+        "psnr_mean": float(np.mean(psnrs)),
+        "psnr_min": float(np.min(psnrs)),
+        "objects": len(ious),
+        "object_iou_min": float(np.min(ious)),
+        "object_iou_mean": float(np.mean(ious)),
+        "objects_below_0.85": int(np.sum(np.asarray(ious) < 0.85)),
+    }
+    log("autoencoder round trip: " + ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
+    return report
+
+
+def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, ema=0.999,
+               snr_gamma=5.0, fresh=True):  # fmt: skip
     """The UNet and text encoder, jointly. The loss is eps-MSE weighted by min(SNR, gamma)/SNR
     (Min-SNR weighting, Hang et al. 2023: it stops the low-noise steps from dominating early
     training); the weights returned are an exponential moving average (decay `ema`), whose
-    samples are much cleaner than the last iterate's after a short run."""
-    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
-    from transformers import FlaxCLIPTextModel
-
+    samples are much cleaner than the last iterate's after a short run. `fresh`: the latent
+    scaling factor is measured on the pool (1 / std of the latents) and set in the VAE's config;
+    otherwise the model's own is kept (a continued run)."""
     log(f"rendering and encoding {pool} training scenes")
-    encode = jax.jit(
-        lambda p, x: (
-            vae.apply(
-                {"params": p}, jnp.transpose(x, (0, 3, 1, 2)), method=vae.encode
-            ).latent_dist.mean
-        )
+    images, _, prompts = render_pool(rng, pool, supersample=2, log=log)
+    encode = jax.jit(lambda p, x: sd.posterior(p, x)[0])
+    latents = np.concatenate(
+        [
+            np.asarray(encode(sd.params, jnp.asarray(images[i : i + 256])))
+            for i in range(0, pool, 256)
+        ]
     )
-    latents, prompts = [], []
-    for _ in range(pool // 256):
-        x, ps = render_batch(rng, 256)
-        latents.append(np.transpose(np.asarray(encode(vae_params, jnp.asarray(x))), (0, 3, 1, 2)))
-        prompts += ps
-    latents = np.concatenate(latents)
-    scaling = float(1.0 / latents.std())
-    vae = FlaxAutoencoderKL(**TOY_VAE, scaling_factor=scaling)
+    del images
+    scaling = float(1.0 / latents.std()) if fresh else sd.scaling_factor
     latents = latents * scaling
-    ids = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True)
-    ids = np.asarray(ids.input_ids, np.int32)
-    empty = np.asarray(
-        tokenizer([""], padding="max_length", max_length=MAX_TOKENS).input_ids, np.int32
-    )
+    ids = sd.token_ids(prompts)
+    empty = sd.token_ids([""])
     log(f"latent scaling factor {scaling:.4f}; prompts like {prompts[0]!r}")
-
-    unet = FlaxUNet2DConditionModel(**TOY_UNET)
-    text = FlaxCLIPTextModel(text_config(tokenizer), _do_init=False)
-    k1, k2 = jax.random.split(jax.random.PRNGKey(int(rng.integers(2**31))))
-    params = {"unet": unet.init_weights(k1), "text": text.init_weights(k2, (1, MAX_TOKENS))}
+    params = {"unet": sd.params["unet"], "text": sd.params["text"]}
     opt = optax.chain(
         optax.clip_by_global_norm(1.0),
-        optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, steps // 20, steps, lr / 10), 1e-4),
-    )
+        optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps,
+                                                       lr / 10), 1e-4),
+    )  # fmt: skip
     state = opt.init(params)
     abar = jnp.asarray(ddim.alphas_cumprod())
     snr = abar / (1 - abar)
@@ -249,8 +329,7 @@ def train_unet(
         noise = jax.random.normal(kn, z0.shape)
         a = abar[t][:, None, None, None]
         zt = jnp.sqrt(a) * z0 + jnp.sqrt(1 - a) * noise
-        ctx = text(tokens, params=p["text"])[0]
-        eps = unet.apply({"params": p["unet"]}, zt, t, ctx).sample
+        eps = sd.eps(p, zt, t, sd.text_states(p, tokens))
         mse = jnp.square(eps - noise).mean(axis=(1, 2, 3))
         return (weight[t] * mse).mean(), mse.mean()
 
@@ -262,11 +341,16 @@ def train_unet(
         avg = jax.tree.map(lambda a, b: ema * a + (1 - ema) * b, avg, p)
         return p, avg, s, mse
 
-    key, curve, start, acc = jax.random.PRNGKey(1), [], time.perf_counter(), []
+    key, curve, start, acc = (
+        jax.random.PRNGKey(int(rng.integers(2**31))),
+        [],
+        time.perf_counter(),
+        [],
+    )
     average = params
     for step in range(1, steps + 1):
-        idx = rng.integers(0, len(latents), 32)
-        tokens = np.where(rng.uniform(size=(32, 1)) < 0.1, empty, ids[idx])  # prompt dropout
+        idx = rng.integers(0, len(latents), batch)
+        tokens = np.where(rng.uniform(size=(batch, 1)) < 0.1, empty, ids[idx])  # prompt dropout
         key, sub = jax.random.split(key)
         params, average, state, loss = step_fn(params, average, state, latents[idx], tokens, sub)
         acc.append(float(loss))
@@ -275,7 +359,7 @@ def train_unet(
             acc = []
             if _progress("unet", step, steps, start, minutes, curve[-1], log):
                 break
-    return unet, vae, text, average, np.asarray(curve)
+    return with_params(sd, dict(sd.params, **average), scaling), np.asarray(curve)
 
 
 def sample_grid(sd, prompts, seeds, steps: int = 50) -> np.ndarray:
@@ -297,24 +381,41 @@ def sample_grid(sd, prompts, seeds, steps: int = 50) -> np.ndarray:
     return outputs.to_uint8(np.concatenate(rows, axis=0))
 
 
+SETTINGS = ("init", "fresh_unet", "vae_minutes", "vae_steps", "vae_batch", "vae_crop",
+            "vae_full_share", "object_weight", "vae_lr", "vae_pool", "unet_minutes", "unet_steps",
+            "unet_batch", "unet_lr", "ema", "snr_gamma", "pool", "seed")  # fmt: skip
+
+
 def _define_flags():
     """Command-line flags (defined only when run as a script, so that the training modules
     can be imported side by side)."""
     flags.DEFINE_string("out_dir", None, "Output folder.")
-    flags.DEFINE_float("vae_minutes", 15.0, "Time budget of the autoencoder.")
-    flags.DEFINE_float("unet_minutes", 40.0, "Time budget of the UNet + text encoder.")
-    flags.DEFINE_integer("vae_batch", 8, "Autoencoder images per step.")
-    flags.DEFINE_integer("vae_steps", 800, "Autoencoder step limit (its schedule's length).")
-    flags.DEFINE_integer("unet_steps", 1500, "UNet step limit (its schedule's length).")
+    flags.DEFINE_string(
+        "init", None, "Start from this diffusers folder's weights (a run's OUT/sd, or the pack's)."
+    )
+    flags.DEFINE_bool(
+        "fresh_unet", False, "With --init: the UNet and text encoder start from random weights "
+        "(a new autoencoder's latent space); the latent scaling factor is measured."
+    )  # fmt: skip
+    flags.DEFINE_float("vae_minutes", 25.0, "Time budget of the autoencoder.")
+    flags.DEFINE_integer(
+        "vae_steps", 3000, "Autoencoder step limit (its schedule's length; 0 skips)."
+    )
+    flags.DEFINE_integer("vae_batch", 16, "Autoencoder crops per step (a quarter on full images).")
+    flags.DEFINE_integer("vae_crop", 32, "Side of the autoencoder's training crops (pixels).")
+    flags.DEFINE_float("vae_full_share", 0.15, "Share of the autoencoder's steps on full images.")
+    flags.DEFINE_float("object_weight", 5.0, "Weight of object pixels in the autoencoder's loss.")
+    flags.DEFINE_float("vae_lr", 1e-3, "Autoencoder peak learning rate.")
+    flags.DEFINE_integer("vae_pool", 4000, "Scenes rendered once for the autoencoder stage.")
+    flags.DEFINE_float("unet_minutes", 60.0, "Time budget of the UNet + text encoder.")
+    flags.DEFINE_integer("unet_steps", 6000, "UNet step limit (its schedule's length; 0 skips).")
+    flags.DEFINE_integer("unet_batch", 32, "UNet latents per step.")
     flags.DEFINE_float("unet_lr", 3e-4, "UNet peak learning rate (warm-up, cosine to a tenth).")
     flags.DEFINE_float("ema", 0.999, "Decay of the UNet weights' moving average (0: last step).")
     flags.DEFINE_float("snr_gamma", 5.0, "Min-SNR loss weighting's gamma (0: plain eps-MSE).")
     flags.DEFINE_integer("pool", 8192, "Training scenes rendered once for the UNet stage.")
     flags.DEFINE_integer("seed", 0, "Seed of data and weights.")
     flags.DEFINE_integer("log_every", 50, "Steps between progress lines.")
-    flags.DEFINE_string(
-        "vae_from", None, "Skip the autoencoder stage: a trained one's folder (OUT/sd/vae)."
-    )
 
 
 def main(argv):
@@ -324,62 +425,52 @@ def main(argv):
     out = Path(FLAGS.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = lambda s: print(s, flush=True)  # noqa: E731
-    rng = np.random.default_rng(FLAGS.seed)
     t0 = time.perf_counter()
-    if FLAGS.vae_from:  # an autoencoder trained before (its own run): the UNet stage only
-        from diffusers import FlaxAutoencoderKL
-
-        vae, vae_params = FlaxAutoencoderKL.from_pretrained(FLAGS.vae_from)
-        vae_curve = np.zeros(0)
-        log(f"autoencoder from {FLAGS.vae_from}")
+    if FLAGS.init:
+        sd = sdm.load(FLAGS.init)
+        log(f"starting from {FLAGS.init}")
+        if FLAGS.fresh_unet:
+            fresh = new_models(out, FLAGS.seed)
+            sd = with_params(fresh, dict(fresh.params, vae=sd.params["vae"]))
     else:
-        vae, vae_params, vae_curve = train_vae(
-            rng, FLAGS.vae_minutes, FLAGS.vae_steps, FLAGS.vae_batch, FLAGS.log_every, log
-        )
+        sd = new_models(out, FLAGS.seed)
+    check_tokenizer(sd.tokenizer)
+    # one stream of scenes per stage, so that a stage's data do not depend on the others'
+    vae_rng, unet_rng = (np.random.default_rng([FLAGS.seed, i]) for i in (1, 2))
+    log_json = {"settings": {k: getattr(FLAGS, k) for k in SETTINGS}}
+    if FLAGS.vae_steps > 0:
+        params, vae_curve = train_vae(
+            sd, vae_rng, FLAGS.vae_minutes, FLAGS.vae_steps, FLAGS.vae_batch, FLAGS.vae_crop,
+            FLAGS.vae_full_share, FLAGS.object_weight, FLAGS.vae_lr, FLAGS.vae_pool,
+            FLAGS.log_every, log,
+        )  # fmt: skip
+        sd = with_params(sd, params)
+        log_json["vae_loss"] = vae_curve.tolist()
+        log_json["vae_seconds"] = time.perf_counter() - t0
         plot = outputs.loss_plot({"vae loss": vae_curve}, xlabel=f"steps / {FLAGS.log_every}")
         outputs.save_png(str(out / "vae_losses.png"), plot)
-    tokenizer = toy_tokenizer(out / "tokenizer_build")
-    unet, vae, text, params, unet_curve = train_unet(
-        rng, vae, vae_params, tokenizer, FLAGS.unet_minutes, FLAGS.unet_steps, FLAGS.pool,
-        FLAGS.log_every, log, FLAGS.unet_lr, FLAGS.ema, FLAGS.snr_gamma,
-    )  # fmt: skip
-    plot = outputs.loss_plot({"eps mse": unet_curve}, xlabel=f"steps / {FLAGS.log_every}")
-    outputs.save_png(str(out / "unet_losses.png"), plot)
-    sd = sdm.StableDiffusion(
-        unet, vae, text, tokenizer, {"unet": params["unet"], "vae": vae_params,
-                                     "text": params["text"]}
-    )  # fmt: skip
+    log_json["roundtrip"] = roundtrip_report(sd, quality.HELDOUT_SEEDS[:200], log)
+    if FLAGS.unet_steps > 0:
+        t1 = time.perf_counter()
+        sd, unet_curve = train_unet(
+            sd, unet_rng, FLAGS.unet_minutes, FLAGS.unet_steps, FLAGS.pool, FLAGS.unet_batch,
+            FLAGS.log_every, log, FLAGS.unet_lr, FLAGS.ema, FLAGS.snr_gamma,
+            fresh=FLAGS.fresh_unet or not FLAGS.init,
+        )  # fmt: skip
+        log_json["unet_loss"] = unet_curve.tolist()
+        log_json["unet_seconds"] = time.perf_counter() - t1
+        plot = outputs.loss_plot({"eps mse": unet_curve}, xlabel=f"steps / {FLAGS.log_every}")
+        outputs.save_png(str(out / "unet_losses.png"), plot)
     sdm.save(sd, out / "sd")
     sd = sdm.load(str(out / "sd"))  # through the real loader
-    prompts = [shapes.prompt(shapes.sample_scene(np.random.default_rng(i))) for i in range(4)]
-    outputs.save_png(str(out / "samples.png"), sample_grid(sd, prompts, [0, 1, 2, 3]))
-    outputs.save_json(
-        str(out / "log.json"),
-        {
-            "vae_loss": vae_curve.tolist(),
-            "unet_loss": unet_curve.tolist(),
-            "sample_prompts": prompts,
-            "seconds": time.perf_counter() - t0,
-            "scaling_factor": float(vae.config.scaling_factor),
-            "settings": {
-                k: getattr(FLAGS, k)
-                for k in (
-                    "vae_minutes",
-                    "unet_minutes",
-                    "vae_batch",
-                    "vae_steps",
-                    "unet_steps",
-                    "pool",
-                    "seed",
-                    "unet_lr",
-                    "ema",
-                    "snr_gamma",
-                    "vae_from",
-                )
-            },  # fmt: skip
-        },
-    )
-    log(f"done in {(time.perf_counter() - t0) / 60:.1f} min: {out / 'sd'}, samples.png")
+    if FLAGS.unet_steps > 0:
+        prompts = [shapes.prompt(shapes.sample_scene(np.random.default_rng(i))) for i in range(4)]
+        outputs.save_png(str(out / "samples.png"), sample_grid(sd, prompts, [0, 1, 2, 3]))
+        log_json["sample_prompts"] = prompts
+    log_json["seconds"] = time.perf_counter() - t0
+    log_json["scaling_factor"] = sd.scaling_factor
+    outputs.save_json(str(out / "log.json"), log_json)
+    log(f"done in {(time.perf_counter() - t0) / 60:.1f} min: {out / 'sd'}")
 
 
 if __name__ == "__main__":
