@@ -78,9 +78,16 @@ def test_ground_truth_edit_and_measures():
     perfect = quality.edit_scores(gt["image"], s, 0, m)
     assert perfect["placement_px"] < 0.5 and perfect["iou"] > 0.9
     assert perfect["psnr_unchanged"] == 60 and perfect["psnr_disoccluded"] == 60  # exact: capped
+    assert perfect["found"] == 1.0 and perfect["displacement_share"] == pytest.approx(1.0, abs=0.05)
+    assert perfect["color_error"] < 3.0  # /255: the same object, sampled 1 px in from its edge
     unmoved = quality.edit_scores(src, s, 0, m)
     assert unmoved["placement_px"] == pytest.approx(np.hypot(8, 5), abs=0.5)
     assert unmoved["psnr_unchanged"] == 60 and unmoved["psnr_disoccluded"] < 20
+    assert unmoved["displacement_share"] == pytest.approx(0.0, abs=0.05)
+    # a grey blob where the object should be: found nowhere, and its colour far off
+    blob = np.where(gt["masks"][0][..., None], 0.5, gt["image"])
+    grey = quality.edit_scores(blob, s, 0, m)
+    assert grey["found"] == 0.0 and grey["color_error"] > 30
     np.testing.assert_array_equal(quality.move_mask(mask, m), gt["masks"][0])
     turn = shapes.affine_about((30.0, 26.0), degrees=35.0, scale=1.2)
     moved, truth = quality.move_mask(mask, turn), shapes.render(s, {0: turn})["masks"][0]

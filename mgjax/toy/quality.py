@@ -7,7 +7,9 @@ rendered with the object moved. Measures (images f32[H,W,3] in [0, 1]):
     rendered: the median over its true mask);
   IoU of the two masks;
   PSNR of the region that should not change (1 px away from the object before and after);
-  PSNR of the disoccluded region (the object before, not after) against the ground truth.
+  PSNR of the disoccluded region (the object before, not after) against the ground truth;
+  whether the object is found at all, the share of the requested displacement achieved along
+  its direction, and the object's colour error.
 """
 
 import numpy as np
@@ -71,14 +73,30 @@ def scores(edited, reference, before, after, color, truth=None, tolerance: float
     """The measures for `edited` (f32[H,W,3]) of an object (bool[H,W] masks `before` in the
     source and `after` where it should land; RGB `color` its typical colour). `reference` is
     the image the unchanged region is compared with (the ground truth, or the source);
-    `truth` the exact edited image, when known (else no disoccluded PSNR)."""
+    `truth` the exact edited image, when known (else no disoccluded PSNR).
+
+    found: the object's colour covers at least 30% of its target area within 3 px of it;
+    displacement_share: the found object's centroid shift along the requested one, as a share
+    of it (for motions that move the centroid by 2 px or more, else None); color_error: RMS
+    over RGB (in /255) of the edit's median colour inside the target (1 px in from its edge)
+    against the object's."""
     found = segment(edited, color, tolerance)
-    c_found, c_target = centroid(found), centroid(after)
+    c_found, c_target, c_source = centroid(found), centroid(after), centroid(before)
     placement = None if c_found is None else float(np.linalg.norm(c_found - c_target))
+    requested = c_target - c_source
+    share = None
+    if c_found is not None and np.linalg.norm(requested) >= 2.0:
+        share = float((c_found - c_source) @ requested / (requested @ requested))
+    inner = ~dilate_mask(~after, 1)
+    inner = inner if inner.any() else after
+    median = np.median(edited[inner], axis=0)
     still = ~dilate_mask(before | after, 1)  # anti-aliased edges belong to the object
     return {
+        "found": float((found & dilate_mask(after, 3)).sum() >= 0.3 * after.sum()),
         "placement_px": placement,
+        "displacement_share": share,
         "iou": iou(found, after),
+        "color_error": float(255 * np.sqrt(np.mean(np.square(median - np.asarray(color))))),
         "psnr_unchanged": psnr(edited, reference, still),
         "psnr_disoccluded": None if truth is None else psnr(edited, truth, before & ~after),
     }

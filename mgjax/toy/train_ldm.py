@@ -19,6 +19,7 @@ OUT/unet_losses.png, OUT/samples.png (prompts x seeds, CFG 7.5, 50 DDIM steps), 
 import itertools
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -56,8 +57,10 @@ TOY_UNET = dict(
     # (1.30 s vs 0.56 s per batch of 32 on 2 cores), and objects span 2-4 cells at 8x8
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(64, 128, 128),
-    layers_per_block=2,
+    # 4.0 M parameters, 40 GFLOP per training step of 32 (XLA's count; 2.6x the 32/64/64
+    # UNet's 15 GFLOP): widths are multiples of 32, diffusers' GroupNorm groups
+    block_out_channels=(64, 96, 96),
+    layers_per_block=1,
     attention_head_dim=8,
     cross_attention_dim=64,
 )
@@ -204,37 +207,30 @@ def train_vae(sd, rng, minutes, steps, batch, crop, full_share, object_weight, l
     images for the last `full_share` of the steps or of the time budget, so that the GroupNorm
     statistics and the mid-block attention see whole 64x64 images. Loss: L1 + L2 of the
     reconstruction, object pixels weighted `object_weight` times (the world's exact masks: the
-    objects are what guidance moves and the measures segment), plus a small KL term; the
-    latent is sampled from the posterior, so the decoder also learns to draw from latents
-    that are not exact encodings (guidance decodes one-step estimates)."""
+    objects are what guidance moves and the measures segment). The decoder reads the
+    posterior mean, as every user of the model does (inversion, guidance, the benches): a
+    latent sampled with the posterior's initial unit std buries the mean in noise, and
+    training through it reached 22.7 dB after 1,100 steps (200 held-out scenes)."""
     images, masks, _ = render_pool(rng, pool, log=log)
     opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps,
                                                          lr / 10), 1e-4)  # fmt: skip
     params = sd.params
     state = opt.init(params["vae"])
 
-    def loss_fn(vae_params, x, m, key):
+    def loss_fn(vae_params, x, m):
         p = dict(params, vae=vae_params)
-        mean, std = sd.posterior(p, x)
-        z = mean + std * jax.random.normal(key, mean.shape)
-        rec = sd.decode(p, z * sd.scaling_factor)
+        rec = sd.decode(p, sd.encode(p, x))
         w = (1.0 + (object_weight - 1.0) * m)[..., None]
         err = jnp.abs(rec - x) + 0.5 * jnp.square(rec - x)
-        kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.square(std) - 1.0 - 2.0 * jnp.log(std))
-        return jnp.sum(w * err) / (3.0 * jnp.sum(w)) + 1e-6 * kl
+        return jnp.sum(w * err) / (3.0 * jnp.sum(w))
 
     @jax.jit
-    def step_fn(vp, s, x, m, key):
-        loss, g = jax.value_and_grad(loss_fn)(vp, x, m, key)
+    def step_fn(vp, s, x, m):
+        loss, g = jax.value_and_grad(loss_fn)(vp, x, m)
         u, s = opt.update(g, s, vp)
         return optax.apply_updates(vp, u), s, loss
 
-    key, curve, start, acc = (
-        jax.random.PRNGKey(int(rng.integers(2**31))),
-        [],
-        time.perf_counter(),
-        [],
-    )
+    curve, start, acc = [], time.perf_counter(), []
     vp = params["vae"]
     for step in range(1, steps + 1):
         full = (
@@ -249,8 +245,7 @@ def train_vae(sd, rng, minutes, steps, batch, crop, full_share, object_weight, l
             i0, j0 = rng.integers(0, SIZE - crop + 1, 2) // 4 * 4  # on the latent grid
             x = images[idx, i0 : i0 + crop, j0 : j0 + crop]
             m = masks[idx, i0 : i0 + crop, j0 : j0 + crop]
-        key, sub = jax.random.split(key)
-        vp, state, loss = step_fn(vp, state, jnp.asarray(x), jnp.asarray(m, jnp.float32), sub)
+        vp, state, loss = step_fn(vp, state, jnp.asarray(x), jnp.asarray(m, jnp.float32))
         acc.append(float(loss))
         if step % log_every == 0 or step == steps:
             curve.append(float(np.mean(acc)))
@@ -437,7 +432,10 @@ def main(argv):
     check_tokenizer(sd.tokenizer)
     # one stream of scenes per stage, so that a stage's data do not depend on the others'
     vae_rng, unet_rng = (np.random.default_rng([FLAGS.seed, i]) for i in (1, 2))
-    log_json = {"settings": {k: getattr(FLAGS, k) for k in SETTINGS}}
+    log_json = {
+        "command": "python -m mgjax.toy.train_ldm " + " ".join(sys.argv[1:]),
+        "settings": {k: getattr(FLAGS, k) for k in SETTINGS},
+    }
     if FLAGS.vae_steps > 0:
         params, vae_curve = train_vae(
             sd, vae_rng, FLAGS.vae_minutes, FLAGS.vae_steps, FLAGS.vae_batch, FLAGS.vae_crop,

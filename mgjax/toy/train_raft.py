@@ -18,6 +18,7 @@ guided evaluation either way), so the sampler keeps the scan.
 
 import functools
 import os
+import sys
 import time
 
 import jax
@@ -182,6 +183,7 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
                                input_scale=input_scale, init=init, autoencoder=autoencoder,
                                roundtrip_p=roundtrip_p)  # fmt: skip
     history["seconds"] = time.perf_counter() - start
+    history["command"] = "python -m mgjax.toy.train_raft " + " ".join(sys.argv[1:])
     zero = float(np.linalg.norm(val[2], axis=-1).mean())
     history["zero_flow_val_epe"] = zero
     log(f"final validation EPE {v:.3f} px (zero flow: {zero:.3f} px)")
