@@ -141,9 +141,7 @@ def test_bad_uploads_are_one_sentence(editor, body, status, words):
 
 def test_upload_over_the_limit_is_refused_unread(editor, monkeypatch):
     monkeypatch.setattr(authoring, "MAX_UPLOAD_BYTES", 1000)
-    r = editor.client.post(
-        "/api/upload", content=b"\x89PNG\r\n\x1a\n" + b"x" * 2000, headers=PNG
-    )
+    r = editor.client.post("/api/upload", content=b"\x89PNG\r\n\x1a\n" + b"x" * 2000, headers=PNG)
     assert r.status_code == 413 and "more than the" in r.json()["error"]
 
     def chunks():  # no declared length: counted while it arrives

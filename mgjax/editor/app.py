@@ -48,6 +48,7 @@ from mgjax.editor.limits import Limits, Refused, Streams, check_disk
 from mgjax.editor.worker import Job, Worker
 
 STATIC = Path(__file__).resolve().parent / "static"
+DEFAULT_LIMITS, LOOPBACK = Limits(), Access()
 ZIP_SKIP = ("checkpoint.npz", "source.npz")  # large and internal: resumption caches
 
 
@@ -64,7 +65,7 @@ class Editor:
         preset: str,
         out_root: str,
         launcher: str,
-        limits: Limits = Limits(),
+        limits: Limits = DEFAULT_LIMITS,
     ):
         self.engine, self.store, self.worker = engine, store, worker
         self.explicit, self.preset, self.out_root = dict(explicit), preset, out_root
@@ -109,7 +110,7 @@ async def _json(request: Request) -> dict:
     return parse_json(await _body(request), "the request")
 
 
-def create_app(editor: Editor, access: Access = Access()) -> Starlette:
+def create_app(editor: Editor, access: Access = LOOPBACK) -> Starlette:
     """The application over `editor` (tests build one around their own engine and folders),
     behind the Guard middleware that admits what `access` allows."""
     engine, store, worker = editor.engine, editor.store, editor.worker
@@ -182,6 +183,7 @@ def create_app(editor: Editor, access: Access = Access()) -> Starlette:
         if not (config.motion.motion or config.motion.drag):
             raise InputError("no motion yet: drag on the image with a tool, or type a motion")
         check_disk(editor.out_root, editor.limits.min_free_disk_mb)
+        worker.check_room()
         name = editor.run_name()
         out_dir = os.path.join(editor.out_root, name)
         every = config.output.log_every or max(1, config.method.steps // 10)
@@ -195,12 +197,13 @@ def create_app(editor: Editor, access: Access = Access()) -> Starlette:
             runner.write_reproduction(
                 config, line, editor.explicit, editor.launcher, h, w, engine.vae_factor
             )
+            title = f"{name}: {config.motion.motion or config.motion.drag}"
+            job = Job("edit", title, lambda job: engine.edit(config, job), folder=out_dir)
+            place = worker.submit(job)
         except BaseException:
             shutil.rmtree(out_dir)  # created above: nothing half-written stays
             raise
-        title = f"{name}: {config.motion.motion or config.motion.drag}"
-        job = Job("edit", title, lambda job: engine.edit(config, job), folder=out_dir)
-        return dict(id=job.id, name=name, place=worker.submit(job), folder=out_dir)
+        return dict(id=job.id, name=name, place=place, folder=out_dir)
 
     async def generate(request):
         spec = await _json(request)
@@ -359,7 +362,7 @@ def serve(
     log=print,
     allowed_hosts: tuple[str, ...] = (),
     token: str | None = None,
-    limits: Limits = Limits(),
+    limits: Limits = DEFAULT_LIMITS,
 ) -> None:
     """Load the models once, then serve the editor at http://host:port/ until interrupted; a
     token is required (generated unless given) when `host` is reachable beyond loopback."""

@@ -120,9 +120,7 @@ class Guard:
         if self.access.token and query.get("token") and scope["method"] == "GET":
             # the printed URL: keep the token as a cookie, then show the page without it
             rest = urlencode({k: v for k, v in query.items() if k != "token"})
-            cookie = (
-                f"{self.access.cookie}={self.access.token}; Path=/; HttpOnly; SameSite=Strict"
-            )
+            cookie = f"{self.access.cookie}={self.access.token}; Path=/; HttpOnly; SameSite=Strict"
             location = scope["path"] + (f"?{rest}" if rest else "")
             extra = [(b"location", location.encode()), (b"set-cookie", cookie.encode())]
             return await _answer(send, 303, None, extra)

@@ -93,17 +93,21 @@ class Worker:
         self.thread = threading.Thread(target=self._loop, name="mgjax-editor-worker", daemon=True)
         self.thread.start()
 
+    def check_room(self) -> None:
+        """Refuse (429) when the queue is full, before any work for a new job is done."""
+        if len(self.queue) >= self.max_queue:
+            raise Refused(
+                f"the queue is full ({self.max_queue} jobs waiting, --max_queue); wait for one "
+                "to finish or cancel one",
+                429,
+            )
+
     def submit(self, job: Job) -> int:
         """Queue `job`; returns its place (1: next to run)."""
         with self.cond:
             if self.closed:
                 raise InputError("the server is shutting down; start it again")
-            if len(self.queue) >= self.max_queue:
-                raise Refused(
-                    f"the queue is full ({self.max_queue} jobs waiting, --max_queue); wait for "
-                    "one to finish or cancel one",
-                    429,
-                )
+            self.check_room()
             self.jobs[job.id] = job
             self.queue.append(job)
             job.emit("queued", place=len(self.queue))
