@@ -135,13 +135,13 @@ def parse_json(text: bytes | str, where: str, fix: str = "send a JSON object") -
 
 
 def numbers(value, where: str, fix: str) -> np.ndarray:
-    """f64 array of nested lists/tuples of numbers or a numeric numpy array; text, nesting or
+    """A numeric numpy array as it is, or nested lists/tuples of numbers as f64; text, nesting or
     ragged lists are one InputError."""
     check_depth(value, where, fix)
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
             raise InputError(f"{where}: holds {value.dtype} data, not numbers; {fix}")
-        return value.astype(np.float64)
+        return value
     stack = [value]
     while stack:
         item = stack.pop()

@@ -69,6 +69,8 @@ def read_jobs(path: str, explicit: dict, preset: str = "auto") -> list[Job]:
                 spec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"not JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise InputError("nested too deep; a job is one flat JSON object") from None
             if not isinstance(spec, dict):
                 raise InputError('a job is a JSON object, e.g. {"image": "a.png", ...}')
             name = spec.pop("name", name)

@@ -209,7 +209,7 @@ def create_app(editor: Editor, access: Access = LOOPBACK) -> Starlette:
         spec = await _json(request)
 
         def submit() -> dict:
-            prompt = (spec.get("prompt") or "").strip()
+            prompt = authoring.text(spec, "prompt") or ""
             if not prompt:
                 raise InputError("type a prompt to generate a source from")
             job_line = {"prompt": prompt}

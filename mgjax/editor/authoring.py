@@ -185,7 +185,7 @@ def toy_scene(store: Store, seed: int | None) -> dict:
     return dict(id=ident, width=w, height=h, prompt=prompt, mask=data_url(mask))
 
 
-def _text(spec: dict, key: str) -> str | None:
+def text(spec: dict, key: str) -> str | None:
     value = spec.get(key)
     if value is None or value == "":
         return None
@@ -201,24 +201,24 @@ def job_values(spec: dict, store: Store, native: int) -> tuple[dict, int, int]:
     if not isinstance(spec, dict):
         raise InputError("the request is not a JSON object")
     job: dict = {}
-    image, h, w = _text(spec, "image"), native, native
+    image, h, w = text(spec, "image"), native, native
     if image:
         job["image"] = store.path(image)
         h, w = store.size(image)
-    job["prompt"] = _text(spec, "prompt") or ""
+    job["prompt"] = text(spec, "prompt") or ""
     if not image and not job["prompt"]:
         raise InputError("no source: upload an image, pick a scene or type a prompt")
-    if _text(spec, "mask") and _text(spec, "box"):
+    if text(spec, "mask") and text(spec, "box"):
         raise InputError("give a painted mask or a box, not both; clear one of them")
-    if _text(spec, "mask"):
-        job["object_mask"] = store.path(store.add_mask(_text(spec, "mask"), h, w))
+    if text(spec, "mask"):
+        job["object_mask"] = store.path(store.add_mask(text(spec, "mask"), h, w))
     for key in ("motion", "drag"):
-        if _text(spec, key):
-            job[key] = _text(spec, key)
+        if text(spec, key):
+            job[key] = text(spec, key)
     if "motion" in job and "drag" in job:
         raise InputError("give a motion or drag points, not both; clear one of them")
-    if _text(spec, "box"):
-        job["object_box"] = _text(spec, "box")
+    if text(spec, "box"):
+        job["object_box"] = text(spec, "box")
     if spec.get("preset"):
         job["preset"] = spec["preset"]
     for key in PAGE_SETTINGS:
