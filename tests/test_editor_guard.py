@@ -213,7 +213,7 @@ def test_the_upload_store_keeps_the_most_recently_used(tmp_path):
     ups.append(ed.client.post("/api/upload", content=third, headers=PNG).json()["id"])
     assert len(os.listdir(store.root)) == 2
     r = ed.client.post("/api/preview", json={"image": ups[1], "box": "1,1,9,9"})
-    assert r.status_code == 400 and "no longer on the server" in one_sentence(r)
+    assert r.status_code == 400 and "removed from the server" in one_sentence(r)
     assert (
         ed.client.post("/api/preview", json={"image": ups[0], "box": "1,1,9,9"}).status_code == 200
     )

@@ -62,7 +62,7 @@ class Store:
         with self.lock:
             if ident not in self.used or not os.path.isfile(path):
                 raise InputError(
-                    "that image is no longer on the server (it keeps the "
+                    "that image was removed from the server (it keeps the "
                     f"{self.max_images} most recently used images and masks); upload it "
                     "or pick the scene again"
                 )
