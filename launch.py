@@ -38,6 +38,7 @@ from absl import app, flags, logging
 
 from flow.errors import InputError, run_cli
 from mgjax import config as C
+from mgjax.editor.limits import Limits
 
 _KINDS = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float}
 
@@ -107,9 +108,32 @@ flags.DEFINE_integer("port", 8765, "The editor's port (with --serve).", **_serve
 flags.DEFINE_string(
     "host",
     "127.0.0.1",
-    "The editor's address (with --serve); other than 127.0.0.1 it is reachable by others.",
+    "The editor's address (with --serve); other than loopback it is reachable by others and "
+    "needs a token (printed in the URL).",
     **_serve,
 )
+flags.DEFINE_list(
+    "allowed_hosts",
+    [],
+    "Host names the editor answers to besides loopback names and --host (e.g. a name that "
+    "reaches this machine); requests naming any other host are refused.",
+    **_serve,
+)
+flags.DEFINE_string(
+    "token",
+    None,
+    "The editor's token (with --serve); one is generated when --host is not loopback.",
+    **_serve,
+)
+_LIMIT_HELP = {
+    "max_queue": "Edits that may wait in the editor's queue; one more is refused.",
+    "max_uploads": "Images and masks the editor keeps; the least recently used go first.",
+    "upload_store_mb": "Megabytes of images and masks the editor keeps.",
+    "min_free_disk_mb": "Free megabytes under --out_dir the editor needs to start a run.",
+    "max_event_streams": "Progress streams the editor keeps open at once.",
+}
+for _field in dataclasses.fields(Limits):
+    flags.DEFINE_integer(_field.name, _field.default, _LIMIT_HELP[_field.name], **_serve)
 FLAGS = flags.FLAGS
 for _name in [
     *C.FIELDS,
@@ -122,6 +146,9 @@ for _name in [
     "serve",
     "port",
     "host",
+    "allowed_hosts",
+    "token",
+    *_LIMIT_HELP,
 ]:
     flags.declare_key_flag(_name)  # --helpshort lists them all
 
@@ -158,7 +185,18 @@ def main(argv: list[str]) -> None:
                 if FLAGS.jobs:
                     raise InputError("--serve and --jobs exclude each other")
                 launcher = os.path.abspath(__file__)
-                serve(explicit_values(), FLAGS.preset, FLAGS.host, FLAGS.port, launcher, log)
+                limits = Limits(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(Limits)})
+                serve(
+                    explicit_values(),
+                    FLAGS.preset,
+                    FLAGS.host,
+                    FLAGS.port,
+                    launcher,
+                    log,
+                    tuple(FLAGS.allowed_hosts),
+                    FLAGS.token,
+                    limits,
+                )
                 return
             if FLAGS.jobs:
                 from mgjax import batch, sharding

@@ -12,6 +12,7 @@ import numpy as np
 from flow.errors import InputError
 from flow.files import write_atomic
 from flow.raft import Raft, RaftConfig, init_raft
+from flow.schema import Optional, check, parse_json
 
 FORMAT = "mgjax-raft"
 VERSION = 1
@@ -156,6 +157,9 @@ def save(path: str, variables: dict, config: RaftConfig, source: str = "") -> No
     write_atomic(path, write)
 
 
+_HEADER = {"format": str, "version": int, "small": bool, "input_scale": Optional(int)}
+
+
 def _is_ours(path: str) -> bool:
     try:
         with zipfile.ZipFile(path) as z:
@@ -184,14 +188,19 @@ def load_variables(path: str) -> tuple[dict, RaftConfig]:
     if not _is_ours(path):
         variables, config, _ = read_torch_checkpoint(path)
         return variables, config
+    fix = "convert the weights again with python -m flow.convert"
     try:
         with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(z[_META].tobytes().decode())
+            header = z[_META].tobytes()
             arrays = {k: z[k] for k in z.files if k != _META}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise InputError(f"{path}: unreadable weights file ({e}); convert it again") from None
+    meta = parse_json(header, f"{path}: its header", fix)
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise InputError(f"{path}: not an {FORMAT} v{VERSION} file (header {meta})")
+        raise InputError(f"{path}: not an {FORMAT} v{VERSION} file; {fix}")
+    check(meta, _HEADER, f"{path}: its header", fix)
+    if meta.get("input_scale", 1) < 1:
+        raise InputError(f"{path}: its header's input_scale must be at least 1; {fix}")
     variables: dict = {}
     for key, value in arrays.items():
         *path_parts, leaf = key.split("/")

@@ -286,7 +286,7 @@ def preset_for(preset: str, model: str) -> str:
     """A preset name, with "auto" resolved: toy for the toy pack, paper otherwise."""
     if preset == "auto":
         return "toy" if model == TOY_MODEL else "paper"
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise ValueError(f"preset {preset!r}: one of auto, {', '.join(PRESETS)}")
     return preset
 

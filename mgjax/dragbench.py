@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ import numpy as np
 from flow import unpickle
 from flow.errors import InputError, run_cli
 from flow.files import write_atomic
+from flow.schema import check, check_depth, numbers
 
 
 class _Array:
@@ -120,9 +122,14 @@ def read_meta(path: str) -> dict:
             data = f.read()
     except OSError as e:
         raise InputError(f"{path}: cannot read it ({e.strerror})") from None
+    fix = "give the sample's meta_data.pkl as DragBench writes it"
     try:
-        meta = _finish(unpickle.load(data, _GLOBALS, build=_build, encoding="latin1"))
+        loaded = unpickle.load(data, _GLOBALS, build=_build, encoding="latin1")
+        check_depth(loaded, path, fix)
+        meta = _finish(loaded)
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as e:
+        if isinstance(e, InputError):
+            raise
         detail = f"refused {e}" if isinstance(e, unpickle.Refused) else e
         raise InputError(
             f"{path}: not a DragBench meta_data.pkl this reader accepts ({detail})"
@@ -132,11 +139,20 @@ def read_meta(path: str) -> dict:
     ]
     if missing:
         raise InputError(f"{path}: no {', '.join(missing)} in it")
-    return meta
+    check(meta, {"prompt": str}, path, fix)
+    mask = numbers(meta["mask"], f"{path}: mask", fix)
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    if mask.ndim != 2 or 0 in mask.shape:
+        raise InputError(f"{path}: mask must be an H x W array, got shape {mask.shape}; {fix}")
+    points = numbers(meta["points"], f"{path}: points", fix)
+    return {**meta, "mask": mask, "points": points}
 
 
-def _pairs(points, path: str) -> list:
-    pts = np.asarray(points, np.float64).reshape(-1, 2) if len(points) else np.zeros((0, 2))
+def _pairs(points: np.ndarray, path: str) -> list:
+    if points.size % 2 or not np.isfinite(points).all():
+        raise InputError(f"{path}: points must be finite [x, y] pairs, got shape {points.shape}")
+    pts = points.reshape(-1, 2)
     if len(pts) == 0 or len(pts) % 2:
         raise InputError(f"{path}: points must be handle/target pairs, got {len(pts)} points")
     return [[pts[i].tolist(), pts[i + 1].tolist()] for i in range(0, len(pts), 2)]
@@ -169,29 +185,31 @@ def to_jobs(root: str, jobs_path: str, masks_dir: str | None = None) -> int:
         if not os.path.isfile(image):
             raise InputError(f"{folder}: no original_image.png")
         meta = read_meta(os.path.join(folder, "meta_data.pkl"))
-        mask = np.asarray(meta["mask"])
-        if mask.ndim == 3:
-            mask = mask[..., 0]
+        mask = meta["mask"]
         lines.append((name, image, str(meta["prompt"]), _pairs(meta["points"], folder), mask != 0))
+    made = not os.path.isdir(masks_dir)
     os.makedirs(masks_dir, exist_ok=True)
-    text = []
-    for name, image, prompt, pairs, mask in lines:
-        mask_path = os.path.abspath(os.path.join(masks_dir, f"{name}.png"))
-        Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
-        job = dict(
-            name=name,
-            image=os.path.abspath(image),
-            prompt=prompt,
-            points=pairs,
-            object_mask=mask_path,
-        )
-        text.append(json.dumps(job))
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write("\n".join(text) + "\n")
-
-    write_atomic(jobs_path, write)
+    text, written = [], []
+    try:
+        for name, image, prompt, pairs, mask in lines:
+            mask_path = os.path.abspath(os.path.join(masks_dir, f"{name}.png"))
+            Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+            written.append(mask_path)
+            job = dict(
+                name=name,
+                image=os.path.abspath(image),
+                prompt=prompt,
+                points=pairs,
+                object_mask=mask_path,
+            )
+            text.append(json.dumps(job))
+        write_atomic(jobs_path, lambda tmp: Path(tmp).write_text("\n".join(text) + "\n"))
+    except BaseException:  # nothing half-written stays
+        for p in written:
+            os.unlink(p)
+        if made:
+            os.rmdir(masks_dir)
+        raise
     return len(text)
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from flow.errors import InputError, run_cli
 from flow.files import load_npy, read_image, read_rgb, write_atomic
+from flow.schema import Optional, check
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 METRICS = (
@@ -116,10 +117,12 @@ def evaluate_sample(folder: str, raft_weights: str | None, clip: Clip | None, it
         try:
             with open(path) as f:
                 config = json.load(f)
-        except (OSError, UnicodeDecodeError, ValueError) as e:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             raise InputError(f"{path}: not a readable config.json ({e})") from None
         if not isinstance(config, dict):
             raise InputError(f"{path}: not a config.json written by launch.py (not an object)")
+        fix = "give run folders written by launch.py"
+        check(config, {"raft_weights": Optional(str), "drag": Optional(str)}, path, fix)
     weights = raft_weights or config.get("raft_weights")
     if not weights:
         raise InputError(f"{folder}: its config.json names no RAFT weights; give --raft_weights")

@@ -69,11 +69,14 @@ def read_jobs(path: str, explicit: dict, preset: str = "auto") -> list[Job]:
                 spec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"not JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise InputError("nested too deep; a job is one flat JSON object") from None
             if not isinstance(spec, dict):
                 raise InputError('a job is a JSON object, e.g. {"image": "a.png", ...}')
-            name = spec.pop("name", name)
-            if not isinstance(name, str) or not _NAME.match(name):
-                raise InputError(f"name {name!r}: letters, digits, '.', '_' and '-' only")
+            given = spec.pop("name", name)
+            if not isinstance(given, str) or not _NAME.match(given):
+                raise InputError(f"name {given!r}: letters, digits, '.', '_' and '-' only")
+            name = given
             if name in seen:
                 raise InputError(f"name {name!r} is used by an earlier job")
             seen.add(name)

@@ -51,7 +51,7 @@ def read_flow_file(path: str, h: int, w: int) -> np.ndarray:
         from flow.pth import read_pth
 
         f = read_pth(path)
-        if not isinstance(f, np.ndarray):
+        if not isinstance(f, np.ndarray) or f.ndim < 3 or f.shape[-3] != 2:
             raise InputError(f"{path}: expected one flow tensor (1, 2, H, W)")
         f = np.transpose(f.reshape((-1,) + f.shape[-3:])[0], (1, 2, 0))
     else:
@@ -71,6 +71,8 @@ def read_frozen(path: str, lat_shape, vae_factor: int = 8) -> np.ndarray:
         from flow.pth import read_pth
 
         m = read_pth(path)
+        if not isinstance(m, np.ndarray):
+            raise InputError(f"{path}: expected one frozen-mask tensor (1, 4, h, w)")
     elif path.endswith(".npy"):
         m = load_npy(path, "frozen mask")
     else:

@@ -77,7 +77,11 @@ def read_reference_folder(
                     f"{latents}: {len(names)} cached latents but {num_steps} DDIM steps"
                 )
             names = names[:num_steps]
-        trajectory = np.stack([_tensor(latents / n, 4, "latent").astype(np.float32) for n in names])
+        tensors = [_tensor(latents / n, 4, "latent").astype(np.float32) for n in names]
+        shapes = sorted({t.shape for t in tensors})
+        if len(shapes) > 1:
+            raise InputError(f"{latents}: the latents differ in shape ({shapes[0]}, {shapes[1]})")
+        trajectory = np.stack(tensors) if tensors else None
     flow = None
     if target_flow_name:
         f = _tensor(_in_flows(folder, target_flow_name), 4, "flow")

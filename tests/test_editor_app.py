@@ -24,6 +24,9 @@ from mgjax.editor.worker import Worker
 from mgjax.toy import pack
 from mgjax.workflow import resolve_toy
 
+LOCAL = "http://127.0.0.1:8765"
+PNG = {"Content-Type": "image/png"}
+
 
 class Engine:
     """The toy pack's sizes, and an edit that records its config instead of sampling."""
@@ -51,7 +54,7 @@ def editor(tmp_path):
         str(tmp_path / "runs"),
         "launch.py",
     )
-    with TestClient(A.create_app(ed)) as client:
+    with TestClient(A.create_app(ed), base_url=LOCAL) as client:
         ed.client = client
         yield ed
     worker.close()
@@ -85,7 +88,7 @@ def test_page_and_static_files_load_nothing_from_elsewhere(editor):
 
 def test_upload_is_fitted_to_the_model(editor):
     rgb = np.random.default_rng(0).integers(0, 256, (70, 100, 3), np.uint8)
-    r = editor.client.post("/api/upload", content=png(rgb))
+    r = editor.client.post("/api/upload", content=png(rgb), headers=PNG)
     assert r.status_code == 200, r.text
     got = r.json()
     assert got["width"] % 32 == 0 and got["height"] % 32 == 0
@@ -96,7 +99,7 @@ def test_upload_is_fitted_to_the_model(editor):
 
 def test_upload_of_the_model_size_is_kept_as_sent(editor):
     rgb = np.random.default_rng(1).integers(0, 256, (64, 64, 3), np.uint8)
-    got = editor.client.post("/api/upload", content=png(rgb)).json()
+    got = editor.client.post("/api/upload", content=png(rgb), headers=PNG).json()
     back = Image.open(io.BytesIO(editor.client.get(f"/api/images/{got['id']}").content))
     np.testing.assert_array_equal(np.asarray(back), rgb)
     assert got["note"] == ""
@@ -129,7 +132,7 @@ def _bomb_png(w: int, h: int) -> bytes:
     ids=["text", "corrupt-png", "pixel-bomb", "empty"],
 )
 def test_bad_uploads_are_one_sentence(editor, body, status, words):
-    r = editor.client.post("/api/upload", content=body)
+    r = editor.client.post("/api/upload", content=body, headers=PNG)
     assert r.status_code == status
     message = r.json()["error"]
     assert words in message and "\n" not in message and "Traceback" not in message
@@ -138,14 +141,14 @@ def test_bad_uploads_are_one_sentence(editor, body, status, words):
 
 def test_upload_over_the_limit_is_refused_unread(editor, monkeypatch):
     monkeypatch.setattr(authoring, "MAX_UPLOAD_BYTES", 1000)
-    r = editor.client.post("/api/upload", content=b"\x89PNG\r\n\x1a\n" + b"x" * 2000)
+    r = editor.client.post("/api/upload", content=b"\x89PNG\r\n\x1a\n" + b"x" * 2000, headers=PNG)
     assert r.status_code == 413 and "more than the" in r.json()["error"]
 
     def chunks():  # no declared length: counted while it arrives
         yield b"\x89PNG\r\n\x1a\n"
         yield b"x" * 2000
 
-    r = editor.client.post("/api/upload", content=chunks())
+    r = editor.client.post("/api/upload", content=chunks(), headers=PNG)
     assert r.status_code == 413
 
 

@@ -34,7 +34,7 @@ def _editor(explicit: dict, tmp_path):
     worker = Worker()
     store = authoring.Store(str(tmp_path / "store"))
     editor = A.Editor(engine, store, worker, explicit, "auto", str(tmp_path / "runs"), "launch.py")
-    return engine, worker, TestClient(A.create_app(editor))
+    return engine, worker, TestClient(A.create_app(editor), base_url="http://127.0.0.1:8765")
 
 
 def test_edit_cancel_and_programs_reused(tmp_path):
@@ -88,7 +88,7 @@ def test_edit_cancel_and_programs_reused(tmp_path):
     job = worker.jobs[r.json()["id"]]
     while not any(e["type"] == "progress" for e in job.events) and not job.finished:
         time.sleep(0.01)
-    client.post(f"/api/jobs/{job.id}/cancel")
+    client.post(f"/api/jobs/{job.id}/cancel", json={})
     assert worker.wait(job, 120)
     last = job.events[-1]
     assert last["type"] == "cancelled" and 1 <= last["step"] < 4, last

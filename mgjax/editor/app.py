@@ -32,18 +32,23 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from flow.errors import InputError
+from flow.schema import parse_json
 from mgjax import config as C
 from mgjax.checks import check
 from mgjax.editor import authoring
+from mgjax.editor.guard import Access, Guard, for_bind
+from mgjax.editor.limits import Limits, Refused, Streams, check_disk
 from mgjax.editor.worker import Job, Worker
 
 STATIC = Path(__file__).resolve().parent / "static"
+DEFAULT_LIMITS, LOOPBACK = Limits(), Access()
 ZIP_SKIP = ("checkpoint.npz", "source.npz")  # large and internal: resumption caches
 
 
@@ -60,10 +65,12 @@ class Editor:
         preset: str,
         out_root: str,
         launcher: str,
+        limits: Limits = DEFAULT_LIMITS,
     ):
         self.engine, self.store, self.worker = engine, store, worker
         self.explicit, self.preset, self.out_root = dict(explicit), preset, out_root
-        self.launcher = launcher
+        self.launcher, self.limits = launcher, limits
+        self.streams = Streams(limits.max_event_streams)
         self.count = itertools.count(1)
 
     def run_name(self) -> str:
@@ -100,17 +107,12 @@ class _TooLarge(Exception):
 
 
 async def _json(request: Request) -> dict:
-    try:
-        spec = json.loads(await _body(request))
-    except (ValueError, UnicodeDecodeError):
-        raise InputError("the request is not JSON") from None
-    if not isinstance(spec, dict):
-        raise InputError("the request is not a JSON object")
-    return spec
+    return parse_json(await _body(request), "the request")
 
 
-def create_app(editor: Editor) -> Starlette:
-    """The application over `editor` (tests build one around their own engine and folders)."""
+def create_app(editor: Editor, access: Access = LOOPBACK) -> Starlette:
+    """The application over `editor` (tests build one around their own engine and folders),
+    behind the Guard middleware that admits what `access` allows."""
     engine, store, worker = editor.engine, editor.store, editor.worker
 
     async def index(request):
@@ -135,7 +137,8 @@ def create_app(editor: Editor) -> Starlette:
                 preset=editor.preset,
                 presets=presets,
                 scenes=scenes,
-                limits=authoring.limits(),
+                limits=authoring.limits(store) | editor.limits.info(),
+                token=bool(access.token),
                 out_root=os.path.abspath(editor.out_root),
             )
         )
@@ -179,6 +182,8 @@ def create_app(editor: Editor) -> Starlette:
         config, job_line, h, w = authored(spec)
         if not (config.motion.motion or config.motion.drag):
             raise InputError("no motion yet: drag on the image with a tool, or type a motion")
+        check_disk(editor.out_root, editor.limits.min_free_disk_mb)
+        worker.check_room()
         name = editor.run_name()
         out_dir = os.path.join(editor.out_root, name)
         every = config.output.log_every or max(1, config.method.steps // 10)
@@ -192,18 +197,19 @@ def create_app(editor: Editor) -> Starlette:
             runner.write_reproduction(
                 config, line, editor.explicit, editor.launcher, h, w, engine.vae_factor
             )
+            title = f"{name}: {config.motion.motion or config.motion.drag}"
+            job = Job("edit", title, lambda job: engine.edit(config, job), folder=out_dir)
+            place = worker.submit(job)
         except BaseException:
             shutil.rmtree(out_dir)  # created above: nothing half-written stays
             raise
-        title = f"{name}: {config.motion.motion or config.motion.drag}"
-        job = Job("edit", title, lambda job: engine.edit(config, job), folder=out_dir)
-        return dict(id=job.id, name=name, place=worker.submit(job), folder=out_dir)
+        return dict(id=job.id, name=name, place=place, folder=out_dir)
 
     async def generate(request):
         spec = await _json(request)
 
         def submit() -> dict:
-            prompt = (spec.get("prompt") or "").strip()
+            prompt = authoring.text(spec, "prompt") or ""
             if not prompt:
                 raise InputError("type a prompt to generate a source from")
             job_line = {"prompt": prompt}
@@ -238,23 +244,27 @@ def create_app(editor: Editor) -> Starlette:
 
     async def events(request):
         job = find(request)
+        editor.streams.open()
 
         async def stream():
-            sent, last_place = 0, None
-            while True:
-                while sent < len(job.events):
-                    yield f"data: {json.dumps(job.events[sent])}\n\n"
-                    sent += 1
-                place = worker.place(job)
-                if job.status == "queued" and place != last_place:
-                    yield f"data: {json.dumps({'type': 'place', 'place': place})}\n\n"
-                    last_place = place
-                if job.finished and sent == len(job.events):
-                    yield "event: end\ndata: {}\n\n"
-                    return
-                if await request.is_disconnected():
-                    return
-                await asyncio.sleep(0.2)
+            try:
+                sent, last_place = 0, None
+                while True:
+                    while sent < len(job.events):
+                        yield f"data: {json.dumps(job.events[sent])}\n\n"
+                        sent += 1
+                    place = worker.place(job)
+                    if job.status == "queued" and place != last_place:
+                        yield f"data: {json.dumps({'type': 'place', 'place': place})}\n\n"
+                        last_place = place
+                    if job.finished and sent == len(job.events):
+                        yield "event: end\ndata: {}\n\n"
+                        return
+                    if await request.is_disconnected():
+                        return
+                    await asyncio.sleep(0.2)
+            finally:
+                editor.streams.close()
 
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
@@ -295,6 +305,9 @@ def create_app(editor: Editor) -> Starlette:
     async def not_found(request, exc):
         return _error("no such file", 404)
 
+    async def refused(request, exc):
+        return _error(str(exc), exc.status)
+
     routes = [
         Route("/", index),
         Route("/api/info", info),
@@ -312,8 +325,14 @@ def create_app(editor: Editor) -> Starlette:
         Route("/api/jobs/{job}/zip", archive),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    handlers = {InputError: input_error, _TooLarge: too_large, _NotFound: not_found}
-    return Starlette(routes=routes, exception_handlers=handlers)
+    handlers = {
+        InputError: input_error,
+        _TooLarge: too_large,
+        _NotFound: not_found,
+        Refused: refused,
+    }
+    guard = [Middleware(Guard, access=access)]
+    return Starlette(routes=routes, exception_handlers=handlers, middleware=guard)
 
 
 class _NotFound(Exception):
@@ -334,8 +353,19 @@ def zip_folder(folder: str) -> bytes:
     return buf.getvalue()
 
 
-def serve(explicit: dict, preset: str, host: str, port: int, launcher: str, log=print) -> None:
-    """Load the models once, then serve the editor at http://host:port/ until interrupted."""
+def serve(
+    explicit: dict,
+    preset: str,
+    host: str,
+    port: int,
+    launcher: str,
+    log=print,
+    allowed_hosts: tuple[str, ...] = (),
+    token: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> None:
+    """Load the models once, then serve the editor at http://host:port/ until interrupted; a
+    token is required (generated unless given) when `host` is reachable beyond loopback."""
     import tempfile
 
     import uvicorn
@@ -356,11 +386,14 @@ def serve(explicit: dict, preset: str, host: str, port: int, launcher: str, log=
     try:
         log(f"loading {config.model.model} ...")
         engine = Engine(config, os.path.join(scratch, "generated"))
-        worker = Worker()
-        editor = Editor(engine, Store(scratch), worker, explicit, preset, out_root, launcher)
+        worker = Worker(limits.max_queue)
+        store = Store(scratch, limits.max_uploads, limits.upload_store_mb * 2**20)
+        editor = Editor(engine, store, worker, explicit, preset, out_root, launcher, limits)
+        access = for_bind(host, port, allowed_hosts, token)
         shown = f"[{host}]" if ":" in host else host
-        log(f"mgjax editor: http://{shown}:{port}/  (runs are written to {out_root}; Ctrl-C stops)")
-        uvicorn.run(create_app(editor), host=host, port=port, log_level="warning")
+        url = f"http://{shown}:{port}/" + (f"?token={access.token}" if access.token else "")
+        log(f"mgjax editor: {url}  (runs are written to {out_root}; Ctrl-C stops)")
+        uvicorn.run(create_app(editor, access), host=host, port=port, log_level="warning")
         worker.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # the server's own uploads and caches

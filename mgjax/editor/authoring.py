@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import re
+import threading
 import uuid
 
 import numpy as np
@@ -43,10 +44,14 @@ def data_url(image_u8: np.ndarray) -> str:
 
 
 class Store:
-    """The page's images and masks, as PNG files under `root` named by the server."""
+    """The page's images and masks, as PNG files under `root` named by the server, at most
+    `max_images` of them and `max_bytes` in all: past either, the least recently used are
+    removed (a queued edit has copied its own inputs into its run folder already)."""
 
-    def __init__(self, root: str):
-        self.root = root
+    def __init__(self, root: str, max_images: int = 64, max_bytes: int = 512 * 2**20):
+        self.root, self.max_images, self.max_bytes = root, max_images, max_bytes
+        self.used: dict[str, int] = {}  # id -> bytes, least recently used first
+        self.lock = threading.Lock()
         os.makedirs(root, exist_ok=True)
 
     def path(self, ident: str) -> str:
@@ -54,9 +59,30 @@ class Store:
         if not isinstance(ident, str) or not _ID.match(ident):
             raise InputError("unknown image id; upload the image again")
         path = os.path.join(self.root, ident + ".png")
-        if not os.path.isfile(path):
-            raise InputError("unknown image id; upload the image again")
+        with self.lock:
+            if ident not in self.used or not os.path.isfile(path):
+                raise InputError(
+                    "that image was removed from the server (it keeps the "
+                    f"{self.max_images} most recently used images and masks); upload it "
+                    "or pick the scene again"
+                )
+            self.used[ident] = self.used.pop(ident)  # most recently used now
         return path
+
+    def _added(self, ident: str, path: str) -> None:
+        """Count a written file and remove the least recently used past the bounds."""
+        with self.lock:
+            self.used.pop(ident, None)
+            self.used[ident] = os.path.getsize(path)
+            while len(self.used) > 1 and (
+                len(self.used) > self.max_images or sum(self.used.values()) > self.max_bytes
+            ):
+                old = next(iter(self.used))
+                del self.used[old]
+                try:
+                    os.unlink(os.path.join(self.root, old + ".png"))
+                except FileNotFoundError:
+                    pass
 
     def size(self, ident: str) -> tuple[int, int]:
         """(H, W) of a stored image."""
@@ -67,7 +93,10 @@ class Store:
         ident = ident or f"{prefix}-{uuid.uuid4().hex}"
         path = os.path.join(self.root, ident + ".png")
         if not os.path.isfile(path):
-            Image.fromarray(image_u8).save(path, format="PNG")
+            tmp = f"{path}.{uuid.uuid4().hex}.part"
+            Image.fromarray(image_u8).save(tmp, format="PNG")
+            os.replace(tmp, path)
+        self._added(ident, path)
         return ident
 
     def add_source(self, body: bytes, native: int, factor: int) -> dict:
@@ -108,8 +137,10 @@ class Store:
             raise InputError("the mask is not a PNG image; paint or upload it again")
         ident = "mask-" + hashlib.sha256(body).hexdigest()[:32]
         path = os.path.join(self.root, ident + ".png")
-        if not os.path.isfile(path):
-            tmp = path + ".part"
+        if ident in self.used and os.path.isfile(path):
+            self._added(ident, path)
+        else:
+            tmp = f"{path}.{uuid.uuid4().hex}.part"
             with open(tmp, "wb") as f:
                 f.write(body)
             try:
@@ -154,7 +185,7 @@ def toy_scene(store: Store, seed: int | None) -> dict:
     return dict(id=ident, width=w, height=h, prompt=prompt, mask=data_url(mask))
 
 
-def _text(spec: dict, key: str) -> str | None:
+def text(spec: dict, key: str) -> str | None:
     value = spec.get(key)
     if value is None or value == "":
         return None
@@ -170,24 +201,24 @@ def job_values(spec: dict, store: Store, native: int) -> tuple[dict, int, int]:
     if not isinstance(spec, dict):
         raise InputError("the request is not a JSON object")
     job: dict = {}
-    image, h, w = _text(spec, "image"), native, native
+    image, h, w = text(spec, "image"), native, native
     if image:
         job["image"] = store.path(image)
         h, w = store.size(image)
-    job["prompt"] = _text(spec, "prompt") or ""
+    job["prompt"] = text(spec, "prompt") or ""
     if not image and not job["prompt"]:
         raise InputError("no source: upload an image, pick a scene or type a prompt")
-    if _text(spec, "mask") and _text(spec, "box"):
+    if text(spec, "mask") and text(spec, "box"):
         raise InputError("give a painted mask or a box, not both; clear one of them")
-    if _text(spec, "mask"):
-        job["object_mask"] = store.path(store.add_mask(_text(spec, "mask"), h, w))
+    if text(spec, "mask"):
+        job["object_mask"] = store.path(store.add_mask(text(spec, "mask"), h, w))
     for key in ("motion", "drag"):
-        if _text(spec, key):
-            job[key] = _text(spec, key)
+        if text(spec, key):
+            job[key] = text(spec, key)
     if "motion" in job and "drag" in job:
         raise InputError("give a motion or drag points, not both; clear one of them")
-    if _text(spec, "box"):
-        job["object_box"] = _text(spec, "box")
+    if text(spec, "box"):
+        job["object_box"] = text(spec, "box")
     if spec.get("preset"):
         job["preset"] = spec["preset"]
     for key in PAGE_SETTINGS:
@@ -237,5 +268,8 @@ def preview(config: C.Config, h: int, w: int, vae_factor: int) -> dict:
     )
 
 
-def limits() -> dict:
-    return dict(max_upload_bytes=MAX_UPLOAD_BYTES, max_pixels=MAX_PIXELS)
+def limits(store: Store | None = None) -> dict:
+    out = dict(max_upload_bytes=MAX_UPLOAD_BYTES, max_pixels=MAX_PIXELS)
+    if store is not None:
+        out |= dict(max_uploads=store.max_images, upload_store_bytes=store.max_bytes)
+    return out

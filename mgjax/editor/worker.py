@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable
 
 from flow.errors import InputError
+from mgjax.editor.limits import Refused
 
 log = logging.getLogger("mgjax.editor")
 
@@ -82,7 +83,8 @@ class Job:
 class Worker:
     """A FIFO queue of Jobs and the thread that runs them."""
 
-    def __init__(self):
+    def __init__(self, max_queue: int = 16):
+        self.max_queue = max_queue  # jobs waiting; one more is refused (429)
         self.jobs: dict[str, Job] = {}
         self.queue: collections.deque[Job] = collections.deque()
         self.current: Job | None = None
@@ -91,11 +93,21 @@ class Worker:
         self.thread = threading.Thread(target=self._loop, name="mgjax-editor-worker", daemon=True)
         self.thread.start()
 
+    def check_room(self) -> None:
+        """Refuse (429) when the queue is full, before any work for a new job is done."""
+        if len(self.queue) >= self.max_queue:
+            raise Refused(
+                f"the queue is full ({self.max_queue} jobs waiting, --max_queue); wait for one "
+                "to finish or cancel one",
+                429,
+            )
+
     def submit(self, job: Job) -> int:
         """Queue `job`; returns its place (1: next to run)."""
         with self.cond:
             if self.closed:
                 raise InputError("the server is shutting down; start it again")
+            self.check_room()
             self.jobs[job.id] = job
             self.queue.append(job)
             job.emit("queued", place=len(self.queue))

@@ -149,7 +149,7 @@ window.addEventListener("editor-ready", () => {
   const guard = (fn) => async () => { try { await fn(); } catch (e) { showError(e.message); } };
   $("run").onclick = guard(runEdit);
   $("generate").onclick = guard(generateSource);
-  $("cancel").onclick = guard(async () => { if (J.id) await api(`/api/jobs/${J.id}/cancel`, { method: "POST" }); });
+  $("cancel").onclick = guard(async () => { if (J.id) await postJSON(`/api/jobs/${J.id}/cancel`, {}); });
   $("toggle").onclick = toggleSource;
   $("sample").onchange = showSample;
   resume();
