@@ -161,7 +161,8 @@ def main(argv: list[str]) -> None:
                 serve(explicit_values(), FLAGS.preset, FLAGS.host, FLAGS.port, launcher, log)
                 return
             if FLAGS.jobs:
-                from mgjax import batch, sharding
+                from mgjax.batch import run as batch
+                from mgjax.batch import sharding
 
                 sharding.initialize_distributed(
                     FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id
@@ -181,7 +182,7 @@ def main(argv: list[str]) -> None:
                 if any(r["status"] != "done" for r in rows):
                     sys.exit(3)  # the summary names the jobs that did not finish
                 return
-            from mgjax.workflow import run
+            from mgjax.edit.workflow import run
 
             config = configuration()
             if not config.output.out_dir:

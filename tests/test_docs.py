@@ -143,7 +143,7 @@ def command_kind(words: list[str]) -> str | None:
         return "serve"  # the browser editor's test starts it so (tests/editor_browser.py)
     if words[:2] == ["python", "launch.py"]:
         return "launch"
-    if words[:3] == ["python", "-m", "mgjax.evaluate"]:
+    if words[:3] == ["python", "-m", "mgjax.evaluation.evaluate"]:
         return "evaluate"
     return None
 

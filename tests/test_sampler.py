@@ -14,11 +14,11 @@ from flow import load_raft
 from flow.convert import convert
 from flow.errors import InputError
 from mgjax import config as C
-from mgjax import ddim, loop, source
-from mgjax import sd as sdm
-from mgjax.energy import Energy, PreservationEnergy
-from mgjax.progress import Progress
-from mgjax.sampler import DivergenceError, Sampler
+from mgjax.edit.progress import Progress
+from mgjax.method import ddim, loop, source
+from mgjax.method.energy import Energy, PreservationEnergy
+from mgjax.method.sampler import DivergenceError, Sampler
+from mgjax.model import sd as sdm
 from tests import tiny_models, xla
 from tests.ddim_oracle import ddim_oracle as _oracle
 from tests.parity import LOG_PAIRS, PARITY, H, W, reference_run, run_ours, scene, to_torch
@@ -174,7 +174,7 @@ def _parity_inputs(sd):
 
 
 def _sample(sampler, inputs, state, **hooks):
-    """(state, logs, snapshots) of a run to the end through mgjax.loop.run."""
+    """(state, logs, snapshots) of a run to the end through mgjax.method.loop.run."""
     snapshots = {}
     result = loop.run(sampler, inputs, state, on_snapshots=snapshots.update, **hooks)
     return result.state, result.logs, snapshots
@@ -309,7 +309,7 @@ def test_frozen_latents_before_every_unet_call_and_traces_once(models):
 @dataclasses.dataclass(frozen=True)
 class _Brightness(Energy):
     """A user-defined energy: pull each image's mean towards its own target, given per edit as
-    an extra array (the docstring example of mgjax/energy.py, with the target and a weight in
+    an extra array (the docstring example of mgjax/method/energy.py, with the target and a weight in
     extras)."""
 
     log_names = ("brightness_loss",)

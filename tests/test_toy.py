@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mgjax.motion import dilate_mask
+from mgjax.edit.motion import dilate_mask
 from mgjax.toy import quality, shapes
 
 
@@ -111,11 +111,11 @@ def test_toy_tokenizer_makes_each_word_one_token(tmp_path):
 @pytest.mark.slow
 def test_raft_training_roundtrip_is_the_seams_encode_decode(tmp_path):
     """train_raft --autoencoder: the second image through the autoencoder's posterior mean and
-    decoder, as mgjax.sd's seam (tested against diffusers' torch models) computes it."""
+    decoder, as mgjax.model.sd's seam (tested against diffusers' torch models) computes it."""
     import jax.numpy as jnp
 
-    from mgjax import sd as sdm
-    from mgjax import source
+    from mgjax.method import source
+    from mgjax.model import sd as sdm
     from mgjax.toy.train_raft import autoencoder_roundtrip
     from tests.tiny_models import tiny
 

@@ -29,7 +29,7 @@ from absl import app, flags
 from flow import checkpoint
 from flow.errors import InputError, run_cli
 from flow.raft import RaftConfig, init_raft, raft_forward
-from mgjax import outputs
+from mgjax.edit import outputs
 from mgjax.toy import shapes
 
 FLAGS = flags.FLAGS

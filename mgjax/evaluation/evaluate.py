@@ -1,6 +1,6 @@
 """The paper's evaluation of edits written by launch.py (single runs or --jobs runs).
 
-  python -m mgjax.evaluate runs/apple runs/batch [--raft_weights raft-things.pth]
+  python -m mgjax.evaluation.evaluate runs/apple runs/batch [--raft_weights raft-things.pth]
       [--clip_model openai/clip-vit-base-patch32] [--no_clip] [--json eval.json]
 
 Per sample folder (one with source.png, edited.png and target_flow.npy):
@@ -148,7 +148,7 @@ def evaluate_sample(folder: str, raft_weights: str | None, clip: Clip | None, it
         "drag_distance": None,
     }
     if config.get("drag"):
-        from mgjax.drag import parse_drag
+        from mgjax.edit.drag import parse_drag
 
         handles, targets = parse_drag(config["drag"])
         row["drag_distance"] = drag_distance(flow, handles, targets)

@@ -14,7 +14,7 @@ use tiny ones). The kind is read from the model's configs: the UNet's `addition_
 "text_time" means SDXL's conditioning (two text encoders, pooled embedding, size time ids), the
 scheduler's `prediction_type` "v_prediction" a model whose output `eps` converts to a noise
 estimate. The sampler sees one interface whatever the kind: `embed` returns an opaque
-conditioning pytree (mgjax.conditioning), `eps` a noise estimate, `decode`/`encode` apply the
+conditioning pytree (mgjax.model.conditioning), `eps` a noise estimate, `decode`/`encode` apply the
 model's own scaling factor. Everything the sampler needs is a method here, taking the parameter
 pytree as an explicit argument, so the sampler can pass the weights as jit arguments. Latents
 are NCHW (the diffusers layout, and the reference's file layout); images are NHWC.
@@ -41,9 +41,10 @@ import numpy as np
 import transformers
 
 from flow.errors import InputError
-from mgjax import conditioning, ddim
-from mgjax.levers import ATTENTION
-from mgjax.modelinfo import hub_reachable, offline_error
+from mgjax.method import ddim
+from mgjax.model import conditioning
+from mgjax.model.levers import ATTENTION
+from mgjax.model.modelinfo import hub_reachable, offline_error
 
 # The libraries' root loggers; getting them sets their levels from DIFFUSERS_VERBOSITY and
 # TRANSFORMERS_VERBOSITY (default: warning), which _quiet() restores after each call.

@@ -3,8 +3,8 @@ the jobs shared among processes (hosts).
 
   python launch.py --jobs jobs.jsonl --out_dir runs/batch [any flag: the default of every job]
 
-The jobs file's format is described in mgjax.jobs; devices and hosts are handled by
-mgjax.sharding.
+The jobs file's format is described in mgjax.batch.jobs; devices and hosts are handled by
+mgjax.batch.sharding.
 
 Jobs whose settings compile to the same program run together, in batches of `batch_size`.
 That needs the same model, image size and guidance settings. The batch axis is sharded over the
@@ -31,11 +31,12 @@ import os
 import numpy as np
 
 from flow.errors import InputError
-from mgjax import conditioning, rundir
 from mgjax import config as C
-from mgjax.jobs import Job, read_jobs
-from mgjax.outputs import save_text
-from mgjax.sharding import local_mesh, one_edit, replicate, shard_inputs, shard_state
+from mgjax.batch.jobs import Job, read_jobs
+from mgjax.batch.sharding import local_mesh, one_edit, replicate, shard_inputs, shard_state
+from mgjax.edit import rundir
+from mgjax.edit.outputs import save_text
+from mgjax.model import conditioning
 
 SUMMARY_METRICS = (
     "flow_epe_inside_object",
@@ -57,7 +58,7 @@ def _finished(job: Job) -> dict | None:
 @dataclasses.dataclass
 class Prepared:
     job: Job
-    files: object  # mgjax.workflow.EditFiles
+    files: object  # mgjax.edit.workflow.EditFiles
     cond: object  # the prompt's conditioning (the model's pytree, batch 1; SD: f32[1,L,D])
     uncond: object  # the same for ""
     image: np.ndarray  # f32[1,H,W,3]
@@ -73,7 +74,7 @@ class _Models:
         self.mesh, self._cache = mesh, {}
 
     def get(self, config: C.Config):
-        from mgjax.workflow import load_models
+        from mgjax.edit.workflow import load_models
 
         key = dataclasses.astuple(config.model)
         if key not in self._cache:
@@ -85,9 +86,9 @@ class _Models:
 
 
 def _read(job: Job):
-    """The job's input files, read and checked (no model work): mgjax.workflow.EditFiles."""
-    from mgjax.checks import check
-    from mgjax.workflow import read_files, resolve_toy
+    """The job's input files, read and checked (no model work): mgjax.edit.workflow.EditFiles."""
+    from mgjax.edit.checks import check
+    from mgjax.edit.workflow import read_files, resolve_toy
 
     config = job.config = resolve_toy(job.config)
     check(config, out_dir_free=False)  # the run manages the job folders
@@ -97,8 +98,8 @@ def _read(job: Job):
 def _prepare(job: Job, files, models: _Models, log) -> Prepared:
     """The job's prompt embeddings and source trajectory (inverted or generated, or read from
     the job folder's cache)."""
-    from mgjax.trajectory import source_trajectory
-    from mgjax.workflow import embed
+    from mgjax.edit.trajectory import source_trajectory
+    from mgjax.edit.workflow import embed
 
     config = job.config
     key, (sd, _) = models.get(config)
@@ -133,7 +134,7 @@ class Runner:
         self.images: dict[str, np.ndarray] = {}  # job name -> edited f32[H,W,3] in [0, 1]
 
     def sampler(self, prepared: Prepared):
-        from mgjax.workflow import make_sampler
+        from mgjax.edit.workflow import make_sampler
 
         if prepared.group not in self.samplers:
             config = prepared.job.config
@@ -144,11 +145,11 @@ class Runner:
     def run_batch(self, batch: list[Prepared], label: str) -> list[Prepared]:
         """Run one batch to the end and write its jobs' outputs. Returns the jobs to run again
         (the others of a batch in which some diverged)."""
-        from mgjax import loop
-        from mgjax.checkpoint import Checkpoint
-        from mgjax.progress import Progress
-        from mgjax.results import EditResult, save_snapshots, write_samples
-        from mgjax.sampler import DivergenceError
+        from mgjax.edit.checkpoint import Checkpoint
+        from mgjax.edit.progress import Progress
+        from mgjax.edit.results import EditResult, save_snapshots, write_samples
+        from mgjax.method import loop
+        from mgjax.method.sampler import DivergenceError
 
         real = len(batch)
         batch = batch + [batch[-1]] * (self.batch_size - real)  # padding: same shape always
@@ -266,7 +267,7 @@ def run_jobs(
     if not base.out_dir:
         raise InputError("--out_dir is required")
     if cache:
-        from mgjax.workflow import enable_compilation_cache
+        from mgjax.edit.workflow import enable_compilation_cache
 
         enable_compilation_cache(cache)
     jobs = read_jobs(jobs_path, explicit, preset)
