@@ -18,6 +18,7 @@ from mgjax.edit.progress import Progress
 from mgjax.method import ddim, loop, source
 from mgjax.method.energy import Energy, PreservationEnergy
 from mgjax.method.sampler import DivergenceError, Sampler
+from mgjax.model import libraries, loading, modelinfo
 from mgjax.model import sd as sdm
 from tests import tiny_models, xla
 from tests.ddim_oracle import ddim_oracle as _oracle
@@ -103,16 +104,16 @@ def test_hub_id_and_revision_are_passed_through(monkeypatch, tmp_path):
         return load
 
     for cls in (
-        sdm.CLIPTokenizer,
-        sdm.FlaxUNet2DConditionModel,
-        sdm.FlaxAutoencoderKL,
-        sdm.FlaxCLIPTextModel,
+        libraries.CLIPTokenizer,
+        libraries.FlaxUNet2DConditionModel,
+        libraries.FlaxAutoencoderKL,
+        libraries.FlaxCLIPTextModel,
     ):
         monkeypatch.setattr(cls, "from_pretrained", recorder(cls.from_pretrained))
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # not cached here
-    monkeypatch.setattr(sdm, "hub_reachable", lambda: True)  # as if online
+    monkeypatch.setattr(loading, "hub_reachable", lambda: True)  # as if online
     sd = sdm.load("CompVis/stable-diffusion-v1-4", revision="bf16")
     assert sorted(calls) == sorted(
         ("CompVis/stable-diffusion-v1-4", sub, "bf16")
@@ -137,7 +138,7 @@ def test_a_hub_id_offline_fails_at_once_with_what_to_do(monkeypatch, tmp_path):
         sdm.load("CompVis/stable-diffusion-v1-4", revision="flax")
     assert time.perf_counter() - t < 1.0
     assert "--model" in str(e.value) and "huggingface-cli download" in str(e.value)
-    assert not sdm.hub_reachable()
+    assert not modelinfo.hub_reachable()
 
 
 @pytest.mark.slow
