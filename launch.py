@@ -162,7 +162,7 @@ def main(argv: list[str]) -> None:
                 return
             if FLAGS.jobs:
                 from mgjax.batch import run as batch
-                from mgjax.batch import sharding
+                from mgjax.batch import sharding, summary
 
                 sharding.initialize_distributed(
                     FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id
@@ -178,7 +178,7 @@ def main(argv: list[str]) -> None:
                     jax.process_count(),
                     preset=FLAGS.preset,
                 )
-                batch.report(rows, log)
+                summary.report(rows, log)
                 if any(r["status"] != "done" for r in rows):
                     sys.exit(3)  # the summary names the jobs that did not finish
                 return

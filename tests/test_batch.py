@@ -332,7 +332,7 @@ def test_a_failing_job_leaves_the_others_and_the_exit_status_says_so(assets, tmp
 def test_a_batch_that_fails_is_recorded_and_the_run_goes_on(assets, tmp_path, monkeypatch):
     """An error while a batch runs (XLA out of memory, say) marks that batch's jobs failed with
     the error; the next batch still runs, and the summary says which jobs did not finish."""
-    from mgjax.batch import run as batch_module
+    from mgjax.batch.runner import Runner
 
     ran = []
 
@@ -344,7 +344,7 @@ def test_a_batch_that_fails_is_recorded_and_the_run_goes_on(assets, tmp_path, mo
             p.job.status = "done"
         return []
 
-    monkeypatch.setattr(batch_module.Runner, "run_batch", run_batch)
+    monkeypatch.setattr(Runner, "run_batch", run_batch)
     jobs = str(_jobs(tmp_path / "jobs.jsonl", assets, 3))
     lines = []
     rows = run_jobs(jobs, _options(assets, tmp_path / "out"), 2, lines.append)

@@ -21,223 +21,14 @@ preparing it, or while running its batch, such as XLA running out of memory: tha
 jobs). launch.py exits with status 0 when every job is done and 3 otherwise.
 """
 
-import csv
-import dataclasses
-import hashlib
-import io
-import json
 import os
-
-import numpy as np
 
 from flow.errors import InputError
 from mgjax import config as C
 from mgjax.batch.jobs import Job, read_jobs
-from mgjax.batch.sharding import local_mesh, one_edit, replicate, shard_inputs, shard_state
+from mgjax.batch.runner import Prepared, Runner, prepare_job, read_job
+from mgjax.batch.summary import client, describe, finished, gather, row, write_part, write_summary
 from mgjax.edit import rundir
-from mgjax.edit.outputs import save_text
-from mgjax.model import conditioning
-
-SUMMARY_METRICS = (
-    "flow_epe_inside_object",
-    "flow_epe_outside_object",
-    "energy_final",
-    "guided_evaluations",
-    "sampling_seconds",
-)
-
-
-def _finished(job: Job) -> dict | None:
-    path = os.path.join(job.config.output.out_dir, "sample_00", "metrics.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-@dataclasses.dataclass
-class Prepared:
-    job: Job
-    files: object  # mgjax.edit.workflow.EditFiles
-    cond: object  # the prompt's conditioning (the model's pytree, batch 1; SD: f32[1,L,D])
-    uncond: object  # the same for ""
-    image: np.ndarray  # f32[1,H,W,3]
-    z_T: np.ndarray  # f32[1,C,h,w]
-    latents: np.ndarray  # f32[S,1,C,h,w]
-    group: tuple
-
-
-class _Models:
-    """Models loaded once per (model, dtype, attention, RAFT) and replicated on the mesh."""
-
-    def __init__(self, mesh):
-        self.mesh, self._cache = mesh, {}
-
-    def get(self, config: C.Config):
-        from mgjax.edit.workflow import load_models
-
-        key = dataclasses.astuple(config.model)
-        if key not in self._cache:
-            sd, raft = load_models(config)
-            sd.params = replicate(sd.params, self.mesh)
-            raft = replicate(raft, self.mesh)
-            self._cache[key] = (sd, raft)
-        return key, self._cache[key]
-
-
-def _read(job: Job):
-    """The job's input files, read and checked (no model work): mgjax.edit.workflow.EditFiles."""
-    from mgjax.edit.checks import check
-    from mgjax.edit.workflow import read_files, resolve_toy
-
-    config = job.config = resolve_toy(job.config)
-    check(config, out_dir_free=False)  # the run manages the job folders
-    return read_files(config)
-
-
-def _prepare(job: Job, files, models: _Models, log) -> Prepared:
-    """The job's prompt embeddings and source trajectory (inverted or generated, or read from
-    the job folder's cache)."""
-    from mgjax.edit.trajectory import source_trajectory
-    from mgjax.edit.workflow import embed
-
-    config = job.config
-    key, (sd, _) = models.get(config)
-    cond, uncond = embed(config, sd, files)
-    if config.output.resume:
-        rundir.remove_temporaries(config.output.out_dir)  # of a write that a kill cut short
-    rundir.claim(config.output.out_dir, C.digest(config))
-    image, z_T, latents = source_trajectory(
-        config, sd, cond, uncond, config.output.out_dir, files.image, files.data, log
-    )
-    schedule_id = (
-        None
-        if files.schedule is None
-        else hashlib.sha256(np.asarray(files.schedule, np.float32).tobytes()).hexdigest()
-    )
-    group = (key, files.h, files.w, config.method, config.speed, schedule_id)
-    return Prepared(job, files, cond, uncond, image, z_T, latents, group)
-
-
-# ----------------------------------------------------------------------------- running
-
-
-class Runner:
-    def __init__(self, out_dir: str, batch_size: int, log, process_id: int = 0):
-        self.out_dir, self.batch_size, self.log = out_dir, batch_size, log
-        self.process_id = process_id
-        self.mesh = local_mesh(batch_size)
-        self.models = _Models(self.mesh)
-        self.samplers: dict = {}
-        self.stop_after_chunks = 0  # interrupt after this many chunks in all (0: never)
-        self.chunks_run = 0
-        self.images: dict[str, np.ndarray] = {}  # job name -> edited f32[H,W,3] in [0, 1]
-
-    def sampler(self, prepared: Prepared):
-        from mgjax.edit.workflow import make_sampler
-
-        if prepared.group not in self.samplers:
-            config = prepared.job.config
-            _, (sd, raft) = self.models.get(config)
-            self.samplers[prepared.group] = make_sampler(config, sd, raft)
-        return self.samplers[prepared.group]
-
-    def run_batch(self, batch: list[Prepared], label: str) -> list[Prepared]:
-        """Run one batch to the end and write its jobs' outputs. Returns the jobs to run again
-        (the others of a batch in which some diverged)."""
-        from mgjax.edit.checkpoint import Checkpoint
-        from mgjax.edit.progress import Progress
-        from mgjax.edit.results import EditResult, save_snapshots, write_samples
-        from mgjax.method import loop
-        from mgjax.method.sampler import DivergenceError
-
-        real = len(batch)
-        batch = batch + [batch[-1]] * (self.batch_size - real)  # padding: same shape always
-        first = batch[0]
-        config = first.job.config
-        sampler = self.sampler(first)
-        concat = lambda xs, axis=0: np.concatenate(xs, axis=axis)  # noqa: E731
-        lat = (1, sampler.sd.latent_channels) + first.latents.shape[-2:]
-        inputs = sampler.prepare(
-            concat([p.image for p in batch]),
-            concat([p.files.flow[None] for p in batch]),
-            conditioning.concat([p.cond for p in batch], np),
-            conditioning.concat([p.uncond for p in batch], np),
-            frozen=concat([np.broadcast_to(p.files.frozen, lat) for p in batch]),
-            trajectory=concat([p.latents for p in batch], 1),
-            schedule=first.files.schedule,
-            encode=False,  # source_cache: encoded below, once sharded
-        )
-        seeds = [p.job.config.source.seed for p in batch]
-        state = sampler.init(inputs, concat([p.z_T for p in batch]), seeds)
-        inputs, state = shard_inputs(inputs, self.mesh), shard_state(state, self.mesh)
-        inputs = sampler.encode_source(inputs)  # source_cache: each device its own images
-        names = [p.job.name for p in batch]
-        digest = hashlib.sha256(
-            json.dumps([names, C.digest(config), repr(first.group)]).encode()
-        ).hexdigest()[:16]
-        ckpt = Checkpoint(os.path.join(self.out_dir, "_batches", f"{digest}.npz"), digest)
-        logs: dict = {}
-        if ckpt.exists():
-            state, logs, _ = ckpt.load(state)
-            state = shard_state(state, self.mesh)
-            self.log(f"{label}: resuming at DDIM step {int(state.step)}/{config.method.steps}")
-        os.makedirs(os.path.dirname(ckpt.path), exist_ok=True)
-        say = lambda s: self.log(f"{label}: {s}")  # noqa: E731
-
-        def on_snapshots(snapshots):
-            for n, p in enumerate(batch[:real]):
-                one = {s: x[n : n + 1] for s, x in snapshots.items()}
-                save_snapshots(p.job.config.output.out_dir, one)
-
-        def should_stop() -> bool:
-            self.chunks_run += 1
-            return bool(self.stop_after_chunks) and self.chunks_run >= self.stop_after_chunks
-
-        progress = Progress(config.method.steps, config.method.recursive_steps, log=say)
-        try:
-            result = loop.run(
-                sampler,
-                inputs,
-                state,
-                logs,
-                checkpoint=ckpt.save,
-                on_snapshots=on_snapshots,
-                progress=progress,
-                should_stop=should_stop,
-                log=say,
-            )
-        except DivergenceError as e:
-            bad = {names[i] for i in e.bad if i < real}
-            for p in batch[:real]:
-                if p.job.name in bad:
-                    p.job.status, p.job.error = "diverged", str(e)
-            ckpt.remove()
-            self.log(f"{label}: {e}; the other jobs of the batch run again")
-            return [p for p in batch[:real] if p.job.name not in bad]
-        finally:
-            progress.close()
-        if not result.finished:
-            raise KeyboardInterrupt
-        edited = sampler.decode(result.state.z)
-        for n, p in enumerate(batch[:real]):
-            job_logs = {k: v[..., n : n + 1] for k, v in result.logs.items()}
-            res = EditResult(
-                p.image[0],
-                p.files.flow,
-                p.files.obj,
-                edited[n : n + 1],
-                job_logs,
-                result.seconds,
-                result.seconds,
-            )
-            extra = {"batch_size": self.batch_size, "batch_jobs": names[:real]}
-            extra["devices"] = self.mesh.size
-            write_samples(p.job.config, sampler, one_edit(inputs, n), res, extra=extra)
-            p.job.status, p.job.metrics = "done", _finished(p.job)
-            self.images[p.job.name] = edited[n]
-        ckpt.remove()
-        return []
 
 
 def run_jobs(
@@ -289,7 +80,7 @@ def run_jobs(
             "--num_samples does not apply to --jobs: give each sample its own job (its own seed)"
         )
     if num_processes > 1:  # every process checks the folder before any of them writes to it
-        (kv or _client()).wait_at_barrier("mgjax/checked", 15 * 60 * 1000)
+        (kv or client()).wait_at_barrier("mgjax/checked", 15 * 60 * 1000)
     if base.overwrite:  # each process clears its own share, only folders mgjax wrote
         for j in mine:
             rundir.replace(os.path.join(out, j.name))
@@ -312,21 +103,22 @@ def run_jobs(
         if job.status != "pending":
             log(f"{job.name}: invalid: {job.error}")
             continue
-        done = _finished(job) if base.resume else None
+        done = finished(job) if base.resume else None
         if done is not None:
             job.status, job.metrics = "done", done
             job.error = None
             continue
-        files = _isolated(job, log, lambda j=job: _read(j))
+        files = _isolated(job, log, lambda j=job: read_job(j))
         if files is not None:
             read.append((job, files))
     groups: dict[tuple, list[Prepared]] = {}
     for job, files in read:
         say = lambda s, n=job.name: log(f"{n}: {s}")  # noqa: E731
-        p = _isolated(job, log, lambda j=job, f=files, say=say: _prepare(j, f, runner.models, say))
+        work = lambda j=job, f=files, say=say: prepare_job(j, f, runner.models, say)  # noqa: E731
+        p = _isolated(job, log, work)
         if p is not None:
             groups.setdefault(p.group, []).append(p)
-    _write_part(summary_part, mine, process_id)
+    write_part(summary_part, mine, process_id)
     n_batches = sum(-(-len(g) // batch_size) for g in groups.values())
     count = 0
     for queue in groups.values():
@@ -336,7 +128,7 @@ def run_jobs(
             try:
                 again = runner.run_batch(batch, f"batch {count}/{n_batches}")
             except Exception as e:  # noqa: BLE001 - out of memory, a bug: the other batches run
-                again, error = [], _describe(e)
+                again, error = [], describe(e)
                 if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
                     error += (
                         "; rerun with --resume and a smaller --batch_size, or the memory "
@@ -346,18 +138,18 @@ def run_jobs(
                     p.job.status, p.job.error = "failed", error
                 log(f"batch {count}/{n_batches} failed: {error}")
             queue = again + queue
-            _write_part(summary_part, mine, process_id)
+            write_part(summary_part, mine, process_id)
     if images is not None:
         images.update(runner.images)
     batches = os.path.join(out, "_batches")
     if os.path.isdir(batches) and not os.listdir(batches):
         os.rmdir(batches)
-    rows = [_row(j, process_id) for j in mine]
+    rows = [row(j, process_id) for j in mine]
     if num_processes == 1:
         rows = sorted(rows, key=lambda r: r["index"])
-        _write_summary(out, rows)
+        write_summary(out, rows)
         return rows
-    return _gather(out, rows, process_id, num_processes, kv)
+    return gather(out, rows, process_id, num_processes, kv)
 
 
 def _isolated(job: Job, log, work):
@@ -368,74 +160,6 @@ def _isolated(job: Job, log, work):
     except InputError as e:
         job.status, job.error = "invalid", str(e)
     except Exception as e:  # noqa: BLE001 - recorded in the summary; the other jobs run
-        job.status, job.error = "failed", _describe(e)
+        job.status, job.error = "failed", describe(e)
     log(f"{job.name}: {job.status}: {job.error}")
     return None
-
-
-def _describe(error: BaseException) -> str:
-    """One line naming an unexpected error: its type and the first line of its message."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
-
-
-def _row(job: Job, process_id: int) -> dict:
-    m = job.metrics or {}
-    return {
-        "index": job.index,
-        "name": job.name,
-        "status": job.status,
-        "error": job.error,
-        "process": process_id,
-        "out_dir": job.config.output.out_dir if job.config else None,
-        **{k: m.get(k) for k in SUMMARY_METRICS},
-    }
-
-
-def _write_part(path: str, jobs: list[Job], process_id: int) -> None:
-    save_text(path, "".join(json.dumps(_row(j, process_id)) + "\n" for j in jobs))
-
-
-def _write_summary(out: str, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    save_text(os.path.join(out, "summary.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-    save_text(os.path.join(out, "summary.csv"), buf.getvalue())
-
-
-def _client():
-    from jax._src import distributed
-
-    client = distributed.global_state.client
-    if client is None:
-        raise InputError("several processes need jax.distributed (--coordinator ...)")
-    return client
-
-
-def _gather(out, rows, process_id, num_processes, kv=None) -> list[dict]:
-    """Every process posts its rows to the distributed key-value store; process 0 waits for
-    all of them and writes the one summary."""
-    client = kv or _client()
-    client.key_value_set(f"mgjax/summary/{process_id}", json.dumps(rows))
-    if process_id != 0:
-        return rows
-    week_ms = 7 * 24 * 3600 * 1000
-    everything = []
-    for p in range(num_processes):
-        everything += json.loads(client.blocking_key_value_get(f"mgjax/summary/{p}", week_ms))
-    everything.sort(key=lambda r: r["index"])
-    _write_summary(out, everything)
-    return everything
-
-
-def report(rows: list[dict], log=print) -> None:
-    """One line per status, and each job that did not finish."""
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
-    log("jobs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    for r in rows:
-        if r["status"] != "done":
-            log(f"  {r['name']}: {r['status']}: {r['error']}")
