@@ -199,7 +199,8 @@ def main(argv: list[str]) -> None:
                 )
                 return
             if FLAGS.jobs:
-                from mgjax import batch, sharding
+                from mgjax.batch import run as batch
+                from mgjax.batch import sharding, summary
 
                 sharding.initialize_distributed(
                     FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id
@@ -215,11 +216,11 @@ def main(argv: list[str]) -> None:
                     jax.process_count(),
                     preset=FLAGS.preset,
                 )
-                batch.report(rows, log)
+                summary.report(rows, log)
                 if any(r["status"] != "done" for r in rows):
                     sys.exit(3)  # the summary names the jobs that did not finish
                 return
-            from mgjax.workflow import run
+            from mgjax.edit.workflow import run
 
             config = configuration()
             if not config.output.out_dir:

@@ -9,7 +9,7 @@ On CPU the devices are simulated (XLA_FLAGS=--xla_force_host_platform_device_cou
 share the machine's cores, so this measures the sharding's overhead more than a speed-up. On a
 multi-GPU host or a TPU VM, `--real` uses the actual local devices (one process, every batch
 size that the device counts divide). An edit is `--steps` DDIM steps x K=2 guided evaluations
-through mgjax.batch's sharding (shard_edit / shard_state) on tiny random UNet/VAE/RAFT-small;
+through mgjax.batch.sharding (shard_edit / shard_state) on tiny random UNet/VAE/RAFT-small;
 the time is the median of 3 full edits after a compile and a warm-up, per batch.
 Efficiency = (edits/hour) / (edits/hour of 1 device at batch 1 x devices).
 """
@@ -30,8 +30,8 @@ def measure(batch: int, steps: int, size: int) -> dict:
     import numpy as np
 
     from flow.raft import Raft, RaftConfig, init_raft
-    from mgjax import sharding as bt
-    from mgjax.sampler import Sampler
+    from mgjax.batch import sharding as bt
+    from mgjax.method.sampler import Sampler
     from tests.tiny_models import tiny
 
     mesh = bt.local_mesh(batch)

@@ -77,8 +77,8 @@ def _build(dtype: str, attention: str, batch: int, remat: str, k: int, abstract:
 
     from bench.sampler import SD14_UNET, SD14_VAE
     from flow.raft import Raft, RaftConfig, init_raft
-    from mgjax import sd as sdm
-    from mgjax.sampler import Sampler
+    from mgjax.method.sampler import Sampler
+    from mgjax.model import sd as sdm
 
     jdt = sdm.DTYPES[dtype]
     unet = FlaxUNet2DConditionModel(

@@ -22,7 +22,7 @@ import numpy as np
 
 from bench.timing import median_time
 from flow.raft import Raft, RaftConfig, init_raft
-from mgjax.sampler import Sampler
+from mgjax.method.sampler import Sampler
 from tests.tiny_models import tiny
 
 PARITY = dict(recursive_steps=2, guidance_weight=30.0, clip=7.7, loops="scan")

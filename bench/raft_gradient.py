@@ -26,9 +26,9 @@ from PIL import Image
 
 from flow.checkpoint import load_raft
 from mgjax import config as C
-from mgjax import sd as sdm
-from mgjax import source as src_lib
-from mgjax.energy import EnergyWeights, motion_energy, occlusion_mask
+from mgjax.method import source as src_lib
+from mgjax.method.energy import EnergyWeights, motion_energy, occlusion_mask
+from mgjax.model import sd as sdm
 from mgjax.toy import pack, quality, shapes
 
 

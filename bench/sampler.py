@@ -23,11 +23,11 @@ import numpy as np
 
 from bench.timing import median_time, xla_flops
 from flow.raft import Raft, RaftConfig, init_raft
-from mgjax import guidance as G
-from mgjax import sd as sdm
-from mgjax.guidance import eval_noise
-from mgjax.inputs import GuidanceInputs
-from mgjax.sampler import Sampler
+from mgjax.method import guidance as G
+from mgjax.method.guidance import eval_noise
+from mgjax.method.inputs import GuidanceInputs
+from mgjax.method.sampler import Sampler
+from mgjax.model import sd as sdm
 
 SD14_UNET = dict(
     sample_size=64,
@@ -89,7 +89,7 @@ def bench_tiny(args):
     traj = np.random.default_rng(0).standard_normal((500, 1, 4, 32, 32)).astype(np.float32)
     cond, uncond = np.asarray(sd.embed("a cat")), np.asarray(sd.embed(""))
     jax_runs = {}
-    for loops in ("scan", "unrolled"):  # mgjax.levers.LOOPS; "auto" picks unrolled on CPU
+    for loops in ("scan", "unrolled"):  # mgjax.model.levers.LOOPS; "auto" picks unrolled on CPU
         settings = dict(recursive_steps=k, guidance_weight=30.0, chunk=steps, loops=loops)
         sampler = Sampler.of(sd, raft, **settings)
         edit = sampler.prepare(img, flow, cond, uncond, trajectory=traj)

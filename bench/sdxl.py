@@ -30,10 +30,10 @@ from bench.full_scale import VARIANTS
 from bench.sampler import SD14_VAE
 from bench.timing import median_time, memory_row, xla_flops
 from flow.raft import Raft, RaftConfig, init_raft
-from mgjax import guidance as G
-from mgjax import sd as sdm
-from mgjax.inputs import GuidanceInputs
-from mgjax.sampler import Sampler
+from mgjax.method import guidance as G
+from mgjax.method.inputs import GuidanceInputs
+from mgjax.method.sampler import Sampler
+from mgjax.model import sd as sdm
 
 GIB = 2**30
 # stabilityai/stable-diffusion-xl-base-1.0's unet/ and vae/ config.json (the fields that differ

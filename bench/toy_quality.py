@@ -63,13 +63,14 @@ from flow.checkpoint import load_raft
 from flow.errors import InputError
 from flow.files import write_atomic
 from mgjax import config as C
-from mgjax import ddim, drag, loop, outputs
-from mgjax import sd as sdm
-from mgjax import source as src_lib
-from mgjax.checkpoint import Checkpoint
-from mgjax.motion import Motion, auto_frozen_mask, centroid, motion_flow
-from mgjax.progress import Progress
-from mgjax.sampler import DivergenceError, Sampler
+from mgjax.edit import drag, outputs
+from mgjax.edit.checkpoint import Checkpoint
+from mgjax.edit.motion import Motion, auto_frozen_mask, centroid, motion_flow
+from mgjax.edit.progress import Progress
+from mgjax.method import ddim, loop
+from mgjax.method import source as src_lib
+from mgjax.method.sampler import DivergenceError, Sampler
+from mgjax.model import sd as sdm
 from mgjax.toy import pack, quality, shapes
 from mgjax.toy.shapes import affine_about
 

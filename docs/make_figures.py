@@ -22,8 +22,8 @@ from pathlib import Path
 from PIL import Image
 
 from mgjax import config as C
+from mgjax.edit.workflow import run
 from mgjax.toy import pack
-from mgjax.workflow import run
 
 DOCS = Path(__file__).resolve().parent
 ZOOM = 3

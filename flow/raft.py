@@ -110,13 +110,14 @@ def convex_upsample(flow: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
     return up.reshape(b, 8 * h, 8 * w, 2)
 
 
-def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """Linear interpolation weights f32[n_out,n_in] with align_corners=True."""
-    pos = np.arange(n_out, dtype=np.float32) * np.float32((n_in - 1) / max(n_out - 1, 1))
+def _interp_matrix(n_in: int, n_out: int, dtype=np.float32) -> np.ndarray:
+    """Linear interpolation weights [n_out,n_in] with align_corners=True, computed in numpy
+    `dtype` (float64 for a float64 network: torch computes them in the tensor's precision)."""
+    pos = np.arange(n_out, dtype=dtype) * dtype((n_in - 1) / max(n_out - 1, 1))
     i0 = np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
     frac = pos - i0
-    m = np.zeros((n_out, n_in), np.float32)
+    m = np.zeros((n_out, n_in), dtype)
     np.add.at(m, (np.arange(n_out), i0), 1 - frac)
     np.add.at(m, (np.arange(n_out), i1), frac)
     return m
@@ -125,7 +126,8 @@ def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
 def bilinear_upsample8(flow: jnp.ndarray) -> jnp.ndarray:
     """Small model: 8 * bilinear x8 resize, align_corners=True. f32[B,h,w,2] -> [B,8h,8w,2]."""
     _, h, w, _ = flow.shape
-    my, mx = (_interp_matrix(n, 8 * n).astype(flow.dtype) for n in (h, w))
+    exact = np.float64 if flow.dtype == jnp.float64 else np.float32
+    my, mx = (_interp_matrix(n, 8 * n, exact).astype(flow.dtype) for n in (h, w))
     hp = lax.Precision.HIGHEST
     out = jnp.einsum("yh,bhwc->bywc", my, flow, precision=hp)
     return 8.0 * jnp.einsum("xw,bywc->byxc", mx, out, precision=hp)

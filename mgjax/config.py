@@ -27,7 +27,7 @@ import os
 import typing
 from collections.abc import Mapping
 
-from mgjax.levers import ATTENTION, LOOPS, RAFT_GRADIENTS, REMAT_POLICIES
+from mgjax.model.levers import ATTENTION, LOOPS, RAFT_GRADIENTS, REMAT_POLICIES
 
 
 def _field(default, help: str, choices: tuple | None = None):

@@ -35,10 +35,10 @@ def _entry(command: str):
 
         return lambda argv: convert.main(["convert", *argv])
     if command == "evaluate":
-        from mgjax import evaluate
+        from mgjax.evaluation import evaluate
 
         return lambda argv: run_cli(lambda: evaluate.main(argv))
-    from mgjax import dragbench
+    from mgjax.evaluation import dragbench
 
     return lambda argv: run_cli(lambda: dragbench.main(argv))
 

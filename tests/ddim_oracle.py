@@ -1,4 +1,4 @@
-"""diffusers' FlaxDDIMScheduler set up as the reference's DDIM: the oracle of mgjax.ddim."""
+"""diffusers' FlaxDDIMScheduler set up as the reference's DDIM: the oracle of mgjax.method.ddim."""
 
 import logging
 

@@ -49,7 +49,7 @@ def _hook(owner, name: str, call: int, phase: str, delay: float, seen: dict) -> 
 
 def _hook_outputs(count: int, seen: dict) -> None:
     """Count (or kill before the count-th of) the renames while the outputs are written."""
-    from mgjax import results
+    from mgjax.edit import results
 
     write_samples, real_replace, renames = results.write_samples, os.replace, [0]
 
@@ -74,8 +74,8 @@ def main() -> None:
     phase, delay, count = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
     flags = sys.argv[sys.argv.index("--") + 1 :]
     import launch
-    from mgjax import source
-    from mgjax.sampler import Sampler
+    from mgjax.method import source
+    from mgjax.method.sampler import Sampler
 
     seen: dict = {}
     armed = lambda p: delay if phase == p else -1.0  # noqa: E731

@@ -10,8 +10,8 @@ import torch
 import torchvision
 
 from mgjax import config as C
-from mgjax.guidance import eval_noise
-from mgjax.sampler import Sampler
+from mgjax.method.guidance import eval_noise
+from mgjax.method.sampler import Sampler
 from tests.torch_raft import image_pair
 from tests.torch_reference import ReferenceFlowLoss, reference_sample
 

@@ -17,8 +17,8 @@ from PIL import Image
 from flow import load_raft
 from flow.convert import convert
 from flow.errors import InputError
-from mgjax import ddim
-from mgjax import sd as sdm
+from mgjax.method import ddim
+from mgjax.model import sd as sdm
 from tests import tiny_models
 from tests.parity import LOG_PAIRS, PARITY, H, W, reference_run, run_ours, scene, to_torch
 from tests.torch_raft import random_torchvision_raft
@@ -257,7 +257,7 @@ def test_conditioning_pytrees_pass_through_inputs_untouched():
     from types import SimpleNamespace
 
     from mgjax import config as C
-    from mgjax.inputs import map_images, prepare
+    from mgjax.method.inputs import map_images, prepare
 
     b, h = 3, 64
     cond = {

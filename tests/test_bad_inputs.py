@@ -121,11 +121,11 @@ CASES = [
                   "--out={work}/f.npy"], 2, "pickled code"),
     ("estimate", ["--weights={raft}", "--image1={demo}", "--image2={odd}", "--out={work}/f.npy"],
      2, "same shape"),
-    # mgjax.evaluate
+    # mgjax.evaluation.evaluate
     ("evaluate", ["{work}/none", "--no_clip"], 2, "no"),
     ("evaluate", ["{bad_config_run}", "--no_clip"], 2, "config.json"),
     ("evaluate", ["{pickled_target_run}", "--no_clip", "--raft_weights={raft}"], 2, "object data"),
-    # mgjax.dragbench
+    # mgjax.evaluation.dragbench
     ("dragbench", ["{work}/none", "--jobs={work}/j.jsonl"], 2, "no such folder"),
 ]  # fmt: skip
 

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from flow.errors import InputError
-from mgjax import sd as sdm
-from mgjax.batch import run_jobs
-from mgjax.jobs import points_to_drag, read_jobs
+from mgjax.batch.jobs import points_to_drag, read_jobs
+from mgjax.batch.run import run_jobs
+from mgjax.model import sd as sdm
 from tests.hostile import png_declaring
 from tests.tiny_models import tiny
 from tests.torch_raft import image_pair, random_torchvision_raft
@@ -106,7 +106,7 @@ _API = """
 import sys
 import numpy as np
 import launch
-from mgjax import batch
+from mgjax.batch import run as batch
 out, sys.argv = sys.argv[1], ["launch.py", *sys.argv[2:]]
 launch.FLAGS(sys.argv)
 images = {}
@@ -332,7 +332,7 @@ def test_a_failing_job_leaves_the_others_and_the_exit_status_says_so(assets, tmp
 def test_a_batch_that_fails_is_recorded_and_the_run_goes_on(assets, tmp_path, monkeypatch):
     """An error while a batch runs (XLA out of memory, say) marks that batch's jobs failed with
     the error; the next batch still runs, and the summary says which jobs did not finish."""
-    from mgjax import batch as batch_module
+    from mgjax.batch.runner import Runner
 
     ran = []
 
@@ -344,7 +344,7 @@ def test_a_batch_that_fails_is_recorded_and_the_run_goes_on(assets, tmp_path, mo
             p.job.status = "done"
         return []
 
-    monkeypatch.setattr(batch_module.Runner, "run_batch", run_batch)
+    monkeypatch.setattr(Runner, "run_batch", run_batch)
     jobs = str(_jobs(tmp_path / "jobs.jsonl", assets, 3))
     lines = []
     rows = run_jobs(jobs, _options(assets, tmp_path / "out"), 2, lines.append)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mgjax import config as C
-from mgjax.jobs import read_jobs
+from mgjax.batch.jobs import read_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 

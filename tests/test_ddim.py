@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mgjax import ddim
+from mgjax.method import ddim
 from tests.ddim_oracle import ddim_oracle as _oracle
 
 

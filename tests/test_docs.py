@@ -143,7 +143,7 @@ def command_kind(words: list[str]) -> str | None:
         return "serve"  # the browser editor's test starts it so (tests/editor_browser.py)
     if words[:2] == ["python", "launch.py"]:
         return "launch"
-    if words[:3] == ["python", "-m", "mgjax.evaluate"]:
+    if words[:3] == ["python", "-m", "mgjax.evaluation.evaluate"]:
         return "evaluate"
     return None
 
@@ -245,3 +245,26 @@ def test_python_examples_run_on_the_toy_pack():
         body = body.replace(resolve, f'config.resolve({{"steps": {STEPS}}}, preset="toy")')
         exec(compile(body, "<docs example>", "exec"), namespace)  # noqa: S102
     assert namespace["edited"].shape == (1, 64, 64, 3)
+
+
+def test_the_research_notebook_keeps_small_outputs_and_no_errors():
+    """docs/research.ipynb is stored with its outputs (small PNGs and printed lines, no errors),
+    so that it reads on GitHub without running it."""
+    import nbformat
+
+    path = os.path.join(ROOT, "docs", "research.ipynb")
+    assert os.path.getsize(path) < 400_000, "store small pictures only (figure.dpi 50)"
+    outputs = [o for c in nbformat.read(path, as_version=4).cells for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5
+
+
+@pytest.mark.slow
+def test_the_research_notebook_runs_on_the_toy_pack():
+    """docs/research.ipynb top to bottom in a fresh kernel (docs/run_notebook.py): a failing
+    cell fails here, naming it. A few minutes on 2 CPU cores."""
+    from docs.run_notebook import execute
+
+    nb = execute()
+    outputs = [o for c in nb.cells for o in c.get("outputs", [])]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5

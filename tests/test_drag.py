@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from flow.errors import InputError
-from mgjax.drag import drag_flow, fit_similarity, parse_drag
-from mgjax.motion import Motion, about, motion_flow, rotation
+from mgjax.edit.drag import drag_flow, fit_similarity, parse_drag
+from mgjax.edit.motion import Motion, about, motion_flow, rotation
 
 
 def _apply(matrix, pts):
@@ -73,7 +73,7 @@ def test_handles_outside_the_image_or_the_mask():
 
 def test_launch_target_from_drag_in_a_box():
     from mgjax import config as C
-    from mgjax.workflow import target
+    from mgjax.edit.workflow import target
 
     config = C.make(out_dir="o", drag="12,15>20,11", object_box="5,10,30,25")
     flow, obj = target(config, None, 40, 50)

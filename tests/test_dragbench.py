@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from flow.errors import InputError
-from mgjax.dragbench import read_meta, to_jobs
-from mgjax.jobs import read_jobs
+from mgjax.batch.jobs import read_jobs
+from mgjax.evaluation.dragbench import read_meta, to_jobs
 
 
 def _sample(folder, points, mask, prompt="a mug on a desk", protocol=4):

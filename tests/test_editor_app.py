@@ -17,12 +17,12 @@ from starlette.testclient import TestClient
 
 from flow.viz import flow_to_color
 from mgjax import config as C
-from mgjax import jobs
+from mgjax.batch import jobs
+from mgjax.edit.workflow import resolve_toy
 from mgjax.editor import app as A
 from mgjax.editor import authoring
 from mgjax.editor.worker import Worker
 from mgjax.toy import pack
-from mgjax.workflow import resolve_toy
 
 LOCAL = "http://127.0.0.1:8765"
 PNG = {"Content-Type": "image/png"}

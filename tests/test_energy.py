@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from flow import Raft, RaftConfig, init_raft
-from mgjax.energy import EnergyWeights, motion_energy, occlusion_mask
+from mgjax.method.energy import EnergyWeights, motion_energy, occlusion_mask
 
 
 def _square_flow(dx: float, dy: float = 0.0, size: int = 32) -> np.ndarray:
@@ -84,14 +84,14 @@ def test_energy_terms_match_numpy(oracle):
 
 
 def _context(f, src, raft=None):
-    from mgjax.energy import Context
+    from mgjax.method.energy import Context
 
     flow_net = (lambda a, b, iters: raft(a, b, iters=iters)) if raft else None
     return Context(source=src, target_flow=f, occlusion=occlusion_mask(f), flow=flow_net)
 
 
 def test_still_region_excludes_object_landing_and_uncovered():
-    from mgjax.energy import still_region
+    from mgjax.method.energy import still_region
 
     f = _square_flow(4.0)
     keep = np.asarray(still_region(f, occlusion_mask(f)))[0, ..., 0]
@@ -102,7 +102,7 @@ def test_still_region_excludes_object_landing_and_uncovered():
 
 @pytest.mark.slow
 def test_weighted_sum_of_built_ins_matches_its_parts():
-    from mgjax.energy import MotionEnergy, PreservationEnergy
+    from mgjax.method.energy import MotionEnergy, PreservationEnergy
 
     raft, src, x, f = _case(2, 1)
     ctx = _context(f, src, raft)
@@ -124,7 +124,7 @@ def test_weighted_sum_of_built_ins_matches_its_parts():
 
 def test_energy_terms_with_the_same_names_are_refused():
     from flow.errors import InputError
-    from mgjax.energy import MotionEnergy
+    from mgjax.method.energy import MotionEnergy
 
     with pytest.raises(InputError, match="same names"):
         MotionEnergy() + 2.0 * MotionEnergy(oracle=True)

@@ -1,6 +1,6 @@
-"""python -m mgjax.evaluate: flow metrics against a direct RAFT call and numpy, the drag distance
-on an analytic flow, and CLIP similarity against transformers' PyTorch CLIP on the same tiny
-random weights."""
+"""python -m mgjax.evaluation.evaluate: flow metrics against a direct RAFT call and numpy, the
+drag distance on an analytic flow, and CLIP similarity against transformers' PyTorch CLIP on the
+same tiny random weights."""
 
 import json
 
@@ -11,7 +11,7 @@ from PIL import Image
 
 from flow import load_raft
 from flow.errors import InputError
-from mgjax import evaluate as ev
+from mgjax.evaluation import evaluate as ev
 from tests.torch_raft import image_pair, random_torchvision_raft
 
 

@@ -202,7 +202,7 @@ metas = (
 def test_dragbench_metadata(scratch, meta, protocol):
     from PIL import Image
 
-    from mgjax import dragbench
+    from mgjax.evaluation import dragbench
 
     root = fresh(scratch, "bench")
     sample = os.path.join(root, "cat", "s0")
@@ -232,7 +232,7 @@ def test_authors_folders(scratch, flow, mask, latents):
     torch = pytest.importorskip("torch")
     from PIL import Image
 
-    from mgjax.reference import read_reference_folder
+    from mgjax.edit.reference import read_reference_folder
 
     folder = fresh(scratch, "ref")
     os.makedirs(os.path.join(folder, "flows"))
@@ -280,7 +280,7 @@ job_lines = json_values | st.dictionaries(
 @FAST
 @given(lines=st.lists(job_lines | deeply_nested, min_size=1, max_size=4))
 def test_jobs_files(scratch, lines):
-    from mgjax.jobs import read_jobs
+    from mgjax.batch.jobs import read_jobs
 
     path = os.path.join(fresh(scratch, "jobs"), "jobs.jsonl")
     with open(path, "w") as f:
@@ -302,7 +302,7 @@ configs = json_values | st.fixed_dictionaries(
 @FAST
 @given(config=configs | deeply_nested)
 def test_evaluation_configs(scratch, config):
-    from mgjax.evaluate import evaluate_sample
+    from mgjax.evaluation.evaluate import evaluate_sample
 
     folder = fresh(scratch, "sample")
     with open(os.path.join(folder, "config.json"), "wb") as f:
@@ -321,7 +321,7 @@ def test_evaluation_configs(scratch, config):
 )
 def test_flow_files(scratch, value, kind, header):
     torch = pytest.importorskip("torch")
-    from mgjax.readers import read_flow_file, read_frozen
+    from mgjax.edit.readers import read_flow_file, read_frozen
 
     path = os.path.join(fresh(scratch, "flow"), "f" + kind)
     if kind == ".npy":

@@ -1,4 +1,4 @@
-"""The research API: mgjax.guidance's pure functions, composed by hand with jax.jit and
+"""The research API: mgjax.method.guidance's pure functions, composed by hand with jax.jit and
 jax.grad, on a seam small enough to compile in a second (a linear noise model and a decoder
 that upsamples three latent channels) and an energy without a flow network."""
 
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from mgjax import config as C
-from mgjax import ddim
-from mgjax import guidance as G
-from mgjax.energy import Energy
-from mgjax.inputs import prepare
+from mgjax.method import ddim
+from mgjax.method import guidance as G
+from mgjax.method.energy import Energy
+from mgjax.method.inputs import prepare
 
 B, S, H = 2, 4, 64  # images, DDIM steps, image size (latents 4x8x8)
 

@@ -14,8 +14,8 @@ from PIL import Image
 
 from flow.errors import InputError
 from mgjax import config as C
-from mgjax import sd as sdm
-from mgjax.workflow import resolve_toy, run
+from mgjax.edit.workflow import resolve_toy, run
+from mgjax.model import sd as sdm
 from tests.hostile import png_declaring
 from tests.tiny_models import tiny
 from tests.torch_raft import image_pair, random_torchvision_raft
@@ -115,7 +115,7 @@ def test_resume_equals_uninterrupted(assets, tmp_path, monkeypatch):
     """Interrupted before its first checkpoint (after the source was inverted), then after one
     chunk, then the disk fills while the outputs are written: each --resume continues, to the
     uninterrupted run's image; the messages say what is on disk and what to do."""
-    from mgjax import loop
+    from mgjax.method import loop
 
     whole = run(_options(assets, tmp_path / "whole"), log=lambda s: None)
     cut, lines = tmp_path / "cut", []
@@ -197,7 +197,7 @@ def test_bad_options_fail_before_loading(assets, tmp_path, change, message):
 def test_real_image_is_inverted_with_its_prompt_without_cfg(assets, tmp_path, monkeypatch):
     """Plain DDIM inversion: the prompt's embedding and CFG scale 1, whatever --cfg_scale the
     sampling uses (with prompt "" this is the reference's unconditional inversion)."""
-    from mgjax import source as src_lib
+    from mgjax.method import source as src_lib
 
     seen = {}
 
@@ -221,7 +221,7 @@ def test_real_image_is_inverted_with_its_prompt_without_cfg(assets, tmp_path, mo
 def test_bad_inputs_in_files_fail_before_any_model_work(assets, tmp_path, monkeypatch):
     """Every input file is read and checked against the model's sizes (from its config files)
     before a model loads: with loading made impossible, each mistake is still its InputError."""
-    from mgjax import workflow
+    from mgjax.edit import workflow
 
     def no_models(config):
         raise AssertionError("a model was loaded before the inputs were checked")
@@ -272,7 +272,7 @@ def test_bad_inputs_in_files_fail_before_any_model_work(assets, tmp_path, monkey
 def test_resize_fits_an_image_to_the_model():
     """--resize: an image over twice the model's side is scaled to that side on its longer
     side, keeping its aspect, then rounded to multiples of the factor."""
-    from mgjax.readers import fit_image
+    from mgjax.edit.readers import fit_image
 
     wide = np.random.default_rng(0).random((1, 500, 1000, 3)).astype(np.float32)
     assert fit_image(wide, 32, True, "x", native=128).shape == (1, 64, 128, 3)
@@ -291,8 +291,8 @@ def test_the_last_checked_input_fails_before_diffusers_is_imported(tmp_path):
         "import sys, launch\nsys.argv = ['launch.py', '--out_dir=o']\n"
         f"launch.FLAGS(['launch', '--out_dir={tmp_path / 'o'}', '--schedule={short}'])\n"
         "try:\n    launch.main(['launch'])\nexcept SystemExit as e:\n    print('exit', e.code)\n"
-        "print('imported', [m for m in ('diffusers', 'transformers', 'mgjax.sd', 'mgjax.sampler')"
-        " if m in sys.modules])\n"
+        "print('imported', [m for m in ('diffusers', 'transformers', 'mgjax.model.sd',"
+        " 'mgjax.method.sampler') if m in sys.modules])\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300

@@ -36,3 +36,40 @@ def test_no_module_imports_or_reaches_into_another_modules_private_names():
             ):
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value.id}.{node.attr}")
     assert not found, found
+
+
+def _contracts() -> list[dict]:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+
+
+def test_every_folder_of_mgjax_is_in_a_contract():
+    """A new folder under mgjax/ joins a layer (or the toy world's contract) before it counts."""
+    named = {
+        module.strip()
+        for contract in _contracts()
+        for entry in contract.get("layers", []) + contract.get("source_modules", [])
+        for module in entry.split("|")
+    }
+    folders = {f"mgjax.{p.parent.name}" for p in ROOT.glob("mgjax/*/__init__.py")}
+    modules = {f"mgjax.{p.stem}" for p in ROOT.glob("mgjax/*.py") if p.stem != "__init__"}
+    assert folders | modules <= named, sorted((folders | modules) - named)
+
+
+def test_the_layers_and_the_seam_hold():
+    """import-linter's contracts (pyproject.toml, [tool.importlinter]): each layer imports only
+    the layers below it, and only mgjax.model imports diffusers/transformers. A broken contract
+    fails with its name and the import that breaks it."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", "from importlinter.cli import lint_imports_command as c; c()",
+         "--no-cache"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+    )  # fmt: skip
+    report = done.stdout.split("Broken contracts")[-1] + done.stderr
+    assert done.returncode == 0, report
+    assert f"Contracts: {len(_contracts())} kept, 0 broken." in done.stdout

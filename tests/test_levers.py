@@ -1,4 +1,4 @@
-"""Performance levers (mgjax.levers): each keeps the result and does what it is for.
+"""Performance levers (mgjax.model.levers): each keeps the result and does what it is for.
 
 Tiny random models (no torch): the SD-class UNet/VAE of `tests.tiny_models.tiny()` and a random
 RAFT-small at 64x64 images, 16x16 latents.
@@ -13,11 +13,11 @@ import pytest
 
 from flow.raft import Raft, RaftConfig, init_raft
 from mgjax import config as C
-from mgjax import guidance as G
-from mgjax import loop
-from mgjax.energy import Energy
-from mgjax.levers import resolve_loops
-from mgjax.sampler import Sampler
+from mgjax.method import guidance as G
+from mgjax.method import loop
+from mgjax.method.energy import Energy
+from mgjax.method.sampler import Sampler
+from mgjax.model.levers import resolve_loops
 from tests import tiny_models, xla
 
 H = W = 64

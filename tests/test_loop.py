@@ -1,4 +1,4 @@
-"""mgjax.loop (the one sampling loop) and mgjax.checkpoint, with a stand-in sampler."""
+"""mgjax.method.loop (the one sampling loop) and mgjax.edit.checkpoint, with a stand-in sampler."""
 
 import dataclasses
 
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from flow.errors import InputError
-from mgjax import loop
-from mgjax.checkpoint import Checkpoint
-from mgjax.guidance import SamplerState
-from mgjax.sampler import DivergenceError
+from mgjax.edit.checkpoint import Checkpoint
+from mgjax.method import loop
+from mgjax.method.guidance import SamplerState
+from mgjax.method.sampler import DivergenceError
 
 
 @dataclasses.dataclass

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from flow.errors import InputError
-from mgjax.motion import (
+from mgjax.edit.motion import (
     auto_frozen_mask,
     box_mask,
     centroid,

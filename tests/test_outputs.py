@@ -1,9 +1,9 @@
-"""Loss curves (mgjax.outputs.loss_plot): size, a drawn curve, NaN entries, determinism."""
+"""Loss curves (mgjax.edit.outputs.loss_plot): size, a drawn curve, NaN entries, determinism."""
 
 import numpy as np
 import pytest
 
-from mgjax import outputs
+from mgjax.edit import outputs
 
 
 def _curve_pixels(image: np.ndarray) -> np.ndarray:

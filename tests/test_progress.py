@@ -1,4 +1,4 @@
-"""mgjax.progress.Progress: plain log lines off a terminal, a tqdm bar on one."""
+"""mgjax.edit.progress.Progress: plain log lines off a terminal, a tqdm bar on one."""
 
 import io
 import types
@@ -6,7 +6,7 @@ import types
 import numpy as np
 import pytest
 
-from mgjax.progress import Progress
+from mgjax.edit.progress import Progress
 
 
 class _Terminal(io.StringIO):

@@ -28,6 +28,22 @@ def models(request, tmp_path_factory):
     return model, str(folder / "raft.mgjax"), small
 
 
+def test_small_models_upsampling_is_torchs_bilinear_interpolate_in_float64():
+    """RAFT-small's x8 flow upsampling = 8 * F.interpolate(bilinear, align_corners=True), to
+    float64 rounding: the weights are built in float64 for a float64 network."""
+    from flow.raft import bilinear_upsample8
+
+    flow = np.random.default_rng(0).normal(size=(2, 13, 17, 2)) * 10.0
+    ref = 8.0 * torch.nn.functional.interpolate(
+        torch.from_numpy(flow).permute(0, 3, 1, 2), scale_factor=8, mode="bilinear",
+        align_corners=True,
+    ).permute(0, 2, 3, 1).numpy()  # fmt: skip
+    with jax.enable_x64(True):
+        ours = np.asarray(bilinear_upsample8(jnp.asarray(flow, jnp.float64)))
+    assert ours.dtype == np.float64 and ours.shape == ref.shape == (2, 104, 136, 2)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-10)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("iters", [5, 12])
 def test_flow_matches_torchvision_eval_mode(models, iters):

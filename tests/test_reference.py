@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from flow.errors import InputError
-from mgjax.reference import read_reference_folder
+from mgjax.edit.reference import read_reference_folder
 
 
 def _folder(root, steps=4, h=64):

@@ -14,11 +14,12 @@ from flow import load_raft
 from flow.convert import convert
 from flow.errors import InputError
 from mgjax import config as C
-from mgjax import ddim, loop, source
-from mgjax import sd as sdm
-from mgjax.energy import Energy, PreservationEnergy
-from mgjax.progress import Progress
-from mgjax.sampler import DivergenceError, Sampler
+from mgjax.edit.progress import Progress
+from mgjax.method import ddim, loop, source
+from mgjax.method.energy import Energy, PreservationEnergy
+from mgjax.method.sampler import DivergenceError, Sampler
+from mgjax.model import libraries, loading, modelinfo
+from mgjax.model import sd as sdm
 from tests import tiny_models, xla
 from tests.ddim_oracle import ddim_oracle as _oracle
 from tests.parity import LOG_PAIRS, PARITY, H, W, reference_run, run_ours, scene, to_torch
@@ -103,16 +104,16 @@ def test_hub_id_and_revision_are_passed_through(monkeypatch, tmp_path):
         return load
 
     for cls in (
-        sdm.CLIPTokenizer,
-        sdm.FlaxUNet2DConditionModel,
-        sdm.FlaxAutoencoderKL,
-        sdm.FlaxCLIPTextModel,
+        libraries.CLIPTokenizer,
+        libraries.FlaxUNet2DConditionModel,
+        libraries.FlaxAutoencoderKL,
+        libraries.FlaxCLIPTextModel,
     ):
         monkeypatch.setattr(cls, "from_pretrained", recorder(cls.from_pretrained))
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # not cached here
-    monkeypatch.setattr(sdm, "hub_reachable", lambda: True)  # as if online
+    monkeypatch.setattr(loading, "hub_reachable", lambda: True)  # as if online
     sd = sdm.load("CompVis/stable-diffusion-v1-4", revision="bf16")
     assert sorted(calls) == sorted(
         ("CompVis/stable-diffusion-v1-4", sub, "bf16")
@@ -137,7 +138,7 @@ def test_a_hub_id_offline_fails_at_once_with_what_to_do(monkeypatch, tmp_path):
         sdm.load("CompVis/stable-diffusion-v1-4", revision="flax")
     assert time.perf_counter() - t < 1.0
     assert "--model" in str(e.value) and "huggingface-cli download" in str(e.value)
-    assert not sdm.hub_reachable()
+    assert not modelinfo.hub_reachable()
 
 
 @pytest.mark.slow
@@ -174,7 +175,7 @@ def _parity_inputs(sd):
 
 
 def _sample(sampler, inputs, state, **hooks):
-    """(state, logs, snapshots) of a run to the end through mgjax.loop.run."""
+    """(state, logs, snapshots) of a run to the end through mgjax.method.loop.run."""
     snapshots = {}
     result = loop.run(sampler, inputs, state, on_snapshots=snapshots.update, **hooks)
     return result.state, result.logs, snapshots
@@ -309,7 +310,7 @@ def test_frozen_latents_before_every_unet_call_and_traces_once(models):
 @dataclasses.dataclass(frozen=True)
 class _Brightness(Energy):
     """A user-defined energy: pull each image's mean towards its own target, given per edit as
-    an extra array (the docstring example of mgjax/energy.py, with the target and a weight in
+    an extra array (the docstring example of mgjax/method/energy.py, with the target and a weight in
     extras)."""
 
     log_names = ("brightness_loss",)

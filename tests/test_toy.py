@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mgjax.motion import dilate_mask
+from mgjax.edit.motion import dilate_mask
 from mgjax.toy import quality, shapes
 
 
@@ -118,11 +118,12 @@ def test_toy_tokenizer_makes_each_word_one_token(tmp_path):
 @pytest.mark.slow
 def test_raft_training_roundtrip_is_the_seams_encode_decode(tmp_path):
     """train_raft --autoencoder: the second image through the autoencoder's posterior mean and
-    decoder, as mgjax.sd's seam (tested against diffusers' torch models) computes it."""
+    decoder, read back from a written folder by the seam (mgjax.model.sd.load_autoencoder) and
+    the same as the written model's encode/decode (tested against diffusers' torch models)."""
     import jax.numpy as jnp
 
-    from mgjax import sd as sdm
-    from mgjax import source
+    from mgjax.method import source
+    from mgjax.model import sd as sdm
     from mgjax.toy.train_raft import autoencoder_roundtrip
     from tests.tiny_models import tiny
 
@@ -134,8 +135,8 @@ def test_raft_training_roundtrip_is_the_seams_encode_decode(tmp_path):
     ref = np.clip(np.asarray(x) * 127.5 + 127.5, 0.0, 255.0)
     assert ours.shape == images.shape
     assert np.abs(ref - images).max() > 10.0  # a random autoencoder changes the images
-    # the seam also multiplies the latent by the scaling factor and divides it back: fp32
-    # rounding of ~1e-5 relative on a 0-255 scale (seen: 1.2e-3 at most)
+    # compiled (the round trip) against op by op (the reference): fp32 rounding of ~1e-5
+    # relative on a 0-255 scale
     np.testing.assert_allclose(ours, ref, atol=255 * 1e-5)
     # the benches' source.roundtrip: the same on [0, 1] images
     np.testing.assert_allclose(source.roundtrip(sd, images / 255.0), ref / 255.0, atol=1e-5)

@@ -14,9 +14,9 @@ from transformers import CLIPTokenizer, FlaxCLIPTextModel
 from flow.checkpoint import load_raft
 from flow.errors import InputError
 from mgjax import config as C
-from mgjax import sd as sdm
+from mgjax.edit.workflow import run
+from mgjax.model import sd as sdm
 from mgjax.toy import pack, quality
-from mgjax.workflow import run
 
 
 def test_pack_loads_through_the_real_loaders_within_budget():

@@ -6,7 +6,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from mgjax import sd as sdm
+from mgjax.model import sd as sdm
 
 TINY_UNET = dict(
     sample_size=32,

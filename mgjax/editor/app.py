@@ -41,7 +41,7 @@ from starlette.staticfiles import StaticFiles
 from flow.errors import InputError
 from flow.schema import parse_json
 from mgjax import config as C
-from mgjax.checks import check
+from mgjax.edit.checks import check
 from mgjax.editor import authoring
 from mgjax.editor.guard import Access, Guard, for_bind
 from mgjax.editor.limits import Limits, Refused, Streams, check_disk
@@ -176,8 +176,8 @@ def create_app(editor: Editor, access: Access = LOOPBACK) -> Starlette:
         return JSONResponse(await run_in_threadpool(submit_edit, spec))
 
     def submit_edit(spec: dict) -> dict:
+        from mgjax.edit.workflow import resolve_toy
         from mgjax.editor import runner
-        from mgjax.workflow import resolve_toy
 
         config, job_line, h, w = authored(spec)
         if not (config.motion.motion or config.motion.drag):
@@ -370,16 +370,16 @@ def serve(
 
     import uvicorn
 
+    from mgjax.edit.rundir import check_writable
     from mgjax.editor.authoring import Store
     from mgjax.editor.runner import Engine
-    from mgjax.rundir import check_writable
 
     config = authoring.resolve(explicit, preset, {})
     out_root = config.output.out_dir or os.path.join("runs", "editor")
     check_writable(out_root)
     os.makedirs(out_root, exist_ok=True)
     if config.speed.compilation_cache:
-        from mgjax.workflow import enable_compilation_cache
+        from mgjax.edit.workflow import enable_compilation_cache
 
         enable_compilation_cache(config.speed.compilation_cache)
     scratch = tempfile.mkdtemp(prefix="mgjax-editor-")

@@ -1,7 +1,7 @@
 """What the page authors, turned into what launch.py runs: files in a server-owned folder, a
 Config resolved exactly as a jobs-file line is, and the target-flow preview computed by
-launch.py's own functions (mgjax.workflow.target, mgjax.motion.auto_frozen_mask), so the flow
-the page shows is the flow an edit uses.
+launch.py's own functions (mgjax.edit.workflow.target,
+mgjax.edit.motion.auto_frozen_mask), so the flow the page shows is the flow an edit uses.
 
 Nothing the client sends is used as a path: uploads are stored under names the server makes
 (random or content hashes) and referred to by those names, which are checked against a pattern.
@@ -22,8 +22,8 @@ from flow.errors import InputError
 from flow.files import MAX_PIXELS, read_image
 from flow.viz import flow_to_color
 from mgjax import config as C
-from mgjax.motion import auto_frozen_mask, centroid
-from mgjax.readers import fit_image, read_mask_image
+from mgjax.edit.motion import auto_frozen_mask, centroid
+from mgjax.edit.readers import fit_image, read_mask_image
 
 MAX_UPLOAD_BYTES = 16 * 1024 * 1024  # an upload's body; a larger one is refused unread
 _ID = re.compile(r"^(src|gen|mask)-[0-9a-f]{32}$")
@@ -101,7 +101,7 @@ class Store:
 
     def add_source(self, body: bytes, native: int, factor: int) -> dict:
         """An uploaded PNG/JPEG as a source the model takes: scaled down so that its longer side
-        is at most `native` pixels, then to multiples of `factor` (mgjax.readers.fit_image)."""
+        is at most `native` pixels, then to multiples of `factor` (mgjax.edit.readers.fit_image)."""
         kind = next((k for m, k in _MAGIC.items() if body.startswith(m)), None)
         if kind is None:
             raise InputError("the upload is not a PNG or JPEG image; choose a .png or .jpg file")
@@ -239,8 +239,8 @@ def preview(config: C.Config, h: int, w: int, vae_factor: int) -> dict:
     """The target flow and the automatic frozen mask of an authored edit, as launch.py makes
     them: the flow as the colour wheel (scaled to its largest displacement, as target_flow.png;
     alpha 0 where nothing moves), the frozen mask at the latent grid (255 = kept)."""
-    from mgjax.motion import box_mask
-    from mgjax.workflow import target
+    from mgjax.edit.motion import box_mask
+    from mgjax.edit.workflow import target
 
     mo = config.motion
     if not (mo.motion or mo.drag):  # nothing moves yet: the object's centre for the tools

@@ -1,8 +1,8 @@
 """Running the editor's work on models loaded once: an edit written to its run folder exactly as
-launch.py writes it (mgjax.workflow's readers, mgjax.loop.run, mgjax.results' writers), and a
-source generated from a prompt. One Sampler is kept per method/speed/snapshot setting, and a
-Sampler keeps its compiled programs per shape, so a second edit of the same size and settings
-compiles nothing.
+launch.py writes it (mgjax.edit.workflow's readers, mgjax.method.loop.run, mgjax.edit.results'
+writers), and a source generated from a prompt. One Sampler is kept per method/speed/snapshot
+setting, and a Sampler keeps its compiled programs per shape, so a second edit of the same size
+and settings compiles nothing.
 """
 
 import hashlib
@@ -17,10 +17,10 @@ import numpy as np
 
 from flow.errors import InputError
 from mgjax import config as C
-from mgjax import outputs, rundir, workflow
-from mgjax.checkpoint import Checkpoint
+from mgjax.edit import outputs, rundir, workflow
+from mgjax.edit.checkpoint import Checkpoint
+from mgjax.edit.motion import auto_frozen_mask
 from mgjax.editor.worker import Cancelled, Job
-from mgjax.motion import auto_frozen_mask
 
 INPUTS = "inputs"  # the authored source, mask, flow and frozen mask, inside the run folder
 JOB_LINE = "job.jsonl"
@@ -58,11 +58,11 @@ class Engine:
     def edit(self, config: C.Config, job: Job) -> dict:
         """The edit of `config` into config.output.out_dir; events: progress after every chunk,
         x0 (a snapshot's file) every log_every steps. Returns what the page shows."""
-        from mgjax import loop
-        from mgjax.progress import Progress
-        from mgjax.results import EditResult, save_snapshots, write_samples
-        from mgjax.sampler import DivergenceError
-        from mgjax.trajectory import source_trajectory
+        from mgjax.edit.progress import Progress
+        from mgjax.edit.results import EditResult, save_snapshots, write_samples
+        from mgjax.edit.trajectory import source_trajectory
+        from mgjax.method import loop
+        from mgjax.method.sampler import DivergenceError
 
         out_dir, method = config.output.out_dir, config.method
         t_start = time.perf_counter()
@@ -122,7 +122,7 @@ class Engine:
 
     def generate(self, config: C.Config, job: Job) -> np.ndarray:
         """The source launch.py generates from config's prompt and seed: u8[H,W,3]."""
-        from mgjax.trajectory import source_trajectory
+        from mgjax.edit.trajectory import source_trajectory
 
         folder = self.generation_folder(config)
         os.makedirs(folder, exist_ok=True)
@@ -154,7 +154,7 @@ def write_reproduction(
 ) -> None:
     """inputs/target_flow.npy and frozen_mask.png (what the edit uses, as launch.py makes them),
     job.jsonl (a jobs-file line of this edit) and reproduce.txt (the launch.py commands)."""
-    from mgjax.workflow import target
+    from mgjax.edit.workflow import target
 
     out_dir = config.output.out_dir
     flow, _ = target(config, None, h, w)

@@ -1,6 +1,6 @@
 """The editor's one worker thread: jobs run one at a time in the order they came (FIFO), each
 with its place in the queue, a cancel flag (asked after every chunk of DDIM steps, through
-mgjax.loop.run's should_stop) and a list of events that any number of pages can follow.
+mgjax.method.loop.run's should_stop) and a list of events that any number of pages can follow.
 
 One worker, because one accelerator runs one edit at a time: two edits at once would share its
 memory and time without finishing either sooner.

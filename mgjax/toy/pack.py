@@ -81,7 +81,7 @@ def _upstream(logs: dict) -> dict:
 
 def build(ldm: str, raft: str, ldm_log: str | None, raft_log: str | None, out: Path = PACK):
     """Copy trained weights into `out` and write the demo and pack.json."""
-    from mgjax import outputs
+    from mgjax.edit import outputs
     from mgjax.toy import shapes
 
     if not (Path(ldm) / "unet").is_dir():

@@ -14,7 +14,7 @@ rendered with the object moved. Measures (images f32[H,W,3] in [0, 1]):
 
 import numpy as np
 
-from mgjax.motion import dilate_mask
+from mgjax.edit.motion import dilate_mask
 from mgjax.toy import shapes
 
 # Scene seeds (shapes.sample_scene(np.random.default_rng(seed))) kept apart: the benches and the

@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from mgjax import motion
+from mgjax.edit import motion
 
 COLORS = {
     "red": (0.86, 0.16, 0.14),

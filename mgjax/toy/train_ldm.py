@@ -29,8 +29,9 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from mgjax import ddim, outputs
-from mgjax import sd as sdm
+from mgjax.edit import outputs
+from mgjax.method import ddim
+from mgjax.model import sd as sdm
 from mgjax.toy import quality, shapes
 
 FLAGS = flags.FLAGS
@@ -359,7 +360,7 @@ def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, em
 
 def sample_grid(sd, prompts, seeds, steps: int = 50) -> np.ndarray:
     """Rows = prompts, columns = seeds: u8 image grid of CFG-7.5 DDIM samples."""
-    from mgjax import source
+    from mgjax.method import source
 
     uncond = sd.embed("")
     rows = []

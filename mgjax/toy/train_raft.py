@@ -30,7 +30,7 @@ from absl import app, flags
 from flow import checkpoint
 from flow.errors import InputError, run_cli
 from flow.raft import RaftConfig, init_raft, raft_forward
-from mgjax import outputs
+from mgjax.edit import outputs
 from mgjax.toy import shapes
 
 FLAGS = flags.FLAGS
@@ -87,18 +87,16 @@ def validate(config, params, val) -> float:
 def autoencoder_roundtrip(folder: str):
     """images f[B,H,W,3] in [0, 255] -> the same through a diffusers AutoencoderKL (posterior
     mean, decode), as guidance sees a decoded estimate."""
-    from diffusers import FlaxAutoencoderKL
+    from mgjax.model import sd as sdm
 
-    vae, params = FlaxAutoencoderKL.from_pretrained(folder)
+    vae = sdm.load_autoencoder(folder)
 
     @jax.jit
-    def roundtrip(images):
-        x = jnp.transpose(images / 127.5 - 1.0, (0, 3, 1, 2))
-        z = vae.apply({"params": params}, x, method=vae.encode).latent_dist.mean
-        y = vae.apply({"params": params}, jnp.transpose(z, (0, 3, 1, 2)), method=vae.decode)
-        return jnp.clip(jnp.transpose(y.sample, (0, 2, 3, 1)) * 127.5 + 127.5, 0.0, 255.0)
+    def roundtrip(params, images):
+        y = vae.decode(params, vae.encode(params, images / 127.5 - 1.0))
+        return jnp.clip(y * 127.5 + 127.5, 0.0, 255.0)
 
-    return lambda images: np.asarray(roundtrip(jnp.asarray(images, jnp.float32)))
+    return lambda images: np.asarray(roundtrip(vae.params, jnp.asarray(images, jnp.float32)))
 
 
 def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, lr: float,

@@ -152,7 +152,7 @@ function motionTerm(tool, p0, p) {
   const b = { x: p.x - c[0], y: p.y - c[1] };
   const ra = Math.hypot(a.x, a.y);
   if (ra < 1) return null; // too close to the centre to give an angle or a ratio
-  if (tool === "rotate") { // counter-clockwise on screen is positive (mgjax.motion.rotation)
+  if (tool === "rotate") { // counter-clockwise on screen is positive (mgjax.edit.motion.rotation)
     let deg = (Math.atan2(-b.y, b.x) - Math.atan2(-a.y, a.x)) * 180 / Math.PI;
     deg = ((deg + 540) % 360) - 180;
     return `rotate:${num(deg)}`;

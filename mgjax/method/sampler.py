@@ -1,4 +1,4 @@
-"""The driver around mgjax.guidance's pure functions: what is not maths.
+"""The driver around mgjax.method.guidance's pure functions: what is not maths.
 
 `Sampler` compiles ahead of time and caches per chunk length and kind, chooses between the scan
 chunk and unrolled evaluations (`Speed.loops`), counts traces (a retrace tripwire), checks each
@@ -16,10 +16,10 @@ import numpy as np
 
 from flow.errors import InputError
 from mgjax import config as C
-from mgjax import guidance as G
 from mgjax.config import Method, Speed
-from mgjax.energy import Energy, method_energy
-from mgjax.inputs import GuidanceInputs, prepare
+from mgjax.method import guidance as G
+from mgjax.method.energy import Energy, method_energy
+from mgjax.method.inputs import GuidanceInputs, prepare
 
 
 class DivergenceError(RuntimeError):
@@ -38,9 +38,9 @@ def _evaluate_and_step(g, params, raft, inputs, z, i, j, keys, mode="guided"):
 
 
 class Sampler:
-    """Motion-guided DDIM over a Stable Diffusion seam (`mgjax.sd`) and a RAFT network.
+    """Motion-guided DDIM over a Stable Diffusion seam (`mgjax.model.sd`) and a RAFT network.
 
-    `energy` defaults to what `method` describes (mgjax.energy.method_energy); with another
+    `energy` defaults to what `method` describes (mgjax.method.energy.method_energy); with another
     energy the method's flow/colour weights, raft_iters, oracle and preserve_weight are unused.
     `snapshot_every` > 0 keeps the decoded one-step estimate every that many steps.
     """
@@ -99,7 +99,7 @@ class Sampler:
     # ------------------------------------------------------------------ inputs
 
     def prepare(self, source, target_flow, cond, uncond, encode: bool = True, **arrays):
-        """mgjax.inputs.prepare for this model and method (see there for the arrays); encode:
+        """mgjax.method.inputs.prepare for this model and method (see there for the arrays); encode:
         with speed.source_cache, RAFT-encode the source now (batch editing does it once the
         inputs are sharded instead)."""
         inputs = prepare(
@@ -115,7 +115,7 @@ class Sampler:
         return inputs.replace(raft_source=self._encode(self.raft, 255.0 * inputs.source))
 
     def init(self, inputs: GuidanceInputs, z_T, seeds, step: int = 0) -> G.SamplerState:
-        """mgjax.guidance.init."""
+        """mgjax.method.guidance.init."""
         return G.init(inputs, z_T, seeds, step)
 
     # ------------------------------------------------------------------ running
@@ -144,14 +144,14 @@ class Sampler:
 
     def compiled_chunk(self, inputs, state, length: int, mode: str | None = None):
         """The scan chunk of `length` steps from state.step, compiled (XLA's cost and memory
-        analyses are on it); mode: as mgjax.guidance.chunk_mode says by default."""
+        analyses are on it); mode: as mgjax.method.guidance.chunk_mode says by default."""
         mode = mode or G.chunk_mode(self.guidance, inputs.schedule, int(state.step), length)
         args = (self.sd.params, self.raft, inputs, state)
         return self.compiled(self._chunk, args, length=length, mode=mode)
 
     def compiled_evaluation(self, inputs, z, i: int, j: int, keys, mode: str = "guided"):
-        """One compiled evaluation ((z_prev, z_next, logs, x0) of mgjax.guidance.evaluate) and
-        its arguments."""
+        """One compiled evaluation ((z_prev, z_next, logs, x0) of
+        mgjax.method.guidance.evaluate) and its arguments."""
         i, j = jnp.asarray(i, jnp.int32), jnp.asarray(j, jnp.int32)
         args = (self.sd.params, self.raft, inputs, z, i, j, keys)
         return self.compiled(self._evaluation, args, mode=mode), args

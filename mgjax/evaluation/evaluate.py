@@ -1,6 +1,6 @@
 """The paper's evaluation of edits written by launch.py (single runs or --jobs runs).
 
-  python -m mgjax.evaluate runs/apple runs/batch [--raft_weights raft-things.pth]
+  python -m mgjax.evaluation.evaluate runs/apple runs/batch [--raft_weights raft-things.pth]
       [--clip_model openai/clip-vit-base-patch32] [--no_clip] [--json eval.json]
 
 Per sample folder (one with source.png, edited.png and target_flow.npy):
@@ -25,6 +25,7 @@ import numpy as np
 from flow.errors import InputError, run_cli
 from flow.files import load_npy, read_image, read_rgb, write_atomic
 from flow.schema import Optional, check
+from mgjax.model.clip import Clip
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 METRICS = (
@@ -64,31 +65,6 @@ def _raft(path: str):
         raise InputError(f"{path}: no such RAFT weights file; give --raft_weights")
     raft = load_raft(path, context_norm="batch")
     return raft, jax.jit(lambda r, a, b, iters: r(a, b, iters=iters), static_argnums=3)
-
-
-class Clip:
-    """CLIP image embeddings with transformers' Flax CLIP and its image processor."""
-
-    def __init__(self, name: str, revision: str | None = None):
-        from transformers import CLIPImageProcessor, FlaxCLIPModel
-
-        try:
-            self.model = FlaxCLIPModel.from_pretrained(name, revision=revision)
-            self.processor = CLIPImageProcessor.from_pretrained(name, revision=revision)
-        except (OSError, ValueError) as e:
-            raise InputError(
-                f"--clip_model {name}: cannot load it ({str(e).splitlines()[0][:160]}); give a "
-                "local folder with a CLIP model, or --no_clip"
-            ) from None
-
-    def embed(self, images_u8: list[np.ndarray]) -> np.ndarray:
-        pixels = self.processor(images=images_u8, return_tensors="np")["pixel_values"]
-        feats = np.asarray(self.model.get_image_features(pixel_values=pixels), np.float64)
-        return feats / np.linalg.norm(feats, axis=-1, keepdims=True)
-
-    def similarity(self, a_u8: np.ndarray, b_u8: np.ndarray) -> float:
-        ea, eb = self.embed([a_u8, b_u8])
-        return float(ea @ eb)
 
 
 def bilinear(field: np.ndarray, x: float, y: float) -> np.ndarray:
@@ -151,7 +127,7 @@ def evaluate_sample(folder: str, raft_weights: str | None, clip: Clip | None, it
         "drag_distance": None,
     }
     if config.get("drag"):
-        from mgjax.drag import parse_drag
+        from mgjax.edit.drag import parse_drag
 
         handles, targets = parse_drag(config["drag"])
         row["drag_distance"] = drag_distance(flow, handles, targets)

@@ -6,7 +6,7 @@ the batch at once (MOTION_GUIDANCE.md, "The guided sampler"):
   1. z_t[frozen] = g_t[frozen] (the source trajectory at step i, or sqrt(abar) z0 + s noise);
   2. eps = eps_u + w_cfg (eps_c - eps_u), one UNet call on the batch [uncond, cond];
   3. x = VAE.decode((z_t - s eps) / sqrt(abar)), mapped from [-1, 1] to [0, 1]  (DDIM eq. 12);
-  4. E = lambda_flow L_flow + lambda_color L_color (mgjax.energy), RAFT(source, x);
+  4. E = lambda_flow L_flow + lambda_color L_color (mgjax.method.energy), RAFT(source, x);
   5. grad = dE/dz_t through RAFT, the decoder and the UNet (both CFG branches);
   6. d = s lambda_g schedule[i] grad, clipped to L2 norm `clip` per image;
   7. z_prev = DDIM(z_t, eps + d);
@@ -22,7 +22,7 @@ seam, the energy, the settings; hashable, a `static_argnums` of jit), the weight
     state, logs, snapshots = step(g, sd.params, raft, inputs, state, length=10)
 
 `evaluate` returns everything one evaluation computes (the guidance term, the energy's gradient,
-the one-step estimate) for inspection; `mgjax.sampler.Sampler` drives these functions with
+the one-step estimate) for inspection; `mgjax.method.sampler.Sampler` drives these functions with
 compile caching, the scan/unrolled choice and a NaN check.
 """
 
@@ -35,12 +35,12 @@ import numpy as np
 from flax import struct
 from jax import lax
 
-from mgjax import ddim
 from mgjax.config import Method, Speed
-from mgjax.energy import Context, Energy
-from mgjax.inputs import GuidanceInputs
-from mgjax.levers import REMAT_POLICIES, resolve_loops
-from mgjax.source import cfg_eps
+from mgjax.method import ddim
+from mgjax.method.energy import Context, Energy
+from mgjax.method.inputs import GuidanceInputs
+from mgjax.method.source import cfg_eps
+from mgjax.model.levers import REMAT_POLICIES, resolve_loops
 
 
 @struct.dataclass
@@ -67,10 +67,10 @@ class Evaluation:
 class Guidance:
     """The static part of the method: the model seam, the energy and the settings.
 
-    `sd` is `mgjax.sd.StableDiffusion` (or anything with its `eps`, `decode`, `latent_channels`
-    and `vae_factor` members); its weights are passed to the functions below separately. Hashed
-    by identity, so it can be a static jit argument; `snapshot_every` > 0 decodes the one-step
-    estimate of unguided steps too (for snapshots).
+    `sd` is `mgjax.model.sd.StableDiffusion` (or anything with its `eps`, `decode`,
+    `latent_channels` and `vae_factor` members); its weights are passed to the functions below
+    separately. Hashed by identity, so it can be a static jit argument; `snapshot_every` > 0 decodes
+    the one-step estimate of unguided steps too (for snapshots).
     """
 
     sd: Any
@@ -82,7 +82,7 @@ class Guidance:
     def __post_init__(self):
         if not isinstance(self.energy, Energy):
             raise TypeError(
-                f"energy must be an mgjax.energy.Energy, got {type(self.energy).__name__}"
+                f"energy must be an mgjax.method.energy.Energy, got {type(self.energy).__name__}"
             )
 
     @property
@@ -139,12 +139,13 @@ def clip_norm(d, clip: float):
 
 
 def remat(fn, policy: str, diffusers: bool = True):
-    """`fn` under a rematerialization policy (mgjax.levers.REMAT_POLICIES); diffusers: fn applies
-    diffusers models, whose blocks "blocks" checkpoints one by one (other models: whole)."""
+    """`fn` under a rematerialization policy (mgjax.model.levers.REMAT_POLICIES);
+    diffusers: fn applies diffusers models, whose blocks "blocks" checkpoints one by one (other
+    models: whole)."""
     if policy == "none":
         return fn
     if policy == "blocks" and diffusers:
-        from mgjax.remat import per_block
+        from mgjax.model.remat import per_block
 
         return per_block(fn)
     return jax.checkpoint(fn, policy=REMAT_POLICIES[policy])

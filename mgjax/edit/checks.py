@@ -5,8 +5,8 @@ import os
 
 from flow.errors import InputError
 from mgjax.config import Config
-from mgjax.readers import require
-from mgjax.rundir import check_replaceable, check_writable, is_ours
+from mgjax.edit.readers import require
+from mgjax.edit.rundir import check_replaceable, check_writable, is_ours
 
 
 def check(config: Config, out_dir_free: bool = True) -> None:
@@ -32,17 +32,17 @@ def check(config: Config, out_dir_free: bool = True) -> None:
             "--data_dir with --target_flow_name"
         )
     if mo.drag:
-        from mgjax.drag import parse_drag
+        from mgjax.edit.drag import parse_drag
 
         parse_drag(mo.drag)  # syntax errors now, not after loading models
     if mo.object_mask and mo.object_box:
         raise InputError("give --object_mask or --object_box, not both")
     if mo.object_box:
-        from mgjax.motion import parse_box
+        from mgjax.edit.motion import parse_box
 
         parse_box(mo.object_box)  # syntax errors now; the bounds once the image size is known
     if mo.motion:
-        from mgjax.motion import parse_motion
+        from mgjax.edit.motion import parse_motion
 
         parse_motion(mo.motion, (0.0, 0.0))  # syntax errors now, not after loading models
     if mo.object_mask:

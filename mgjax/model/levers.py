@@ -10,7 +10,7 @@ import jax
 #   dots: keep matmul/convolution outputs, recompute norms and activations;
 #   full: keep only each model's inputs and recompute its forward pass in the backward pass;
 #   blocks: keep only the boundaries of each UNet and VAE block (down, mid, up), recomputing one
-#     block's forward pass at a time in the backward pass (mgjax.remat); RAFT as under full.
+#     block's forward pass at a time in the backward pass (mgjax.model.remat); RAFT as under full.
 # The value is the jax.checkpoint policy of a whole-model checkpoint (blocks: RAFT's).
 REMAT_POLICIES = {
     "none": None,

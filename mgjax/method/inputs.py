@@ -7,8 +7,8 @@ import numpy as np
 from flax import struct
 
 from flow.errors import InputError
-from mgjax import conditioning
-from mgjax.energy import occlusion_mask
+from mgjax.method.energy import occlusion_mask
+from mgjax.model import conditioning
 
 
 @struct.dataclass

@@ -13,10 +13,10 @@ import numpy as np
 
 from flow.errors import InputError
 from mgjax import config as C
-from mgjax import rundir
-from mgjax.checkpoint import Checkpoint
-from mgjax.checks import check
-from mgjax.readers import read_frozen, read_mask_image, read_schedule
+from mgjax.edit import rundir
+from mgjax.edit.checkpoint import Checkpoint
+from mgjax.edit.checks import check
+from mgjax.edit.readers import read_frozen, read_mask_image, read_schedule
 
 CHECKPOINT = "checkpoint.npz"
 
@@ -47,9 +47,9 @@ def resolve_toy(config: C.Config) -> C.Config:
 
 
 def load_models(config: C.Config):
-    """(mgjax.sd.StableDiffusion, flow.raft.Raft) as the model settings say."""
+    """(mgjax.model.sd.StableDiffusion, flow.raft.Raft) as the model settings say."""
     from flow.checkpoint import load_raft
-    from mgjax import sd as sdm
+    from mgjax.model import sd as sdm
 
     m = config.model
     sd = sdm.load(
@@ -75,7 +75,7 @@ class EditFiles:
 
 def target(config: C.Config, data, h: int, w: int):
     """(flow f32[H,W,2], object mask bool[H,W] or None)."""
-    from mgjax.motion import box_mask, centroid, motion_flow, parse_motion
+    from mgjax.edit.motion import box_mask, centroid, motion_flow, parse_motion
 
     mo, obj = config.motion, None
     if mo.object_mask:
@@ -85,11 +85,11 @@ def target(config: C.Config, data, h: int, w: int):
     elif mo.object_box:
         obj = box_mask(mo.object_box, h, w)
     if mo.flow:
-        from mgjax.readers import read_flow_file
+        from mgjax.edit.readers import read_flow_file
 
         return read_flow_file(mo.flow, h, w), obj
     if mo.drag:
-        from mgjax.drag import drag_flow, parse_drag
+        from mgjax.edit.drag import drag_flow, parse_drag
 
         return drag_flow(*parse_drag(mo.drag), h, w, obj), obj
     if mo.motion:
@@ -105,9 +105,9 @@ def target(config: C.Config, data, h: int, w: int):
 def read_files(config: C.Config) -> EditFiles:
     """Source image, target flow, masks and schedule of an edit, each checked against the
     model's sizes (read from its config files: no weights are loaded)."""
-    from mgjax.modelinfo import geometry
-    from mgjax.motion import auto_frozen_mask
-    from mgjax.trajectory import source_image
+    from mgjax.edit.motion import auto_frozen_mask
+    from mgjax.edit.trajectory import source_image
+    from mgjax.model.modelinfo import geometry
 
     sd = geometry(config.model.model, config.model.revision)
     h, w, image, data = source_image(config, sd)
@@ -136,7 +136,7 @@ def embed(config: C.Config, sd, files: EditFiles):
 
 
 def make_sampler(config: C.Config, sd, raft):
-    from mgjax.sampler import Sampler
+    from mgjax.method.sampler import Sampler
 
     return Sampler(sd, raft, config.method, config.speed, snapshot_every=config.output.log_every)
 
@@ -144,7 +144,7 @@ def make_sampler(config: C.Config, sd, raft):
 def start(config: C.Config, sampler, files: EditFiles, prompts, source):
     """(GuidanceInputs, SamplerState at the first DDIM step) of an edit's num_samples samples
     (seeds seed, seed + 1, ...); prompts: (cond, uncond) embeddings; source: (image, z_T,
-    latents) of mgjax.trajectory.source_trajectory."""
+    latents) of mgjax.edit.trajectory.source_trajectory."""
     (cond, uncond), (image, z_T, latents) = prompts, source
     b, sd = config.output.num_samples, sampler.sd
     repeat = lambda x: np.repeat(np.asarray(x), b, axis=0)  # noqa: E731
@@ -217,11 +217,11 @@ def run(config: C.Config, log=print) -> str:
 
 
 def _run(config: C.Config, files: EditFiles, ckpt: Checkpoint, log, t_start: float, made):
-    from mgjax import loop
-    from mgjax.progress import Progress
-    from mgjax.results import EditResult, save_snapshots, write_samples
-    from mgjax.sampler import DivergenceError
-    from mgjax.trajectory import source_trajectory
+    from mgjax.edit.progress import Progress
+    from mgjax.edit.results import EditResult, save_snapshots, write_samples
+    from mgjax.edit.trajectory import source_trajectory
+    from mgjax.method import loop
+    from mgjax.method.sampler import DivergenceError
 
     out, method = config.output, config.method
     sd, raft = load_models(config)

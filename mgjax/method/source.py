@@ -18,8 +18,9 @@ import numpy as np
 from jax import lax
 
 from flow.errors import InputError
-from mgjax import conditioning, ddim
 from mgjax.config import Method
+from mgjax.method import ddim
+from mgjax.model import conditioning
 
 
 class Trajectory(NamedTuple):

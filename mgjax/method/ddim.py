@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from mgjax.model.schedule import alphas_cumprod
+
 
 @struct.dataclass
 class Schedule:
@@ -18,14 +20,6 @@ class Schedule:
     abar: jnp.ndarray  # f32[S], alphas_cumprod[timesteps]
     abar_prev: jnp.ndarray  # f32[S], alphas_cumprod of the next (less noisy) step
     alphas_cumprod: jnp.ndarray  # f32[T]
-
-
-def alphas_cumprod(
-    train_steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
-) -> np.ndarray:
-    """Stable Diffusion's scaled-linear schedule: betas = linspace(sqrt(b0), sqrt(b1), T)^2."""
-    betas = np.linspace(beta_start**0.5, beta_end**0.5, train_steps, dtype=np.float64) ** 2
-    return np.cumprod(1.0 - betas).astype(np.float32)  # float64 then rounded, as in ldm
 
 
 def make_schedule(

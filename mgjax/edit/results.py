@@ -10,7 +10,7 @@ import numpy as np
 
 from flow.viz import flow_to_color
 from mgjax import config as C
-from mgjax import outputs as out
+from mgjax.edit import outputs as out
 
 METRIC_RAFT_ITERS = 12  # RAFT iterations of the achieved flow in the outputs and metrics
 

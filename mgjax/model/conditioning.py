@@ -1,4 +1,6 @@
-"""Prompt conditionings as opaque pytrees, and the prediction-type conversion.
+"""Prompt conditionings as opaque pytrees, how prompts become them (`encode_prompts`: SD 1.x's
+hidden states; SDXL's two encoders, pooled embedding and time ids), and the prediction-type
+conversion.
 
 A conditioning is whatever the model seam's `embed` returns and its `eps` takes: for SD 1.x/2.x
 the text encoder's hidden states f32[B,L,D]; for SDXL a dict of the concatenated hidden states,
@@ -57,3 +59,36 @@ def time_ids(height: int, width: int, batch: int = 1) -> np.ndarray:
     """SDXL's size conditioning f32[batch,6]: original size (H, W), crop top-left (0, 0), target
     size (H, W), as diffusers' SDXL pipelines build it for an uncropped image."""
     return np.tile(np.asarray([height, width, 0, 0, height, width], np.float32), (batch, 1))
+
+
+def encode_prompts(sd, prompts: list[str]) -> tuple[np.ndarray, ...]:
+    """Prompts through the text encoder(s) of `sd` (mgjax.model.sd.StableDiffusion): (hidden
+    states f32[N,L,D],) or, for SDXL, (both encoders' penultimate hidden states concatenated,
+    the second encoder's pooled projection f32[N,P])."""
+
+    def ids(tokenizer):
+        return tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="np",
+        ).input_ids
+
+    if not sd.text_time:
+        out = sd.text_encoder(ids(sd.tokenizer), params=sd.params["text"])[0]
+        return (np.asarray(out, np.float32),)
+    # SDXL (diffusers' SDXL pipelines): each encoder's penultimate hidden states, then the
+    # second encoder's pooled projection
+    one = sd.text_encoder(ids(sd.tokenizer), params=sd.params["text"], output_hidden_states=True)
+    two = sd.text_encoder_2(
+        ids(sd.tokenizer_2), params=sd.params["text_2"], output_hidden_states=True
+    )
+    text = np.concatenate(
+        [np.asarray(one.hidden_states[-2]), np.asarray(two.hidden_states[-2])], axis=-1
+    ).astype(np.float32)
+    pooled = np.array(two.text_embeds, np.float32)
+    if sd.zero_uncond:
+        empty = np.asarray([p == "" for p in prompts])
+        text[empty], pooled[empty] = 0.0, 0.0
+    return text, pooled

@@ -14,7 +14,7 @@ import numpy as np
 
 @dataclasses.dataclass
 class Result:
-    state: object  # mgjax.guidance.SamplerState where the run stopped
+    state: object  # mgjax.method.guidance.SamplerState where the run stopped
     logs: dict  # name -> f32[S,K,B], every chunk so far (a resumed run's earlier ones too)
     finished: bool  # False: `should_stop` ended it early
     seconds: float  # sampling time of this call, compilation included
@@ -31,7 +31,7 @@ def run(
     should_stop: Callable[[], bool] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Result:
-    """Advance `state` with `sampler` (mgjax.sampler.Sampler) to its last DDIM step.
+    """Advance `state` with `sampler` (mgjax.method.sampler.Sampler) to its last DDIM step.
 
     After each chunk, in this order: checkpoint(state, logs name -> list of chunks),
     on_snapshots({step: f32[B,H,W,3]}), progress(state, chunk logs name -> f32[L,K,B]), then

@@ -47,7 +47,7 @@ def _sharded(x, mesh, axis: int | None):
 
 def shard_inputs(inputs, mesh):
     """The per-image arrays split over the mesh on their batch axis, the rest replicated."""
-    from mgjax.inputs import map_images
+    from mgjax.method.inputs import map_images
 
     inputs = map_images(inputs, lambda x, axis: _sharded(x, mesh, axis))
     return inputs.replace(schedule=_sharded(inputs.schedule, mesh, None))
@@ -65,7 +65,7 @@ def one_edit(inputs, j: int):
     """Image j of batched inputs, on the host (numpy arrays)."""
     import jax
 
-    from mgjax.inputs import map_images
+    from mgjax.method.inputs import map_images
 
     host = jax.tree_util.tree_map(np.asarray, inputs)
     return map_images(host, lambda x, axis: np.take(x, [j], axis=axis))

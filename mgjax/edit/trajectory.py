@@ -9,15 +9,15 @@ import numpy as np
 from flow.errors import InputError
 from flow.files import read_rgb, write_atomic
 from mgjax.config import Config
-from mgjax.readers import fit_image
+from mgjax.edit.readers import fit_image
 
 CACHE = "source.npz"
 
 
 def source_image(config: Config, geometry):
     """(H, W, source image f32[1,H,W,3] in [0, 1] or None when it is generated, the reference
-    folder's contents or None); `geometry` is the model's mgjax.modelinfo.Geometry."""
-    from mgjax.reference import read_reference_folder
+    folder's contents or None); `geometry` is the model's mgjax.model.modelinfo.Geometry."""
+    from mgjax.edit.reference import read_reference_folder
 
     src, factor = config.source, geometry.vae_factor * 8
     if src.data_dir:
@@ -42,7 +42,7 @@ def source_trajectory(config: Config, sd, cond, uncond, folder: str, image, data
     folder/source.npz when there, written there otherwise."""
     import jax
 
-    from mgjax import source as src_lib
+    from mgjax.method import source as src_lib
 
     cache = os.path.join(folder, CACHE)
     if os.path.isfile(cache):

@@ -5,7 +5,7 @@ Writing one (it runs inside the jitted sampler: jnp only, no Python side effects
 
     import dataclasses
     import jax.numpy as jnp
-    from mgjax.energy import Energy, MotionEnergy
+    from mgjax.method.energy import Energy, MotionEnergy
 
     @dataclasses.dataclass(frozen=True)       # hashable: part of the compiled chunk
     class Brightness(Energy):
@@ -19,9 +19,9 @@ Writing one (it runs inside the jitted sampler: jnp only, no Python side effects
     energy = MotionEnergy() + 50.0 * Brightness()  # weighted sums compose
     sampler = Sampler(sd, raft, method, energy=energy)
 
-Per-edit arrays an energy needs (a reference image, a region mask) go in `mgjax.inputs.prepare(...,
-extras={"name": array [B, ...]})` and arrive as `ctx.extras["name"]`; they are arguments of the
-compiled chunk, so new values never retrace it.
+Per-edit arrays an energy needs (a reference image, a region mask) go in
+`mgjax.method.inputs.prepare(..., extras={"name": array [B, ...]})` and arrive as
+`ctx.extras["name"]`; they are arguments of the compiled chunk, so new values never retrace it.
 """
 
 import dataclasses

@@ -1,6 +1,6 @@
 """DragBench (the DragDiffusion benchmark) as a jobs file for `launch.py --jobs`.
 
-  python -m mgjax.dragbench DRAGBENCH_ROOT --jobs dragbench.jsonl [--masks DIR]
+  python -m mgjax.evaluation.dragbench DRAGBENCH_ROOT --jobs dragbench.jsonl [--masks DIR]
   python launch.py --jobs dragbench.jsonl --out_dir runs/dragbench --raft_weights ...
 
 Each sample folder holds `original_image.png` and `meta_data.pkl`, a pickled dict with `prompt`,

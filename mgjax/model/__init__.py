@@ -1,0 +1,16 @@
+"""The model seam: Stable Diffusion as the layers above see it, and the only code that imports
+diffusers and transformers (import-linter's contract "seam", pyproject.toml).
+
+sd                the public surface: StableDiffusion, load, save, random_init, build, ...
+stable_diffusion  the seam object (eps, decode, encode, embed) and `build` from configs
+loading           hub ids and diffusers folders: load, save, the autoencoder alone
+weights           PyTorch weights read without torch and renamed to Flax parameters
+random_init       models of the real classes with random weights; CLIP's byte symbols
+libraries         diffusers/transformers imported once, their deprecation notices silenced
+conditioning      prompt conditionings as opaque pytrees (SD 1.x, SDXL), v-prediction
+schedule          the noise schedule SD was trained with
+modelinfo         a model's latent grid from its config files, before any weight is read
+levers            performance levers (attention, remat, loops) and the RAFT gradient choice
+remat             rematerialization inside the diffusers models, block by block
+clip              CLIP image embeddings (the evaluation's visual similarity)
+"""
