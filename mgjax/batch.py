@@ -7,7 +7,11 @@ The jobs file's format is described in mgjax.jobs; devices and hosts are handled
 mgjax.sharding.
 
 Jobs whose settings compile to the same program run together, in batches of `batch_size`.
-That needs the same model, image size and guidance settings. The batch axis is sharded over the
+That needs the same model, image size, speed settings and method structure
+(mgjax.numeric.structure: steps, K, the energy's form, ...); the method's numbers (guidance
+weight, CFG scale, clip, eta, the energy's weights) are data of the compiled program, one value
+per image, so jobs that differ only in them share batches and one compile. Each job's own
+numbers are in its config.json and in the summary. The batch axis is sharded over the
 local devices (`jax.jit` + `NamedSharding`, no pmap). A short last batch is padded with copies
 of its last job, so every batch of a group has one shape and one compile. Each job writes what
 a single edit writes to OUT/<name>/sample_00/. Process p of P takes jobs p, p + P, ... Every
@@ -33,6 +37,7 @@ import numpy as np
 from flow.errors import InputError
 from mgjax import conditioning, rundir
 from mgjax import config as C
+from mgjax import numeric as N
 from mgjax.jobs import Job, read_jobs
 from mgjax.outputs import save_text
 from mgjax.sharding import local_mesh, one_edit, replicate, shard_inputs, shard_state
@@ -114,7 +119,8 @@ def _prepare(job: Job, files, models: _Models, log) -> Prepared:
         if files.schedule is None
         else hashlib.sha256(np.asarray(files.schedule, np.float32).tobytes()).hexdigest()
     )
-    group = (key, files.h, files.w, config.method, config.speed, schedule_id)
+    # the method's structure only: its numbers travel as data, one value per job (mgjax.numeric)
+    group = (key, files.h, files.w, N.structure(config.method), config.speed, schedule_id)
     return Prepared(job, files, cond, uncond, image, z_T, latents, group)
 
 
@@ -165,6 +171,7 @@ class Runner:
             frozen=concat([np.broadcast_to(p.files.frozen, lat) for p in batch]),
             trajectory=concat([p.latents for p in batch], 1),
             schedule=first.files.schedule,
+            numeric=N.of([p.job.config.method for p in batch], dtype=sampler.dtype),
             encode=False,  # source_cache: encoded below, once sharded
         )
         seeds = [p.job.config.source.seed for p in batch]
@@ -172,8 +179,9 @@ class Runner:
         inputs, state = shard_inputs(inputs, self.mesh), shard_state(state, self.mesh)
         inputs = sampler.encode_source(inputs)  # source_cache: each device its own images
         names = [p.job.name for p in batch]
+        digests = [C.digest(p.job.config) for p in batch]  # each job's own numbers included
         digest = hashlib.sha256(
-            json.dumps([names, C.digest(config), repr(first.group)]).encode()
+            json.dumps([names, digests, repr(first.group)]).encode()
         ).hexdigest()[:16]
         ckpt = Checkpoint(os.path.join(self.out_dir, "_batches", f"{digest}.npz"), digest)
         logs: dict = {}
@@ -388,6 +396,8 @@ def _row(job: Job, process_id: int) -> dict:
         "process": process_id,
         "out_dir": job.config.output.out_dir if job.config else None,
         **{k: m.get(k) for k in SUMMARY_METRICS},
+        # the job's own numbers (jobs of one batch may differ in them)
+        **{k: getattr(job.config.method, k) if job.config else None for k in N.FIELDS},
     }
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from flow.errors import InputError
 from mgjax import config as C
+from mgjax import numeric as N
 from mgjax import rundir
 from mgjax.checkpoint import Checkpoint
 from mgjax.checks import check
@@ -157,6 +158,9 @@ def start(config: C.Config, sampler, files: EditFiles, prompts, source):
         frozen=repeat(np.broadcast_to(files.frozen, lat)),
         trajectory=np.repeat(latents, b, axis=1),
         schedule=files.schedule,
+        # this config's numbers: the sampler may have been made for another config of the
+        # same structure (the editor keeps one per structure)
+        numeric=N.of(config.method, b, sampler.dtype),
     )
     seeds = [config.source.seed + n for n in range(b)]
     return inputs, sampler.init(inputs, repeat(z_T), seeds=seeds)

@@ -1,8 +1,9 @@
 """Running the editor's work on models loaded once: an edit written to its run folder exactly as
 launch.py writes it (mgjax.workflow's readers, mgjax.loop.run, mgjax.results' writers), and a
-source generated from a prompt. One Sampler is kept per method/speed/snapshot setting, and a
-Sampler keeps its compiled programs per shape, so a second edit of the same size and settings
-compiles nothing.
+source generated from a prompt. One Sampler is kept per method structure/speed/snapshot setting
+(mgjax.numeric.structure: the guidance weight, CFG scale and the other numbers are data of its
+compiled programs), and a Sampler keeps its compiled programs per shape, so a second edit of the
+same size and structure compiles nothing, whatever its weights.
 """
 
 import hashlib
@@ -17,6 +18,7 @@ import numpy as np
 
 from flow.errors import InputError
 from mgjax import config as C
+from mgjax import numeric as N
 from mgjax import outputs, rundir, workflow
 from mgjax.checkpoint import Checkpoint
 from mgjax.editor.worker import Cancelled, Job
@@ -49,8 +51,9 @@ class Engine:
         return int(self.sd.vae_factor) * 8
 
     def sampler(self, config: C.Config):
-        """The Sampler of config's method, speed and snapshot setting (made once)."""
-        key = (config.method, config.speed, config.output.log_every)
+        """The Sampler of config's method structure, speed and snapshot setting (made once;
+        the method's numbers are each edit's inputs, mgjax.workflow.start)."""
+        key = (N.structure(config.method), config.speed, config.output.log_every)
         if key not in self.samplers:
             self.samplers[key] = workflow.make_sampler(config, self.sd, self.raft)
         return self.samplers[key]
