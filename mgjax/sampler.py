@@ -5,9 +5,9 @@ chunk and unrolled evaluations (`Speed.loops`), counts traces (a retrace tripwir
 chunk for NaN/inf and decodes the final latents. The method's numbers are data of the compiled
 programs (`inputs.numeric`, mgjax.numeric): one Sampler serves every guidance weight, CFG
 scale, clip, eta and energy weight of its method's structure, batches mixing them included.
-With loops "unrolled" (the default on CPU) the
-evaluations of a chunk run one compiled call each, in the scan's order with the scan's noise;
-the weights are always jit arguments and the carried latent is donated.
+With loops "unrolled" (the default on CPU) the evaluations of a chunk run one compiled call
+each, in the scan's order with the scan's noise; the weights are always jit arguments and the
+carried latent is donated.
 """
 
 import functools
