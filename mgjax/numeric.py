@@ -17,7 +17,15 @@ What stays static, and why (`structure`, and the switches of `mgjax.guidance.Gui
     every scale is 1 skips it, half the UNet's work); a batch mixing 1 and other scales runs
     CFG for all, and an image with scale 1 then gets eps_u + 1 (eps_c - eps_u), equal to eps_c
     up to one rounding of the subtraction;
-  * eta > 0 for some image: DDIM's stochastic term is drawn (eta 0 images add 0 x noise).
+  * eta > 0 for some image: DDIM's stochastic term is drawn (eta 0 images add 0 x noise);
+  * which DDIM steps evaluate the energy (skip_unguided): a step is skipped when lambda_g x
+    schedule is 0 for every image; an image with weight 0 in a batch with guided images is
+    evaluated (its energy is logged, its guidance term is 0 x the gradient).
+
+A value read at run time rounds as the constant it replaces does, but XLA may order the
+arithmetic around it differently: on the toy demo one guided evaluation's latent moves by
+8e-8 of its norm (below float32's epsilon, 1.2e-7), which 100 guided steps amplify as any
+rounding difference (a thread count, a batch size) is amplified.
 """
 
 import dataclasses
