@@ -358,3 +358,33 @@ def test_a_batch_that_fails_is_recorded_and_the_run_goes_on(assets, tmp_path, mo
     assert any("failed: RuntimeError" in ln for ln in lines), lines
     summary = (tmp_path / "out" / "summary.csv").read_text()
     assert summary.count(",failed,") == 2
+
+
+@pytest.mark.slow
+def test_jobs_differing_in_numbers_share_one_batch_and_one_compile(assets, tmp_path):
+    """Three jobs that differ only in guidance_weight, cfg_scale and clip run as one batch of 3
+    with one compile; each job's config.json and summary row have its own numbers, and each
+    acts on its own image: weight 0 is what the same job gives alone."""
+    numbers = [
+        {"guidance_weight": 0.0, "cfg_scale": 1.0},
+        {"guidance_weight": 30.0, "cfg_scale": 2.0, "clip": 5.0},
+        {"guidance_weight": 60.0, "cfg_scale": 1.0},
+    ]
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [
+        json.dumps({"name": f"n{i}", "motion": "translate:6,0", **v}) for i, v in enumerate(numbers)
+    ]
+    jobs.write_text("\n".join(lines) + "\n")
+    log, images = [], {}
+    rows = run_jobs(str(jobs), _options(assets, tmp_path / "b3"), 3, log.append, images=images)
+    assert [r["status"] for r in rows] == ["done"] * 3, rows
+    assert sum("compiled the guided sampler" in s for s in log) == 1, log
+    assert any("batch 1/1" in s for s in log) and not any("batch 2/" in s for s in log), log
+    for i, v in enumerate(numbers):
+        saved = json.loads((tmp_path / "b3" / f"n{i}" / "sample_00" / "config.json").read_text())
+        assert {k: saved[k] for k in v} == v and {k: rows[i][k] for k in v} == v
+    assert np.abs(images["n2"] - images["n0"]).max() > 1e-2  # the weight acts per image
+    alone = {}
+    jobs.write_text(lines[0] + "\n")
+    run_jobs(str(jobs), _options(assets, tmp_path / "b1"), 1, lambda s: None, images=alone)
+    np.testing.assert_allclose(images["n0"], alone["n0"], atol=1e-2)

@@ -123,3 +123,31 @@ def test_generated_source_is_the_one_the_edit_uses(tmp_path):
     line = json.loads(open(os.path.join(r.json()["folder"], "job.jsonl")).read())
     assert "image" not in line and (line["prompt"], line["seed"]) == (prompt, 3)
     worker.close()
+
+
+def test_new_guidance_weight_and_cfg_scale_compile_nothing(tmp_path):
+    """Two edits of the demo that differ in the guidance weight and the CFG scale run on the same
+    Sampler and its compiled programs: no new trace, no compile time (the numbers are data of
+    the program, mgjax.method.numeric); each edit's config.json keeps its own numbers."""
+    from mgjax.edit.workflow import resolve_toy
+    from mgjax.editor import runner
+    from mgjax.editor.worker import Job
+    from mgjax.toy import pack
+
+    explicit = {"chunk": 1, "compilation_cache": "", "steps": 2}
+    engine = Engine(authoring.resolve(explicit, "auto", {}), str(tmp_path / "generated"))
+    demo = pack.demo_files()
+    base = {k: demo[k] for k in ("image", "prompt", "motion", "object_mask")}
+    counts = []
+    for n, (weight, cfg) in enumerate(((18.75, 1.5), (30.0, 2.0))):
+        job = {**base, "guidance_weight": weight, "cfg_scale": cfg}
+        out_dir = str(tmp_path / f"e{n}")
+        config = resolve_toy(authoring.resolve({**explicit, "out_dir": out_dir}, "auto", job))
+        os.makedirs(config.output.out_dir)
+        runner.claim(config)
+        engine.edit(config, Job("edit", f"e{n}", lambda job: {}))
+        (sampler,) = engine.samplers.values()
+        counts.append((sampler.traces, sampler.compile_seconds))
+        saved = json.load(open(tmp_path / f"e{n}" / "sample_00" / "config.json"))
+        assert (saved["guidance_weight"], saved["cfg_scale"]) == (weight, cfg)
+    assert counts[0][0] > 0 and counts[1] == counts[0], counts

@@ -12,6 +12,7 @@ import pytest
 from mgjax import config as C
 from mgjax.method import ddim
 from mgjax.method import guidance as G
+from mgjax.method import numeric as N
 from mgjax.method.energy import Energy
 from mgjax.method.inputs import prepare
 
@@ -166,6 +167,89 @@ def test_the_step_is_differentiable_in_the_weights(case):
     h = 1e-2
     numeric = (final(jnp.float32(0.3 + h)) - final(jnp.float32(0.3 - h))) / (2 * h)
     assert np.isfinite(grad) and grad == pytest.approx(float(numeric), rel=2e-2)
+
+
+def _with(inputs, **values):
+    """`inputs` with some of the method's numbers replaced (one value, or one per image)."""
+    return inputs.replace(numeric=N.replace(inputs.numeric, **values))
+
+
+def test_numbers_are_data_one_trace_for_every_weight_clip_and_scale(case):
+    """New guidance weights, clips and CFG scales (one per image) reuse the jitted chunk, and
+    act: each image of a mixed batch is what a batch of its own value gives."""
+    g, params, inputs, z_T = case
+    g = G.Guidance(g.sd, g.energy, g.method, switches=N.Switches(cfg=True))
+    state = G.init(inputs, z_T, seeds=[3, 4])
+    traces = []
+
+    def chunk(g, params, inputs, state):
+        traces.append(1)
+        return G.step_chunk(g, params, None, inputs, state, 2, mode="guided")[0].z
+
+    step = jax.jit(chunk, static_argnums=0)
+    runs = {
+        w: np.asarray(step(g, params, _with(inputs, guidance_weight=w, clip=c, cfg_scale=k), state))
+        for w, c, k in ((0.0, 0.24, 1.0), (20.0, 0.0, 2.0), (50.0, 0.24, 3.0))
+    }
+    mixed = _with(inputs, guidance_weight=[0.0, 50.0], clip=[0.24, 0.24], cfg_scale=[1.0, 3.0])
+    both = np.asarray(step(g, params, mixed, state))
+    assert len(traces) == 1
+    np.testing.assert_allclose(both[0], runs[0.0][0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(both[1], runs[50.0][1], rtol=1e-6, atol=1e-6)
+    assert np.abs(runs[50.0] - runs[0.0]).max() > 1e-3  # the weight acts
+
+
+def test_cfg_one_with_the_switch_on_is_eps_cond_to_rounding(case):
+    """A batch whose every scale is 1 skips the unconditional half (switches.cfg False); with
+    the switch on (a batch mixing scales), scale 1 gives eps_u + 1 (eps_c - eps_u): eps_c to
+    within a rounding of the subtraction."""
+    g, params, inputs, z_T = case
+    assert not g.switches.cfg  # the case's method has cfg_scale 1
+    on = G.Guidance(g.sd, g.energy, g.method, switches=N.Switches(cfg=True))
+    state = G.init(inputs, z_T, seeds=[3, 4])
+    ev_off = G.evaluate(g, params, None, inputs, state.z, 0, 0, state.keys)
+    ev_on = G.evaluate(on, params, None, inputs, state.z, 0, 0, state.keys)
+    diff = float(np.abs(np.asarray(ev_on.eps) - np.asarray(ev_off.eps)).max())
+    scale = float(np.abs(np.asarray(ev_off.eps)).max())
+    assert diff <= 4 * np.finfo(np.float32).eps * scale, (diff, scale)
+
+
+def test_vmap_over_guidance_weights(case):
+    """jax.vmap of a guided chunk over a batch of guidance weights (each f32[B]) equals one
+    chunk per weight."""
+    g, params, inputs, z_T = case
+    state = G.init(inputs, z_T, seeds=[3, 4])
+
+    def chunk(weight):
+        return G.step_chunk(g, params, None, _with(inputs, guidance_weight=weight), state, 2)[0].z
+
+    weights = jnp.array([[0.0, 0.0], [10.0, 10.0], [50.0, 25.0]])
+    zs = jax.jit(jax.vmap(chunk))(weights)
+    assert zs.shape == (3, *state.z.shape)
+    for n in range(3):
+        np.testing.assert_allclose(zs[n], jax.jit(chunk)(weights[n]), rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(zs[2] - zs[0])).max() > 1e-3
+
+
+def test_grad_of_the_final_energy_wrt_the_guidance_weight(case):
+    """jax.grad of the final energy after a guided chunk with respect to each image's guidance
+    weight: finite, negative (more guidance lowers the energy here) and a central difference's."""
+    g, params, inputs, z_T = case
+    state = G.init(inputs, z_T, seeds=[3, 4])
+
+    def final(weight):
+        edit = _with(inputs, guidance_weight=weight, clip=0.0)  # no clip: smooth in the weight
+        new, _, _ = G.step_chunk(g, params, None, edit, state, 2, mode="guided")
+        return G.final_energy(g, params, None, edit, new.z)[0].sum()
+
+    w = jnp.array([5.0, 5.0])
+    grad = np.asarray(jax.jit(jax.grad(final))(w))
+    h = 0.05
+    for n in range(B):
+        step = jnp.zeros(B).at[n].set(h)
+        numeric = (final(w + step) - final(w - step)) / (2 * h)
+        assert np.isfinite(grad[n]) and grad[n] == pytest.approx(float(numeric), rel=2e-2)
+    assert (grad < 0).all(), grad
 
 
 def test_energy_must_be_an_energy():

@@ -7,7 +7,11 @@ The jobs file's format is described in mgjax.batch.jobs; devices and hosts are h
 mgjax.batch.sharding.
 
 Jobs whose settings compile to the same program run together, in batches of `batch_size`.
-That needs the same model, image size and guidance settings. The batch axis is sharded over the
+That needs the same model, image size, speed settings and method structure
+(mgjax.method.numeric.structure: steps, K, the energy's form, ...); the method's numbers
+(guidance weight, CFG scale, clip, eta, the energy's weights) are data of the compiled program,
+one value per image, so jobs that differ only in them share batches and one compile. Each job's
+own numbers are in its config.json and in the summary. The batch axis is sharded over the
 local devices (`jax.jit` + `NamedSharding`, no pmap). A short last batch is padded with copies
 of its last job, so every batch of a group has one shape and one compile. Each job writes what
 a single edit writes to OUT/<name>/sample_00/. Process p of P takes jobs p, p + P, ... Every

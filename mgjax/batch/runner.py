@@ -14,6 +14,7 @@ from mgjax.batch.jobs import Job
 from mgjax.batch.sharding import local_mesh, one_edit, replicate, shard_inputs, shard_state
 from mgjax.batch.summary import finished
 from mgjax.edit import rundir
+from mgjax.method import numeric as N
 from mgjax.model import conditioning
 
 
@@ -77,7 +78,8 @@ def prepare_job(job: Job, files, models: Models, log) -> Prepared:
         if files.schedule is None
         else hashlib.sha256(np.asarray(files.schedule, np.float32).tobytes()).hexdigest()
     )
-    group = (key, files.h, files.w, config.method, config.speed, schedule_id)
+    # the method's structure only: its numbers travel as data, one value per job (numeric)
+    group = (key, files.h, files.w, N.structure(config.method), config.speed, schedule_id)
     return Prepared(job, files, cond, uncond, image, z_T, latents, group)
 
 
@@ -125,6 +127,7 @@ class Runner:
             frozen=concat([np.broadcast_to(p.files.frozen, lat) for p in batch]),
             trajectory=concat([p.latents for p in batch], 1),
             schedule=first.files.schedule,
+            numeric=N.of([p.job.config.method for p in batch], dtype=sampler.dtype),
             encode=False,  # source_cache: encoded below, once sharded
         )
         seeds = [p.job.config.source.seed for p in batch]
@@ -132,8 +135,9 @@ class Runner:
         inputs, state = shard_inputs(inputs, self.mesh), shard_state(state, self.mesh)
         inputs = sampler.encode_source(inputs)  # source_cache: each device its own images
         names = [p.job.name for p in batch]
+        digests = [C.digest(p.job.config) for p in batch]  # each job's own numbers included
         digest = hashlib.sha256(
-            json.dumps([names, C.digest(config), repr(first.group)]).encode()
+            json.dumps([names, digests, repr(first.group)]).encode()
         ).hexdigest()[:16]
         ckpt = Checkpoint(os.path.join(self.out_dir, "_batches", f"{digest}.npz"), digest)
         logs: dict = {}

@@ -10,6 +10,7 @@ import os
 from flow.errors import InputError
 from mgjax.batch.jobs import Job
 from mgjax.edit.outputs import save_text
+from mgjax.method import numeric as N
 
 SUMMARY_METRICS = (
     "flow_epe_inside_object",
@@ -46,6 +47,8 @@ def row(job: Job, process_id: int) -> dict:
         "process": process_id,
         "out_dir": job.config.output.out_dir if job.config else None,
         **{k: m.get(k) for k in SUMMARY_METRICS},
+        # the job's own numbers (jobs of one batch may differ in them)
+        **{k: getattr(job.config.method, k) if job.config else None for k in N.FIELDS},
     }
 
 

@@ -17,6 +17,7 @@ from mgjax.edit import rundir
 from mgjax.edit.checkpoint import Checkpoint
 from mgjax.edit.checks import check
 from mgjax.edit.readers import read_frozen, read_mask_image, read_schedule
+from mgjax.method import numeric as N
 
 CHECKPOINT = "checkpoint.npz"
 
@@ -157,6 +158,9 @@ def start(config: C.Config, sampler, files: EditFiles, prompts, source):
         frozen=repeat(np.broadcast_to(files.frozen, lat)),
         trajectory=np.repeat(latents, b, axis=1),
         schedule=files.schedule,
+        # this config's numbers: the sampler may have been made for another config of the
+        # same structure (the editor keeps one per structure)
+        numeric=N.of(config.method, b, sampler.dtype),
     )
     seeds = [config.source.seed + n for n in range(b)]
     return inputs, sampler.init(inputs, repeat(z_T), seeds=seeds)

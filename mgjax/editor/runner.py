@@ -1,8 +1,9 @@
 """Running the editor's work on models loaded once: an edit written to its run folder exactly as
-launch.py writes it (mgjax.edit.workflow's readers, mgjax.method.loop.run, mgjax.edit.results'
-writers), and a source generated from a prompt. One Sampler is kept per method/speed/snapshot
-setting, and a Sampler keeps its compiled programs per shape, so a second edit of the same size
-and settings compiles nothing.
+launch.py writes it (mgjax.edit.workflow's readers, mgjax.method.loop.run,
+mgjax.edit.results' writers), and a source generated from a prompt. One Sampler is kept per method
+structure/speed/snapshot setting (mgjax.method.numeric.structure: the guidance weight, CFG scale and
+the other numbers are data of its compiled programs), and a Sampler keeps its compiled programs per
+shape, so a second edit of the same size and structure compiles nothing, whatever its weights.
 """
 
 import hashlib
@@ -21,6 +22,7 @@ from mgjax.edit import outputs, rundir, workflow
 from mgjax.edit.checkpoint import Checkpoint
 from mgjax.edit.motion import auto_frozen_mask
 from mgjax.editor.worker import Cancelled, Job
+from mgjax.method import numeric as N
 
 INPUTS = "inputs"  # the authored source, mask, flow and frozen mask, inside the run folder
 JOB_LINE = "job.jsonl"
@@ -49,8 +51,9 @@ class Engine:
         return int(self.sd.vae_factor) * 8
 
     def sampler(self, config: C.Config):
-        """The Sampler of config's method, speed and snapshot setting (made once)."""
-        key = (config.method, config.speed, config.output.log_every)
+        """The Sampler of config's method structure, speed and snapshot setting (made once;
+        the method's numbers are each edit's inputs, mgjax.edit.workflow.start)."""
+        key = (N.structure(config.method), config.speed, config.output.log_every)
         if key not in self.samplers:
             self.samplers[key] = workflow.make_sampler(config, self.sd, self.raft)
         return self.samplers[key]

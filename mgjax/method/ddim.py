@@ -46,16 +46,18 @@ def predict_x0(z, eps, abar):
     return (z - jnp.sqrt(1.0 - abar) * eps) / jnp.sqrt(abar)
 
 
-def step(z, eps, abar, abar_prev, eta: float = 0.0, noise=None):
-    """One DDIM update z_t -> z_prev (DDIM eqs. 12 and 16); eta > 0 needs `noise`."""
+def step(z, eps, abar, abar_prev, eta=0.0, noise=None):
+    """One DDIM update z_t -> z_prev (DDIM eqs. 12 and 16); eta > 0 needs `noise`. eta is a
+    number, or an array (one per image, broadcast against z): then the noise term is always
+    added (0 x noise where eta is 0)."""
     x0 = predict_x0(z, eps, abar)
     sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
     z_prev = jnp.sqrt(abar_prev) * x0 + jnp.sqrt(1.0 - abar_prev - sigma**2) * eps
-    if eta:
-        if noise is None:
-            raise ValueError("eta > 0 needs noise")
-        z_prev = z_prev + sigma * noise
-    return z_prev
+    if isinstance(eta, int | float) and not eta:
+        return z_prev
+    if noise is None:
+        raise ValueError("eta > 0 needs noise")
+    return z_prev + sigma * noise
 
 
 def renoise(z_prev, abar, abar_prev, noise):

@@ -126,6 +126,9 @@ class Context:
     # source_flow(image2, iters) -> f32[B,H,W,2]: flow(255 * source, image2, iters), with the
     # source's RAFT encoding computed once per edit (the sampler's); None: through `flow`
     source_flow: Callable | None = None
+    # the method's numbers per image (mgjax.method.numeric.Numeric, f32[B] leaves): MethodEnergy's
+    # weights; None where no sampler made the context
+    numeric: object = None
 
     def flow_from_source(self, image2, iters: int) -> jnp.ndarray:
         """RAFT(255 * source, image2) for image2 in [0, 255]."""
@@ -236,10 +239,49 @@ class PreservationEnergy(Energy):
         return loss, {"keep_loss": loss}
 
 
+@dataclasses.dataclass(frozen=True)
+class MethodEnergy(Energy):
+    """The energy a method's settings describe, its weights read per image from `ctx.numeric`
+    (mgjax.method.numeric.Numeric): lambda_flow L_flow + lambda_color L_color as MotionEnergy, plus
+    preserve_weight x PreservationEnergy's loss when `preserve`.
+
+    The weights are data (new values reuse the compiled program, a batch may mix them); what
+    is computed is static: RAFT's iterations, the oracle warp, and whether the preservation
+    term exists at all (`preserve`; its weight may then be 0 for some images)."""
+
+    raft_iters: int = Method.raft_iters
+    oracle: bool = Method.oracle
+    preserve: bool = False
+
+    @property
+    def log_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        motion = MotionEnergy.log_names
+        return (*motion, *PreservationEnergy.log_names) if self.preserve else motion
+
+    def __call__(self, x, ctx: Context):
+        num = ctx.numeric
+        if num is None:
+            raise InputError("MethodEnergy reads its weights from ctx.numeric; none was given")
+        _, logs = motion_energy(
+            x,
+            ctx.source,
+            ctx.target_flow,
+            ctx.occlusion,
+            lambda _, b, iters: ctx.flow_from_source(b, iters),  # the first image is the source
+            EnergyWeights(num.flow_weight, num.color_weight),
+            self.raft_iters,
+            self.oracle,
+        )
+        energy, out = logs["energy"], {k: logs[k] for k in MotionEnergy.log_names}
+        if self.preserve:
+            keep, part = PreservationEnergy()(x, ctx)
+            energy = energy + num.preserve_weight * keep
+            out.update(part)
+        return energy, out
+
+
 def method_energy(method: Method) -> Energy:
-    """The energy a method's settings describe: the paper's, plus preserve_weight x
-    PreservationEnergy when that weight is positive."""
-    energy = MotionEnergy(method.flow_weight, method.color_weight, method.raft_iters, method.oracle)
-    if method.preserve_weight:
-        energy = energy + method.preserve_weight * PreservationEnergy()
-    return energy
+    """The energy a method's settings describe (MethodEnergy): the paper's, plus
+    preserve_weight x PreservationEnergy when that weight is positive; the weights are the
+    sampler's per-image numbers (inputs.numeric), the form is the method's."""
+    return MethodEnergy(method.raft_iters, method.oracle, method.preserve_weight > 0)

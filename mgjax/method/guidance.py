@@ -13,8 +13,9 @@ the batch at once (MOTION_GUIDANCE.md, "The guided sampler"):
   8. repeated K times per step, re-noising z_prev back to t in between; the K-th z_prev is kept.
 
 Everything here is a function of its arguments: `Guidance` is the static description (the model
-seam, the energy, the settings; hashable, a `static_argnums` of jit), the weights (`params`, the
-`Raft`) and the per-edit arrays (`GuidanceInputs`) are arguments, and the state is a pytree:
+seam, the energy, the settings that shape the program; hashable, a `static_argnums` of jit), the
+weights (`params`, the `Raft`) and the per-edit arrays (`GuidanceInputs`, with the method's numbers
+per image in `inputs.numeric`, mgjax.method.numeric) are arguments, and the state is a pytree:
 
     g = Guidance(sd, energy, method, speed)
     state = init(inputs, z_T, seeds)
@@ -37,6 +38,7 @@ from jax import lax
 
 from mgjax.config import Method, Speed
 from mgjax.method import ddim
+from mgjax.method import numeric as N
 from mgjax.method.energy import Context, Energy
 from mgjax.method.inputs import GuidanceInputs
 from mgjax.method.source import cfg_eps
@@ -71,6 +73,13 @@ class Guidance:
     `latent_channels` and `vae_factor` members); its weights are passed to the functions below
     separately. Hashed by identity, so it can be a static jit argument; `snapshot_every` > 0 decodes
     the one-step estimate of unguided steps too (for snapshots).
+
+    The program reads the method's structure (steps, K, ...) from `method`; its numbers
+    (guidance weight, clip, CFG scale, eta, the energy's weights) come per image from
+    `inputs.numeric` (mgjax.method.numeric), and `method`'s are only the fallback for inputs without
+    them. `switches` (mgjax.method.numeric.Switches) says what the batch's numbers switch on: with
+    `cfg` False every cfg_scale is taken as 1 and the unconditional half never runs; without
+    `stochastic` eta is taken as 0. Default: what `method`'s own numbers need.
     """
 
     sd: Any
@@ -78,12 +87,15 @@ class Guidance:
     method: Method = Method()
     speed: Speed = Speed()
     snapshot_every: int = 0
+    switches: N.Switches | None = None
 
     def __post_init__(self):
         if not isinstance(self.energy, Energy):
             raise TypeError(
                 f"energy must be an mgjax.method.energy.Energy, got {type(self.energy).__name__}"
             )
+        if self.switches is None:
+            object.__setattr__(self, "switches", N.Switches.of_method(self.method))
 
     @property
     def loops(self) -> str:
@@ -128,14 +140,16 @@ def eval_noise(keys, i, j, recursive_steps: int, shape, dtype=jnp.float32):
     return jax.vmap(one)(keys)
 
 
-def clip_norm(d, clip: float):
-    """Scale each image's d (f32[B,...]) down to L2 norm `clip` where it is larger (0: off).
+def clip_norm(d, clip):
+    """Scale each image's d (f32[B,...]) down to L2 norm `clip` where it is larger (0: off);
+    clip is one number or one per image (f32[B], data: 0 switches it off per image).
     Returns (d, the norm after clipping f32[B])."""
     norm = jnp.sqrt(jnp.sum(jnp.square(d), axis=tuple(range(1, d.ndim))))
-    if clip:
-        factor = jnp.where(norm > clip, clip / jnp.maximum(norm, 1e-30), 1.0)
-        d = d * factor.reshape((-1,) + (1,) * (d.ndim - 1))
-    return d, jnp.minimum(norm, clip) if clip else norm
+    clip = jnp.broadcast_to(jnp.asarray(clip, norm.dtype), norm.shape)
+    on = clip > 0
+    factor = jnp.where(on & (norm > clip), clip / jnp.maximum(norm, 1e-30), 1.0)
+    d = d * N.per_image(factor, d.ndim)
+    return d, jnp.where(on, jnp.minimum(norm, clip), norm)
 
 
 def remat(fn, policy: str, diffusers: bool = True):
@@ -151,10 +165,17 @@ def remat(fn, policy: str, diffusers: bool = True):
     return jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
 
 
-def context(inputs: GuidanceInputs, flow_net) -> Context:
+def numbers(g: Guidance, inputs: GuidanceInputs) -> N.Numeric:
+    """The method's numbers per image: the inputs', or the method's repeated over the batch."""
+    if inputs.numeric is not None:
+        return inputs.numeric
+    return N.of(g.method, inputs.source.shape[0], inputs.source.dtype)
+
+
+def context(inputs: GuidanceInputs, flow_net, numeric: N.Numeric | None = None) -> Context:
     """The energy's view of the inputs; flow_net(a, b, iters, source_encoding=None) is the flow
     network. With the source's RAFT encoding in the inputs (source_cache), flows from the source
-    reuse it."""
+    reuse it. `numeric`: the per-image numbers (default: the inputs')."""
     cached = inputs.raft_source
     return Context(
         source=inputs.source,
@@ -162,25 +183,29 @@ def context(inputs: GuidanceInputs, flow_net) -> Context:
         occlusion=inputs.occlusion,
         flow=flow_net,
         extras=inputs.extras or {},
+        numeric=inputs.numeric if numeric is None else numeric,
         source_flow=None
         if cached is None  # Context.flow_from_source goes through flow_net
         else lambda b, iters: flow_net(255.0 * inputs.source, b, iters, cached),
     )
 
 
-def guided_steps(g: Guidance, schedule, start: int, length: int) -> np.ndarray:
+def guided_steps(g: Guidance, inputs: GuidanceInputs, start: int, length: int) -> np.ndarray:
     """bool[length]: which DDIM steps from `start` evaluate the energy (all of them unless
-    skip_unguided, which skips those whose lambda_g * schedule[i] is 0). Host-side."""
+    skip_unguided, which skips those whose lambda_g * schedule[i] is 0 for every image).
+    Host-side: it reads the schedule and the guidance weights (the program's form depends on
+    it, as a static mode)."""
     if not g.speed.skip_unguided:
         return np.ones(length, bool)
-    weights = np.asarray(schedule, np.float64)[start : start + length]
-    return weights * g.method.guidance_weight != 0
+    schedule = np.asarray(inputs.schedule, np.float64)[start : start + length]
+    weights = np.asarray(numbers(g, inputs).guidance_weight, np.float64)
+    return (schedule[:, None] * weights[None, :] != 0).any(axis=1)
 
 
-def chunk_mode(g: Guidance, schedule, start: int, length: int) -> str:
+def chunk_mode(g: Guidance, inputs: GuidanceInputs, start: int, length: int) -> str:
     """How steps start..start+length-1 treat guidance: "guided" (every step evaluates the
     energy), "unguided" (none: the UNet alone) or "mixed" (a lax.cond per step)."""
-    guided = guided_steps(g, schedule, start, length)
+    guided = guided_steps(g, inputs, start, length)
     return "guided" if guided.all() else "unguided" if not guided.any() else "mixed"
 
 
@@ -190,9 +215,13 @@ def evaluate(
     """Guided evaluation j of DDIM step i from z_t = z f32[B,C,h,w].
 
     mode (static): "guided", "unguided" (the UNet alone; the energy is not compiled, its logs are
-    NaN) or "mixed" (a lax.cond on lambda_g * schedule[i] != 0).
+    NaN) or "mixed" (a lax.cond on lambda_g * schedule[i] != 0 for some image). The numbers
+    (lambda_g, clip, CFG scale, eta, the energy's weights) are read per image from
+    inputs.numeric: runtime values, so new values never recompile.
     """
     m, sch = g.method, g.schedule
+    num = numbers(g, inputs)
+    view = lambda x: N.per_image(x, z.ndim)  # noqa: E731 - f32[B] -> f32[B,1,1,1]
     abar, abar_prev, t = sch.abar[i], sch.abar_prev[i], sch.timesteps[i]
     s = jnp.sqrt(1.0 - abar)
     n_src, n_eta, n_re = eval_noise(keys, i, j, m.recursive_steps, z.shape, z.dtype)
@@ -201,11 +230,13 @@ def evaluate(
     else:
         source_latent = ddim.add_noise(inputs.z0, n_src, abar)
     z = jnp.where(inputs.frozen, source_latent, z)
-    weight = m.guidance_weight * inputs.schedule[i]
+    weight = num.guidance_weight * inputs.schedule[i]  # f32[B]
     policy = g.speed.remat
+    # static: without switches.cfg every scale is 1 and the UNet runs on the prompt alone
+    cfg_scale = view(num.cfg_scale) if g.switches.cfg else 1.0
 
     def eps_of(p, z_in):
-        return cfg_eps(g.sd, p, z_in, t, inputs.cond, inputs.uncond, m.cfg_scale, skip_at_one=True)
+        return cfg_eps(g.sd, p, z_in, t, inputs.cond, inputs.uncond, cfg_scale, skip_at_one=True)
 
     unet, decode = remat(eps_of, policy), remat(g.sd.decode, policy)
     if m.raft_gradient == "full":
@@ -216,7 +247,7 @@ def evaluate(
         run = lambda r, a, b, src: r(a, b, iters=iters, source=src, **unroll)  # noqa: E731
         return remat(run, policy, diffusers=False)(raft, a, b, src)
 
-    ctx = context(inputs, flow_net)
+    ctx = context(inputs, flow_net, num)
 
     def energy(z_in):
         eps = unet(params, z_in)
@@ -227,7 +258,7 @@ def evaluate(
 
     def guided(z):
         (_, (eps, logs, x)), grad = jax.value_and_grad(energy, has_aux=True)(z)
-        d, d_norm = clip_norm(s * weight * grad, m.clip)
+        d, d_norm = clip_norm(view(s * weight) * grad, num.clip)
         return eps, d, grad, logs, x, d_norm
 
     def unguided(z):
@@ -244,13 +275,16 @@ def evaluate(
     if mode == "unguided":
         eps, d, grad, logs, x, d_norm = unguided(z)
     elif mode == "mixed":
-        eps, d, grad, logs, x, d_norm = lax.cond(weight != 0, guided, unguided, z)
+        eps, d, grad, logs, x, d_norm = lax.cond(jnp.any(weight != 0), guided, unguided, z)
     elif mode == "guided":
         eps, d, grad, logs, x, d_norm = guided(z)
     else:
         raise ValueError(f"mode must be guided, unguided or mixed, got {mode!r}")
     eps_guided = eps + d
-    z_prev = ddim.step(z, eps_guided, abar, abar_prev, m.eta, n_eta if m.eta else None)
+    if g.switches.stochastic:  # static: some image has eta > 0 (eta 0 ones add 0 x noise)
+        z_prev = ddim.step(z, eps_guided, abar, abar_prev, view(num.eta), n_eta)
+    else:
+        z_prev = ddim.step(z, eps_guided, abar, abar_prev)
     logs = dict(logs)
     logs["noise_norm"] = jnp.sqrt(jnp.sum(jnp.square(eps_guided), axis=(1, 2, 3)))
     logs["guidance_norm"] = d_norm
@@ -272,6 +306,16 @@ def recursive_step(g: Guidance, params, raft, inputs, z, i, keys, mode: str = "g
     snap0 = jnp.zeros(inputs.source.shape if g.snapshot_every else (), g.dtype)
     (_, z_prev, snap), logs = lax.scan(one, (z, z, snap0), jnp.arange(g.method.recursive_steps))
     return z_prev, logs, snap
+
+
+def final_energy(g: Guidance, params, raft, inputs: GuidanceInputs, z):
+    """The energy of final latents z f32[B,C,h,w], decoded (not clamped; not a one-step
+    estimate): (f32[B], logs name -> f32[B]). Differentiable end to end: jax.grad of it after
+    step_chunk differentiates a whole guided run, with respect to its numbers too."""
+    x = g.sd.decode(params, z) * 0.5 + 0.5
+    flow_net = lambda a, b, iters, src=None: raft(a, b, iters=iters, source=src)  # noqa: E731
+    e, terms = g.energy(x, context(inputs, flow_net, numbers(g, inputs)))
+    return e, {k: terms[k] for k in g.energy.log_names}
 
 
 def step_chunk(

@@ -7,6 +7,7 @@ import numpy as np
 from flax import struct
 
 from flow.errors import InputError
+from mgjax.method import numeric as N
 from mgjax.method.energy import occlusion_mask
 from mgjax.model import conditioning
 
@@ -28,6 +29,9 @@ class GuidanceInputs:
     # RAFT's encoding of 255 * source (flow.raft.encode_source), the same in every evaluation;
     # None: each evaluation encodes the source itself
     raft_source: dict | None = None
+    # the method's numbers per image (mgjax.method.numeric.Numeric, f32[B] leaves): data of the
+    # compiled step, so new values never recompile; None: the sampler's method's, for all
+    numeric: object = None
 
 
 # The batch axis of each per-image field (the schedule is shared by the batch).
@@ -40,6 +44,7 @@ BATCH_AXIS = {
     "uncond": 0,
     "z0": 0,
     "trajectory": 1,
+    "numeric": 0,
 }
 
 
@@ -69,6 +74,7 @@ def prepare(
     z0=None,
     schedule=None,
     extras=None,
+    numeric=None,
     dtype=jnp.float32,
 ) -> GuidanceInputs:
     """Check and assemble the inputs of B edits for `sd` (its vae_factor and latent_channels)
@@ -81,6 +87,8 @@ def prepare(
       trajectory: [S,B,C,h,w] source latents, or z0: [B,C,h,w] (exactly one of them).
       schedule: [S] guidance multipliers, or None (all ones).
       extras: {name: [B, ...]} for the energy, or None.
+      numeric: the method's numbers per image (mgjax.method.numeric.Numeric), or None: `method`'s
+      for every image.
     Raises InputError (a ValueError) naming the problem.
     """
     source = np.asarray(source, dtype)
@@ -161,7 +169,15 @@ def prepare(
         if method.occlusion_masking
         else jnp.ones((b, h, w, 1), jnp.float32)
     )
+    if numeric is None:
+        numeric = N.of(method, b, dtype)
+    numeric = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), numeric)
+    if any(np.shape(x) != (b,) for x in jax.tree_util.tree_leaves(numeric)):
+        raise InputError(f"the method's numbers need one value per image ({b})")
+    if not all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(numeric)):
+        raise InputError("the method's numbers contain NaN or inf values")
     return GuidanceInputs(
+        numeric=numeric,
         source=jnp.asarray(source),
         target_flow=jnp.asarray(flow),
         occlusion=occ,

@@ -2,9 +2,12 @@
 
 `Sampler` compiles ahead of time and caches per chunk length and kind, chooses between the scan
 chunk and unrolled evaluations (`Speed.loops`), counts traces (a retrace tripwire), checks each
-chunk for NaN/inf and decodes the final latents. With loops "unrolled" (the default on CPU) the
-evaluations of a chunk run one compiled call each, in the scan's order with the scan's noise;
-the weights are always jit arguments and the carried latent is donated.
+chunk for NaN/inf and decodes the final latents. The method's numbers are data of the compiled
+programs (`inputs.numeric`, mgjax.method.numeric): one Sampler serves every guidance weight, CFG
+scale, clip, eta and energy weight of its method's structure, batches mixing them included.
+With loops "unrolled" (the default on CPU) the evaluations of a chunk run one compiled call
+each, in the scan's order with the scan's noise; the weights are always jit arguments and the
+carried latent is donated.
 """
 
 import functools
@@ -18,6 +21,7 @@ from flow.errors import InputError
 from mgjax import config as C
 from mgjax.config import Method, Speed
 from mgjax.method import guidance as G
+from mgjax.method import numeric as N
 from mgjax.method.energy import Energy, method_energy
 from mgjax.method.inputs import GuidanceInputs, prepare
 
@@ -42,7 +46,10 @@ class Sampler:
 
     `energy` defaults to what `method` describes (mgjax.method.energy.method_energy); with another
     energy the method's flow/colour weights, raft_iters, oracle and preserve_weight are unused.
-    `snapshot_every` > 0 keeps the decoded one-step estimate every that many steps.
+    `snapshot_every` > 0 keeps the decoded one-step estimate every that many steps. `method`'s
+    numbers are the default of `prepare`; inputs with other numbers (`prepare(numeric=...)`)
+    run on the same compiled programs, except that the first batch with some cfg_scale != 1
+    (or eta > 0) compiles the program with that switch on (mgjax.method.numeric.Switches).
     """
 
     def __init__(
@@ -57,6 +64,7 @@ class Sampler:
         self.sd, self.raft = sd, raft
         energy = method_energy(method) if energy is None else energy
         self.guidance = G.Guidance(sd, energy, method, speed, snapshot_every)
+        self._guidances = {self.guidance.switches: self.guidance}
         self.method, self.speed, self.energy = method, speed, energy
         self.log_names = self.guidance.log_names
         self.loops = self.guidance.loops  # "scan" or "unrolled"
@@ -99,9 +107,10 @@ class Sampler:
     # ------------------------------------------------------------------ inputs
 
     def prepare(self, source, target_flow, cond, uncond, encode: bool = True, **arrays):
-        """mgjax.method.inputs.prepare for this model and method (see there for the arrays); encode:
-        with speed.source_cache, RAFT-encode the source now (batch editing does it once the
-        inputs are sharded instead)."""
+        """mgjax.method.inputs.prepare for this model and method (see there for the arrays, and
+        `numeric`: the method's numbers per image, default this method's); encode: with
+        speed.source_cache, RAFT-encode the source now (batch editing does it once the inputs
+        are sharded instead)."""
         inputs = prepare(
             self.sd, self.method, source, target_flow, cond, uncond, dtype=self.dtype, **arrays
         )
@@ -120,19 +129,34 @@ class Sampler:
 
     # ------------------------------------------------------------------ running
 
-    def guided_steps(self, inputs: GuidanceInputs, start: int, length: int) -> np.ndarray:
-        return G.guided_steps(self.guidance, inputs.schedule, start, length)
+    def guidance_for(self, inputs: GuidanceInputs) -> G.Guidance:
+        """The static description for these inputs: this sampler's, with the switches their
+        numbers need (one Guidance per combination, so each compiles once). Host-side."""
+        switches = N.Switches.of(G.numbers(self.guidance, inputs))
+        if switches not in self._guidances:
+            every = self.guidance.snapshot_every
+            self._guidances[switches] = G.Guidance(
+                self.sd, self.energy, self.method, self.speed, every, switches
+            )
+        return self._guidances[switches]
 
-    def compiled(self, jitted, args, **static):
+    def guided_steps(self, inputs: GuidanceInputs, start: int, length: int) -> np.ndarray:
+        return G.guided_steps(self.guidance, inputs, start, length)
+
+    def compiled(self, jitted, args, guidance: G.Guidance | None = None, **static):
         """`jitted` compiled ahead of time for these arguments' shapes and the static ones,
-        cached; its compile time is added to compile_seconds."""
+        cached; its compile time is added to compile_seconds. guidance: the static description
+        (default: for the inputs among args, `guidance_for`)."""
+        if guidance is None:
+            inputs = next(a for a in args if isinstance(a, GuidanceInputs))
+            guidance = self.guidance_for(inputs)
         leaves, treedef = jax.tree_util.tree_flatten(args)
         avals = tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
-        key = (jitted, tuple(sorted(static.items())), treedef, avals)
+        key = (jitted, guidance.switches, tuple(sorted(static.items())), treedef, avals)
         fn = self._compiled.get(key)
         if fn is None:
             t = time.perf_counter()
-            fn = jitted.lower(self.guidance, *args, **static).compile()
+            fn = jitted.lower(guidance, *args, **static).compile()
             self.compile_seconds += time.perf_counter() - t
             self._compiled[key] = fn
         return fn
@@ -145,16 +169,18 @@ class Sampler:
     def compiled_chunk(self, inputs, state, length: int, mode: str | None = None):
         """The scan chunk of `length` steps from state.step, compiled (XLA's cost and memory
         analyses are on it); mode: as mgjax.method.guidance.chunk_mode says by default."""
-        mode = mode or G.chunk_mode(self.guidance, inputs.schedule, int(state.step), length)
+        mode = mode or G.chunk_mode(self.guidance, inputs, int(state.step), length)
         args = (self.sd.params, self.raft, inputs, state)
         return self.compiled(self._chunk, args, length=length, mode=mode)
 
-    def compiled_evaluation(self, inputs, z, i: int, j: int, keys, mode: str = "guided"):
-        """One compiled evaluation ((z_prev, z_next, logs, x0) of
-        mgjax.method.guidance.evaluate) and its arguments."""
+    def compiled_evaluation(
+        self, inputs, z, i: int, j: int, keys, mode: str = "guided", guidance=None
+    ):
+        """One compiled evaluation ((z_prev, z_next, logs, x0) of mgjax.method.guidance.evaluate)
+        and its arguments; guidance: as `compiled`."""
         i, j = jnp.asarray(i, jnp.int32), jnp.asarray(j, jnp.int32)
         args = (self.sd.params, self.raft, inputs, z, i, j, keys)
-        return self.compiled(self._evaluation, args, mode=mode), args
+        return self.compiled(self._evaluation, args, guidance, mode=mode), args
 
     def run_chunk(self, inputs: GuidanceInputs, state: G.SamplerState, length: int | None = None):
         """Advance `length` DDIM steps (default: speed.chunk, cut at the end): (state, logs
@@ -173,11 +199,12 @@ class Sampler:
         guided and unguided steps are two compiled evaluations chosen per step on the host."""
         k, start = self.method.recursive_steps, int(state.step)
         z, logs, snaps = state.z, [], []
+        g = self.guidance_for(inputs)  # read once per chunk, not per evaluation
         for n, guided in enumerate(self.guided_steps(inputs, start, length)):
             z_t, step_logs = z, []
             for j in range(k):
                 mode = "guided" if guided else "unguided"
-                fn, args = self.compiled_evaluation(inputs, z_t, start + n, j, state.keys, mode)
+                fn, args = self.compiled_evaluation(inputs, z_t, start + n, j, state.keys, mode, g)
                 z, z_t, logs_j, x0 = fn(*args)
                 step_logs.append(logs_j)
                 if j == 0:
@@ -217,7 +244,8 @@ class Sampler:
 
     def _final_energy(self, raft, x, inputs):
         flow_net = lambda a, b, iters, s=None: raft(a, b, iters, source=s)  # noqa: E731
-        e, terms = self.energy(x, G.context(inputs, flow_net))
+        ctx = G.context(inputs, flow_net, G.numbers(self.guidance, inputs))
+        e, terms = self.energy(x, ctx)
         return {"energy": e, **{k: terms[k] for k in self.energy.log_names}}
 
     def final_energy(self, inputs: GuidanceInputs, images) -> dict[str, np.ndarray]:
