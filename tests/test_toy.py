@@ -104,7 +104,7 @@ def test_ground_truth_edit_and_measures():
 def test_toy_tokenizer_makes_each_word_one_token(tmp_path):
     from transformers import CLIPTokenizer
 
-    from mgjax.toy.train_ldm import MAX_TOKENS, _words, check_tokenizer, tokenizer_files
+    from mgjax.toy.tokenizer import MAX_TOKENS, _words, check_tokenizer, tokenizer_files
 
     tok = CLIPTokenizer.from_pretrained(str(tokenizer_files(tmp_path)))
     check_tokenizer(tok)

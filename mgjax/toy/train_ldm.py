@@ -1,22 +1,23 @@
 """Train the toy pack's latent diffusion model on the shapes world: a diffusers AutoencoderKL
 (VAE factor 4), then a UNet2DConditionModel with a small CLIP text encoder trained jointly,
 text-conditionally with prompt dropout (so that classifier-free guidance works). The same Flax
-classes the real pipeline loads, built and run through the model seam (mgjax.sd); the result is
-a diffusers folder that `mgjax.sd.load` reads. Seeded, optax, progress lines, loss curves, a
-sample grid; each stage stops at its time budget, and a run continues from any folder it wrote
-(the shipped pack included) with --init.
+classes the real pipeline loads, built and run through the model seam (mgjax.model.sd); the
+result is a diffusers folder that `mgjax.model.sd.load` reads. Seeded, optax, progress lines, loss
+curves, a sample grid; each stage stops at its time budget, and a run continues from any folder
+it wrote (the shipped pack included) with --init.
 
   python -m mgjax.toy.train_ldm --out_dir runs/vae --unet_steps 0          # autoencoder only
-  python -m mgjax.toy.train_ldm --out_dir runs/ldm --init runs/vae/sd --vae_steps 0 \
-      --fresh_unet                                                      # UNet on that autoencoder
+  python -m mgjax.toy.train_ldm --out_dir runs/vae2 --init runs/vae/sd/vae --unet_steps 0
+                                                                  # continue the autoencoder
+  python -m mgjax.toy.train_ldm --out_dir runs/ldm --init runs/vae/sd/vae --vae_steps 0
+                                                                  # a new UNet on that autoencoder
   python -m mgjax.toy.train_ldm --out_dir runs/ldm2 --init mgjax/toy/pack/sd --vae_steps 0
-                                                                        # continue the UNet
+                                                                  # continue the UNet
 
 Writes OUT/sd/ (unet/, vae/, text_encoder/, tokenizer/, model_index.json), OUT/vae_losses.png,
 OUT/unet_losses.png, OUT/samples.png (prompts x seeds, CFG 7.5, 50 DDIM steps), OUT/log.json.
 """
 
-import itertools
 import json
 import os
 import sys
@@ -33,6 +34,7 @@ from mgjax.edit import outputs
 from mgjax.method import ddim
 from mgjax.model import sd as sdm
 from mgjax.toy import quality, shapes
+from mgjax.toy.tokenizer import MAX_TOKENS, check_tokenizer, tokenizer_files
 
 FLAGS = flags.FLAGS
 
@@ -72,80 +74,6 @@ TEXT = dict(
     num_attention_heads=4,
     projection_dim=64,
 )
-MAX_TOKENS = 24
-
-
-# ----------------------------------------------------------------------------- tokenizer
-
-
-def _words() -> list[str]:
-    fixed = ["a", "an", "and", "on", "background", "dotted"]
-    return fixed + list(shapes.COLORS) + list(shapes.SHAPES) + list(shapes.PATTERNS)
-
-
-def _bpe(word: str, ranks: dict) -> list[str]:
-    """CLIP's BPE on one lower-case word (a copy of its merge loop, to search merge orders)."""
-    parts = list(word[:-1]) + [word[-1] + "</w>"]
-    while len(parts) > 1:
-        pairs = [(ranks.get((a, b), 1e9), i) for i, (a, b) in enumerate(itertools.pairwise(parts))]
-        rank, i = min(pairs)
-        if rank == 1e9:
-            break
-        parts[i : i + 2] = [parts[i] + parts[i + 1]]
-    return parts
-
-
-def tokenizer_files(folder) -> Path:
-    """Write a CLIP tokenizer folder (vocab.json, merges.txt, tokenizer_config.json) whose
-    merges make each shapes-world word one token (the byte-level alphabet stays, so any text
-    still tokenizes). Merge chains are built word by word, left to right; an order in which no
-    word's chain is cut by another's is searched, and the tokenizer itself checks it once the
-    models are built (`check_tokenizer`)."""
-    chars = sdm.byte_symbols()
-    words = _words()
-    rng = np.random.default_rng(0)
-    for _ in range(500):
-        merges, seen = [], set()
-        for w in words:
-            parts = list(w[:-1]) + [w[-1] + "</w>"]
-            left = parts[0]
-            for p in parts[1:]:
-                if (left, p) not in seen:
-                    seen.add((left, p))
-                    merges.append((left, p))
-                left += p
-        ranks = {m: i for i, m in enumerate(merges)}
-        if all(_bpe(w, ranks) == [w + "</w>"] for w in words):
-            break
-        words = list(rng.permutation(words))
-    else:
-        raise RuntimeError("no merge order makes every word one token")
-    vocab = chars + [c + "</w>" for c in chars]
-    vocab += [a + b for a, b in merges if a + b not in vocab]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "model_max_length": MAX_TOKENS,
-                "bos_token": "<|startoftext|>",
-                "eos_token": "<|endoftext|>",
-                "unk_token": "<|endoftext|>",
-                "pad_token": "<|endoftext|>",
-                "tokenizer_class": "CLIPTokenizer",
-            }
-        )
-    )
-    return folder
-
-
-def check_tokenizer(tokenizer) -> None:
-    for w in _words():
-        if tokenizer.tokenize(w) != [w + "</w>"]:
-            raise RuntimeError(f"the toy tokenizer splits {w!r}: {tokenizer.tokenize(w)}")
 
 
 def new_models(folder, seed: int) -> sdm.StableDiffusion:
@@ -387,7 +315,10 @@ def _define_flags():
     can be imported side by side)."""
     flags.DEFINE_string("out_dir", None, "Output folder.")
     flags.DEFINE_string(
-        "init", None, "Start from this diffusers folder's weights (a run's OUT/sd, or the pack's)."
+        "init",
+        None,
+        "Start from this diffusers folder's weights (a run's OUT/sd, or the pack's), "
+        "or from this autoencoder folder's (OUT/sd/vae) with a new UNet and text encoder.",
     )
     flags.DEFINE_bool(
         "fresh_unet", False, "With --init: the UNet and text encoder start from random weights "
@@ -422,7 +353,14 @@ def main(argv):
     out.mkdir(parents=True, exist_ok=True)
     log = lambda s: print(s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    if FLAGS.init:
+    whole = bool(FLAGS.init) and (Path(FLAGS.init) / "unet").is_dir()
+    if FLAGS.init and not whole:  # an autoencoder folder: new UNet and text encoder on it
+        fresh = new_models(out, FLAGS.seed)
+        sd = with_params(
+            fresh, dict(fresh.params, vae=sdm.load_autoencoder(FLAGS.init).params["vae"])
+        )
+        log(f"autoencoder from {FLAGS.init}; new UNet and text encoder")
+    elif FLAGS.init:
         sd = sdm.load(FLAGS.init)
         log(f"starting from {FLAGS.init}")
         if FLAGS.fresh_unet:
@@ -454,7 +392,7 @@ def main(argv):
         sd, unet_curve = train_unet(
             sd, unet_rng, FLAGS.unet_minutes, FLAGS.unet_steps, FLAGS.pool, FLAGS.unet_batch,
             FLAGS.log_every, log, FLAGS.unet_lr, FLAGS.ema, FLAGS.snr_gamma,
-            fresh=FLAGS.fresh_unet or not FLAGS.init,
+            fresh=FLAGS.fresh_unet or not whole,
         )  # fmt: skip
         log_json["unet_loss"] = unet_curve.tolist()
         log_json["unet_seconds"] = time.perf_counter() - t1
