@@ -203,17 +203,25 @@ class MotionEnergy(Energy):
     log_names: ClassVar[tuple[str, ...]] = ("flow_loss", "color_loss")
 
     def __call__(self, x, ctx: Context):
-        _, logs = motion_energy(
-            x,
-            ctx.source,
-            ctx.target_flow,
-            ctx.occlusion,
-            lambda _, b, iters: ctx.flow_from_source(b, iters),  # the first image is the source
-            EnergyWeights(self.flow_weight, self.color_weight),
-            self.raft_iters,
-            self.oracle,
-        )
+        logs = _motion_logs(x, ctx, EnergyWeights(self.flow_weight, self.color_weight),
+                            self.raft_iters, self.oracle)  # fmt: skip
         return logs["energy"], {k: logs[k] for k in self.log_names}
+
+
+def _motion_logs(x, ctx: Context, weights: EnergyWeights, raft_iters: int, oracle: bool) -> dict:
+    """motion_energy's logs for the estimate x against the context's source, target flow and
+    occlusion, RAFT called through the context (its source encoding reused)."""
+    _, logs = motion_energy(
+        x,
+        ctx.source,
+        ctx.target_flow,
+        ctx.occlusion,
+        lambda _, b, iters: ctx.flow_from_source(b, iters),  # the first image is the source
+        weights,
+        raft_iters,
+        oracle,
+    )
+    return logs
 
 
 def still_region(target_flow: jnp.ndarray, occlusion: jnp.ndarray) -> jnp.ndarray:
@@ -262,16 +270,8 @@ class MethodEnergy(Energy):
         num = ctx.numeric
         if num is None:
             raise InputError("MethodEnergy reads its weights from ctx.numeric; none was given")
-        _, logs = motion_energy(
-            x,
-            ctx.source,
-            ctx.target_flow,
-            ctx.occlusion,
-            lambda _, b, iters: ctx.flow_from_source(b, iters),  # the first image is the source
-            EnergyWeights(num.flow_weight, num.color_weight),
-            self.raft_iters,
-            self.oracle,
-        )
+        logs = _motion_logs(x, ctx, EnergyWeights(num.flow_weight, num.color_weight),
+                            self.raft_iters, self.oracle)  # fmt: skip
         energy, out = logs["energy"], {k: logs[k] for k in MotionEnergy.log_names}
         if self.preserve:
             keep, part = PreservationEnergy()(x, ctx)
