@@ -18,6 +18,7 @@ Writes OUT/sd/ (unet/, vae/, text_encoder/, tokenizer/, model_index.json), OUT/v
 OUT/unet_losses.png, OUT/samples.png (prompts x seeds, CFG 7.5, 50 DDIM steps), OUT/log.json.
 """
 
+import functools
 import json
 import os
 import sys
@@ -34,6 +35,7 @@ from mgjax.edit import outputs
 from mgjax.method import ddim
 from mgjax.model import sd as sdm
 from mgjax.toy import quality, shapes
+from mgjax.toy.budget import Budget, parallel_map, scheduled, seeds_from, with_learning_rate
 from mgjax.toy.tokenizer import MAX_TOKENS, check_tokenizer, tokenizer_files
 
 FLAGS = flags.FLAGS
@@ -101,36 +103,38 @@ def with_params(sd: sdm.StableDiffusion, params: dict, scaling: float | None = N
 # ----------------------------------------------------------------------------- data
 
 
-def render_pool(rng, n: int, supersample: int = 4, log=print):
-    """n random scenes: images f32[n,64,64,3] in [-1, 1], the union of their objects' exact
-    masks bool[n,64,64], and their prompts."""
-    images, masks, prompts = [], [], []
-    for i in range(n):
-        scene = shapes.sample_scene(rng, SIZE)
-        out = shapes.render(scene, supersample=supersample)
-        images.append(2.0 * out["image"] - 1.0)
-        masks.append(out["masks"].any(axis=0))
-        prompts.append(shapes.prompt(scene))
-        if (i + 1) % 2000 == 0:
-            log(f"rendered {i + 1}/{n} scenes")
-    return np.stack(images).astype(np.float32), np.stack(masks), prompts
+def _render_scene(seed: int, supersample: int):
+    scene = shapes.sample_scene(np.random.default_rng(seed), SIZE)
+    out = shapes.render(scene, supersample=supersample)
+    return 2.0 * out["image"] - 1.0, out["masks"].any(axis=0), shapes.prompt(scene)
 
 
-def _progress(name, step, steps, start, minutes, loss, log):
-    elapsed = time.perf_counter() - start
+def render_pool(rng, n: int, supersample: int = 4, log=print, workers: int | None = None):
+    """n random scenes (one seed each, drawn from `rng`), rendered in `workers` processes:
+    images f32[n,64,64,3] in [-1, 1], the union of their objects' exact masks bool[n,64,64],
+    and their prompts."""
+    start = time.perf_counter()
+    render = functools.partial(_render_scene, supersample=supersample)
+    images, masks, prompts = zip(*parallel_map(render, seeds_from(rng, n), workers), strict=True)
+    log(f"rendered {n} scenes in {time.perf_counter() - start:.1f} s")
+    return np.stack(images).astype(np.float32), np.stack(masks), list(prompts)
+
+
+def _progress(name, step, budget: Budget, loss, lr, log):
+    elapsed = budget.elapsed()
     rate = step / max(elapsed, 1e-9)
-    left = min((steps - step) / rate, max(minutes * 60 - elapsed, 0.0))
-    log(f"{name} step {step}/{steps}  loss {loss:.4f}  {rate:.2f} steps/s  ETA {left / 60:.1f} min")
+    left = min((budget.steps - step) / rate, max(budget.seconds - elapsed, 0.0))
+    log(f"{name} step {step}/{budget.steps}  loss {loss:.4f}  lr {lr:.2e}  {rate:.2f} steps/s  "
+        f"ETA {left / 60:.1f} min")  # fmt: skip
     if not np.isfinite(loss):
         raise RuntimeError(f"{name} training diverged at step {step} (loss {loss})")
-    return elapsed > minutes * 60
 
 
 # ----------------------------------------------------------------------------- stages
 
 
 def train_vae(sd, rng, minutes, steps, batch, crop, full_share, object_weight, lr, pool,
-              log_every, log):  # fmt: skip
+              log_every, log, workers=None):  # fmt: skip
     """The autoencoder, on random `crop` x `crop` crops of a pool of rendered scenes (the
     networks are convolutional; a crop step costs a quarter of a full one), then on full
     images for the last `full_share` of the steps or of the time budget, so that the GroupNorm
@@ -139,10 +143,12 @@ def train_vae(sd, rng, minutes, steps, batch, crop, full_share, object_weight, l
     objects are what guidance moves and the measures segment). The decoder reads the
     posterior mean, as every user of the model does (inversion, guidance, the benches): a
     latent sampled with the posterior's initial unit std buries the mean in noise, and
-    training through it reached 22.7 dB after 1,100 steps (200 held-out scenes)."""
-    images, masks, _ = render_pool(rng, pool, log=log)
-    opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps,
-                                                         lr / 10), 1e-4)  # fmt: skip
+    training through it reached 22.7 dB after 1,100 steps (200 held-out scenes). A full-image
+    batch holds as many pixels as a crop batch. The learning rate warms up over the first 5%
+    and decays (cosine, to a tenth) over the run's steps or minutes, whichever ends first."""
+    images, masks, _ = render_pool(rng, pool, log=log, workers=workers)
+    opt = scheduled(lambda learning_rate: optax.adamw(learning_rate, 1e-4))
+    full_batch = max(batch * crop * crop // (SIZE * SIZE), 1)
     params = sd.params
     state = opt.init(params["vae"])
 
@@ -159,30 +165,30 @@ def train_vae(sd, rng, minutes, steps, batch, crop, full_share, object_weight, l
         u, s = opt.update(g, s, vp)
         return optax.apply_updates(vp, u), s, loss
 
-    curve, start, acc = [], time.perf_counter(), []
-    vp = params["vae"]
-    for step in range(1, steps + 1):
-        full = (
-            step > (1 - full_share) * steps
-            or time.perf_counter() - start > (1 - full_share) * minutes * 60
-        )
+    curve, acc, budget = [], [], Budget(steps, minutes)
+    vp, step = params["vae"], 0
+    while not budget.done(step):
+        step += 1
+        full = budget.progress(step) > 1 - full_share
         if full:
-            idx = rng.integers(0, pool, max(batch // 4, 1))
+            idx = rng.integers(0, pool, full_batch)
             x, m = images[idx], masks[idx]
         else:
             idx = rng.integers(0, pool, batch)
             i0, j0 = rng.integers(0, SIZE - crop + 1, 2) // 4 * 4  # on the latent grid
             x = images[idx, i0 : i0 + crop, j0 : j0 + crop]
             m = masks[idx, i0 : i0 + crop, j0 : j0 + crop]
+        lr_now = budget.learning_rate(lr, step)
+        state = with_learning_rate(state, lr_now)
         vp, state, loss = step_fn(vp, state, jnp.asarray(x), jnp.asarray(m, jnp.float32))
-        acc.append(float(loss))
-        if step % log_every == 0 or step == steps:
-            curve.append(float(np.mean(acc)))
+        acc.append(loss)
+        if step % log_every == 0 or budget.done(step):
+            curve.append(float(np.mean(jax.device_get(acc))))
             acc = []
-            if _progress("vae" + (" (full images)" if full else ""), step, steps, start, minutes,
-                         curve[-1], log):  # fmt: skip
-                break
-    return dict(params, vae=vp), np.asarray(curve)
+            name = "vae" + (" (full images)" if full else "")
+            _progress(name, step, budget, curve[-1], lr_now, log)
+    log(f"vae: {step} steps in {budget.elapsed() / 60:.1f} min")
+    return dict(params, vae=vp), np.asarray(curve), step
 
 
 def roundtrip_report(sd, seeds, log=print) -> dict:
@@ -214,15 +220,16 @@ def roundtrip_report(sd, seeds, log=print) -> dict:
 
 
 def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, ema=0.999,
-               snr_gamma=5.0, fresh=True):  # fmt: skip
+               snr_gamma=5.0, fresh=True, workers=None):  # fmt: skip
     """The UNet and text encoder, jointly. The loss is eps-MSE weighted by min(SNR, gamma)/SNR
     (Min-SNR weighting, Hang et al. 2023: it stops the low-noise steps from dominating early
     training); the weights returned are an exponential moving average (decay `ema`), whose
     samples are much cleaner than the last iterate's after a short run. `fresh`: the latent
     scaling factor is measured on the pool (1 / std of the latents) and set in the VAE's config;
-    otherwise the model's own is kept (a continued run)."""
+    otherwise the model's own is kept (a continued run on the same autoencoder). The learning
+    rate follows the run's steps or minutes, whichever ends first (as the autoencoder's)."""
     log(f"rendering and encoding {pool} training scenes")
-    images, _, prompts = render_pool(rng, pool, supersample=2, log=log)
+    images, _, prompts = render_pool(rng, pool, supersample=2, log=log, workers=workers)
     encode = jax.jit(lambda p, x: sd.posterior(p, x)[0])
     latents = np.concatenate(
         [
@@ -231,17 +238,19 @@ def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, em
         ]
     )
     del images
-    scaling = float(1.0 / latents.std()) if fresh else sd.scaling_factor
+    measured = float(1.0 / latents.std())
+    scaling = measured if fresh else sd.scaling_factor
     latents = latents * scaling
     ids = sd.token_ids(prompts)
     empty = sd.token_ids([""])
-    log(f"latent scaling factor {scaling:.4f}; prompts like {prompts[0]!r}")
+    log(f"latent scaling factor {scaling:.5f} (measured {measured:.5f}); prompts like "
+        f"{prompts[0]!r}")  # fmt: skip
     params = {"unet": sd.params["unet"], "text": sd.params["text"]}
-    opt = optax.chain(
-        optax.clip_by_global_norm(1.0),
-        optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps,
-                                                       lr / 10), 1e-4),
-    )  # fmt: skip
+    opt = scheduled(
+        lambda learning_rate: optax.chain(
+            optax.clip_by_global_norm(1.0), optax.adamw(learning_rate, 1e-4)
+        )
+    )
     state = opt.init(params)
     abar = jnp.asarray(ddim.alphas_cumprod())
     snr = abar / (1 - abar)
@@ -265,25 +274,25 @@ def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, em
         avg = jax.tree.map(lambda a, b: ema * a + (1 - ema) * b, avg, p)
         return p, avg, s, mse
 
-    key, curve, start, acc = (
-        jax.random.PRNGKey(int(rng.integers(2**31))),
-        [],
-        time.perf_counter(),
-        [],
-    )
+    key = jax.random.PRNGKey(int(rng.integers(2**31)))
+    curve, acc, budget, step = [], [], Budget(steps, minutes), 0
     average = params
-    for step in range(1, steps + 1):
+    while not budget.done(step):
+        step += 1
         idx = rng.integers(0, len(latents), batch)
         tokens = np.where(rng.uniform(size=(batch, 1)) < 0.1, empty, ids[idx])  # prompt dropout
         key, sub = jax.random.split(key)
+        lr_now = budget.learning_rate(lr, step)
+        state = with_learning_rate(state, lr_now)
         params, average, state, loss = step_fn(params, average, state, latents[idx], tokens, sub)
-        acc.append(float(loss))
-        if step % log_every == 0 or step == steps:
-            curve.append(float(np.mean(acc)))
+        acc.append(loss)
+        if step % log_every == 0 or budget.done(step):
+            curve.append(float(np.mean(jax.device_get(acc))))
             acc = []
-            if _progress("unet", step, steps, start, minutes, curve[-1], log):
-                break
-    return with_params(sd, dict(sd.params, **average), scaling), np.asarray(curve)
+            _progress("unet", step, budget, curve[-1], lr_now, log)
+    log(f"unet: {step} steps in {budget.elapsed() / 60:.1f} min")
+    trained = with_params(sd, dict(sd.params, **average), scaling)
+    return trained, np.asarray(curve), step
 
 
 def sample_grid(sd, prompts, seeds, steps: int = 50) -> np.ndarray:
@@ -307,7 +316,8 @@ def sample_grid(sd, prompts, seeds, steps: int = 50) -> np.ndarray:
 
 SETTINGS = ("init", "fresh_unet", "vae_minutes", "vae_steps", "vae_batch", "vae_crop",
             "vae_full_share", "object_weight", "vae_lr", "vae_pool", "unet_minutes", "unet_steps",
-            "unet_batch", "unet_lr", "ema", "snr_gamma", "pool", "seed")  # fmt: skip
+            "unet_batch", "unet_lr", "ema", "snr_gamma", "pool", "seed", "workers",
+            "measure_scaling")  # fmt: skip
 
 
 def _define_flags():
@@ -323,6 +333,10 @@ def _define_flags():
     flags.DEFINE_bool(
         "fresh_unet", False, "With --init: the UNet and text encoder start from random weights "
         "(a new autoencoder's latent space); the latent scaling factor is measured."
+    )  # fmt: skip
+    flags.DEFINE_bool(
+        "measure_scaling", False, "With --init: measure the latent scaling factor again (the "
+        "autoencoder was trained since the UNet was)."
     )  # fmt: skip
     flags.DEFINE_float("vae_minutes", 25.0, "Time budget of the autoencoder.")
     flags.DEFINE_integer(
@@ -343,6 +357,7 @@ def _define_flags():
     flags.DEFINE_integer("pool", 8192, "Training scenes rendered once for the UNet stage.")
     flags.DEFINE_integer("seed", 0, "Seed of data and weights.")
     flags.DEFINE_integer("log_every", 50, "Steps between progress lines.")
+    flags.DEFINE_integer("workers", None, "Processes rendering the scenes (default: every core).")
 
 
 def main(argv):
@@ -371,15 +386,18 @@ def main(argv):
     check_tokenizer(sd.tokenizer)
     # one stream of scenes per stage, so that a stage's data do not depend on the others'
     vae_rng, unet_rng = (np.random.default_rng([FLAGS.seed, i]) for i in (1, 2))
+    device = jax.devices()[0]
     log_json = {
         "command": "python -m mgjax.toy.train_ldm " + " ".join(sys.argv[1:]),
         "settings": {k: getattr(FLAGS, k) for k in SETTINGS},
+        "device": f"{device.platform}: {device.device_kind}, {os.cpu_count()} cores",
     }
+    log(f"training on {log_json['device']}")
     if FLAGS.vae_steps > 0:
-        params, vae_curve = train_vae(
+        params, vae_curve, log_json["vae_steps_run"] = train_vae(
             sd, vae_rng, FLAGS.vae_minutes, FLAGS.vae_steps, FLAGS.vae_batch, FLAGS.vae_crop,
             FLAGS.vae_full_share, FLAGS.object_weight, FLAGS.vae_lr, FLAGS.vae_pool,
-            FLAGS.log_every, log,
+            FLAGS.log_every, log, FLAGS.workers,
         )  # fmt: skip
         sd = with_params(sd, params)
         log_json["vae_loss"] = vae_curve.tolist()
@@ -389,17 +407,24 @@ def main(argv):
     log_json["roundtrip"] = roundtrip_report(sd, quality.HELDOUT_SEEDS[:200], log)
     if FLAGS.unet_steps > 0:
         t1 = time.perf_counter()
-        sd, unet_curve = train_unet(
+        # the latent scaling factor is measured whenever the latent space is new: a new UNet,
+        # or an autoencoder trained in this run or since the UNet was (--measure_scaling)
+        sd, unet_curve, log_json["unet_steps_run"] = train_unet(
             sd, unet_rng, FLAGS.unet_minutes, FLAGS.unet_steps, FLAGS.pool, FLAGS.unet_batch,
             FLAGS.log_every, log, FLAGS.unet_lr, FLAGS.ema, FLAGS.snr_gamma,
-            fresh=FLAGS.fresh_unet or not whole,
+            fresh=FLAGS.fresh_unet or not whole or FLAGS.vae_steps > 0 or FLAGS.measure_scaling,
+            workers=FLAGS.workers,
         )  # fmt: skip
         log_json["unet_loss"] = unet_curve.tolist()
         log_json["unet_seconds"] = time.perf_counter() - t1
         plot = outputs.loss_plot({"eps mse": unet_curve}, xlabel=f"steps / {FLAGS.log_every}")
         outputs.save_png(str(out / "unet_losses.png"), plot)
     sdm.save(sd, out / "sd")
+    trained_scaling = sd.scaling_factor
     sd = sdm.load(str(out / "sd"))  # through the real loader
+    if sd.scaling_factor != trained_scaling:
+        raise RuntimeError(f"{out / 'sd'}: saved latent scaling factor {sd.scaling_factor}, "
+                           f"trained with {trained_scaling}")  # fmt: skip
     if FLAGS.unet_steps > 0:
         prompts = [shapes.prompt(shapes.sample_scene(np.random.default_rng(i))) for i in range(4)]
         outputs.save_png(str(out / "samples.png"), sample_grid(sd, prompts, [0, 1, 2, 3]))

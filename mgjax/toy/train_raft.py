@@ -19,7 +19,6 @@ guided evaluation either way), so the sampler keeps the scan.
 import functools
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +31,7 @@ from flow.errors import InputError, run_cli
 from flow.raft import RaftConfig, init_raft, raft_forward
 from mgjax.edit import outputs
 from mgjax.toy import shapes
+from mgjax.toy.budget import Budget, parallel_map, scheduled, seeds_from, with_learning_rate
 
 FLAGS = flags.FLAGS
 
@@ -45,6 +45,19 @@ def raft_config(input_scale: int = 2) -> RaftConfig:
 def batch_of_pairs(rng, n: int, size: int):
     a, b, f = zip(*(shapes.flow_pair(rng, size) for _ in range(n)), strict=True)
     return 255.0 * np.stack(a), 255.0 * np.stack(b), np.stack(f)
+
+
+def _pair(seed: int, size: int):
+    return shapes.flow_pair(np.random.default_rng(seed), size)
+
+
+def pool_of_pairs(rng, n: int, size: int, workers: int | None = None):
+    """n pairs rendered once in worker processes (one seed each, drawn from `rng`), in u8 to
+    keep a large pool small; the flows f32. Drawn from at random, as `batch_of_pairs` would be."""
+    pairs = parallel_map(functools.partial(_pair, size=size), seeds_from(rng, n), workers)
+    a, b, f = zip(*pairs, strict=True)
+    u8 = lambda x: np.round(255.0 * np.stack(x)).astype(np.uint8)  # noqa: E731
+    return u8(a), u8(b), np.stack(f)
 
 
 def sequence_loss(flows, target, gamma: float = 0.8):
@@ -102,10 +115,13 @@ def autoencoder_roundtrip(folder: str):
 def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, lr: float,
           seed: int, size: int, log_every: int, input_scale: int = 2,
           log=print, init: str | None = None, autoencoder: str | None = None,
-          roundtrip_p: float = 0.5) -> dict:  # fmt: skip
+          roundtrip_p: float = 0.5, pool: int = 0, workers: int | None = None) -> dict:  # fmt: skip
     """`init`: start from these weights (same input_scale); `autoencoder`: a diffusers
     AutoencoderKL folder whose round trip replaces the second image of a pair with probability
-    `roundtrip_p` (guidance compares a rendered source with a decoded estimate)."""
+    `roundtrip_p` (guidance compares a rendered source with a decoded estimate); `pool`: draw
+    the pairs from this many rendered once (in `workers` processes) instead of rendering each
+    batch (0), which keeps a GPU busy. The learning rate warms up over the first 5% of the run
+    and decays to a tenth over its steps or minutes, whichever ends first."""
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
     val = batch_of_pairs(np.random.default_rng(10_000 + seed), 64, size)
@@ -125,27 +141,38 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
         raise InputError(f"--autoencoder {autoencoder}: no diffusers AutoencoderKL folder there")
     roundtrip = autoencoder_roundtrip(autoencoder) if autoencoder else None
     val_rt = (val[0], roundtrip(val[1]), val[2]) if roundtrip else None
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, lr, min(200, max_steps // 10), max_steps, end_value=0.1 * lr
+    optimizer = scheduled(
+        lambda learning_rate: optax.chain(
+            optax.clip_by_global_norm(1.0), optax.adamw(learning_rate, 1e-4)
+        )
     )
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, 1e-4))
     opt_state = optimizer.init(params)
+    pairs = pool_of_pairs(rng, pool, size, workers) if pool > 0 else None
+    if pairs is not None:
+        log(f"rendered {pool} training pairs")
     step_fn = make_step(config, optimizer, iters)
     history = {"step": [], "loss": [], "train_epe": [], "val_epe": [], "val_step": []}
-    start = time.perf_counter()
-    losses, epes = [], []
-    for step in range(1, max_steps + 1):
-        img1, img2, flow = batch_of_pairs(rng, batch, size)
+    budget = Budget(max_steps, minutes)
+    losses, epes, step = [], [], 0
+    while not budget.done(step):
+        step += 1
+        if pairs is None:
+            img1, img2, flow = batch_of_pairs(rng, batch, size)
+        else:
+            idx = rng.integers(0, pool, batch)
+            img1, img2, flow = (np.asarray(x[idx], np.float32) for x in pairs)
         if roundtrip is not None:
             pick = rng.uniform(size=batch) < roundtrip_p
             img2 = np.where(pick[:, None, None, None], roundtrip(img2), img2)
+        opt_state = with_learning_rate(opt_state, budget.learning_rate(lr, step))
         params, opt_state, loss, epe = step_fn(params, opt_state, img1, img2, flow)
-        losses.append(float(loss))
-        epes.append(float(epe))
-        if not np.isfinite(losses[-1]):
-            raise RuntimeError(f"training diverged at step {step} (loss {losses[-1]})")
-        if step % log_every == 0 or step == max_steps:
-            elapsed = time.perf_counter() - start
+        losses.append(loss)
+        epes.append(epe)
+        if step % log_every == 0 or budget.done(step):
+            losses, epes = (list(map(float, jax.device_get(x))) for x in (losses, epes))
+            if not np.isfinite(losses[-1]):
+                raise RuntimeError(f"training diverged at step {step} (loss {losses[-1]})")
+            elapsed = budget.elapsed()
             history["step"].append(step)
             history["loss"].append(float(np.mean(losses)))
             history["train_epe"].append(float(np.mean(epes)))
@@ -167,8 +194,6 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
                 f"{history['val_epe'][-1] if history['val_epe'] else float('nan'):.3f}  "
                 f"{rate:.2f} steps/s  ETA {max(left, 0) / max(rate, 1e-9) / 60:.1f} min"
             )
-            if elapsed > minutes * 60:
-                break
     v = validate(config, params, val)
     history["final_val_epe"] = v
     if val_rt is not None:
@@ -179,8 +204,10 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
     history["settings"] = dict(batch=batch, iters=iters, lr=lr, seed=seed, size=size,
                                max_steps=max_steps, minutes=minutes,
                                input_scale=input_scale, init=init, autoencoder=autoencoder,
-                               roundtrip_p=roundtrip_p)  # fmt: skip
-    history["seconds"] = time.perf_counter() - start
+                               roundtrip_p=roundtrip_p, pool=pool)  # fmt: skip
+    history["seconds"] = budget.elapsed()
+    device = jax.devices()[0]
+    history["device"] = f"{device.platform}: {device.device_kind}, {os.cpu_count()} cores"
     history["command"] = "python -m mgjax.toy.train_raft " + " ".join(sys.argv[1:])
     zero = float(np.linalg.norm(val[2], axis=-1).mean())
     history["zero_flow_val_epe"] = zero
@@ -214,6 +241,8 @@ def _define_flags():
         "autoencoder", None, "AutoencoderKL folder: train on its round trips of the second image."
     )
     flags.DEFINE_float("roundtrip_p", 0.5, "Share of pairs whose second image is round-tripped.")
+    flags.DEFINE_integer("pool", 0, "Pairs rendered once to draw from (0: render each batch).")
+    flags.DEFINE_integer("workers", None, "Processes rendering the pool (default: every core).")
 
 
 def main(argv):
@@ -224,7 +253,7 @@ def main(argv):
         FLAGS.out_dir, FLAGS.minutes, FLAGS.max_steps, FLAGS.batch, FLAGS.iters, FLAGS.lr,
         FLAGS.seed, FLAGS.size, FLAGS.log_every, FLAGS.input_scale,
         log=lambda s: print(s, flush=True), init=FLAGS.init, autoencoder=FLAGS.autoencoder,
-        roundtrip_p=FLAGS.roundtrip_p,
+        roundtrip_p=FLAGS.roundtrip_p, pool=FLAGS.pool, workers=FLAGS.workers,
     ))  # fmt: skip
 
 
