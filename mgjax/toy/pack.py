@@ -6,12 +6,15 @@
                      msgpack weights and config.json; tokenizer/ with vocab.json, merges.txt)
   pack/raft-small.mgjax   RAFT-small weights (flow.checkpoint format, as python -m flow.convert)
   pack/demo.png, pack/demo_mask.png   a rendered shapes-world scene and its object's mask
-  pack/pack.json     demo prompt and motion, training provenance (runs, losses, EPE, minutes)
+  pack/pack.json     demo prompt and motion, and every training run that led to the weights
+                     (command, date, device, wall time, losses, round trip, EPE)
 
-Rebuild it from training runs (python -m mgjax.toy.train_ldm / train_raft):
+Rebuild it from training runs (python -m mgjax.toy.train_ldm / train_raft), with the history
+of the runs before them (a runs.json: {"runs": [...]}, oldest first; each run's log.json is
+appended to it):
 
   python -m mgjax.toy.pack --ldm runs/ldm/sd --raft runs/raft/raft-small.mgjax \\
-      --ldm_log runs/ldm/log.json --raft_log runs/raft/log.json
+      --runs runs.json --log runs/ldm/log.json --log runs/raft/log.json
 """
 
 import json
@@ -61,26 +64,25 @@ def demo_scene(size: int = 64):
     return scene, out["image"], out["masks"][DEMO_OBJECT]
 
 
-def _upstream(logs: dict) -> dict:
-    """Settings and time of the runs the shipped ones started from: the autoencoder of
-    train_ldm --vae_from (OUT/sd/vae -> OUT/log.json) and the RAFT of train_raft --init
-    (OUT/raft-small.mgjax -> OUT/log.json), where their logs are still there."""
-    found = {}
-    for name, key, up in (("ldm", "vae_from", 2), ("raft", "init", 1)):
-        start = logs.get(name, {}).get("settings", {}).get(key)
-        if not start:
-            continue
-        log = Path(start).parents[up - 1] / "log.json"
-        entry = {"from": start}
-        if log.is_file():
-            earlier = json.loads(log.read_text())
-            entry.update({k: earlier[k] for k in ("seconds", "settings") if k in earlier})
-        found[f"{name}_{key}"] = entry
-    return found
+# what a run's log.json keeps in the pack's history (the loss curves are in the logs)
+RUN_KEYS = ("command", "date", "device", "seconds", "settings", "vae_steps_run", "unet_steps_run",
+            "steps", "roundtrip", "scaling_factor", "final_val_epe", "final_val_epe_roundtrip",
+            "zero_flow_val_epe")  # fmt: skip
 
 
-def build(ldm: str, raft: str, ldm_log: str | None, raft_log: str | None, out: Path = PACK):
-    """Copy trained weights into `out` and write the demo and pack.json."""
+def run_entry(log: dict, name: str) -> dict:
+    """A training run's log.json as one entry of the pack's history: its command, device,
+    time and results, with each loss curve's first and last values."""
+    entry = {"run": name, **{k: log[k] for k in RUN_KEYS if k in log}}
+    for key in ("vae_loss", "unet_loss", "loss"):
+        if log.get(key):
+            entry[key + "_first_last"] = [log[key][0], log[key][-1]]
+    return entry
+
+
+def build(ldm: str, raft: str, runs: str | None = None, logs: tuple = (), out: Path = PACK):
+    """Copy trained weights into `out` and write the demo and pack.json, whose "training" is
+    the history in `runs` followed by each of `logs` (the runs that wrote the weights)."""
     from mgjax.edit import outputs
     from mgjax.toy import shapes
 
@@ -97,10 +99,9 @@ def build(ldm: str, raft: str, ldm_log: str | None, raft_log: str | None, out: P
     scene, image, mask = demo_scene(size)
     outputs.save_png(str(tmp / "demo.png"), outputs.to_uint8(image))
     outputs.save_png(str(tmp / "demo_mask.png"), (mask * 255).astype(np.uint8))
-    logs = {}
-    for name, path in (("ldm", ldm_log), ("raft", raft_log)):
-        if path:
-            logs[name] = json.loads(Path(path).read_text())
+    history = json.loads(Path(runs).read_text())["runs"] if runs else []
+    for path in logs:
+        history.append(run_entry(json.loads(Path(path).read_text()), Path(path).parent.name))
     meta = {
         "demo": {
             "prompt": shapes.prompt(scene),
@@ -108,20 +109,8 @@ def build(ldm: str, raft: str, ldm_log: str | None, raft_log: str | None, out: P
             "scene_seed": DEMO_SEED,
         },
         "image_size": size,
-        "training": {
-            "ldm": {
-                k: logs["ldm"][k]
-                for k in ("seconds", "scaling_factor", "vae_loss", "unet_loss", "settings")
-                if k in logs.get("ldm", {})
-            },
-            "raft": {
-                k: logs["raft"][k]
-                for k in ("seconds", "final_val_epe", "zero_flow_val_epe", "steps", "settings")
-                if k in logs.get("raft", {})
-            },
-        },
+        "training": history,
     }
-    meta["training"].update(_upstream(logs))
     (tmp / "pack.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -135,11 +124,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ldm", required=True, help="diffusers folder written by train_ldm (OUT/sd)")
     p.add_argument("--raft", required=True, help="raft-small.mgjax written by train_raft")
-    p.add_argument("--ldm_log", help="train_ldm's log.json")
-    p.add_argument("--raft_log", help="train_raft's log.json")
+    p.add_argument("--runs", help="runs.json: the training runs before these ({'runs': [...]})")
+    p.add_argument("--log", action="append", default=[], help="a run's log.json (repeatable)")
     p.add_argument("--out", default=str(PACK))
     a = p.parse_args()
-    build(a.ldm, a.raft, a.ldm_log, a.raft_log, Path(a.out))
+    build(a.ldm, a.raft, a.runs, tuple(a.log), Path(a.out))
 
 
 if __name__ == "__main__":

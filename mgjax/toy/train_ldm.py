@@ -133,8 +133,11 @@ def _progress(name, step, budget: Budget, loss, lr, log):
 # ----------------------------------------------------------------------------- stages
 
 
+DECODER = ("decoder", "post_quant_conv")  # the autoencoder's parameters after the latents
+
+
 def train_vae(sd, rng, minutes, steps, batch, crop, full_share, object_weight, lr, pool,
-              log_every, log, workers=None):  # fmt: skip
+              log_every, log, workers=None, decoder_only=False):  # fmt: skip
     """The autoencoder, on random `crop` x `crop` crops of a pool of rendered scenes (the
     networks are convolutional; a crop step costs a quarter of a full one), then on full
     images for the last `full_share` of the steps or of the time budget, so that the GroupNorm
@@ -145,28 +148,33 @@ def train_vae(sd, rng, minutes, steps, batch, crop, full_share, object_weight, l
     latent sampled with the posterior's initial unit std buries the mean in noise, and
     training through it reached 22.7 dB after 1,100 steps (200 held-out scenes). A full-image
     batch holds as many pixels as a crop batch. The learning rate warms up over the first 5%
-    and decays (cosine, to a tenth) over the run's steps or minutes, whichever ends first."""
+    and decays (cosine, to a tenth) over the run's steps or minutes, whichever ends first.
+    `decoder_only`: the encoder stays as it is, so the latent space a UNet was trained on does
+    not move."""
     images, masks, _ = render_pool(rng, pool, log=log, workers=workers)
     opt = scheduled(lambda learning_rate: optax.adamw(learning_rate, 1e-4))
     full_batch = max(batch * crop * crop // (SIZE * SIZE), 1)
     params = sd.params
-    state = opt.init(params["vae"])
+    keys = DECODER if decoder_only else tuple(params["vae"])
+    frozen = {k: v for k, v in params["vae"].items() if k not in keys}
+    vp = {k: params["vae"][k] for k in keys}
+    state = opt.init(vp)
 
-    def loss_fn(vae_params, x, m):
-        p = dict(params, vae=vae_params)
+    def loss_fn(trained, fixed, x, m):
+        p = dict(params, vae={**fixed, **trained})
         rec = sd.decode(p, sd.encode(p, x))
         w = (1.0 + (object_weight - 1.0) * m)[..., None]
         err = jnp.abs(rec - x) + 0.5 * jnp.square(rec - x)
         return jnp.sum(w * err) / (3.0 * jnp.sum(w))
 
     @jax.jit
-    def step_fn(vp, s, x, m):
-        loss, g = jax.value_and_grad(loss_fn)(vp, x, m)
+    def step_fn(vp, fixed, s, x, m):
+        loss, g = jax.value_and_grad(loss_fn)(vp, fixed, x, m)
         u, s = opt.update(g, s, vp)
         return optax.apply_updates(vp, u), s, loss
 
     curve, acc, budget = [], [], Budget(steps, minutes)
-    vp, step = params["vae"], 0
+    step = 0
     while not budget.done(step):
         step += 1
         full = budget.progress(step) > 1 - full_share
@@ -180,7 +188,8 @@ def train_vae(sd, rng, minutes, steps, batch, crop, full_share, object_weight, l
             m = masks[idx, i0 : i0 + crop, j0 : j0 + crop]
         lr_now = budget.learning_rate(lr, step)
         state = with_learning_rate(state, lr_now)
-        vp, state, loss = step_fn(vp, state, jnp.asarray(x), jnp.asarray(m, jnp.float32))
+        x, m = jnp.asarray(x), jnp.asarray(m, jnp.float32)
+        vp, state, loss = step_fn(vp, frozen, state, x, m)
         acc.append(loss)
         if step % log_every == 0 or budget.done(step):
             curve.append(float(np.mean(jax.device_get(acc))))
@@ -188,7 +197,7 @@ def train_vae(sd, rng, minutes, steps, batch, crop, full_share, object_weight, l
             name = "vae" + (" (full images)" if full else "")
             _progress(name, step, budget, curve[-1], lr_now, log)
     log(f"vae: {step} steps in {budget.elapsed() / 60:.1f} min")
-    return dict(params, vae=vp), np.asarray(curve), step
+    return dict(params, vae={**frozen, **vp}), np.asarray(curve), step
 
 
 def roundtrip_report(sd, seeds, log=print) -> dict:
@@ -317,7 +326,7 @@ def sample_grid(sd, prompts, seeds, steps: int = 50) -> np.ndarray:
 SETTINGS = ("init", "fresh_unet", "vae_minutes", "vae_steps", "vae_batch", "vae_crop",
             "vae_full_share", "object_weight", "vae_lr", "vae_pool", "unet_minutes", "unet_steps",
             "unet_batch", "unet_lr", "ema", "snr_gamma", "pool", "seed", "workers",
-            "measure_scaling")  # fmt: skip
+            "measure_scaling", "vae_decoder_only")  # fmt: skip
 
 
 def _define_flags():
@@ -337,6 +346,10 @@ def _define_flags():
     flags.DEFINE_bool(
         "measure_scaling", False, "With --init: measure the latent scaling factor again (the "
         "autoencoder was trained since the UNet was)."
+    )  # fmt: skip
+    flags.DEFINE_bool(
+        "vae_decoder_only", False, "Train the autoencoder's decoder alone (the latent space the "
+        "UNet knows stays as it is)."
     )  # fmt: skip
     flags.DEFINE_float("vae_minutes", 25.0, "Time budget of the autoencoder.")
     flags.DEFINE_integer(
@@ -389,6 +402,7 @@ def main(argv):
     device = jax.devices()[0]
     log_json = {
         "command": "python -m mgjax.toy.train_ldm " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
         "settings": {k: getattr(FLAGS, k) for k in SETTINGS},
         "device": f"{device.platform}: {device.device_kind}, {os.cpu_count()} cores",
     }
@@ -397,7 +411,7 @@ def main(argv):
         params, vae_curve, log_json["vae_steps_run"] = train_vae(
             sd, vae_rng, FLAGS.vae_minutes, FLAGS.vae_steps, FLAGS.vae_batch, FLAGS.vae_crop,
             FLAGS.vae_full_share, FLAGS.object_weight, FLAGS.vae_lr, FLAGS.vae_pool,
-            FLAGS.log_every, log, FLAGS.workers,
+            FLAGS.log_every, log, FLAGS.workers, FLAGS.vae_decoder_only,
         )  # fmt: skip
         sd = with_params(sd, params)
         log_json["vae_loss"] = vae_curve.tolist()

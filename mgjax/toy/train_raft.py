@@ -19,6 +19,7 @@ guided evaluation either way), so the sampler keeps the scan.
 import functools
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -209,6 +210,7 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
     device = jax.devices()[0]
     history["device"] = f"{device.platform}: {device.device_kind}, {os.cpu_count()} cores"
     history["command"] = "python -m mgjax.toy.train_raft " + " ".join(sys.argv[1:])
+    history["date"] = time.strftime("%Y-%m-%d")
     zero = float(np.linalg.norm(val[2], axis=-1).mean())
     history["zero_flow_val_epe"] = zero
     log(f"final validation EPE {v:.3f} px (zero flow: {zero:.3f} px)")
