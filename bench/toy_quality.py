@@ -22,14 +22,17 @@ disoccluded background is unknown there, so that PSNR is rendered-only).
 
 Measures per edit (mgjax.toy.quality.scores): object found, placement error (centroid
 distance, px), share of the requested displacement achieved along its direction (motions that
-move the centroid by 2 px or more), IoU of the edited object's colour mask with the exactly
-moved object, the object's colour error (/255), PSNR of the region that should not change and
-of the disoccluded region, RAFT (the pack's) flow EPE vs the target inside the object; and the
-IoU of leaving the object where it is ("still_iou", the bar a rotation or scaling must clear).
+move the centroid by 2 px or more), IoU of the edited object's pixels with the exactly moved
+object's (an object's pixels: of its colour, near its places, closer to it than to the scene
+without it; quality.object_pixels), the object's colour error (/255), PSNR of the region that
+should not change and of the disoccluded region, RAFT (the pack's) flow EPE vs the target
+inside the object; and the IoU of leaving the object where it is ("still_iou", the bar a
+rotation or scaling must clear).
 Methods:
   paper / fast / toy   motion guidance with that preset (mgjax.config.PRESETS)
   none                 the same sampler with lambda_g = 0 (plain reconstruction of the source)
-  warp                 forward warp of the source by the target flow (holes left black)
+  warp                 forward warp of the source by the target flow (holes left black, and
+                       not taken for the object)
   warp_sdedit          warp, then SDEdit with the toy model (noise to strength 0.5, 50-step
                        DDIM back with the prompt, CFG 7.5)
 
@@ -65,7 +68,7 @@ from flow.files import write_atomic
 from mgjax import config as C
 from mgjax.edit import drag, outputs
 from mgjax.edit.checkpoint import Checkpoint
-from mgjax.edit.motion import Motion, auto_frozen_mask, centroid, motion_flow
+from mgjax.edit.motion import Motion, auto_frozen_mask, centroid, dilate_mask, motion_flow
 from mgjax.edit.progress import Progress
 from mgjax.method import ddim, loop
 from mgjax.method import source as src_lib
@@ -438,8 +441,10 @@ def prepare(cases, sd, preset, kept_by_autoencoder) -> list[dict]:
         if case.rendered:
             after = shapes.render(case.scene, {0: matrix})
             truth, target = after["image"], after["masks"][0]
-        else:
+            plate = quality.plate_of(case.scene, 0)
+        else:  # the generated scene without its object is unknown where the object was
             truth, target = None, quality.move_mask(mask, matrix)
+            plate = np.where(dilate_mask(mask, 1)[..., None], np.nan, image)
         prepared.append(
             dict(
                 case=case,
@@ -451,6 +456,7 @@ def prepare(cases, sd, preset, kept_by_autoencoder) -> list[dict]:
                 flow=flow,
                 truth=truth,
                 target=target,
+                plate=plate,
                 kept=kept_by_autoencoder(case, image, mask, color),
             )
         )
@@ -462,9 +468,15 @@ def score(method, prepared, edited, raft, out: Path) -> list[dict]:
     rows = []
     for p, e in zip(prepared, edited, strict=True):
         ref = p["truth"] if p["truth"] is not None else p["image"]
-        r = quality.scores(e, ref, p["mask"], p["target"], p["color"], p["truth"])
+        # a forward warp's holes are not drawn: they are not taken for the object
+        holes = None
+        if method == "warp":
+            holes = quality.forward_warp(p["image"], p["flow"], p["mask"])[1]
+        args = (ref, p["mask"], p["target"], p["color"], p["truth"])
+        r = quality.scores(e, *args, plate=p["plate"], exclude=holes)
         r["flow_epe"] = flow_epe(raft, p["image"], e, p["flow"], p["mask"])
-        r["still_iou"] = quality.iou(p["mask"], p["target"])  # leaving the object where it is
+        # leaving the object where it is, measured the same way
+        r["still_iou"] = quality.scores(p["image"], *args, plate=p["plate"])["iou"]
         r.update(
             edit=p["case"].n,
             motion=p["label"],

@@ -1,5 +1,7 @@
 """The shapes world: masks against analytic areas, exact flows, ground-truth edits, measures."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -140,3 +142,31 @@ def test_raft_training_roundtrip_is_the_seams_encode_decode(tmp_path):
     np.testing.assert_allclose(ours, ref, atol=255 * 1e-5)
     # the benches' source.roundtrip: the same on [0, 1] images
     np.testing.assert_allclose(source.roundtrip(sd, images / 255.0), ref / 255.0, atol=1e-5)
+
+
+def test_an_object_is_told_from_a_background_of_its_own_colour():
+    # a green square on a green background: its colour alone also takes much of the background
+    obj = shapes.Obj("square", "green", "solid", 30.0, 26.0, 10.0, 0.2)
+    s = shapes.Scene(64, "green", "wavy", 0.1, 0.4, 1.0, (obj,))
+    m = shapes.affine_about((30.0, 26.0), shift=(8.0, 5.0))
+    before, gt = shapes.render(s), shapes.render(s, {0: m})
+    color = np.median(before["image"][before["masks"][0]], axis=0)
+    assert quality.segment(gt["image"], color).sum() > 2 * gt["masks"][0].sum()
+    perfect = quality.edit_scores(gt["image"], s, 0, m)
+    assert perfect["placement_px"] < 0.5 and perfect["iou"] > 0.9
+    assert perfect["displacement_share"] == pytest.approx(1.0, abs=0.05)
+    unmoved = quality.edit_scores(before["image"], s, 0, m)
+    assert unmoved["displacement_share"] == pytest.approx(0.0, abs=0.05)
+    assert unmoved["placement_px"] == pytest.approx(np.hypot(8, 5), abs=0.5)
+    # a forward warp's holes (black) are not the object, even where the object is black
+    dark = dataclasses.replace(s, objects=(dataclasses.replace(obj, color="black"),))
+    src = shapes.render(dark)
+    flow = shapes.object_flow(dark, 0, m)
+    warped, holes = quality.forward_warp(src["image"], flow, src["masks"][0])
+    before_k, after_k = src["masks"][0], shapes.render(dark, {0: m})["masks"][0]
+    color = np.median(src["image"][before_k], axis=0)
+    plate = quality.plate_of(dark, 0)
+    args = (warped, warped, before_k, after_k, color)
+    assert quality.scores(*args, plate=plate)["displacement_share"] < 0.8  # the holes count
+    fair = quality.scores(*args, plate=plate, exclude=holes)
+    assert fair["displacement_share"] == pytest.approx(1.0, abs=0.05)

@@ -2,15 +2,20 @@
 
 An edit of a shapes-world scene moves object k by a known map; the ground truth is the scene
 rendered with the object moved. Measures (images f32[H,W,3] in [0, 1]):
-  placement error: distance between the centroids of the edited object's mask and of the
-    ground-truth mask (px); the edited mask is found by colour (the object's own colour, as
-    rendered: the median over its true mask);
-  IoU of the two masks;
+  placement error: distance between the centroids of the edited object's pixels and of the
+    ground truth's (px). An object's pixels are found by colour (`object_pixels`): within
+    SEARCH px of where it was or should be, of its own colour (as rendered: the median over its
+    true mask), and closer to that colour than to the clean plate (the scene without the
+    object), so that background texture and other objects of a similar colour are not taken
+    for it;
+  IoU of the edit's object pixels with the ground truth's;
   PSNR of the region that should not change (1 px away from the object before and after);
   PSNR of the disoccluded region (the object before, not after) against the ground truth;
   whether the object is found at all, the share of the requested displacement achieved along
   its direction, and the object's colour error.
 """
+
+import dataclasses
 
 import numpy as np
 
@@ -32,9 +37,36 @@ def psnr(a, b, region) -> float | None:
     return float(10 * np.log10(1.0 / max(mse, 1e-6)))  # capped at 60 dB (exact copies)
 
 
+SEARCH = 6  # px around the object's place before and after in which its pixels are looked for
+
+
+def _rms(image, color) -> np.ndarray:
+    return np.sqrt(np.mean(np.square(image - np.asarray(color)), axis=-1))
+
+
 def segment(image, color, tolerance: float = 0.2) -> np.ndarray:
     """bool[H,W]: pixels whose colour is within `tolerance` (RMS over RGB) of `color`."""
-    return np.sqrt(np.mean(np.square(image - np.asarray(color)), axis=-1)) < tolerance
+    return _rms(image, color) < tolerance
+
+
+def object_pixels(image, color, plate=None, region=None, tolerance: float = 0.2) -> np.ndarray:
+    """bool[H,W]: the pixels of `image` that show an object of colour `color`: within
+    `tolerance` of it, inside bool[H,W] `region` (when given), and closer to it than to
+    `plate` f32[H,W,3], the scene without the object (NaN where unknown: no test there)."""
+    dist = _rms(image, color)
+    found = dist < tolerance
+    if region is not None:
+        found &= region
+    if plate is not None:
+        to_plate = _rms(image, plate)
+        found &= ~(to_plate <= dist)  # a NaN plate compares False: the pixel stays
+    return found
+
+
+def plate_of(scene: shapes.Scene, k: int) -> np.ndarray:
+    """The scene rendered without object k (what its pixels would show if it were gone)."""
+    others = tuple(o for i, o in enumerate(scene.objects) if i != k)
+    return shapes.render(dataclasses.replace(scene, objects=others))["image"]
 
 
 def object_kept(image, other, mask, window: int = 3) -> float:
@@ -69,20 +101,28 @@ def move_mask(mask, matrix) -> np.ndarray:
     return ok & mask[np.clip(sy, 0, h - 1), np.clip(sx, 0, w - 1)]
 
 
-def scores(edited, reference, before, after, color, truth=None, tolerance: float = 0.2) -> dict:
+def scores(edited, reference, before, after, color, truth=None, tolerance: float = 0.2,
+           plate=None, exclude=None) -> dict:  # fmt: skip
     """The measures for `edited` (f32[H,W,3]) of an object (bool[H,W] masks `before` in the
     source and `after` where it should land; RGB `color` its typical colour). `reference` is
     the image the unchanged region is compared with (the ground truth, or the source);
-    `truth` the exact edited image, when known (else no disoccluded PSNR).
+    `truth` the exact edited image, when known (else no disoccluded PSNR; the IoU is then
+    taken with `after`); `plate` the scene without the object (`object_pixels`; NaN where
+    unknown); `exclude` bool[H,W] pixels that are not drawn at all (a forward warp's holes).
 
-    found: the object's colour covers at least 30% of its target area within 3 px of it;
+    found: the object's pixels cover at least 30% of its target area within 3 px of it;
     displacement_share: the found object's centroid shift along the requested one, as a share
     of it (for motions that move the centroid by 2 px or more, else None); color_error: RMS
     over RGB (in /255) of the edit's median colour inside the target (1 px in from its edge)
     against the object's."""
-    found = segment(edited, color, tolerance)
+    region = dilate_mask(before | after, SEARCH)
+    found = object_pixels(edited, color, plate, region, tolerance)
+    if exclude is not None:
+        found &= ~exclude
+    want = after if truth is None else object_pixels(truth, color, plate, region, tolerance)
     c_found, c_target, c_source = centroid(found), centroid(after), centroid(before)
-    placement = None if c_found is None else float(np.linalg.norm(c_found - c_target))
+    c_want = centroid(want) if want.any() else c_target
+    placement = None if c_found is None else float(np.linalg.norm(c_found - c_want))
     requested = c_target - c_source
     share = None
     if c_found is not None and np.linalg.norm(requested) >= 2.0:
@@ -95,7 +135,7 @@ def scores(edited, reference, before, after, color, truth=None, tolerance: float
         "found": float((found & dilate_mask(after, 3)).sum() >= 0.3 * after.sum()),
         "placement_px": placement,
         "displacement_share": share,
-        "iou": iou(found, after),
+        "iou": iou(found, want) or 0.0,
         "color_error": float(255 * np.sqrt(np.mean(np.square(median - np.asarray(color))))),
         "psnr_unchanged": psnr(edited, reference, still),
         "psnr_disoccluded": None if truth is None else psnr(edited, truth, before & ~after),
@@ -108,9 +148,8 @@ def edit_scores(edited, scene: shapes.Scene, k: int, matrix) -> dict:
     before = shapes.render(scene)
     after = shapes.render(scene, {k: matrix})
     color = np.median(before["image"][before["masks"][k]], axis=0)
-    return scores(
-        edited, after["image"], before["masks"][k], after["masks"][k], color, after["image"]
-    )
+    return scores(edited, after["image"], before["masks"][k], after["masks"][k], color,
+                  after["image"], plate=plate_of(scene, k))  # fmt: skip
 
 
 def forward_warp(image, flow, moving) -> tuple[np.ndarray, np.ndarray]:
