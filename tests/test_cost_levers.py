@@ -343,3 +343,35 @@ def test_presets_resolve_to_the_toy_worlds_own_on_the_toy_pack():
             model="sd", **C.PRESETS[name]
         )
     assert C.resolve(preset="paper").method == C.Method()
+
+
+def test_the_front_holds_what_no_other_setting_beats():
+    from bench.cost_frontier import pareto
+
+    costs = [1.0, 2.0, 3.0, 4.0, np.nan, 3.0]
+    values = [0.5, 0.4, 0.7, 0.7, 0.9, 0.6]
+    assert pareto(costs, values).tolist() == [True, False, True, False, False, False]
+    # lower is better (placement error): the cheapest is on it, a dearer worse one is not
+    assert pareto([1.0, 2.0, 3.0], [3.0, 1.0, 2.0], higher_better=False).tolist() == [
+        True,
+        True,
+        False,
+    ]
+
+
+def test_every_frontier_setting_is_a_method_and_every_lever_is_measured():
+    from bench.cost_frontier import SETTINGS, method_of
+
+    changed = set()
+    for settings in SETTINGS.values():
+        method = C.make(**method_of("toy", settings)).method
+        changed |= set(settings)
+        if "steps_share" in settings:
+            assert method.steps == round(
+                C.make(**C.PRESETS["toy"]).method.steps * settings["steps_share"]
+            )
+    levers = {
+        "guide_from", "guide_until", "guide_every", "recursive_phases", "recurse_unguided",
+        "rescale_guidance", "reuse_gradient", "cfg_gradient", "raft_iters", "steps_share",
+    }  # fmt: skip
+    assert levers <= changed, levers - changed

@@ -134,3 +134,11 @@ def counts(
         raft_backward=n_e,
         raft_iterations=n_e * method.raft_iters,
     )
+
+
+def evaluations_per_step(method: Method, speed: Speed = Speed(), schedule=None) -> float:
+    """The mean evaluations a DDIM step runs (K without the levers): progress shows
+    evaluations/s as steps/s times this."""
+    c = counts(method, speed, schedule)
+    total = c["energy_evaluations"] + c["reused_evaluations"] + c["unguided_evaluations"]
+    return total / method.steps
