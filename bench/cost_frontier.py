@@ -72,14 +72,22 @@ SETTINGS: dict[str, dict] = {
         steps_share=0.5, guide_every=2, recurse_unguided=False, rescale_guidance=True, raft_iters=3
     ),
 }
-QUALITY = {  # measure -> higher is better
-    "found": True,
-    "displacement_share": True,
-    "placement_px": False,
-    "iou": True,
-    "psnr_unchanged": True,
-    "psnr_disoccluded": True,
+QUALITY = {  # measure -> which way is better
+    "found": "higher",
+    "displacement_share": "nearer 1",  # the share of the requested motion: over 1 overshoots
+    "placement_px": "lower",
+    "iou": "higher",
+    "psnr_unchanged": "higher",
+    "psnr_disoccluded": "higher",
 }
+
+
+def goodness(values, better: str) -> np.ndarray:
+    """Values mapped so that higher is better (QUALITY's directions)."""
+    v = np.asarray(values, np.float64)
+    return {"higher": v, "lower": -v, "nearer 1": -np.abs(v - 1.0)}[better]
+
+
 PASSES = ("unet", "vae", "raft")
 
 
@@ -180,11 +188,11 @@ def edit_flops(counts: dict, per: dict) -> float:
 # ----------------------------------------------------------------------------- the front
 
 
-def pareto(costs, values, higher_better: bool = True) -> np.ndarray:
-    """bool[N]: the points no other point beats in both (cost no higher and value better, or
-    cost lower and value no worse); NaN values are never on it."""
+def pareto(costs, values) -> np.ndarray:
+    """bool[N]: the points no other point beats in both (cost no higher and value higher, or
+    cost lower and value no lower); NaN values are never on it."""
     c = np.asarray(costs, np.float64)
-    v = np.asarray(values, np.float64) * (1.0 if higher_better else -1.0)
+    v = np.asarray(values, np.float64)
     on = np.isfinite(c) & np.isfinite(v)
     for i in np.flatnonzero(on):
         others = on & (np.arange(len(c)) != i)
@@ -200,11 +208,11 @@ def front_plot(rows: list[dict]) -> np.ndarray:
 
     fig = Figure(figsize=(13, 7.5), dpi=100, layout="constrained")
     canvas = FigureCanvasAgg(fig)
-    tflops = np.array([r["tflop_per_edit"] or np.nan for r in rows], np.float64)
-    for n, (measure, higher) in enumerate(QUALITY.items()):
+    tflops = np.array([_nan(r["tflop_per_edit"]) for r in rows], np.float64)
+    for n, (measure, better) in enumerate(QUALITY.items()):
         ax = fig.add_subplot(2, 3, n + 1)
-        values = np.array([r["quality"].get(measure, np.nan) for r in rows], np.float64)
-        on = pareto(tflops, values, higher)
+        values = np.array([_nan(r["quality"].get(measure)) for r in rows], np.float64)
+        on = pareto(tflops, goodness(values, better))
         ax.scatter(tflops, values, c="C0", s=18)
         order = np.flatnonzero(on)[np.argsort(tflops[on])]
         ax.plot(tflops[order], values[order], "-o", c="C3", ms=5, label="Pareto front")
@@ -214,9 +222,7 @@ def front_plot(rows: list[dict]) -> np.ndarray:
         if np.isfinite(tflops).any() and np.nanmin(tflops) > 0:
             ax.set_xscale("log")
         ax.set_xlabel("TFLOP per edit")
-        ax.set_title(
-            measure + (" (higher is better)" if higher else " (lower is better)"), fontsize=9
-        )
+        ax.set_title(f"{measure} ({better} is better)", fontsize=9)
         if n == 0:
             ax.legend(fontsize=7)
     canvas.draw()
@@ -229,12 +235,12 @@ def table(rows: list[dict]) -> str:
         "| CPU s / edit | " + " | ".join(QUALITY) + " | front (IoU) |"
     )
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
-    on = pareto([r["tflop_per_edit"] or np.nan for r in rows],
-                [r["quality"].get("iou", np.nan) for r in rows])  # fmt: skip
+    on = pareto([_nan(r["tflop_per_edit"]) for r in rows],
+                [_nan(r["quality"].get("iou")) for r in rows])  # fmt: skip
     for r, front in zip(rows, on, strict=True):
         c = r["counts"]
         passes = [f"{c[f'{p}_forward']}/{c[f'{p}_backward']}" for p in PASSES]
-        flops = "-" if r["tflop_per_edit"] is None else f"{r['tflop_per_edit']:.1f}"
+        flops = "-" if r["tflop_per_edit"] is None else f"{r['tflop_per_edit']:.3g}"
         quality = [_fmt(r["quality"].get(m)) for m in QUALITY]
         lines.append(
             f"| {r['name']} | {c['energy_evaluations']} | "
@@ -243,6 +249,10 @@ def table(rows: list[dict]) -> str:
             f"{'yes' if front else ''} |"
         )
     return "\n".join(lines)
+
+
+def _nan(x) -> float:
+    return np.nan if x is None else float(x)
 
 
 def _fmt(x) -> str:
@@ -329,11 +339,14 @@ def main():
     sources, rows = {}, []
     for name in names:
         saved = out / _folder(name) / "result.json"
+        method = method_of(args.base, SETTINGS[name], args.steps)
         if saved.exists():
-            rows.append(json.loads(saved.read_text()))
+            row = json.loads(saved.read_text())
+            if row["method"] != method:
+                sys.exit(f"{saved} was measured with other settings; delete its folder")
+            rows.append(row)
             print(f"{name}: measured in an earlier run", flush=True)
             continue
-        method = method_of(args.base, SETTINGS[name], args.steps)
         config = C.make(**method)
         counts = cost.counts(config.method, config.speed)
         tflop = None

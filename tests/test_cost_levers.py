@@ -346,17 +346,18 @@ def test_presets_resolve_to_the_toy_worlds_own_on_the_toy_pack():
 
 
 def test_the_front_holds_what_no_other_setting_beats():
-    from bench.cost_frontier import pareto
+    from bench.cost_frontier import goodness, pareto
 
     costs = [1.0, 2.0, 3.0, 4.0, np.nan, 3.0]
     values = [0.5, 0.4, 0.7, 0.7, 0.9, 0.6]
     assert pareto(costs, values).tolist() == [True, False, True, False, False, False]
-    # lower is better (placement error): the cheapest is on it, a dearer worse one is not
-    assert pareto([1.0, 2.0, 3.0], [3.0, 1.0, 2.0], higher_better=False).tolist() == [
+    # placement error, lower is better; the displacement share, nearer 1 is better
+    assert pareto([1.0, 2.0, 3.0], goodness([3.0, 1.0, 2.0], "lower")).tolist() == [
         True,
         True,
         False,
     ]
+    assert goodness([1.3, 0.8], "nearer 1").tolist() == pytest.approx([-0.3, -0.2])
 
 
 def test_every_frontier_setting_is_a_method_and_every_lever_is_measured():
