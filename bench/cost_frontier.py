@@ -279,7 +279,7 @@ def measure(name: str, method: dict, cases, sd, raft, out: Path, sources: dict) 
     for m in QUALITY:
         vals = [float(r[m]) for r in rows if r.get(m) is not None]
         quality[m] = float(np.mean(vals)) if vals else None
-    compile_s = runner._sampler.compile_seconds if runner._sampler is not None else None
+    compile_s = runner.sampler().compile_seconds
     return dict(
         edits=len(rows), seconds=seconds, compile_seconds=compile_s, quality=quality, rows=rows
     )
@@ -369,7 +369,7 @@ def main():
             flops_scale=args.flops,
             seconds_per_edit=result["seconds"] / max(result["edits"], 1),
             **{k: v for k, v in result.items() if k != "seconds"},
-            commit=TQ._commit(),
+            commit=TQ.code_commit(),
         )
         TQ.write_json(saved, row)
         rows.append(row)

@@ -324,7 +324,7 @@ def main():
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "run.json", settings)
     deadline = time.perf_counter() + 60 * args.minutes if args.minutes > 0 else float("inf")
-    commit = _commit()  # the code this process runs (git may move on while it does)
+    commit = code_commit()  # the code this process runs (git may move on while it does)
 
     sd = sdm.load(model)
     raft = load_raft(raft_file)
@@ -413,7 +413,7 @@ def write_json(path: Path, obj) -> None:
     write_atomic(str(path), lambda tmp: Path(tmp).write_text(text))
 
 
-def _commit() -> str:
+def code_commit() -> str:
     """HEAD, "+changes" when tracked files differ from it: the code a method was scored with
     (a resumed run may span commits; a batch finished by an earlier process is not traced)."""
 
