@@ -381,3 +381,26 @@ def test_every_frontier_setting_is_a_method_and_every_lever_is_measured():
         "rescale_guidance", "reuse_gradient", "cfg_gradient", "raft_iters", "steps_share",
     }  # fmt: skip
     assert levers <= changed, levers - changed
+
+
+def test_levers_together_scan_and_unrolled_run_the_same_evaluations(scene):
+    """Every lever on at once, a chunk mixing guided and unguided steps: the scan (a lax.cond
+    per evaluation slot) and the host loop run the same evaluations, counted as cost.counts
+    says, to the same edit."""
+    lever = dict(
+        recursive_phases="3,1",
+        reuse_gradient=True,
+        guide_from=0.125,
+        guide_every=2,
+        recurse_unguided=False,
+        rescale_guidance=True,
+        cfg_gradient="cond",
+    )
+    results = {loops: run(scene, None, loops=loops, **lever) for loops in ("scan", "unrolled")}
+    (z_s, logs_s, passes_s, sampler), (z_u, logs_u, passes_u, _) = results.values()
+    assert passes_s == passes_u
+    counts = _check_counts(passes_s, sampler)
+    assert counts["energy_evaluations"] == 4 and counts["reused_evaluations"] == 2 * 2
+    for k in logs_s:
+        np.testing.assert_array_equal(np.isnan(logs_s[k]), np.isnan(logs_u[k]), err_msg=k)
+    np.testing.assert_allclose(z_s, z_u, rtol=1e-4, atol=1e-5)
