@@ -41,7 +41,7 @@ from mgjax.method import cost, ddim
 from mgjax.method import numeric as N
 from mgjax.method.energy import Context, Energy
 from mgjax.method.inputs import GuidanceInputs
-from mgjax.method.source import cfg_eps
+from mgjax.method.source import cfg_eps, cfg_eps_cond_gradient
 from mgjax.model.levers import REMAT_POLICIES, resolve_loops
 
 
@@ -240,23 +240,6 @@ def step_weight(g: Guidance, inputs: GuidanceInputs, num: N.Numeric, i):
     return weight
 
 
-@jax.custom_vjp
-def _with_gradient_of(value, surrogate):
-    """`value`, differentiated as if it were `surrogate` (same shape)."""
-    return value
-
-
-def _with_gradient_of_fwd(value, surrogate):
-    return value, None
-
-
-def _with_gradient_of_bwd(_, cotangent):
-    return jnp.zeros_like(cotangent), cotangent
-
-
-_with_gradient_of.defvjp(_with_gradient_of_fwd, _with_gradient_of_bwd)
-
-
 def evaluate(
     g: Guidance,
     params,
@@ -297,14 +280,7 @@ def evaluate(
         return cfg_eps(g.sd, p, z_in, t, inputs.cond, inputs.uncond, cfg_scale, skip_at_one=True)
 
     def eps_cond_gradient(p, z_in):
-        """CFG's eps, differentiated through the conditional branch alone (cfg_gradient "cond":
-        the Jacobian (1 - w) J_u + w J_c taken as J_c); two UNet calls of batch B, the
-        unconditional one never differentiated."""
-        tb = jnp.full((z_in.shape[0],), t, jnp.int32)
-        eps_c = g.sd.eps(p, z_in, tb, inputs.cond)
-        eps_u = lax.stop_gradient(g.sd.eps(p, z_in, tb, inputs.uncond))
-        value = eps_u + cfg_scale * (lax.stop_gradient(eps_c) - eps_u)
-        return _with_gradient_of(value, eps_c)
+        return cfg_eps_cond_gradient(g.sd, p, z_in, t, inputs.cond, inputs.uncond, cfg_scale)
 
     cond_only = m.cfg_gradient == "cond" and g.switches.cfg  # static
     unet = remat(eps_cond_gradient if cond_only else eps_of, policy)
