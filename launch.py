@@ -61,12 +61,18 @@ flags.DEFINE_enum(
     "preset",
     "auto",
     ["auto", *sorted(C.PRESETS)],
-    "auto: toy with the toy pack (--model toy), else paper (the defaults). Values: "
+    "auto: toy with the toy pack (--model toy), else paper (the defaults); fast and preview "
+    "are toy_fast and toy_preview with the toy pack. Values: "
     + "; ".join(
         f"{name}: "
         + (
             ", ".join(
-                f"{k}={v:g}" if not isinstance(v, str) else f"{k}={v}" for k, v in values.items()
+                f"{k}={str(v).lower()}"
+                if isinstance(v, bool)
+                else f"{k}={v:g}"
+                if not isinstance(v, str)
+                else f"{k}={v}"
+                for k, v in values.items()
             )
             or "the defaults"
         )

@@ -149,7 +149,10 @@ def bench_full(args):
         _full_one(dtype, args.raft_iters)
 
 
-def _full_one(dtype: str, raft_iters: int):
+def abstract_sd14(dtype: str = "float32", batch: int = 1, **settings):
+    """SD v1.4's UNet and VAE and RAFT-large with abstract weights (jax.eval_shape: nothing is
+    allocated), a Sampler of theirs with `settings`, and abstract inputs of `batch` 512x512
+    edits: (sampler, params, raft, edit, z, keys) for lowering one evaluation."""
     from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
 
     jdt = sdm.DTYPES[dtype]
@@ -164,11 +167,8 @@ def _full_one(dtype: str, raft_iters: int):
     rcfg = RaftConfig(small=False, context_norm="batch", dtype=dtype)
     raft_vars = jax.eval_shape(lambda k: init_raft(rcfg, k), jax.random.PRNGKey(0))
     raft = Raft(raft_vars, rcfg)
-    # loops "unrolled": RAFT's refinement unrolled, since XLA's cost analysis counts a loop body
-    # once
-    settings = dict(raft_iters=raft_iters, loops="unrolled")
     sampler = Sampler.of(sd, raft, **settings)
-    b, h, w = 1, 512, 512
+    b, h, w, steps = batch, 512, 512, sampler.method.steps
     f32 = jnp.float32
     edit = GuidanceInputs(
         source=jax.ShapeDtypeStruct((b, h, w, 3), f32),
@@ -177,11 +177,20 @@ def _full_one(dtype: str, raft_iters: int):
         frozen=jax.ShapeDtypeStruct((b, 4, 64, 64), jnp.bool_),
         cond=jax.ShapeDtypeStruct((b, 77, 768), f32),
         uncond=jax.ShapeDtypeStruct((b, 77, 768), f32),
-        schedule=jax.ShapeDtypeStruct((500,), f32),
-        trajectory=jax.ShapeDtypeStruct((500, b, 4, 64, 64), f32),
+        schedule=jax.ShapeDtypeStruct((steps,), f32),
+        trajectory=jax.ShapeDtypeStruct((steps, b, 4, 64, 64), f32),
     )
     z = jax.ShapeDtypeStruct((b, 4, 64, 64), f32)
     keys = jax.ShapeDtypeStruct((b, 2), jnp.uint32)
+    return sampler, params, raft, edit, z, keys
+
+
+def _full_one(dtype: str, raft_iters: int):
+    # loops "unrolled": RAFT's refinement unrolled, since XLA's cost analysis counts a loop body
+    # once
+    sampler, params, raft, edit, z, keys = abstract_sd14(
+        dtype, raft_iters=raft_iters, loops="unrolled"
+    )
 
     def one_eval(params, raft, edit, z, keys):
         return G.evaluate(sampler.guidance, params, raft, edit, z, 0, 0, keys).z_prev

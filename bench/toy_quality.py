@@ -70,7 +70,7 @@ from mgjax.edit import drag, outputs
 from mgjax.edit.checkpoint import Checkpoint
 from mgjax.edit.motion import Motion, auto_frozen_mask, centroid, dilate_mask, motion_flow
 from mgjax.edit.progress import Progress
-from mgjax.method import ddim, loop
+from mgjax.method import cost, ddim, loop
 from mgjax.method import source as src_lib
 from mgjax.method.sampler import DivergenceError, Sampler
 from mgjax.model import sd as sdm
@@ -156,6 +156,23 @@ class Case:
         self.prompt = shapes.prompt(self.scene)
         self.seed = int(np.random.default_rng([self.scene_seed, 1]).integers(2**31))
         self.size = size
+
+
+def autoencoder_keep(sd):
+    """kept(case, image, mask, color) -> IoU of the object's colour mask after the
+    autoencoder's round trip with the source's: what even a perfect sampler cannot beat (no
+    edit can keep what the decoder loses). Once per source image: every method rebuilds the
+    sources, the same unless its step count changes a generated one."""
+    cache = {}
+
+    def kept(case, image, mask, color) -> float:
+        key = (case.n, image.tobytes())
+        if key not in cache:
+            found = quality.segment(src_lib.roundtrip(sd, image[None])[0], color)
+            cache[key] = quality.iou(found, mask) or 0.0
+        return cache[key]
+
+    return kept
 
 
 def build_source(case: Case, sd, steps: int, cfg_scale: float):
@@ -310,25 +327,14 @@ def main():
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "run.json", settings)
     deadline = time.perf_counter() + 60 * args.minutes if args.minutes > 0 else float("inf")
-    commit = _commit()  # the code this process runs (git may move on while it does)
+    commit = code_commit()  # the code this process runs (git may move on while it does)
 
     sd = sdm.load(model)
     raft = load_raft(raft_file)
     size = sd.unet.config.sample_size * sd.vae_factor
     seeds = quality.HELDOUT_SEEDS if args.split == "heldout" else quality.TUNING_SEEDS
     cases = [Case(n, size, seeds) for n in range(args.edits)]
-    kept_cache = {}
-
-    def kept_by_autoencoder(case, image, mask, color) -> float:
-        """IoU of the object's colour mask after the autoencoder's round trip with the source's:
-        what even a perfect sampler cannot beat (no edit can keep what the decoder loses). Once
-        per source image: every method rebuilds the sources, the same unless its step count
-        changes a generated one."""
-        key = (case.n, image.tobytes())
-        if key not in kept_cache:
-            found = quality.segment(src_lib.roundtrip(sd, image[None])[0], color)
-            kept_cache[key] = quality.iou(found, mask) or 0.0
-        return kept_cache[key]
+    kept_by_autoencoder = autoencoder_keep(sd)
 
     try:
         for method in methods:
@@ -410,7 +416,7 @@ def write_json(path: Path, obj) -> None:
     write_atomic(str(path), lambda tmp: Path(tmp).write_text(text))
 
 
-def _commit() -> str:
+def code_commit() -> str:
     """HEAD, "+changes" when tracked files differ from it: the code a method was scored with
     (a resumed run may span commits; a batch finished by an earlier process is not traced)."""
 
@@ -582,7 +588,8 @@ class UnitRunner:
                 sys.exit(f"{e}: delete it to start that batch again")
             before = float(extra["seconds"])
             print(f"  {self.method} batch {k}: resuming at DDIM step {int(state.step)}", flush=True)
-        steps, per_step = sampler.method.steps, sampler.method.recursive_steps
+        steps = sampler.method.steps
+        per_step = cost.evaluations_per_step(sampler.method, sampler.speed)
         say = lambda s: print(f"  {self.method} batch {k}: {s}", flush=True)  # noqa: E731
         progress = Progress(steps, per_step, log=say)
         t = time.perf_counter()
@@ -604,7 +611,7 @@ class UnitRunner:
         if not result.finished:
             raise OutOfTime
         print(
-            f"  {self.method}: batch {k} of {b}, {steps * per_step} evaluations "
+            f"  {self.method}: batch {k} of {b}, {round(steps * per_step)} evaluations "
             f"(compile {sampler.compile_seconds:.0f} s)",
             flush=True,
         )

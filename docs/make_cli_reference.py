@@ -27,7 +27,9 @@ column; an empty cell keeps the default. Precedence:
 default < preset < explicit command-line flag < job line key; a job's `preset` key replaces the
 command line's preset for that job and never overrides an explicit flag.
 
-`--preset auto` (the default) is `toy` with the toy pack (`--model toy`) and `paper` otherwise.
+`--preset auto` (the default) is `toy` with the toy pack (`--model toy`) and `paper` otherwise;
+with the toy pack `--preset fast` and `--preset preview` are `toy_fast` and `toy_preview`, the
+toy world's own cheap settings. What each cost lever does: [cost.md](cost.md).
 """
 
 

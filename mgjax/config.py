@@ -27,7 +27,23 @@ import os
 import typing
 from collections.abc import Mapping
 
-from mgjax.model.levers import ATTENTION, LOOPS, RAFT_GRADIENTS, REMAT_POLICIES
+from mgjax.model.levers import ATTENTION, CFG_GRADIENTS, LOOPS, RAFT_GRADIENTS, REMAT_POLICIES
+
+
+def parse_phases(text: str) -> tuple[int, ...]:
+    """Method.recursive_phases as a tuple of K (empty: none); ValueError unless each is an
+    integer >= 1."""
+    if not isinstance(text, str):
+        raise ValueError(f"recursive_phases must be a string, got {text!r}")
+    if not text.strip():
+        return ()
+    try:
+        phases = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise ValueError(f"recursive_phases: give K,K,... (integers), got {text!r}") from None
+    if min(phases) < 1:
+        raise ValueError(f"recursive_phases: every K must be at least 1, got {text!r}")
+    return phases
 
 
 def _field(default, help: str, choices: tuple | None = None):
@@ -157,10 +173,56 @@ class Method:
         "paper's energy; 0 = the paper's energy alone.",
     )
     schedule: str | None = _field(None, "Guidance schedule .npy (one multiplier per step).")
+    # Cost levers (docs/cost.md): each default is the paper's behaviour.
+    guide_from: float = _field(
+        0.0,
+        "Guide only from this fraction of the DDIM steps on (0 = from the noisiest step); steps "
+        "before it run as with guidance weight 0.",
+    )
+    guide_until: float = _field(
+        1.0, "Guide only the steps before this fraction of the DDIM steps (1 = to the last)."
+    )
+    guide_every: int = _field(
+        1, "Guide every n-th step of the guided window (counted from its first step); the "
+        "others run as with guidance weight 0.",
+    )  # fmt: skip
+    recursive_phases: str = _field(
+        "",
+        "K per equal part of the DDIM steps, noisiest part first (e.g. 10,4,1); replaces "
+        "--recursive_steps. Empty: --recursive_steps at every step.",
+    )
+    recurse_unguided: bool = _field(
+        True,
+        "Steps with guidance weight 0 repeat K times as guided ones do; false: once (a plain "
+        "DDIM step).",
+    )
+    rescale_guidance: bool = _field(
+        False,
+        "Multiply the guidance term (after the clip) by what guide_every and smaller phase Ks "
+        "remove: guide_every x (largest K / the step's K).",
+    )
+    reuse_gradient: bool = _field(
+        False,
+        "Evaluate the energy once per DDIM step and apply its guidance term in all K recursive "
+        "evaluations (the others run the UNet alone).",
+    )
+    cfg_gradient: str = _field(
+        "both",
+        "both: the energy's gradient through both CFG branches of the UNet; cond: through the "
+        "conditional branch alone (the unconditional one runs forward only).",
+        CFG_GRADIENTS,
+    )
 
     def __post_init__(self):
         _check(self, dict(steps=1, recursive_steps=1, raft_iters=1, clip=0, eta=0))
-        _check(self, dict(preserve_weight=0))
+        _check(self, dict(preserve_weight=0, guide_from=0, guide_every=1))
+        if not (self.guide_from < self.guide_until <= 1.0):
+            raise ValueError(
+                f"guide_from < guide_until <= 1 needed, got {self.guide_from}, {self.guide_until}"
+            )
+        phases = parse_phases(self.recursive_phases)
+        if len(phases) > self.steps:
+            raise ValueError(f"recursive_phases has {len(phases)} parts for {self.steps} steps")
         for name in ("guidance_weight", "flow_weight", "color_weight", "cfg_scale"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
@@ -255,6 +317,13 @@ RUN_LEVEL = (
 #   K = 1); with K >= 2 or CFG 3 it regrows the object anywhere in the unfrozen region even
 #   unguided, so a "moved" object would prove nothing. The full gradient through RAFT: with the
 #   detached one the demo's object is lost.
+#   preview: a first look in a tenth of fast's evaluations: fast's steps halved, K = 2 (125 x 2
+#   = 250 guided evaluations, 20x fewer than the paper's); the weights are the paper's.
+#   toy_fast, toy_preview: what fast and preview are on the toy pack (`preset_for`): the toy
+#   preset with guidance on every 2nd (toy_fast) or 4th (toy_preview) step, the guidance term
+#   rescaled by the same factor (rescale_guidance), and the other steps run once.
+#   Placeholders derived from the presets above; docs/cost.md says how the measured
+#   cost/quality front (bench/cost_frontier.py) sets them.
 #   sdxl: for 1024x1024 images (128x128x4 latents, SDXL's native size), the same rule the other
 #   way: 4x the latent elements of SD's 64x64x4, so lambda_g x 4; the clip bounds an L2 norm
 #   over 4x more elements: clip x 2 is the same per-element bound; flows in pixels are 2x larger
@@ -278,17 +347,25 @@ PRESETS: dict[str, dict] = {
         clip=_M.clip * 2,
         flow_weight=_M.flow_weight / 2,
     ),
+    "preview": dict(steps=125, recursive_steps=2),
 }
+PRESETS["toy_fast"] = dict(
+    PRESETS["toy"], guide_every=2, rescale_guidance=True, recurse_unguided=False
+)
+PRESETS["toy_preview"] = dict(PRESETS["toy_fast"], guide_every=4)
 TOY_MODEL = "toy"
+# What a preset is on the toy pack, where it differs (the toy world's own settings).
+TOY_PRESETS = {"auto": "toy", "fast": "toy_fast", "preview": "toy_preview"}
 
 
 def preset_for(preset: str, model: str) -> str:
-    """A preset name, with "auto" resolved: toy for the toy pack, paper otherwise."""
-    if preset == "auto":
-        return "toy" if model == TOY_MODEL else "paper"
-    if not isinstance(preset, str) or preset not in PRESETS:
+    """A preset name, resolved for the model: on the toy pack auto, fast and preview are the
+    toy world's own (toy, toy_fast, toy_preview); elsewhere auto is paper."""
+    if not isinstance(preset, str) or (preset != "auto" and preset not in PRESETS):
         raise ValueError(f"preset {preset!r}: one of auto, {', '.join(PRESETS)}")
-    return preset
+    if model == TOY_MODEL:
+        return TOY_PRESETS.get(preset, preset)
+    return "paper" if preset == "auto" else preset
 
 
 def _coerce(name: str, value):

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from flow.errors import InputError
+from mgjax import config as C
 from mgjax.batch.jobs import points_to_drag, read_jobs
 from mgjax.batch.run import run_jobs
 from mgjax.model import sd as sdm
@@ -292,7 +293,8 @@ def test_jobs_file_problems_are_per_job(tmp_path):
         assert by[line].error.startswith(f"line {line}: ")
     assert by[11].config.motion.drag == "1,2>5,2; 10,10>12,11.5"
     method = by[12].config.method
-    assert method.steps == 20 and method.recursive_steps == 4  # its preset + its own key
+    # its preset (on the toy pack, the default model, fast is toy_fast) + its own key
+    assert method == C.make(**{**C.PRESETS["toy_fast"], "steps": 20}).method
     assert len(jobs) == 10 and [j.index for j in jobs] == list(range(10))
     with pytest.raises(InputError, match="handle, target pairs"):
         points_to_drag([[1, 2, 3]])

@@ -17,8 +17,10 @@ def test_defaults_are_the_papers_and_presets_change_only_what_they_name():
     assert (m.steps, m.recursive_steps, m.guidance_weight, m.flow_weight) == (500, 10, 300.0, 3.0)
     assert (m.color_weight, m.clip, m.cfg_scale, m.raft_iters) == (100.0, 200.0, 7.5, 5)
     assert C.resolve(preset="paper").method == m
-    fast = C.resolve(preset="fast").method
+    fast = C.resolve({"model": "owner/name"}, preset="fast").method
     assert dataclasses.replace(fast, steps=500, recursive_steps=10) == m
+    preview = C.resolve({"model": "owner/name"}, preset="preview").method
+    assert dataclasses.replace(preview, steps=500, recursive_steps=10) == m
     toy = C.resolve(preset="auto").method  # the toy pack is the default model
     assert toy.guidance_weight == 300.0 / 16 and toy.clip == 25.0 and toy.flow_weight == 24.0
     assert C.resolve({"model": "owner/name"}).method == m  # auto: paper for real models

@@ -14,6 +14,7 @@ from mgjax.batch.jobs import Job
 from mgjax.batch.sharding import local_mesh, one_edit, replicate, shard_inputs, shard_state
 from mgjax.batch.summary import finished
 from mgjax.edit import rundir
+from mgjax.method import cost
 from mgjax.method import numeric as N
 from mgjax.model import conditioning
 
@@ -157,7 +158,9 @@ class Runner:
             self.chunks_run += 1
             return bool(self.stop_after_chunks) and self.chunks_run >= self.stop_after_chunks
 
-        progress = Progress(config.method.steps, config.method.recursive_steps, log=say)
+        progress = Progress(
+            config.method.steps, cost.evaluations_per_step(config.method, config.speed), log=say
+        )
         try:
             result = loop.run(
                 sampler,

@@ -47,7 +47,8 @@ class Progress:
 
     Args:
       total_steps: DDIM steps of the whole run.
-      recursive_steps: guided evaluations per step (K); evals/s = steps/s x K.
+      recursive_steps: evaluations per step (K, or the mean under the cost levers:
+        mgjax.method.cost.evaluations_per_step); evals/s = steps/s x K.
       log: where the plain lines go (one per chunk) when `stream` is not a terminal.
       stream: whose isatty() picks the mode, and where the bar is drawn (default sys.stderr).
       clock: monotonic seconds.
@@ -59,7 +60,7 @@ class Progress:
     def __init__(
         self,
         total_steps: int,
-        recursive_steps: int,
+        recursive_steps: float,
         log: Callable[[str], object] = print,
         stream: TextIO | None = None,
         *,

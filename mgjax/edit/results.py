@@ -92,7 +92,11 @@ def write_samples(config: C.Config, sampler, inputs, result: EditResult, extra=N
             **{f"{k}_final": float(v[n]) for k, v in final.items()},
             "energy_last_evaluation": float(guided[-1]) if guided.size else None,
             "guided_evaluations": int(guided.size),  # steps with guidance 0 are skipped
-            "unguided_evaluations": int(energies.size - guided.size),
+            # evaluations that ran without an energy (unguided, or a reused guidance term);
+            # evaluation slots a step does not run (recursive_phases) log NaN noise norms
+            "unguided_evaluations": int(
+                np.isfinite(logs["noise_norm"][..., n]).sum() - guided.size
+            ),
             "sampling_seconds": result.sampling_seconds,
             "compile_seconds": sampler.compile_seconds,
             "loops": sampler.loops,  # what loops "auto" resolved to

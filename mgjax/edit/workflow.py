@@ -17,6 +17,7 @@ from mgjax.edit import rundir
 from mgjax.edit.checkpoint import Checkpoint
 from mgjax.edit.checks import check
 from mgjax.edit.readers import read_frozen, read_mask_image, read_schedule
+from mgjax.method import cost
 from mgjax.method import numeric as N
 
 CHECKPOINT = "checkpoint.npz"
@@ -254,7 +255,7 @@ def _run(config: C.Config, files: EditFiles, ckpt: Checkpoint, log, t_start: flo
         chunks[0] += 1
         return bool(out.stop_after_chunks) and chunks[0] >= out.stop_after_chunks
 
-    progress = Progress(method.steps, method.recursive_steps, log=log)
+    progress = Progress(method.steps, cost.evaluations_per_step(method, config.speed), log=log)
     try:
         result = loop.run(
             sampler,

@@ -22,6 +22,7 @@ from mgjax.edit import outputs, rundir, workflow
 from mgjax.edit.checkpoint import Checkpoint
 from mgjax.edit.motion import auto_frozen_mask
 from mgjax.editor.worker import Cancelled, Job
+from mgjax.method import cost
 from mgjax.method import numeric as N
 
 INPUTS = "inputs"  # the authored source, mask, flow and frozen mask, inside the run folder
@@ -80,7 +81,9 @@ class Engine:
         )
         sampler = self.sampler(config)
         inputs, state = workflow.start(config, sampler, files, (cond, uncond), source)
-        progress = Progress(method.steps, method.recursive_steps, stream=io.StringIO())
+        progress = Progress(
+            method.steps, cost.evaluations_per_step(method, config.speed), stream=io.StringIO()
+        )
         job.emit("phase", text="sampling (the first chunk compiles)")
 
         def on_snapshots(snapshots: dict) -> None:

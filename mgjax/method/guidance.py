@@ -37,11 +37,11 @@ from flax import struct
 from jax import lax
 
 from mgjax.config import Method, Speed
-from mgjax.method import ddim
+from mgjax.method import cost, ddim
 from mgjax.method import numeric as N
 from mgjax.method.energy import Context, Energy
 from mgjax.method.inputs import GuidanceInputs
-from mgjax.method.source import cfg_eps
+from mgjax.method.source import cfg_eps, cfg_eps_cond_gradient
 from mgjax.model.levers import REMAT_POLICIES, resolve_loops
 
 
@@ -96,6 +96,8 @@ class Guidance:
             )
         if self.switches is None:
             object.__setattr__(self, "switches", N.Switches.of_method(self.method))
+        # the cost levers per step (static: each changes which evaluations and passes run)
+        object.__setattr__(self, "plan", cost.plan(self.method))
 
     @property
     def loops(self) -> str:
@@ -190,16 +192,37 @@ def context(inputs: GuidanceInputs, flow_net, numeric: N.Numeric | None = None) 
     )
 
 
-def guided_steps(g: Guidance, inputs: GuidanceInputs, start: int, length: int) -> np.ndarray:
-    """bool[length]: which DDIM steps from `start` evaluate the energy (all of them unless
-    skip_unguided, which skips those whose lambda_g * schedule[i] is 0 for every image).
-    Host-side: it reads the schedule and the guidance weights (the program's form depends on
-    it, as a static mode)."""
-    if not g.speed.skip_unguided:
-        return np.ones(length, bool)
+def weighted_steps(g: Guidance, inputs: GuidanceInputs, start: int, length: int) -> np.ndarray:
+    """bool[length]: which DDIM steps from `start` have lambda_g * schedule[i] != 0 for some
+    image, inside the guidance window (guide_from, guide_until, guide_every). Host-side."""
     schedule = np.asarray(inputs.schedule, np.float64)[start : start + length]
+    schedule = schedule * g.plan.window[start : start + length]
     weights = np.asarray(numbers(g, inputs).guidance_weight, np.float64)
     return (schedule[:, None] * weights[None, :] != 0).any(axis=1)
+
+
+def guided_steps(g: Guidance, inputs: GuidanceInputs, start: int, length: int) -> np.ndarray:
+    """bool[length]: which DDIM steps from `start` evaluate the energy (all of them unless
+    skip_unguided, which skips those whose lambda_g * schedule[i] is 0 for every image, or that
+    lie outside the guidance window). Host-side: it reads the schedule and the guidance weights
+    (the program's form depends on it, as a static mode)."""
+    if not g.speed.skip_unguided:
+        return np.ones(length, bool)
+    return weighted_steps(g, inputs, start, length)
+
+
+def step_evaluations(g: Guidance, inputs: GuidanceInputs, start: int, length: int) -> np.ndarray:
+    """i32[length]: how many of the k_max evaluation slots steps start.. run (their phase's
+    K; 1 for a step without weight when recurse_unguided is off). Host-side."""
+    return g.plan.step_k(weighted_steps(g, inputs, start, length), start)
+
+
+def energy_slots(g: Guidance, inputs: GuidanceInputs, start: int, length: int) -> np.ndarray:
+    """bool[length, k_max]: the evaluations that compute the energy (the others log NaN)."""
+    k = step_evaluations(g, inputs, start, length)
+    j = np.arange(g.plan.k_max)[None, :]
+    first = (j == 0) if g.plan.reuse_gradient else np.ones_like(j, bool)
+    return guided_steps(g, inputs, start, length)[:, None] & (j < k[:, None]) & first
 
 
 def chunk_mode(g: Guidance, inputs: GuidanceInputs, start: int, length: int) -> str:
@@ -209,28 +232,46 @@ def chunk_mode(g: Guidance, inputs: GuidanceInputs, start: int, length: int) -> 
     return "guided" if guided.all() else "unguided" if not guided.any() else "mixed"
 
 
+def step_weight(g: Guidance, inputs: GuidanceInputs, num: N.Numeric, i):
+    """f32[B]: lambda_g * schedule[i] of each image, 0 outside the guidance window."""
+    weight = num.guidance_weight * inputs.schedule[i]
+    if g.plan.windowed:  # static: the window is a constant of the program
+        weight = jnp.where(jnp.asarray(g.plan.window)[i], weight, 0.0)
+    return weight
+
+
 def evaluate(
-    g: Guidance, params, raft, inputs: GuidanceInputs, z, i, j, keys, mode: str = "guided"
+    g: Guidance,
+    params,
+    raft,
+    inputs: GuidanceInputs,
+    z,
+    i,
+    j,
+    keys,
+    mode: str = "guided",
+    given=None,
 ) -> Evaluation:
     """Guided evaluation j of DDIM step i from z_t = z f32[B,C,h,w].
 
     mode (static): "guided", "unguided" (the UNet alone; the energy is not compiled, its logs are
-    NaN) or "mixed" (a lax.cond on lambda_g * schedule[i] != 0 for some image). The numbers
-    (lambda_g, clip, CFG scale, eta, the energy's weights) are read per image from
-    inputs.numeric: runtime values, so new values never recompile.
+    NaN), "mixed" (a lax.cond on lambda_g * schedule[i] != 0 for some image) or "reuse" (the
+    UNet alone, with the guidance term `given` f32[B,C,h,w] of the step's first evaluation:
+    reuse_gradient). The numbers (lambda_g, clip, CFG scale, eta, the energy's weights) are read
+    per image from inputs.numeric: runtime values, so new values never recompile.
     """
     m, sch = g.method, g.schedule
     num = numbers(g, inputs)
     view = lambda x: N.per_image(x, z.ndim)  # noqa: E731 - f32[B] -> f32[B,1,1,1]
     abar, abar_prev, t = sch.abar[i], sch.abar_prev[i], sch.timesteps[i]
     s = jnp.sqrt(1.0 - abar)
-    n_src, n_eta, n_re = eval_noise(keys, i, j, m.recursive_steps, z.shape, z.dtype)
+    n_src, n_eta, n_re = eval_noise(keys, i, j, g.plan.k_max, z.shape, z.dtype)
     if inputs.trajectory is not None:
         source_latent = inputs.trajectory[i]
     else:
         source_latent = ddim.add_noise(inputs.z0, n_src, abar)
     z = jnp.where(inputs.frozen, source_latent, z)
-    weight = num.guidance_weight * inputs.schedule[i]  # f32[B]
+    weight = step_weight(g, inputs, num, i)  # f32[B]
     policy = g.speed.remat
     # static: without switches.cfg every scale is 1 and the UNet runs on the prompt alone
     cfg_scale = view(num.cfg_scale) if g.switches.cfg else 1.0
@@ -238,7 +279,12 @@ def evaluate(
     def eps_of(p, z_in):
         return cfg_eps(g.sd, p, z_in, t, inputs.cond, inputs.uncond, cfg_scale, skip_at_one=True)
 
-    unet, decode = remat(eps_of, policy), remat(g.sd.decode, policy)
+    def eps_cond_gradient(p, z_in):
+        return cfg_eps_cond_gradient(g.sd, p, z_in, t, inputs.cond, inputs.uncond, cfg_scale)
+
+    cond_only = m.cfg_gradient == "cond" and g.switches.cfg  # static
+    unet = remat(eps_cond_gradient if cond_only else eps_of, policy)
+    decode = remat(g.sd.decode, policy)
     if m.raft_gradient == "full":
         raft = raft.replace_config(detach=False)
     unroll = {"unroll": True} if g.loops == "unrolled" else {}  # a Raft's keyword
@@ -259,9 +305,12 @@ def evaluate(
     def guided(z):
         (_, (eps, logs, x)), grad = jax.value_and_grad(energy, has_aux=True)(z)
         d, d_norm = clip_norm(view(s * weight) * grad, num.clip)
+        if g.plan.rescaled:  # static: rescale_guidance with fewer evaluations than k_max
+            gain = jnp.asarray(g.plan.gain)[i]
+            d, d_norm = gain * d, gain * d_norm
         return eps, d, grad, logs, x, d_norm
 
-    def unguided(z):
+    def unguided(z, d=None):
         eps = eps_of(params, z)
         if g.snapshot_every:
             x = g.sd.decode(params, ddim.predict_x0(z, eps, abar)) * 0.5 + 0.5
@@ -270,7 +319,10 @@ def evaluate(
         nan = jnp.full(z.shape[:1], jnp.nan, g.dtype)
         logs = {k: nan for k in ("energy", *g.energy.log_names)}
         zero = jnp.zeros_like(z)
-        return eps, zero, zero, logs, x, jnp.zeros(z.shape[:1], g.dtype)
+        if d is None:
+            return eps, zero, zero, logs, x, jnp.zeros(z.shape[:1], g.dtype)
+        d_norm = jnp.sqrt(jnp.sum(jnp.square(d), axis=tuple(range(1, d.ndim))))
+        return eps, d, zero, logs, x, d_norm
 
     if mode == "unguided":
         eps, d, grad, logs, x, d_norm = unguided(z)
@@ -278,8 +330,10 @@ def evaluate(
         eps, d, grad, logs, x, d_norm = lax.cond(jnp.any(weight != 0), guided, unguided, z)
     elif mode == "guided":
         eps, d, grad, logs, x, d_norm = guided(z)
+    elif mode == "reuse":
+        eps, d, grad, logs, x, d_norm = unguided(z, given)
     else:
-        raise ValueError(f"mode must be guided, unguided or mixed, got {mode!r}")
+        raise ValueError(f"mode must be guided, unguided, mixed or reuse, got {mode!r}")
     eps_guided = eps + d
     if g.switches.stochastic:  # static: some image has eta > 0 (eta 0 ones add 0 x noise)
         z_prev = ddim.step(z, eps_guided, abar, abar_prev, view(num.eta), n_eta)
@@ -292,20 +346,61 @@ def evaluate(
     return Evaluation(z_prev, z_next, eps, d, grad, x, logs)
 
 
+def step_k(g: Guidance, inputs: GuidanceInputs, i):
+    """i32[]: the evaluations DDIM step i runs (traced; Plan.step_k's rule)."""
+    k = jnp.asarray(g.plan.phase_k)[i]
+    if g.plan.recurse_unguided:
+        return k
+    weighted = jnp.any(step_weight(g, inputs, numbers(g, inputs), i) != 0)
+    return jnp.where(weighted, k, 1)
+
+
 def recursive_step(g: Guidance, params, raft, inputs, z, i, keys, mode: str = "guided"):
     """DDIM step i with K recursive evaluations: (z_prev f32[B,C,h,w], logs name -> f32[K,B],
-    the first evaluation's one-step estimate f32[B,H,W,3] (a scalar 0 without snapshots))."""
+    the first evaluation's one-step estimate f32[B,H,W,3] (a scalar 0 without snapshots)).
+
+    With the cost levers (mgjax.method.cost.Plan): K = k_max slots, of which the step's own K
+    run (a lax.cond per slot; a skipped slot keeps the latent and logs NaN); reuse_gradient
+    evaluates the energy in the first and applies its guidance term in the others."""
+    p = g.plan
+    k = step_k(g, inputs, i) if p.varying_k else None
+    reuse = p.reuse_gradient and mode != "unguided"
+
+    def slot(z_t, j, mode, given=None):
+        ev = evaluate(g, params, raft, inputs, z_t, i, j, keys, mode, given)
+        return (ev.z_next, ev.z_prev, ev.x0, ev.logs), ev.guidance
 
     def one(carry, j):
-        z_t, _, snap = carry
-        ev = evaluate(g, params, raft, inputs, z_t, i, j, keys, mode)
+        z_t, z_prev, snap, given = carry
+        run = lambda: slot(z_t, j, "reuse" if reuse else mode, given)[0]  # noqa: E731
+        if k is None:
+            z_next, z_prev, x0, logs = run()
+        else:  # a skipped slot keeps the latent it was given
+            _, _, x0_shape, log_shapes = jax.eval_shape(run)
+            skip = lambda: (z_t, z_prev, jnp.zeros(x0_shape.shape, x0_shape.dtype),  # noqa: E731
+                            nan_logs(log_shapes))  # fmt: skip
+            z_next, z_prev, x0, logs = lax.cond(j < k, run, skip)
         if g.snapshot_every:
-            snap = jnp.where(j == 0, ev.x0, snap)
-        return (ev.z_next, ev.z_prev, snap), ev.logs
+            snap = jnp.where(j == 0, x0, snap)
+        return (z_next, z_prev, snap, given), logs
 
     snap0 = jnp.zeros(inputs.source.shape if g.snapshot_every else (), g.dtype)
-    (_, z_prev, snap), logs = lax.scan(one, (z, z, snap0), jnp.arange(g.method.recursive_steps))
+    if not reuse:
+        (_, z_prev, snap, _), logs = lax.scan(one, (z, z, snap0, None), jnp.arange(p.k_max))
+        return z_prev, logs, snap
+    # the first slot evaluates the energy; the others apply its guidance term
+    (z_next, z_prev, x0, logs0), given = slot(z, 0, mode)
+    snap = x0 if g.snapshot_every else snap0
+    (_, z_prev, snap, _), logs = lax.scan(
+        one, (z_next, z_prev, snap, given), jnp.arange(1, p.k_max)
+    )
+    logs = {name: jnp.concatenate([logs0[name][None], logs[name]]) for name in logs0}
     return z_prev, logs, snap
+
+
+def nan_logs(shapes: dict) -> dict:
+    """Logs of a skipped evaluation slot: NaN of each log's shape."""
+    return {name: jnp.full(x.shape, jnp.nan, x.dtype) for name, x in shapes.items()}
 
 
 def final_energy(g: Guidance, params, raft, inputs: GuidanceInputs, z):

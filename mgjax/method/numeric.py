@@ -20,7 +20,12 @@ What stays static, and why (`structure`, and the switches of `mgjax.method.guida
   * eta > 0 for some image: DDIM's stochastic term is drawn (eta 0 images add 0 x noise);
   * which DDIM steps evaluate the energy (skip_unguided): a step is skipped when lambda_g x
     schedule is 0 for every image; an image with weight 0 in a batch with guided images is
-    evaluated (its energy is logged, its guidance term is 0 x the gradient).
+    evaluated (its energy is logged, its guidance term is 0 x the gradient);
+  * the cost levers (guide_from, guide_until, guide_every, recursive_phases, recurse_unguided,
+    rescale_guidance, reuse_gradient, cfg_gradient; mgjax.method.cost): they decide which
+    steps may be guided, how many evaluations a step runs and which networks an evaluation
+    differentiates, which the driver reads on the host before it traces, as it reads which
+    steps skip_unguided skips. At their defaults none of their code is traced.
 
 A value read at run time rounds as the constant it replaces does, but XLA may order the
 arithmetic around it differently: on the toy demo one guided evaluation's latent moves by

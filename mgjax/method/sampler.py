@@ -34,10 +34,13 @@ class DivergenceError(RuntimeError):
         self.bad = tuple(bad)
 
 
-def _evaluate_and_step(g, params, raft, inputs, z, i, j, keys, mode="guided"):
-    """What the driver keeps of an evaluation: (z_prev, z_next, logs, x0). Leaving the rest
+def _evaluate_and_step(g, params, raft, inputs, z, i, j, keys, given=None, mode="guided"):
+    """What the driver keeps of an evaluation: (z_prev, z_next, logs, x0), and with
+    reuse_gradient the guidance term (the step's other evaluations apply it). Leaving the rest
     out of the compiled program's outputs lets XLA fuse it as it fuses the scan's body."""
-    ev = G.evaluate(g, params, raft, inputs, z, i, j, keys, mode)
+    ev = G.evaluate(g, params, raft, inputs, z, i, j, keys, mode, given)
+    if g.plan.reuse_gradient:  # static
+        return ev.z_prev, ev.z_next, ev.logs, ev.x0, ev.guidance
     return ev.z_prev, ev.z_next, ev.logs, ev.x0
 
 
@@ -174,12 +177,15 @@ class Sampler:
         return self.compiled(self._chunk, args, length=length, mode=mode)
 
     def compiled_evaluation(
-        self, inputs, z, i: int, j: int, keys, mode: str = "guided", guidance=None
+        self, inputs, z, i: int, j: int, keys, mode: str = "guided", guidance=None, given=None
     ):
-        """One compiled evaluation ((z_prev, z_next, logs, x0) of mgjax.method.guidance.evaluate)
-        and its arguments; guidance: as `compiled`."""
+        """One compiled evaluation ((z_prev, z_next, logs, x0) of mgjax.method.guidance.evaluate,
+        and the guidance term with reuse_gradient) and its arguments; guidance: as `compiled`;
+        given: the guidance term a "reuse" evaluation applies."""
         i, j = jnp.asarray(i, jnp.int32), jnp.asarray(j, jnp.int32)
         args = (self.sd.params, self.raft, inputs, z, i, j, keys)
+        if given is not None:
+            args = (*args, given)
         return self.compiled(self._evaluation, args, guidance, mode=mode), args
 
     def run_chunk(self, inputs: GuidanceInputs, state: G.SamplerState, length: int | None = None):
@@ -197,18 +203,37 @@ class Sampler:
     def _run_unrolled(self, inputs, state, length: int):
         """The scan's evaluations in the same order, with the same noise, one compiled call each;
         guided and unguided steps are two compiled evaluations chosen per step on the host."""
-        k, start = self.method.recursive_steps, int(state.step)
+        start, k_max = int(state.step), self.guidance.plan.k_max
         z, logs, snaps = state.z, [], []
         g = self.guidance_for(inputs)  # read once per chunk, not per evaluation
+        ks = G.step_evaluations(g, inputs, start, length)
+        reuse = g.plan.reuse_gradient
         for n, guided in enumerate(self.guided_steps(inputs, start, length)):
-            z_t, step_logs = z, []
-            for j in range(k):
+            z_t, step_logs, given = z, [], None
+            for j in range(int(ks[n])):
                 mode = "guided" if guided else "unguided"
-                fn, args = self.compiled_evaluation(inputs, z_t, start + n, j, state.keys, mode, g)
-                z, z_t, logs_j, x0 = fn(*args)
+                if reuse and guided and j > 0:
+                    mode = "reuse"
+                fn, args = self.compiled_evaluation(
+                    inputs,
+                    z_t,
+                    start + n,
+                    j,
+                    state.keys,
+                    mode,
+                    g,
+                    given if mode == "reuse" else None,
+                )
+                z, z_t, logs_j, x0, *rest = fn(*args)
+                if reuse and j == 0:
+                    given = rest[0]
                 step_logs.append(logs_j)
                 if j == 0:
                     snaps.append(x0 if self.guidance.snapshot_every else jnp.zeros((), z.dtype))
+            for _ in range(k_max - len(step_logs)):  # slots the step does not run
+                step_logs.append(
+                    {key: jnp.full_like(v, jnp.nan) for key, v in step_logs[0].items()}
+                )
             logs.append({key: jnp.stack([o[key] for o in step_logs]) for key in step_logs[0]})
         logs = {key: jnp.stack([o[key] for o in logs]) for key in logs[0]}
         return state.replace(z=z, step=state.step + length), logs, jnp.stack(snaps)
@@ -221,9 +246,10 @@ class Sampler:
         state, logs, snaps = self.run_chunk(inputs, state)
         logs = {k: np.asarray(v) for k, v in logs.items()}
         z_ok = np.asarray(jnp.isfinite(state.z).all(axis=(1, 2, 3)))
-        # unguided steps (skip_unguided) log NaN energies by design
-        evaluated = self.guided_steps(inputs, start, int(state.step) - start)
-        e_ok = (np.isfinite(logs["energy"]) | ~evaluated[:, None, None]).all(axis=(0, 1))
+        # unguided steps (skip_unguided), reused guidance terms and skipped evaluation slots log
+        # NaN energies by design
+        evaluated = G.energy_slots(self.guidance, inputs, start, int(state.step) - start)
+        e_ok = (np.isfinite(logs["energy"]) | ~evaluated[:, :, None]).all(axis=(0, 1))
         if not (z_ok.all() and e_ok.all()):
             bad = np.flatnonzero(~(z_ok & e_ok)).tolist()
             raise DivergenceError(

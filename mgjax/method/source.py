@@ -46,6 +46,35 @@ def cfg_eps(sd, params, z, t, cond, uncond, cfg_scale, skip_at_one: bool = False
     return eps[:b] + cfg_scale * (eps[b:] - eps[:b])
 
 
+@jax.custom_vjp
+def _with_gradient_of(value, surrogate):
+    """`value`, differentiated as if it were `surrogate` (same shape)."""
+    return value
+
+
+def _with_gradient_of_fwd(value, surrogate):
+    return value, None
+
+
+def _with_gradient_of_bwd(_, cotangent):
+    return jnp.zeros_like(cotangent), cotangent
+
+
+_with_gradient_of.defvjp(_with_gradient_of_fwd, _with_gradient_of_bwd)
+
+
+def cfg_eps_cond_gradient(sd, params, z, t, cond, uncond, cfg_scale):
+    """cfg_eps's value, differentiated through the conditional branch alone: CFG's Jacobian
+    (1 - w) J_uncond + w J_cond taken as J_cond (Method.cfg_gradient "cond"). Two UNet calls of
+    batch B; the unconditional one is never differentiated, so a backward pass runs the UNet's
+    backward on B images instead of 2B."""
+    tb = jnp.full((z.shape[0],), t, jnp.int32)
+    eps_c = sd.eps(params, z, tb, cond)
+    eps_u = lax.stop_gradient(sd.eps(params, z, tb, uncond))
+    value = eps_u + cfg_scale * (lax.stop_gradient(eps_c) - eps_u)
+    return _with_gradient_of(value, eps_c)
+
+
 @partial(jax.jit, static_argnums=(0, 1), static_argnames=("length", "cfg_scale", "inverse"))
 def _chunk(sd, schedule_steps, params, z, first, cond, uncond, *, length, cfg_scale, inverse):
     sch = ddim.make_schedule(schedule_steps)

@@ -29,6 +29,11 @@ ATTENTION = ("plain", "memory_efficient")
 # iteration (flow.raft.RaftConfig.detach = False).
 RAFT_GRADIENTS = ("detached", "full")
 
+# The energy's gradient through the UNet's classifier-free guidance: "both" branches, as the
+# reference takes it, or the conditional one alone ("cond": the unconditional branch runs
+# forward only, and CFG's Jacobian (1 - w) J_uncond + w J_cond is taken as J_cond).
+CFG_GRADIENTS = ("both", "cond")
+
 # How a chunk's guided evaluations are composed:
 #   scan: the chunk is one compiled lax.scan over DDIM steps (the K evaluations an inner scan,
 #     RAFT's refinement a scan inside that);
