@@ -20,8 +20,10 @@ def test_the_learning_rate_follows_steps_or_minutes_whichever_ends_first():
     lrs = [b.learning_rate(1.0, s) for s in range(5, 101)]
     assert all(x >= y for x, y in zip(lrs, lrs[1:], strict=False))  # decays monotonically
     assert not b.done(99) and b.done(100)
+    assert 0.0 < b.seconds_left(50) <= 3600.0 and b.seconds_left(100) == 0.0
     short = budget.Budget(steps=10**9, minutes=0.0)  # the time budget is spent at once
     assert short.done(1) and short.progress(1) == 1.0
+    assert short.seconds_left(1) == 0.0
     assert short.learning_rate(1.0, 1) == pytest.approx(0.1)
 
 

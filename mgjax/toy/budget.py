@@ -39,6 +39,13 @@ class Budget:
         by_time = self.elapsed() / self.seconds if self.seconds > 0 else 1.0
         return float(min(max(step / self.steps, by_time), 1.0))
 
+    def seconds_left(self, step: int) -> float:
+        """The run's remaining wall time at its rate so far: the sooner of its step and time
+        limits."""
+        elapsed = self.elapsed()
+        rate = step / max(elapsed, 1e-9)
+        return max(min((self.steps - step) / max(rate, 1e-9), self.seconds - elapsed), 0.0)
+
     def done(self, step: int) -> bool:
         return step >= self.steps or self.elapsed() >= self.seconds
 
@@ -50,6 +57,14 @@ class Budget:
             return peak * p / warmup
         q = (p - warmup) / max(1.0 - warmup, 1e-9)
         return peak * (end + (1.0 - end) * 0.5 * (1.0 + np.cos(np.pi * q)))
+
+
+def device_description() -> str:
+    """What a training log records as its device: JAX's first device and the host's cores."""
+    import jax
+
+    device = jax.devices()[0]
+    return f"{device.platform}: {device.device_kind}, {os.cpu_count()} cores"
 
 
 def scheduled(make) -> optax.GradientTransformation:

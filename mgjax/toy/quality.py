@@ -53,13 +53,12 @@ def object_pixels(image, color, plate=None, region=None, tolerance: float = 0.2)
     """bool[H,W]: the pixels of `image` that show an object of colour `color`: within
     `tolerance` of it, inside bool[H,W] `region` (when given), and closer to it than to
     `plate` f32[H,W,3], the scene without the object (NaN where unknown: no test there)."""
-    dist = _rms(image, color)
-    found = dist < tolerance
+    found = segment(image, color, tolerance)
     if region is not None:
         found &= region
     if plate is not None:
-        to_plate = _rms(image, plate)
-        found &= ~(to_plate <= dist)  # a NaN plate compares False: the pixel stays
+        # a NaN plate compares False: the pixel stays
+        found &= ~(_rms(image, plate) <= _rms(image, color))
     return found
 
 

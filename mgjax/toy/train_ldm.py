@@ -35,7 +35,14 @@ from mgjax.edit import outputs
 from mgjax.method import ddim
 from mgjax.model import sd as sdm
 from mgjax.toy import quality, shapes
-from mgjax.toy.budget import Budget, parallel_map, scheduled, seeds_from, with_learning_rate
+from mgjax.toy.budget import (
+    Budget,
+    device_description,
+    parallel_map,
+    scheduled,
+    seeds_from,
+    with_learning_rate,
+)
 from mgjax.toy.tokenizer import MAX_TOKENS, check_tokenizer, tokenizer_files
 
 FLAGS = flags.FLAGS
@@ -121,9 +128,8 @@ def render_pool(rng, n: int, supersample: int = 4, log=print, workers: int | Non
 
 
 def _progress(name, step, budget: Budget, loss, lr, log):
-    elapsed = budget.elapsed()
-    rate = step / max(elapsed, 1e-9)
-    left = min((budget.steps - step) / rate, max(budget.seconds - elapsed, 0.0))
+    rate = step / max(budget.elapsed(), 1e-9)
+    left = budget.seconds_left(step)
     log(f"{name} step {step}/{budget.steps}  loss {loss:.4f}  lr {lr:.2e}  {rate:.2f} steps/s  "
         f"ETA {left / 60:.1f} min")  # fmt: skip
     if not np.isfinite(loss):
@@ -399,12 +405,11 @@ def main(argv):
     check_tokenizer(sd.tokenizer)
     # one stream of scenes per stage, so that a stage's data do not depend on the others'
     vae_rng, unet_rng = (np.random.default_rng([FLAGS.seed, i]) for i in (1, 2))
-    device = jax.devices()[0]
     log_json = {
         "command": "python -m mgjax.toy.train_ldm " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
         "settings": {k: getattr(FLAGS, k) for k in SETTINGS},
-        "device": f"{device.platform}: {device.device_kind}, {os.cpu_count()} cores",
+        "device": device_description(),
     }
     log(f"training on {log_json['device']}")
     if FLAGS.vae_steps > 0:

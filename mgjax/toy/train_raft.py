@@ -32,7 +32,14 @@ from flow.errors import InputError, run_cli
 from flow.raft import RaftConfig, init_raft, raft_forward
 from mgjax.edit import outputs
 from mgjax.toy import shapes
-from mgjax.toy.budget import Budget, parallel_map, scheduled, seeds_from, with_learning_rate
+from mgjax.toy.budget import (
+    Budget,
+    device_description,
+    parallel_map,
+    scheduled,
+    seeds_from,
+    with_learning_rate,
+)
 
 FLAGS = flags.FLAGS
 
@@ -188,12 +195,11 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
                     log(f"val EPE, second image through the autoencoder "
                         f"{history['val_epe_roundtrip'][-1]:.3f}")  # fmt: skip
             rate = step / elapsed
-            left = min(max_steps - step, (minutes * 60 - elapsed) * rate)
             log(
                 f"step {step}  loss {history['loss'][-1]:.3f}  train EPE "
                 f"{history['train_epe'][-1]:.3f}  val EPE "
                 f"{history['val_epe'][-1] if history['val_epe'] else float('nan'):.3f}  "
-                f"{rate:.2f} steps/s  ETA {max(left, 0) / max(rate, 1e-9) / 60:.1f} min"
+                f"{rate:.2f} steps/s  ETA {budget.seconds_left(step) / 60:.1f} min"
             )
     v = validate(config, params, val)
     history["final_val_epe"] = v
@@ -207,8 +213,7 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
                                input_scale=input_scale, init=init, autoencoder=autoencoder,
                                roundtrip_p=roundtrip_p, pool=pool)  # fmt: skip
     history["seconds"] = budget.elapsed()
-    device = jax.devices()[0]
-    history["device"] = f"{device.platform}: {device.device_kind}, {os.cpu_count()} cores"
+    history["device"] = device_description()
     history["command"] = "python -m mgjax.toy.train_raft " + " ".join(sys.argv[1:])
     history["date"] = time.strftime("%Y-%m-%d")
     zero = float(np.linalg.norm(val[2], axis=-1).mean())
