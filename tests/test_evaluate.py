@@ -4,6 +4,7 @@ same tiny random weights."""
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -94,6 +95,8 @@ def test_clip_similarity_matches_torch_clip(tmp_path):
     FlaxCLIPModel.from_pretrained(tmp_path / "pt", from_pt=True).save_pretrained(tmp_path / "clip")
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32).save_pretrained(tmp_path / "clip")
     clip = ev.Clip(str(tmp_path / "clip"))
+    leaves = jax.tree_util.tree_leaves(clip.model.params)
+    assert not any(x.committed for x in leaves)  # jit places them, not the host's CPU
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
     b = np.clip(a.astype(int) + rng.integers(-60, 60, a.shape), 0, 255).astype(np.uint8)

@@ -124,6 +124,24 @@ def test_hub_id_and_revision_are_passed_through(monkeypatch, tmp_path):
         sdm.load(str(tmp_path / "missing"))
 
 
+def test_loaded_weights_are_not_pinned_to_the_host(tmp_path):
+    """diffusers' and transformers' Flax loaders commit every weight to the host's CPU, where a
+    jitted edit or training step given them runs even on a GPU host; the seam's loaders hand
+    them over uncommitted, for jit to place."""
+    sdm.save(tiny_models.tiny(seed=2), tmp_path)
+    with libraries.quiet():
+        _, raw = libraries.FlaxAutoencoderKL.from_pretrained(str(tmp_path), subfolder="vae")
+    assert all(x.committed for x in jax.tree_util.tree_leaves(raw))  # what the library does
+    loaded = (
+        sdm.load(str(tmp_path)),
+        sdm.load(str(tmp_path), dtype="bfloat16"),
+        sdm.load_autoencoder(tmp_path / "vae"),
+    )
+    for sd in loaded:
+        leaves = jax.tree_util.tree_leaves(sd.params)
+        assert leaves and not any(x.committed for x in leaves)
+
+
 def test_a_hub_id_offline_fails_at_once_with_what_to_do(monkeypatch, tmp_path):
     """With the hub's offline setting on and the model not in the local cache: one line naming
     the model and the two ways out, in well under a second (no retries)."""

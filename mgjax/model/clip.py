@@ -12,8 +12,11 @@ class Clip:
     def __init__(self, name: str, revision: str | None = None):
         from transformers import CLIPImageProcessor, FlaxCLIPModel
 
+        from mgjax.model.libraries import unpinned
+
         try:
             self.model = FlaxCLIPModel.from_pretrained(name, revision=revision)
+            self.model.params = unpinned(self.model.params)  # else it runs on the host's CPU
             self.processor = CLIPImageProcessor.from_pretrained(name, revision=revision)
         except (OSError, ValueError) as e:
             raise InputError(

@@ -2,7 +2,8 @@
 
 diffusers 0.39 and transformers 4.x log a deprecation notice from every Flax class they define
 and every Flax module's `setup()`; the seam's calls into them run under `quiet()`, which
-silences those notices for the duration of the call and changes nothing else.
+silences those notices for the duration of the call and changes nothing else. Their Flax
+`from_pretrained` pins every weight to the host CPU; `unpinned` frees them.
 """
 
 import contextlib
@@ -39,6 +40,19 @@ def quiet() -> Iterator[None]:
                 logger.setLevel(level)
 
 
+def unpinned(tree):
+    """The weights a Flax `from_pretrained` returns, free to live where the computation runs.
+    diffusers' and transformers' loaders `device_put` every weight on the host's CPU device,
+    which commits it there, and a jitted function runs on the device of its committed
+    arguments: on a GPU or TPU host, an edit or a training step given those weights would run
+    on the host's CPU. They come back as uncommitted arrays on the default device, which `jit`
+    and the batch shardings place as they need."""
+    import jax
+    import numpy as np
+
+    return jax.device_put(jax.tree_util.tree_map(np.asarray, tree))
+
+
 with quiet():  # the Flax classes log their deprecation notice as they are defined
     from diffusers import (
         FlaxAutoencoderKL,
@@ -73,4 +87,5 @@ __all__ = [
     "diffusers_from_pt",
     "quiet",
     "transformers_from_pt",
+    "unpinned",
 ]

@@ -31,6 +31,7 @@ from mgjax.model.libraries import (
     FlaxDiffusionPipeline,
     FlaxUNet2DConditionModel,
     quiet,
+    unpinned,
 )
 from mgjax.model.modelinfo import hub_reachable, offline_error
 from mgjax.model.schedule import BETA_END, BETA_START, TRAIN_STEPS
@@ -188,6 +189,7 @@ def _load(model, revision, dtype, from_pt, with_text: bool = True) -> StableDiff
     if from_pt:
         for name, m in (("unet", unet), ("vae", vae)):
             params[name] = unet_or_vae_from_pt(m, root / name)
+    params = unpinned(params)
     text, tokenizer = texts.get("text", (None, None))
     text_2 = (texts["text_2"][0].config, texts["text_2"][1]) if "text_2" in texts else None
     return build(
@@ -240,4 +242,4 @@ def load_autoencoder(folder) -> StableDiffusion:
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"cannot load an autoencoder from {folder}: {first}") from None
-    return StableDiffusion(None, vae, None, None, {"vae": params})
+    return StableDiffusion(None, vae, None, None, {"vae": unpinned(params)})
