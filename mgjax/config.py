@@ -308,14 +308,18 @@ RUN_LEVEL = (
 #   fast: 250 x 4 = 1000 guided evaluations instead of 5000; the weights are the paper's.
 #   toy: for the 64x64 toy pack (16x16x4 latents, 16x fewer elements than SD's 64x64x4). The
 #   guidance is the gradient of a mean over pixels, so each latent element's share is 16x larger
-#   than at 512x512: lambda_g / 16. The clip bounds an L2 norm over 16x fewer elements: clip / 4
-#   is the same per-element bound; clip / 8 keeps the demo's object whole under the rounding of
-#   every thread count and loop form (BENCHMARKS.md). Flows are in pixels, 8x smaller for the
-#   same relative motion: lambda_flow x 8 keeps the flow/colour balance. 100 steps keep the
-#   demo's object whole where fewer smear it under some CPUs' rounding. K = 1 and CFG 1: the toy
-#   UNet reconstructs an inverted source exactly only at the inversion's settings (CFG 1,
-#   K = 1); with K >= 2 or CFG 3 it regrows the object anywhere in the unfrozen region even
-#   unguided, so a "moved" object would prove nothing. The full gradient through RAFT: with the
+#   than at 512x512: lambda_g / 16 matches the paper's push per element. The pack's models take
+#   twice that: on 8 tuning edits (BENCHMARKS.md, "Settings for these models") lambda_g / 16
+#   achieves 68% of the requested displacement and lambda_g / 8 75% (placement 1.84 -> 1.51 px);
+#   3x or 4x achieve no more. The clip bounds an L2 norm over 16x fewer elements: clip / 4 is
+#   the paper's per-element bound; the old clip / 8 throttles the doubled weight, twice the
+#   clip (clip / 2) gains nothing more. Flows are in pixels, 8x smaller for the same relative
+#   motion: lambda_flow x 8 keeps the flow/colour balance (twice the flow weight or half the
+#   colour weight place objects worse, 1.65 and 1.73 px). 100 steps keep a demo object whole
+#   where fewer smear it under some CPUs' rounding. K = 1 and CFG 1: the toy UNet reconstructs
+#   an inverted source only at the inversion's settings (CFG 1, K = 1); with K = 2 it reaches
+#   0.98 px and 90% of the displacement on the tuning edits, but unguided it loses 2 of 8
+#   objects, so a "moved" object would prove nothing. The full gradient through RAFT: with the
 #   detached one the demo's object is lost.
 #   preview: a first look in a tenth of fast's evaluations: fast's steps halved, K = 2 (125 x 2
 #   = 250 guided evaluations, 20x fewer than the paper's); the weights are the paper's.
@@ -336,8 +340,8 @@ PRESETS: dict[str, dict] = {
     "toy": dict(
         steps=100,
         recursive_steps=1,
-        guidance_weight=_M.guidance_weight / 16,
-        clip=_M.clip / 8,
+        guidance_weight=_M.guidance_weight / 8,
+        clip=_M.clip / 4,
         flow_weight=_M.flow_weight * 8,
         cfg_scale=1.0,
         raft_gradient="full",
