@@ -4,8 +4,8 @@
     python -m docs.make_figures --only rotation  # one of them (demo, rotation, scaling)
 
 Each edit runs as `python launch.py` would with the toy preset, into a temporary folder; its
-panel (source | target flow | edit | achieved flow | difference) is enlarged 3x into docs/, and
-the demo edit's loss curves are copied as they are:
+panel (source | target flow | edit | achieved flow | difference, the 64x64 images shown 3x,
+nearest neighbour) and the demo edit's loss curves are copied into docs/ as they are:
 
     docs/toy_demo_panel.png     python launch.py --out_dir out/demo
     docs/toy_demo_losses.png    the same run's losses.png
@@ -26,7 +26,6 @@ from mgjax.edit.workflow import run
 from mgjax.toy import pack
 
 DOCS = Path(__file__).resolve().parent
-ZOOM = 3
 
 
 def own_motion(motion: str) -> dict:
@@ -54,7 +53,6 @@ def make(name: str, work: Path, log=print) -> list[Path]:
     run(C.resolve(dict(flags, out_dir=str(out))), log=lambda s: None)
     sample = out / "sample_00"
     panel = Image.open(sample / "panel.png").convert("RGB")
-    panel = panel.resize((panel.width * ZOOM, panel.height * ZOOM), Image.NEAREST)
     written = [DOCS / panel_name]
     panel.save(written[0], optimize=True)
     if losses_name:

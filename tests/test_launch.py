@@ -14,6 +14,7 @@ from PIL import Image
 
 from flow.errors import InputError
 from mgjax import config as C
+from mgjax.edit import outputs
 from mgjax.edit.workflow import resolve_toy, run
 from mgjax.model import sd as sdm
 from tests.hostile import png_declaring
@@ -82,9 +83,10 @@ def test_end_to_end_cli_run_writes_every_output(assets, tmp_path):
         folder = out / f"sample_{n:02d}"
         for name in ("edited.png", "source.png", "target_flow.png", "achieved_flow.png"):
             assert Image.open(folder / name).size == (SIZE, SIZE), name
-        assert Image.open(folder / "panel.png").size == (5 * SIZE, SIZE + 14)
+        view = SIZE * outputs.view_zoom(SIZE)  # a 128 px image is shown 2x
+        assert Image.open(folder / "panel.png").size == (5 * view, view + 14)
         gif = Image.open(folder / "toggle.gif")
-        assert gif.n_frames == 2
+        assert gif.n_frames == 2 and gif.size == (view, view)
         assert Image.open(folder / "losses.png").size == (640, 420)
         metrics = json.loads((folder / "metrics.json").read_text())
         for key in (

@@ -1,4 +1,5 @@
-"""Loss curves (mgjax.edit.outputs.loss_plot): size, a drawn curve, NaN entries, determinism."""
+"""Loss curves (mgjax.edit.outputs.loss_plot): size, a drawn curve, NaN entries, determinism;
+the panel and toggle GIF show small images enlarged pixel for pixel."""
 
 import numpy as np
 import pytest
@@ -73,3 +74,25 @@ def test_deterministic():
     y[::3] = np.nan
     curves = {"energy": y, "flow_loss": y * 2}
     np.testing.assert_array_equal(outputs.loss_plot(curves), outputs.loss_plot(curves))
+
+
+@pytest.mark.parametrize("size, zoom", [(64, 3), (100, 2), (192, 1), (512, 1)])
+def test_panel_shows_small_images_enlarged_pixel_for_pixel(size, zoom, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(size)
+    source = rng.random((size, size, 3)).astype(np.float32)
+    edited = rng.random((size, size, 3)).astype(np.float32)
+    flow = rng.normal(size=(size, size, 2))
+    assert outputs.view_zoom(size) == zoom
+    image = outputs.panel(source, flow, edited, flow)
+    view = size * zoom
+    assert image.shape == (view + 14, 5 * view, 3)
+    shown = image[14:, 2 * view : 3 * view]  # the edit's tile, below the label bar
+    want = outputs.to_uint8(edited)
+    for dy in range(zoom):
+        for dx in range(zoom):
+            np.testing.assert_array_equal(shown[dy::zoom, dx::zoom], want)
+    outputs.save_toggle_gif(str(tmp_path / "t.gif"), outputs.to_uint8(source), want)
+    gif = Image.open(tmp_path / "t.gif")
+    assert gif.size == (view, view) and gif.n_frames == 2

@@ -51,8 +51,26 @@ def save_json(path: str, obj) -> None:
     write_atomic(path, write)
 
 
+# Pictures meant to be looked at (panel.png, toggle.gif) show an image narrower than this many
+# pixels enlarged by a whole factor, nearest neighbour: a 64x64 toy edit becomes 192 px wide,
+# every pixel a 3x3 block, readable at a glance without inventing detail. The images written as
+# data (source.png, edited.png, the flows) keep their size.
+VIEW_WIDTH = 192
+
+
+def view_zoom(width: int) -> int:
+    """The whole factor by which a picture shows an image `width` pixels wide."""
+    return max(1, -(-VIEW_WIDTH // max(int(width), 1)))
+
+
+def enlarge(tile_u8: np.ndarray, zoom: int) -> np.ndarray:
+    """Each pixel of an image u8[H,W,C] as a zoom x zoom block (nearest neighbour)."""
+    return np.repeat(np.repeat(tile_u8, zoom, axis=0), zoom, axis=1)
+
+
 def panel(source, target_flow, edited, achieved_flow, max_norm=None) -> np.ndarray:
-    """source | target flow | edit | achieved flow | |edit - source|, with labels, u8."""
+    """source | target flow | edit | achieved flow | |edit - source|, with labels, u8; small
+    images enlarged (`view_zoom`)."""
     norm = max_norm or max(
         float(np.linalg.norm(target_flow, axis=-1).max()), 1e-6
     )  # one colour scale for both flows, set by the target
@@ -65,9 +83,11 @@ def panel(source, target_flow, edited, achieved_flow, max_norm=None) -> np.ndarr
         flow_to_color(achieved_flow, max_norm=norm),
         to_uint8(diff),
     ]
+    zoom = view_zoom(tiles[0].shape[1])
+    tiles = [enlarge(t, zoom) for t in tiles]
     h, w, _ = tiles[0].shape
     labels = ["source", "target flow", "edit", "achieved flow (RAFT)", "|edit - source|"]
-    if w < 150:  # small images (the toy world): labels that fit their tiles
+    if w < 150:  # narrow tiles: labels that fit them
         labels = ["source", "target", "edit", "RAFT", "diff"]
     bar = 14
     out = Image.new("RGB", (5 * w, h + bar), "white")
@@ -79,7 +99,9 @@ def panel(source, target_flow, edited, achieved_flow, max_norm=None) -> np.ndarr
 
 
 def save_toggle_gif(path: str, source_u8, edited_u8, ms: int = 600) -> None:
-    frames = [Image.fromarray(source_u8), Image.fromarray(edited_u8)]
+    """The source and the edit in turn, small images enlarged (`view_zoom`)."""
+    zoom = view_zoom(source_u8.shape[1])
+    frames = [Image.fromarray(enlarge(x, zoom)) for x in (source_u8, edited_u8)]
 
     def write(tmp):
         frames[0].save(
