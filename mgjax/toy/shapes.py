@@ -227,3 +227,21 @@ def flow_pair(rng: np.random.Generator, size: int = 64, supersample: int = 2):
         moved = src["masks"][k]
         flow[moved] = motion.motion_flow(motion.Motion(m, ""), size, size)[moved]
     return src["image"], dst["image"], flow.astype(np.float32)
+
+
+# The training scripts render in worker processes, which import the function they call: these
+# live here, where a worker imports the world alone instead of a training script and its
+# model libraries (seconds per worker).
+
+
+def seeded_scene(seed: int, size: int = 64, supersample: int = SUPERSAMPLE):
+    """The scene of one seed, rendered: (image f32[H,W,3] in [0, 1], union of its objects'
+    exact masks bool[H,W], prompt)."""
+    scene = sample_scene(np.random.default_rng(seed), size)
+    out = render(scene, supersample=supersample)
+    return out["image"], out["masks"].any(axis=0), prompt(scene)
+
+
+def seeded_flow_pair(seed: int, size: int = 64):
+    """`flow_pair` of one seed."""
+    return flow_pair(np.random.default_rng(seed), size)

@@ -110,21 +110,15 @@ def with_params(sd: sdm.StableDiffusion, params: dict, scaling: float | None = N
 # ----------------------------------------------------------------------------- data
 
 
-def _render_scene(seed: int, supersample: int):
-    scene = shapes.sample_scene(np.random.default_rng(seed), SIZE)
-    out = shapes.render(scene, supersample=supersample)
-    return 2.0 * out["image"] - 1.0, out["masks"].any(axis=0), shapes.prompt(scene)
-
-
 def render_pool(rng, n: int, supersample: int = 4, log=print, workers: int | None = None):
     """n random scenes (one seed each, drawn from `rng`), rendered in `workers` processes:
     images f32[n,64,64,3] in [-1, 1], the union of their objects' exact masks bool[n,64,64],
     and their prompts."""
     start = time.perf_counter()
-    render = functools.partial(_render_scene, supersample=supersample)
+    render = functools.partial(shapes.seeded_scene, size=SIZE, supersample=supersample)
     images, masks, prompts = zip(*parallel_map(render, seeds_from(rng, n), workers), strict=True)
     log(f"rendered {n} scenes in {time.perf_counter() - start:.1f} s")
-    return np.stack(images).astype(np.float32), np.stack(masks), list(prompts)
+    return (2.0 * np.stack(images) - 1.0).astype(np.float32), np.stack(masks), list(prompts)
 
 
 def _progress(name, step, budget: Budget, loss, lr, log):

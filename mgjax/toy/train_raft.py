@@ -55,14 +55,11 @@ def batch_of_pairs(rng, n: int, size: int):
     return 255.0 * np.stack(a), 255.0 * np.stack(b), np.stack(f)
 
 
-def _pair(seed: int, size: int):
-    return shapes.flow_pair(np.random.default_rng(seed), size)
-
-
 def pool_of_pairs(rng, n: int, size: int, workers: int | None = None):
     """n pairs rendered once in worker processes (one seed each, drawn from `rng`), in u8 to
     keep a large pool small; the flows f32. Drawn from at random, as `batch_of_pairs` would be."""
-    pairs = parallel_map(functools.partial(_pair, size=size), seeds_from(rng, n), workers)
+    render = functools.partial(shapes.seeded_flow_pair, size=size)
+    pairs = parallel_map(render, seeds_from(rng, n), workers)
     a, b, f = zip(*pairs, strict=True)
     u8 = lambda x: np.round(255.0 * np.stack(x)).astype(np.uint8)  # noqa: E731
     return u8(a), u8(b), np.stack(f)
