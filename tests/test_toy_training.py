@@ -2,6 +2,7 @@
 data rendered in worker processes."""
 
 import functools
+import json
 
 import numpy as np
 import optax
@@ -51,3 +52,31 @@ def test_rendering_in_workers_gives_the_data_of_rendering_in_one_process():
     spread = budget.parallel_map(render, seeds, workers=2, chunksize=2)
     for a, b in zip(alone, spread, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_pack_rebuilds_from_itself_with_its_history_and_a_new_run(tmp_path):
+    """The pack is the training checkpoint: rebuilt from its own models with its own pack.json
+    as the history, a new run's log is appended to that history; a history file without a
+    list of runs is refused in one line."""
+    from mgjax.toy import pack
+
+    log = tmp_path / "ldm" / "log.json"
+    log.parent.mkdir()
+    log.write_text(json.dumps({"command": "train", "seconds": 60.0, "unet_loss": [0.2, 0.1]}))
+    out = tmp_path / "pack"
+    shipped = pack.info()["training"]
+    pack.build(pack.sd_folder(), pack.raft_file(), str(pack.PACK / "pack.json"), (str(log),), out)
+    meta = json.loads((out / "pack.json").read_text())
+    assert meta["training"][:-1] == shipped
+    assert meta["training"][-1] == {
+        "run": "ldm",
+        "command": "train",
+        "seconds": 60.0,
+        "unet_loss_first_last": [0.2, 0.1],
+    }
+    assert (out / "demo.png").is_file() and (out / "sd" / "unet").is_dir()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"runs": "none"}))
+    with pytest.raises(SystemExit, match="no list of runs"):
+        pack.build(pack.sd_folder(), pack.raft_file(), str(bad), (), tmp_path / "other")
+    assert not list(tmp_path.glob("other*"))  # nothing half-written

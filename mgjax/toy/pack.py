@@ -9,12 +9,13 @@
   pack/pack.json     demo prompt and motion, and every training run that led to the weights
                      (command, date, device, wall time, losses, round trip, EPE)
 
-Rebuild it from training runs (python -m mgjax.toy.train_ldm / train_raft), with the history
-of the runs before them (a runs.json: {"runs": [...]}, oldest first; each run's log.json is
-appended to it):
+The pack is also the training checkpoint: a training run continues from it (--init
+mgjax/toy/pack/sd, --init mgjax/toy/pack/raft-small.mgjax), and the pack is rebuilt from the
+runs with the history of the runs before them (the pack's own pack.json, or a runs.json
+{"runs": [...]}, oldest first; each new run's log.json is appended to it):
 
   python -m mgjax.toy.pack --ldm runs/ldm/sd --raft runs/raft/raft-small.mgjax \\
-      --runs runs.json --log runs/ldm/log.json --log runs/raft/log.json
+      --runs mgjax/toy/pack/pack.json --log runs/ldm/log.json --log runs/raft/log.json
 """
 
 import json
@@ -80,6 +81,21 @@ def run_entry(log: dict, name: str) -> dict:
     return entry
 
 
+def read_history(path: str) -> list:
+    """The training runs recorded in a pack.json ("training") or a runs.json ("runs")."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--runs {path}: cannot read it as JSON ({e})") from None
+    runs = data.get("training", data.get("runs")) if isinstance(data, dict) else None
+    if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+        raise SystemExit(
+            f"--runs {path}: no list of runs in it; give a pack.json ('training') or a "
+            "runs.json ({'runs': [...]})"
+        )
+    return runs
+
+
 def build(ldm: str, raft: str, runs: str | None = None, logs: tuple = (), out: Path = PACK):
     """Copy trained weights into `out` and write the demo and pack.json, whose "training" is
     the history in `runs` followed by each of `logs` (the runs that wrote the weights)."""
@@ -88,6 +104,7 @@ def build(ldm: str, raft: str, runs: str | None = None, logs: tuple = (), out: P
 
     if not (Path(ldm) / "unet").is_dir():
         raise SystemExit(f"{ldm}: not a diffusers folder (no unet/)")
+    history = read_history(runs) if runs else []  # read before anything is written
     tmp = Path(str(out) + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -99,7 +116,6 @@ def build(ldm: str, raft: str, runs: str | None = None, logs: tuple = (), out: P
     scene, image, mask = demo_scene(size)
     outputs.save_png(str(tmp / "demo.png"), outputs.to_uint8(image))
     outputs.save_png(str(tmp / "demo_mask.png"), (mask * 255).astype(np.uint8))
-    history = json.loads(Path(runs).read_text())["runs"] if runs else []
     for path in logs:
         history.append(run_entry(json.loads(Path(path).read_text()), Path(path).parent.name))
     meta = {
@@ -124,7 +140,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ldm", required=True, help="diffusers folder written by train_ldm (OUT/sd)")
     p.add_argument("--raft", required=True, help="raft-small.mgjax written by train_raft")
-    p.add_argument("--runs", help="runs.json: the training runs before these ({'runs': [...]})")
+    p.add_argument("--runs", help="the runs before these: a pack.json or a runs.json")
     p.add_argument("--log", action="append", default=[], help="a run's log.json (repeatable)")
     p.add_argument("--out", default=str(PACK))
     a = p.parse_args()
