@@ -20,6 +20,10 @@ that cut the steps keep their share of it. Per setting it prints and writes:
   * bench.toy_quality's measures, means over the edits: object found, share of the requested
     displacement achieved, placement error (px), IoU with the moved object, PSNR of the region
     that should not change and of the disoccluded region.
+Below the table: the reference point (the best displacement share + IoU) and, for 4x and 10x
+fewer FLOPs, the setting that loses least against it (what `fast` and `preview` are chosen
+from); each setting's share and IoU minus the reference's, edit by edit (mean +- standard
+error: the differences this many edits resolve); then what each preset costs at that scale.
 OUT/results.json, OUT/table.md and OUT/frontier.png (each measure against TFLOP per edit, the
 Pareto front marked: no other setting is both cheaper and better). Resumable: each setting's
 result is kept in OUT/<setting>/result.json (its batches as bench.toy_quality keeps them), the
@@ -46,6 +50,8 @@ SETTINGS: dict[str, dict] = {
     "base": {},
     "steps 1/2": dict(steps_share=0.5),
     "steps 1/4": dict(steps_share=0.25),
+    "steps 1/8": dict(steps_share=0.125),
+    "steps x2": dict(steps_share=2.0),
     "window to 3/4": dict(guide_until=0.75, recurse_unguided=False),
     "window to 1/2": dict(guide_until=0.5, recurse_unguided=False),
     "window from 1/10": dict(guide_from=0.1, recurse_unguided=False),
@@ -68,6 +74,10 @@ SETTINGS: dict[str, dict] = {
     "window to 3/4 + every 2nd rescaled": dict(
         guide_until=0.75, guide_every=2, recurse_unguided=False, rescale_guidance=True
     ),
+    "steps 1/4 + every 2nd rescaled": dict(
+        steps_share=0.25, guide_every=2, recurse_unguided=False, rescale_guidance=True
+    ),
+    "steps 1/2 + K phases 2-1": dict(steps_share=0.5, recursive_phases="2,1"),
     "steps 1/2 + every 2nd rescaled + raft 3": dict(
         steps_share=0.5, guide_every=2, recurse_unguided=False, rescale_guidance=True, raft_iters=3
     ),
@@ -229,6 +239,116 @@ def front_plot(rows: list[dict]) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
+def quality_score(row: dict) -> float:
+    """A setting's quality as one number: its displacement share (capped at 1, an overshoot is
+    no better) plus its IoU, both on a 0-1 scale; NaN where either is missing."""
+    q = row["quality"]
+    share, iou = _nan(q.get("displacement_share")), _nan(q.get("iou"))
+    return min(share, 1.0) + iou
+
+
+def picks(rows: list[dict], factors=(4, 10)) -> dict:
+    """The reference (the best quality_score) and, per cost factor f, the setting that loses
+    least against it among those costing at most 1/f of its FLOPs: the largest relative loss in
+    displacement share or IoU, smallest. {"reference": name, f: {name, factor, share_loss,
+    iou_loss} or None}."""
+    scored = [r for r in rows if np.isfinite(quality_score(r)) and r["tflop_per_edit"]]
+    if not scored:
+        return {"reference": None}
+    ref = max(scored, key=quality_score)
+    out: dict = {"reference": ref["name"]}
+
+    def loss(r, m):
+        return 1.0 - min(r["quality"][m], 1.0) / min(ref["quality"][m], 1.0)
+
+    for f in factors:
+        cheap = [r for r in scored if r["tflop_per_edit"] * f <= ref["tflop_per_edit"]]
+        best = min(cheap, default=None,
+                   key=lambda r: max(loss(r, "displacement_share"), loss(r, "iou")))  # fmt: skip
+        out[f] = best and dict(
+            name=best["name"],
+            factor=ref["tflop_per_edit"] / best["tflop_per_edit"],
+            share_loss=loss(best, "displacement_share"),
+            iou_loss=loss(best, "iou"),
+        )
+    return out
+
+
+def picks_text(chosen: dict) -> str:
+    if chosen["reference"] is None:
+        return "no setting has both FLOPs and quality: no reference"
+    lines = [f"reference (best share + IoU): {chosen['reference']}"]
+    for f, p in chosen.items():
+        if f == "reference":
+            continue
+        if p is None:
+            lines.append(f"{f}x fewer FLOPs: no setting is that cheap")
+        else:
+            lines.append(
+                f"{f}x fewer FLOPs: {p['name']} ({p['factor']:.1f}x fewer; share "
+                f"{-100 * p['share_loss']:+.0f}%, IoU {-100 * p['iou_loss']:+.0f}%)"
+            )
+    return "\n".join(lines)
+
+
+PRESET_NAMES = ("paper", "fast", "preview", "toy", "toy_fast", "toy_preview")
+
+
+def preset_costs(scale: str, flops_cache: dict, sd, raft) -> list[dict]:
+    """Each preset's evaluations and TFLOP per edit at the scale's size (CFG on at SD scale),
+    counting the FLOPs of evaluation kinds not yet in flops_cache (which it fills)."""
+    out = []
+    for name in PRESET_NAMES:
+        config = C.make(**method_of(name, {}))
+        key = flops_key(config.method, scale)
+        k = json.dumps(key, sort_keys=True)
+        if k not in flops_cache:
+            print(f"preset {name}: counting FLOPs of {key}", flush=True)
+            flops_cache[k] = evaluation_flops(key, sd, raft)
+        counts = cost.counts(config.method, config.speed, cfg=key["cfg"])
+        out.append(dict(name=name, counts=counts,
+                        tflop_per_edit=edit_flops(counts, flops_cache[k]) / 1e12))  # fmt: skip
+    return out
+
+
+def preset_table(costs: list[dict]) -> str:
+    paper = next(c["tflop_per_edit"] for c in costs if c["name"] == "paper")
+    lines = [
+        "| preset | energy evals | other evals | TFLOP / edit | x fewer than paper |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for c in costs:
+        n = c["counts"]
+        lines.append(
+            f"| {c['name']} | {n['energy_evaluations']} | "
+            f"{n['reused_evaluations'] + n['unguided_evaluations']} | "
+            f"{c['tflop_per_edit']:.4g} | {paper / c['tflop_per_edit']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def paired(rows: list[dict], reference: str, measures=("displacement_share", "iou")) -> str:
+    """Each setting's per-edit difference from the reference, edit by edit (the same scenes and
+    motions), as mean +- standard error: what a bench of this many edits can tell apart."""
+    by_name = {r["name"]: r for r in rows}
+
+    def column(row, m):
+        values = {x["edit"]: x.get(m) for x in row["rows"]}
+        return {e: float(v) for e, v in values.items() if v is not None}
+
+    head = "| setting | " + " | ".join(f"{m} - reference" for m in measures) + " |"
+    lines = [head, "|" + " --- |" * (len(measures) + 1)]
+    for row in rows:
+        cells = []
+        for m in measures:
+            mine, ref = column(row, m), column(by_name[reference], m)
+            d = np.array([mine[e] - ref[e] for e in sorted(mine.keys() & ref.keys())])
+            se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
+            cells.append(f"{d.mean():+.3f} +- {se:.3f}" if len(d) else "-")
+        lines.append(f"| {row['name']} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     head = (
         "| setting | energy evals | other evals | UNet f/b | VAE f/b | RAFT f/b | TFLOP / edit "
@@ -373,10 +493,17 @@ def main():
         )
         TQ.write_json(saved, row)
         rows.append(row)
-    text = table(rows)
+    chosen = picks(rows)
+    text = table(rows) + "\n\n" + picks_text(chosen)
+    if chosen["reference"] is not None:
+        text += "\n\nPer edit, against the reference:\n\n" + paired(rows, chosen["reference"])
+    if args.flops != "none":
+        costs = preset_costs(args.flops, flops_cache, sd, raft)
+        TQ.write_json(flops_file, flops_cache)
+        text += "\n\n" + preset_table(costs)
     print(text)
     (out / "table.md").write_text(text + "\n")
-    TQ.write_json(out / "results.json", {"run": run, "settings": rows})
+    TQ.write_json(out / "results.json", {"run": run, "settings": rows, "picks": chosen})
     from mgjax.edit import outputs
 
     outputs.save_png(str(out / "frontier.png"), front_plot(rows))

@@ -321,13 +321,18 @@ RUN_LEVEL = (
 #   0.98 px and 90% of the displacement on the tuning edits, but unguided it loses 2 of 8
 #   objects, so a "moved" object would prove nothing. The full gradient through RAFT: with the
 #   detached one the demo's object is lost.
-#   preview: a first look in a tenth of fast's evaluations: fast's steps halved, K = 2 (125 x 2
+#   preview: a first look in a quarter of fast's evaluations: its steps halved, K = 2 (125 x 2
 #   = 250 guided evaluations, 20x fewer than the paper's); the weights are the paper's.
 #   toy_fast, toy_preview: what fast and preview are on the toy pack (`preset_for`): the toy
-#   preset with guidance on every 2nd (toy_fast) or 4th (toy_preview) step, the guidance term
-#   rescaled by the same factor (rescale_guidance), and the other steps run once.
-#   Placeholders derived from the presets above; docs/cost.md says how the measured
-#   cost/quality front (bench/cost_frontier.py) sets them.
+#   preset at 50 (toy_fast) and 25 (toy_preview) steps, a half and a quarter of its cost. Chosen
+#   on the tuning split's cost front (bench/cost_frontier.py, docs/cost.md): at the same cost,
+#   fewer steps keep more of the displacement than guiding every 2nd or 4th step (rescaled or
+#   not) or a shorter guided window (8 tuning edits: 50 steps share 0.83, IoU 0.71, against
+#   0.76 and 0.69 for every 2nd step rescaled and 0.66, 0.66 for a window to 1/2; 25 steps 0.66
+#   and 0.65, against 0.59 and 0.67 for every 4th step rescaled), because a step's
+#   guidance push scales with its span in sigma, so fewer steps keep the summed push while
+#   skipped guidance loses it. K stays 1: recursion is what the toy front's better points pay
+#   for, and unguided it does not keep these models' scenes (see toy).
 #   sdxl: for 1024x1024 images (128x128x4 latents, SDXL's native size), the same rule the other
 #   way: 4x the latent elements of SD's 64x64x4, so lambda_g x 4; the clip bounds an L2 norm
 #   over 4x more elements: clip x 2 is the same per-element bound; flows in pixels are 2x larger
@@ -353,10 +358,8 @@ PRESETS: dict[str, dict] = {
     ),
     "preview": dict(steps=125, recursive_steps=2),
 }
-PRESETS["toy_fast"] = dict(
-    PRESETS["toy"], guide_every=2, rescale_guidance=True, recurse_unguided=False
-)
-PRESETS["toy_preview"] = dict(PRESETS["toy_fast"], guide_every=4)
+PRESETS["toy_fast"] = dict(PRESETS["toy"], steps=50)
+PRESETS["toy_preview"] = dict(PRESETS["toy"], steps=25)
 TOY_MODEL = "toy"
 # What a preset is on the toy pack, where it differs (the toy world's own settings).
 TOY_PRESETS = {"auto": "toy", "fast": "toy_fast", "preview": "toy_preview"}

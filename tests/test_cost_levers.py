@@ -365,6 +365,76 @@ def test_the_front_holds_what_no_other_setting_beats():
     assert goodness([1.3, 0.8], "nearer 1").tolist() == pytest.approx([-0.3, -0.2])
 
 
+def test_the_cheap_picks_lose_least_against_the_best_setting():
+    from bench.cost_frontier import picks
+
+    def row(name, tflop, share, iou):
+        return dict(name=name, tflop_per_edit=tflop,
+                    quality=dict(displacement_share=share, iou=iou))  # fmt: skip
+
+    rows = [
+        row("best", 1000.0, 0.9, 0.8),
+        row("overshoots", 2000.0, 1.3, 0.7),  # share capped at 1: 1.7 < 1.7 + 0 is no better
+        row("quarter, share lost", 240.0, 0.72, 0.8),  # losses 20%, 0%
+        row("quarter, both lost a little", 250.0, 0.81, 0.76),  # 10%, 5%
+        row("a third", 300.0, 0.9, 0.8),  # as good, but not 4x cheaper
+        row("tenth", 100.0, 0.45, 0.6),
+        row("no flops", None, 1.0, 1.0),
+    ]
+    chosen = picks(rows)
+    assert chosen["reference"] == "best"
+    assert chosen[4]["name"] == "quarter, both lost a little"
+    assert chosen[4]["factor"] == pytest.approx(4.0)
+    assert chosen[4]["share_loss"] == pytest.approx(0.1)
+    assert chosen[4]["iou_loss"] == pytest.approx(0.05)
+    assert chosen[10]["name"] == "tenth" and chosen[10]["share_loss"] == pytest.approx(0.5)
+    assert picks(rows, factors=(20,))[20] is None
+    assert picks([row("no flops", None, 1.0, 1.0)]) == {"reference": None}
+
+
+def test_paired_differences_are_edit_by_edit():
+    from bench.cost_frontier import paired
+
+    def row(name, values):
+        return dict(name=name, rows=[dict(edit=e, iou=v) for e, v in enumerate(values)])
+
+    rows = [row("ref", [0.5, 0.6, 0.7]), row("other", [0.6, 0.6, 0.9])]
+    text = paired(rows, "ref", measures=("iou",))
+    se = np.std([0.1, 0.0, 0.2], ddof=1) / np.sqrt(3)
+    assert f"| other | +0.100 +- {se:.3f} |" in text
+    assert "| ref | +0.000 +- 0.000 |" in text
+
+
+def test_preset_costs_are_their_counts_times_each_evaluations_flops():
+    import json
+
+    from bench.cost_frontier import (
+        PRESET_NAMES,
+        edit_flops,
+        flops_key,
+        preset_costs,
+        preset_table,
+    )
+
+    per = dict(energy=8e12, unet_only=1.5e12, decode=2.5e12)
+    cache = {}
+    for name in PRESET_NAMES:  # one FLOP count per evaluation kind the presets use
+        key = flops_key(C.make(**C.PRESETS[name]).method, "sd")
+        cache[json.dumps(key, sort_keys=True)] = per
+    costs = {c["name"]: c for c in preset_costs("sd", cache, None, None)}  # nothing to compile
+    assert costs["paper"]["tflop_per_edit"] == pytest.approx((5000 * 8e12 + 2.5e12) / 1e12)
+    assert costs["fast"]["tflop_per_edit"] == pytest.approx((1000 * 8e12 + 2.5e12) / 1e12)
+    # an edit guided every 2nd of 4 steps: 2 energy evaluations and 2 UNet-only ones
+    every = C.make(steps=4, recursive_steps=1, guide_every=2, recurse_unguided=False).method
+    counts = cost.counts(every, cfg=True)
+    assert (counts["energy_evaluations"], counts["unguided_evaluations"]) == (2, 2)
+    assert edit_flops(counts, per) == pytest.approx(2 * 8e12 + 2 * 1.5e12 + 2.5e12)
+    for name in ("toy_fast", "toy_preview"):
+        steps = C.make(**C.PRESETS[name]).method.steps
+        assert costs[name]["tflop_per_edit"] == pytest.approx((steps * 8e12 + 2.5e12) / 1e12)
+    assert "| paper | 5000 | 0 | 4e+04 | 1.0 |" in preset_table(list(costs.values()))
+
+
 def test_every_frontier_setting_is_a_method_and_every_lever_is_measured():
     from bench.cost_frontier import SETTINGS, method_of
 
