@@ -270,7 +270,7 @@ def test_jobs_file_problems_are_per_job(tmp_path):
         "# a comment, then a blank line",
         "",
         '{"name": "dragged", "points": [[[1, 2], [5, 2]], [[10, 10], [12, 11.5]]]}',
-        '{"name": "fast", "preset": "fast", "steps": 20}',
+        '{"name": "fast", "preset": "fast", "clip": 20}',
     ]
     path = tmp_path / "jobs.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -294,7 +294,8 @@ def test_jobs_file_problems_are_per_job(tmp_path):
     assert by[11].config.motion.drag == "1,2>5,2; 10,10>12,11.5"
     method = by[12].config.method
     # its preset (on the toy pack, the default model, fast is toy_fast) + its own key
-    assert method == C.make(**{**C.PRESETS["toy_fast"], "steps": 20}).method
+    assert method == C.make(**{**C.PRESETS["toy_fast"], "clip": 20}).method
+    assert method.steps == C.make(**C.PRESETS["toy_fast"]).method.steps != by[1].config.method.steps
     assert len(jobs) == 10 and [j.index for j in jobs] == list(range(10))
     with pytest.raises(InputError, match="handle, target pairs"):
         points_to_drag([[1, 2, 3]])
