@@ -258,13 +258,14 @@ def picks(rows: list[dict], factors=(4, 10)) -> dict:
     ref = max(scored, key=quality_score)
     out: dict = {"reference": ref["name"]}
 
-    def loss(r, m):
-        return 1.0 - min(r["quality"][m], 1.0) / min(ref["quality"][m], 1.0)
+    def loss(r, m):  # relative; NaN where the reference has nothing to lose
+        whole = min(ref["quality"][m], 1.0)
+        return 1.0 - min(r["quality"][m], 1.0) / whole if whole > 0 else np.nan
 
     for f in factors:
         cheap = [r for r in scored if r["tflop_per_edit"] * f <= ref["tflop_per_edit"]]
         best = min(cheap, default=None,
-                   key=lambda r: max(loss(r, "displacement_share"), loss(r, "iou")))  # fmt: skip
+                   key=lambda r: _worst(loss(r, "displacement_share"), loss(r, "iou")))  # fmt: skip
         out[f] = best and dict(
             name=best["name"],
             factor=ref["tflop_per_edit"] / best["tflop_per_edit"],
@@ -272,6 +273,12 @@ def picks(rows: list[dict], factors=(4, 10)) -> dict:
             iou_loss=loss(best, "iou"),
         )
     return out
+
+
+def _worst(*losses) -> float:
+    """The largest of the losses that are numbers (inf if none is)."""
+    finite = [x for x in losses if np.isfinite(x)]
+    return max(finite) if finite else np.inf
 
 
 def picks_text(chosen: dict) -> str:
@@ -328,8 +335,9 @@ def preset_table(costs: list[dict]) -> str:
 
 
 def paired(rows: list[dict], reference: str, measures=("displacement_share", "iou")) -> str:
-    """Each setting's per-edit difference from the reference, edit by edit (the same scenes and
-    motions), as mean +- standard error: what a bench of this many edits can tell apart."""
+    """Each setting's per-edit difference from the reference, edit by edit (the same scenes; a
+    setting with another step count generates its sources anew, so a generated source and the
+    drags drawn on it differ), as mean +- standard error: what this many edits tell apart."""
     by_name = {r["name"]: r for r in rows}
 
     def column(row, m):

@@ -390,6 +390,11 @@ def test_the_cheap_picks_lose_least_against_the_best_setting():
     assert chosen[10]["name"] == "tenth" and chosen[10]["share_loss"] == pytest.approx(0.5)
     assert picks(rows, factors=(20,))[20] is None
     assert picks([row("no flops", None, 1.0, 1.0)]) == {"reference": None}
+    # a reference that achieves no displacement: the cheap settings are told apart by IoU
+    still = picks([row("ref", 1000.0, 0.0, 0.95), row("a", 200.0, 0.0, 0.6),
+                   row("b", 250.0, -0.2, 0.8)])  # fmt: skip
+    assert still["reference"] == "ref"
+    assert still[4]["name"] == "b" and np.isnan(still[4]["share_loss"])
 
 
 def test_paired_differences_are_edit_by_edit():
