@@ -16,7 +16,7 @@ from flow.errors import InputError
 from mgjax import config as C
 from mgjax.edit.workflow import run
 from mgjax.model import sd as sdm
-from mgjax.toy import pack, quality, shapes
+from mgjax.toy import pack
 
 
 def test_pack_loads_through_the_real_loaders_within_budget():
@@ -44,21 +44,12 @@ def test_pack_loads_through_the_real_loaders_within_budget():
 
 def _measure(path) -> tuple[dict, np.ndarray, float]:
     """The demo edit at `path` against the demo object moved exactly as asked
-    (quality.edit_scores), and the found object's centroid shift from its place in the source
-    and its share of the source object's pixel count."""
-    size = pack.info()["image_size"]
-    scene, image, before = pack.demo_scene(size)
-    matrix = shapes.affine_about((0.0, 0.0), shift=pack.DEMO_SHIFT)
-    after = shapes.render(scene, {pack.DEMO_OBJECT: matrix})["masks"][pack.DEMO_OBJECT]
+    (pack.demo_measures), the found object's centroid shift from its place in the source and its
+    share of the source object's pixel count."""
     edited = np.asarray(Image.open(path), np.float32) / 255.0
-    scores = quality.edit_scores(edited, scene, pack.DEMO_OBJECT, matrix)
-    color = np.median(image[before], axis=0)
-    region = quality.dilate_mask(before | after, quality.SEARCH)
-    plate = quality.plate_of(scene, pack.DEMO_OBJECT)
-    found = quality.object_pixels(edited, color, plate, region)
-    assert found.any(), "the object is gone from the edit"
-    shift = quality.centroid(found) - quality.centroid(before)
-    return scores, shift, found.sum() / before.sum()
+    measures = pack.demo_measures(edited)
+    assert measures["object_px"] > 0, "the object is gone from the edit"
+    return measures, measures["shift"], measures["object_px"] / measures["source_px"]
 
 
 @pytest.mark.slow

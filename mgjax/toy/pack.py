@@ -65,6 +65,26 @@ def demo_scene(size: int = 64):
     return scene, out["image"], out["masks"][DEMO_OBJECT]
 
 
+def demo_measures(edited: np.ndarray) -> dict:
+    """The demo edit (f32[H,W,3] in [0, 1]) scored against the demo object moved exactly as
+    asked (quality.edit_scores), with the object's pixels found in the edit (object_px, of
+    source_px in the source) and their centroid's shift from the source object's (px, x and y;
+    NaN where none is found)."""
+    from mgjax.toy import quality, shapes
+
+    scene, image, before = demo_scene(edited.shape[0])
+    matrix = shapes.affine_about((0.0, 0.0), shift=DEMO_SHIFT)
+    after = shapes.render(scene, {DEMO_OBJECT: matrix})["masks"][DEMO_OBJECT]
+    scores = quality.edit_scores(edited, scene, DEMO_OBJECT, matrix)
+    color = np.median(image[before], axis=0)
+    region = quality.dilate_mask(before | after, quality.SEARCH)
+    found = quality.object_pixels(edited, color, quality.plate_of(scene, DEMO_OBJECT), region)
+    shift = (
+        quality.centroid(found) - quality.centroid(before) if found.any() else np.full(2, np.nan)
+    )
+    return dict(scores, object_px=int(found.sum()), source_px=int(before.sum()), shift=shift)
+
+
 # what a run's log.json keeps in the pack's history (the loss curves are in the logs)
 RUN_KEYS = ("command", "date", "device", "seconds", "settings", "vae_steps_run", "unet_steps_run",
             "steps", "roundtrip", "scaling_factor", "final_val_epe", "final_val_epe_roundtrip",
