@@ -301,20 +301,25 @@ def picks_text(chosen: dict) -> str:
 PRESET_NAMES = ("paper", "fast", "preview", "toy", "toy_fast", "toy_preview")
 
 
+def edit_cost(name: str, config, scale: str, flops_cache: dict, sd, raft) -> tuple[dict, float]:
+    """(evaluation counts, TFLOP per edit) of a config at the scale's size (CFG on at SD scale),
+    counting the FLOPs of an evaluation kind not yet in flops_cache (which it fills)."""
+    key = flops_key(config.method, scale)
+    k = json.dumps(key, sort_keys=True)
+    if k not in flops_cache:
+        print(f"{name}: counting FLOPs of {key}", flush=True)
+        flops_cache[k] = evaluation_flops(key, sd, raft)
+    counts = cost.counts(config.method, config.speed, cfg=key["cfg"])
+    return counts, edit_flops(counts, flops_cache[k]) / 1e12
+
+
 def preset_costs(scale: str, flops_cache: dict, sd, raft) -> list[dict]:
-    """Each preset's evaluations and TFLOP per edit at the scale's size (CFG on at SD scale),
-    counting the FLOPs of evaluation kinds not yet in flops_cache (which it fills)."""
+    """Each preset's evaluations and TFLOP per edit at the scale's size (edit_cost)."""
     out = []
     for name in PRESET_NAMES:
         config = C.make(**method_of(name, {}))
-        key = flops_key(config.method, scale)
-        k = json.dumps(key, sort_keys=True)
-        if k not in flops_cache:
-            print(f"preset {name}: counting FLOPs of {key}", flush=True)
-            flops_cache[k] = evaluation_flops(key, sd, raft)
-        counts = cost.counts(config.method, config.speed, cfg=key["cfg"])
-        out.append(dict(name=name, counts=counts,
-                        tflop_per_edit=edit_flops(counts, flops_cache[k]) / 1e12))  # fmt: skip
+        counts, tflop = edit_cost(f"preset {name}", config, scale, flops_cache, sd, raft)
+        out.append(dict(name=name, counts=counts, tflop_per_edit=tflop))
     return out
 
 
@@ -346,10 +351,11 @@ def paired(rows: list[dict], reference: str, measures=("displacement_share", "io
 
     head = "| setting | " + " | ".join(f"{m} - reference" for m in measures) + " |"
     lines = [head, "|" + " --- |" * (len(measures) + 1)]
+    ref_columns = {m: column(by_name[reference], m) for m in measures}
     for row in rows:
         cells = []
         for m in measures:
-            mine, ref = column(row, m), column(by_name[reference], m)
+            mine, ref = column(row, m), ref_columns[m]
             d = np.array([mine[e] - ref[e] for e in sorted(mine.keys() & ref.keys())])
             se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
             cells.append(f"{d.mean():+.3f} +- {se:.3f}" if len(d) else "-")
@@ -479,14 +485,8 @@ def main():
         counts = cost.counts(config.method, config.speed)
         tflop = None
         if args.flops != "none":
-            key = flops_key(config.method, args.flops)
-            k = json.dumps(key, sort_keys=True)
-            if k not in flops_cache:
-                print(f"{name}: counting FLOPs of {key}", flush=True)
-                flops_cache[k] = evaluation_flops(key, sd, raft)
-                TQ.write_json(flops_file, flops_cache)
-            sd_counts = cost.counts(config.method, config.speed, cfg=key["cfg"])
-            tflop = edit_flops(sd_counts, flops_cache[k]) / 1e12
+            _, tflop = edit_cost(name, config, args.flops, flops_cache, sd, raft)
+            TQ.write_json(flops_file, flops_cache)
         print(f"{name}: {counts['energy_evaluations']} energy evaluations, running", flush=True)
         result = measure(name, method, cases, sd, raft, out, sources)
         row = dict(

@@ -20,20 +20,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-# name -> (cores for taskset, extra launch.py flags)
+# name -> (cores for taskset, extra launch.py flags, the row's label)
 RUNS = {
-    "two-auto": ("0,1", []),
-    "two-scan": ("0,1", ["--loops", "scan"]),
-    "one-auto": ("0", []),
-    "one-scan": ("0", ["--loops", "scan"]),
-    "two-unguided": ("0,1", ["--guidance_weight", "0"]),
-}
-LABELS = {
-    "two-auto": "two cores, `--loops auto` (unrolled on CPU), the default",
-    "two-scan": "two cores, `--loops scan`",
-    "one-auto": "one core, `--loops auto`",
-    "one-scan": "one core, `--loops scan`",
-    "two-unguided": "two cores, `--guidance_weight 0`",
+    "two-auto": ("0,1", [], "two cores, `--loops auto` (unrolled on CPU), the default"),
+    "two-scan": ("0,1", ["--loops", "scan"], "two cores, `--loops scan`"),
+    "one-auto": ("0", [], "one core, `--loops auto`"),
+    "one-scan": ("0", ["--loops", "scan"], "one core, `--loops scan`"),
+    "two-unguided": ("0,1", ["--guidance_weight", "0"], "two cores, `--guidance_weight 0`"),
 }
 
 
@@ -44,8 +37,8 @@ def main():
     args = parser.parse_args()
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
     unknown = [n for n in names if n not in RUNS]
-    if unknown:
-        sys.exit(f"unknown runs {unknown}: choose from {', '.join(RUNS)}")
+    if unknown or not names:
+        sys.exit(f"--runs {args.runs!r}: name runs from {', '.join(RUNS)}")
     if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
         sys.exit("this bench needs taskset and two cores")
 
@@ -53,7 +46,7 @@ def main():
 
     rows = []
     for name in names:
-        cores, flags = RUNS[name]
+        cores, flags, label = RUNS[name]
         out = Path(args.out) / name
         command = ["taskset", "-c", cores, sys.executable, "launch.py", "--out_dir", str(out)]
         command += ["--overwrite", *flags]
@@ -68,7 +61,7 @@ def main():
         m = pack.demo_measures(edited)
         evals = metrics["guided_evaluations"] + metrics["unguided_evaluations"]
         rows.append(
-            f"| {LABELS[name]} | {m['object_px']} | ({m['shift'][0]:+.2f}, {m['shift'][1]:+.2f}) "
+            f"| {label} | {m['object_px']} | ({m['shift'][0]:+.2f}, {m['shift'][1]:+.2f}) "
             f"| {m['placement_px']:.2f} | {m['iou']:.3f} | {m['psnr_unchanged']:.1f} "
             f"| {evals / metrics['sampling_seconds']:.2f} | {wall:.0f} |"
         )
