@@ -99,9 +99,10 @@ KINDS = ("translate", "rotate", "scale", "drag")
 
 
 def preset_values(name: str) -> dict:
-    """A preset's method settings that --set may change (numbers and strings), all of them."""
+    """A preset's method settings that --set may change (switches, numbers and strings), all of
+    them."""
     method = dataclasses.asdict(C.make(**C.PRESETS[name]).method)
-    return {k: v for k, v in method.items() if type(v) in (int, float, str)}
+    return {k: v for k, v in method.items() if type(v) in (bool, int, float, str)}
 
 
 def motion_for(kind: str, rng, center, mask) -> tuple[str, np.ndarray, np.ndarray]:
@@ -290,7 +291,12 @@ def main():
         settable = preset_values("toy")
         if key not in settable or not value:
             sys.exit(f"--set {item}: give KEY=VALUE with KEY one of {sorted(settable)}")
-        kind = type(settable[key])  # str, int or float
+        kind = type(settable[key])  # bool, str, int or float
+        if kind is bool:
+            if value not in ("true", "false"):
+                sys.exit(f"--set {item}: {key} takes true or false")
+            overrides[key] = value == "true"
+            continue
         try:
             overrides[key] = kind(value)
         except ValueError:

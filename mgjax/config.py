@@ -315,7 +315,15 @@ RUN_LEVEL = (
 #   the paper's per-element bound; the old clip / 8 throttles the doubled weight, twice the
 #   clip (clip / 2) gains nothing more. Flows are in pixels, 8x smaller for the same relative
 #   motion: lambda_flow x 8 keeps the flow/colour balance (twice the flow weight or half the
-#   colour weight place objects worse, 1.65 and 1.73 px). 100 steps keep a demo object whole
+#   colour weight place objects worse, 1.65 and 1.73 px). The colour loss warps the edit by
+#   the target flow (oracle) instead of by RAFT's flow, at twice the paper's colour weight:
+#   RAFT-small's flow on a half-denoised estimate is off by about a third of a translation, so
+#   warping by it asks the edit to match the source where RAFT thinks it moved, not where it
+#   was asked to; the target flow asks for the requested motion itself, and the flow term still
+#   goes through RAFT. On 16 tuning edits (BENCHMARKS.md, "Settings for these models") RAFT's
+#   warp places objects at 2.11 px, 60% of the displacement, IoU 0.61; the oracle warp at 1.41
+#   px, 78%, 0.69; with lambda_color x 2 at 1.29 px, 80%, 0.71 and 32.0 dB in the unchanged
+#   region (31.2 with RAFT's warp). 100 steps keep a demo object whole
 #   where fewer smear it under some CPUs' rounding. K = 1 and CFG 1: the toy UNet reconstructs
 #   an inverted source only at the inversion's settings (CFG 1, K = 1); with K = 2 it reaches
 #   0.98 px and 90% of the displacement on the tuning edits, but unguided it loses 2 of 8
@@ -325,7 +333,8 @@ RUN_LEVEL = (
 #   = 250 guided evaluations, 20x fewer than the paper's); the weights are the paper's.
 #   toy_fast, toy_preview: what fast and preview are on the toy pack (`preset_for`): the toy
 #   preset at 50 (toy_fast) and 25 (toy_preview) steps, a half and a quarter of its cost. Chosen
-#   on the tuning split's cost front (bench/cost_frontier.py, docs/cost.md): at the same cost,
+#   on the tuning split's cost front (bench/cost_frontier.py, docs/cost.md; measured with
+#   RAFT's warp in the colour loss, before the toy preset's oracle warp): at the same cost,
 #   fewer steps keep more of the displacement than guiding every 2nd or 4th step (rescaled or
 #   not) or a shorter guided window (8 tuning edits: 50 steps share 0.83, IoU 0.71, against
 #   0.76 and 0.69 for every 2nd step rescaled and 0.66, 0.66 for a window to 1/2; 25 steps 0.66
@@ -350,6 +359,8 @@ PRESETS: dict[str, dict] = {
         flow_weight=_M.flow_weight * 8,
         cfg_scale=1.0,
         raft_gradient="full",
+        oracle=True,
+        color_weight=_M.color_weight * 2,
     ),
     "sdxl": dict(
         guidance_weight=_M.guidance_weight * 4,
