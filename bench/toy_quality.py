@@ -17,8 +17,11 @@ centroid, and a drag-point edit (two handles on the object dragged by a similari
 10-25 degrees and x0.9-1.1; the flow is mgjax.drag's, as --drag makes it).
 
 Ground truth: for a rendered source the scene rendered with the object moved (exact); for a
-generated source the object's mask is found by its prompt colour and moved by the motion (the
-disoccluded background is unknown there, so that PSNR is rendered-only).
+generated source the object's pixels are found by its prompt colour and moved by the motion (the
+disoccluded background is unknown there, so that PSNR is rendered-only). The motion's mask (the
+region the target flow moves, as a user would paint it) is the exact mask for a rendered source
+and the silhouette of those pixels for a generated one (quality.silhouette: a textured object's
+off-colour pixels move with it).
 
 Measures per edit (mgjax.toy.quality.scores): object found, placement error (centroid
 distance, px), share of the requested displacement achieved along its direction (motions that
@@ -38,9 +41,9 @@ Methods:
 
 Prints the tables (means over edits) and writes OUT/table.md, OUT/results.json,
 OUT/measures.png (the table as bars) and OUT/edits_<method>.png (source | target | edit rows).
-The models report (also in results.json): the autoencoder's round trip of 200 held-out scenes
-(PSNR, each object's IoU with itself) and RAFT-small's EPE on 64 held-out pairs whose second
-image went through the autoencoder (5 iterations, as in guidance).
+The models report (also in results.json; --no_models_report skips it): the autoencoder's round
+trip of 200 held-out scenes (PSNR, each object's IoU with itself) and RAFT-small's EPE on 64
+held-out pairs whose second image went through the autoencoder (5 iterations, as in guidance).
 
 Resumable (a paper-preset run is hours on a CPU): each batch's result is kept in
 OUT/<method>/batch_KK.npz and a guided batch checkpoints every CHUNK DDIM steps. --minutes M
@@ -177,12 +180,13 @@ def autoencoder_keep(sd):
 
 
 def build_source(case: Case, sd, steps: int, cfg_scale: float):
-    """(image f32[H,W,3], trajectory f32[S,1,C,h,w], z_T, object mask, object colour) or None
-    when a generated object cannot be found by its colour."""
+    """(image f32[H,W,3], trajectory, object mask (its pixels), motion mask (the region that
+    moves), object colour) or None when a generated object cannot be found by its colour."""
     uncond, cond = sd.embed(""), sd.embed(case.prompt)
     if case.rendered:
         out = shapes.render(case.scene)
         image, mask = out["image"], out["masks"][0]
+        moving = mask
         traj = src_lib.invert(sd, image[None], cond, uncond, steps, 1.0)  # as launch.py does
         color = np.median(image[mask], axis=0)
     else:
@@ -192,14 +196,16 @@ def build_source(case: Case, sd, steps: int, cfg_scale: float):
         )
         made = src_lib.generate(sd, z_T, cond, uncond, steps, GENERATE_CFG)
         image = src_lib.decode_images(sd, made.z0)[0]
-        mask = quality.segment(image, shapes.COLORS[case.scene.objects[0].color], 0.25)
+        found = quality.segment(image, shapes.COLORS[case.scene.objects[0].color], 0.25)
+        moving = quality.silhouette(found)
+        mask = found & moving
         if mask.sum() < 30:
             return None
         color = np.median(image[mask], axis=0)
         traj = made
         if cfg_scale != GENERATE_CFG:  # edited at another CFG: inverted like a real image
             traj = src_lib.invert(sd, image[None], cond, uncond, steps, 1.0)
-    return image, traj, mask, color
+    return image, traj, mask, moving, color
 
 
 def target_of(case: Case, mask):
@@ -255,6 +261,11 @@ def main():
     parser.add_argument("--raft", default=None, help="RAFT weights (default: the pack's)")
     parser.add_argument(
         "--models_only", action="store_true", help="only the autoencoder and RAFT-small report"
+    )
+    parser.add_argument(
+        "--no_models_report",
+        action="store_true",
+        help="skip the models report at the end (minutes on a CPU; tuning and rounding runs)",
     )
     parser.add_argument("--batch", type=int, default=24, help="guided edits per sampler batch")
     parser.add_argument(
@@ -409,9 +420,11 @@ def main():
     print(text)
     (out / "table.md").write_text(text + "\n")
     outputs.save_png(str(out / "measures.png"), measures_plot(results))
-    report = models_report(sd, raft)
-    print("models:", json.dumps(report))
-    write_json(out / "results.json", {"results": results, "timing": timing, "models": report})
+    saved = {"results": results, "timing": timing}
+    if not args.no_models_report:
+        saved["models"] = models_report(sd, raft)
+        print("models:", json.dumps(saved["models"]))
+    write_json(out / "results.json", saved)
     if missing:  # the table holds what is scored so far
         print(f"not yet scored: {','.join(missing)}; rerun with --resume when they finish")
         sys.exit(4)
@@ -448,21 +461,22 @@ def prepare(cases, sd, preset, kept_by_autoencoder) -> list[dict]:
         src = build_source(case, sd, preset["steps"], preset["cfg_scale"])
         if src is None:
             continue
-        image, traj, mask, color = src
-        label, matrix, flow = target_of(case, mask)
+        image, traj, mask, moving, color = src
+        label, matrix, flow = target_of(case, moving)
         if case.rendered:
             after = shapes.render(case.scene, {0: matrix})
             truth, target = after["image"], after["masks"][0]
             plate = quality.plate_of(case.scene, 0)
         else:  # the generated scene without its object is unknown where the object was
             truth, target = None, quality.move_mask(mask, matrix)
-            plate = np.where(dilate_mask(mask, 1)[..., None], np.nan, image)
+            plate = np.where(dilate_mask(moving, 1)[..., None], np.nan, image)
         prepared.append(
             dict(
                 case=case,
                 image=image,
                 traj=traj,
                 mask=mask,
+                moving=moving,
                 color=color,
                 label=label,
                 flow=flow,
@@ -483,10 +497,10 @@ def score(method, prepared, edited, raft, out: Path) -> list[dict]:
         # a forward warp's holes are not drawn: they are not taken for the object
         holes = None
         if method == "warp":
-            holes = quality.forward_warp(p["image"], p["flow"], p["mask"])[1]
+            holes = quality.forward_warp(p["image"], p["flow"], p["moving"])[1]
         args = (ref, p["mask"], p["target"], p["color"], p["truth"])
         r = quality.scores(e, *args, plate=p["plate"], exclude=holes)
-        r["flow_epe"] = flow_epe(raft, p["image"], e, p["flow"], p["mask"])
+        r["flow_epe"] = flow_epe(raft, p["image"], e, p["flow"], p["moving"])
         # leaving the object where it is, measured the same way
         r["still_iou"] = quality.scores(p["image"], *args, plate=p["plate"])["iou"]
         r.update(
@@ -625,7 +639,7 @@ class UnitRunner:
 
 
 def warp(p: dict) -> np.ndarray:
-    return quality.forward_warp(p["image"], p["flow"], p["mask"])[0]
+    return quality.forward_warp(p["image"], p["flow"], p["moving"])[0]
 
 
 def group_of(row: dict) -> str:

@@ -39,6 +39,7 @@ def run_condition(out: Path, edits: int, batch: int, cpus: list[str]) -> list[di
     if not results.exists():
         cmd = ["taskset", "-c", ",".join(cpus), sys.executable, "-m", "bench.toy_quality"]
         cmd += ["--edits", str(edits), "--methods", "toy", "--batch", str(batch)]
+        cmd += ["--no_models_report"]  # the models do not change between the conditions
         cmd += ["--out", str(folder)] + (["--resume"] if folder.exists() else [])
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)

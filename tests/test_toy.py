@@ -170,3 +170,27 @@ def test_an_object_is_told_from_a_background_of_its_own_colour():
     assert quality.scores(*args, plate=plate)["displacement_share"] < 0.8  # the holes count
     fair = quality.scores(*args, plate=plate, exclude=holes)
     assert fair["displacement_share"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_the_silhouette_is_the_object_a_colour_mask_shows():
+    # a ring-shaped colour mask (a textured object whose middle is off-colour), notched at its
+    # edge, touching the frame, and a stray speck of the same colour elsewhere
+    ys, xs = np.mgrid[0:64, 0:64]
+    disc = np.hypot(xs - 10, ys - 30) <= 12  # reaches past the left edge of the frame
+    ring = disc & (np.hypot(xs - 10, ys - 30) > 5)
+    notched = ring & ~((ys == 30) & (xs > 15) & (xs < 20))  # a 1 px cut across the ring
+    speck = (np.abs(xs - 50) <= 2) & (np.abs(ys - 50) <= 2)
+    found = notched | speck
+    sil = quality.silhouette(found)
+    np.testing.assert_array_equal(sil, disc)  # the frame's edge does not erode it
+    assert not (sil & speck).any()
+    # a mask that is already whole is kept as it is; an empty one gives an empty silhouette
+    np.testing.assert_array_equal(quality.silhouette(disc), disc)
+    assert not quality.silhouette(np.zeros((8, 8), bool)).any()
+    # a dotted rendered object whose dots its colour misses: the silhouette is the object
+    s = shapes.sample_scene(np.random.default_rng(3), 64, n_objects=1)
+    assert s.objects[0].fill == "dotted"
+    out = shapes.render(s)
+    colour = quality.segment(out["image"], shapes.COLORS[s.objects[0].color], 0.25)
+    assert quality.iou(colour, out["masks"][0]) < 0.7
+    assert quality.iou(quality.silhouette(colour), out["masks"][0]) > 0.9

@@ -62,6 +62,22 @@ def object_pixels(image, color, plate=None, region=None, tolerance: float = 0.2)
     return found
 
 
+def silhouette(mask, gap: int = 2) -> np.ndarray:
+    """bool[H,W]: the object that a colour mask bool[H,W] shows, as one would paint it to move
+    it: the mask's largest 8-connected part with gaps of up to `gap` px closed and its holes
+    filled (a dotted or textured object's off-colour pixels are part of it). All False for an
+    empty mask."""
+    from scipy import ndimage
+
+    padded = np.pad(mask, gap)  # closing near the frame's edge must not erode the object
+    closed = ndimage.binary_closing(padded, iterations=gap)[gap:-gap, gap:-gap] | mask
+    parts, count = ndimage.label(closed, structure=np.ones((3, 3)))
+    if count == 0:
+        return np.zeros_like(mask, bool)
+    largest = 1 + int(np.argmax(ndimage.sum_labels(closed, parts, range(1, count + 1))))
+    return ndimage.binary_fill_holes(parts == largest)
+
+
 def plate_of(scene: shapes.Scene, k: int) -> np.ndarray:
     """The scene rendered without object k (what its pixels would show if it were gone)."""
     others = tuple(o for i, o in enumerate(scene.objects) if i != k)

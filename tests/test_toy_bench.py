@@ -1,0 +1,55 @@
+"""The toy-world quality bench end to end on the pack, cut short (2 edits, 2 DDIM steps): every
+method scores each edit, the generated source moves its whole silhouette, a run resumes to the
+same scores, and a changed setting is refused before any model work."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bench.toy_quality as TQ
+from mgjax.model import sd as sdm
+from mgjax.toy import pack, quality
+
+
+def _bench(out, *extra):
+    cmd = [sys.executable, "-m", "bench.toy_quality", "--edits", "2", "--steps", "2"]
+    cmd += ["--batch", "2", "--no_models_report", "--out", str(out), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_the_bench_scores_every_method_and_resumes(tmp_path):
+    out = tmp_path / "tq"
+    run = _bench(out, "--methods", "toy,none,warp")
+    assert run.returncode == 0, run.stderr[-2000:]
+    saved = json.loads((out / "results.json").read_text())
+    assert "models" not in saved  # --no_models_report
+    for method in ("toy", "none", "warp"):
+        rows = saved["results"][method]
+        assert [r["edit"] for r in rows] == [0, 1]
+        assert [r["rendered"] for r in rows] == [True, False]
+        assert all(r["motion"].startswith("translate") for r in rows)
+        assert (out / f"edits_{method}.png").exists()
+    # the warp moves the rendered object exactly: placement within a pixel, all of the way
+    warp = saved["results"]["warp"][0]
+    assert warp["placement_px"] < 1.0 and warp["displacement_share"] > 0.9
+    # a rerun of the same settings scores nothing again; other settings are refused up front
+    again = _bench(out, "--methods", "toy,none,warp", "--resume")
+    assert again.returncode == 0 and again.stdout.count("scored in an earlier run") == 3
+    other = _bench(out, "--methods", "toy", "--resume", "--set", "clip=10")
+    assert other.returncode != 0 and "was run with" in other.stderr
+    assert "Traceback" not in other.stderr
+
+
+def test_a_generated_source_moves_its_silhouette():
+    sd = sdm.load(pack.sd_folder())
+    case = TQ.Case(1, 64, quality.HELDOUT_SEEDS)
+    assert not case.rendered
+    image, traj, mask, moving, color = TQ.build_source(case, sd, 2, 1.0)
+    assert image.shape == (64, 64, 3) and traj.latents.shape[0] == 2
+    # the object's pixels lie inside the region that moves, which is one part without holes
+    assert mask.any() and not (mask & ~moving).any()
+    np.testing.assert_array_equal(quality.silhouette(moving), moving)
