@@ -53,3 +53,23 @@ def test_a_generated_source_moves_its_silhouette():
     # the object's pixels lie inside the region that moves, which is one part without holes
     assert mask.any() and not (mask & ~moving).any()
     np.testing.assert_array_equal(quality.silhouette(moving), moving)
+
+
+def test_a_generation_counts_only_when_it_draws_one_object():
+    ys, xs = np.mgrid[0:64, 0:64]
+    red, grey = np.array([0.9, 0.1, 0.1]), np.array([0.5, 0.5, 0.5])
+
+    def image_of(region):
+        return np.where(region[..., None], red, grey).astype(np.float32)
+
+    disc = np.hypot(xs - 30, ys - 30) <= 10
+    mask, moving = TQ.generated_object(image_of(disc), red)
+    np.testing.assert_array_equal(mask, disc)
+    np.testing.assert_array_equal(moving, disc)
+    # scattered pieces of the colour, none of them most of it
+    pieces = (np.hypot(xs - 12, ys - 12) <= 6) | (np.hypot(xs - 48, ys - 48) <= 6)
+    assert TQ.generated_object(image_of(pieces), red) == (None, None)
+    # the colour over most of the frame: the model drew a background, not an object
+    assert TQ.generated_object(image_of(xs < 40), red) == (None, None)
+    # a speck
+    assert TQ.generated_object(image_of(np.hypot(xs - 30, ys - 30) <= 2), red) == (None, None)
