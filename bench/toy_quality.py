@@ -20,11 +20,12 @@ centroid, and a drag-point edit (two handles on the object dragged by a similari
 10-25 degrees and x0.9-1.1; the flow is mgjax.drag's, as --drag makes it).
 
 Ground truth: for a rendered source the scene rendered with the object moved (exact); for a
-generated source the object's pixels are found by its prompt colour and moved by the motion (the
-disoccluded background is unknown there, so that PSNR is rendered-only). The motion's mask (the
-region the target flow moves, as a user would paint it) is the exact mask for a rendered source
-and the silhouette of those pixels for a generated one (quality.silhouette: a textured object's
-off-colour pixels move with it).
+generated source the object is the silhouette of its pixels of the prompt's colour
+(quality.silhouette: a textured object's off-colour pixels are part of it), and the object and
+those pixels are moved by the motion (the disoccluded background is unknown there, so that PSNR
+is rendered-only). The object as a whole (the exact mask, or the silhouette) is what the target
+flow moves, as a user would paint it, and where the unchanged region ends; the IoU is taken
+with its pixels of its own colour.
 
 Measures per edit (mgjax.toy.quality.scores): object found, placement error (centroid
 distance, px), share of the requested displacement achieved along its direction (motions that
@@ -498,10 +499,11 @@ def prepare(cases, sd, preset, kept_by_autoencoder) -> list[dict]:
         label, matrix, flow = target_of(case, moving)
         if case.rendered:
             after = shapes.render(case.scene, {0: matrix})
-            truth, target = after["image"], after["masks"][0]
+            truth, target, want = after["image"], after["masks"][0], None
             plate = quality.plate_of(case.scene, 0)
         else:  # the generated scene without its object is unknown where the object was
-            truth, target = None, quality.move_mask(mask, matrix)
+            truth, target = None, quality.move_mask(moving, matrix)
+            want = quality.move_mask(mask, matrix)  # its pixels of the object's colour
             plate = np.where(dilate_mask(moving, 1)[..., None], np.nan, image)
         prepared.append(
             dict(
@@ -515,6 +517,7 @@ def prepare(cases, sd, preset, kept_by_autoencoder) -> list[dict]:
                 flow=flow,
                 truth=truth,
                 target=target,
+                want=want,
                 plate=plate,
                 kept=kept_by_autoencoder(case, image, mask, color),
             )
@@ -531,11 +534,12 @@ def score(method, prepared, edited, raft, out: Path) -> list[dict]:
         holes = None
         if method == "warp":
             holes = quality.forward_warp(p["image"], p["flow"], p["moving"])[1]
-        args = (ref, p["mask"], p["target"], p["color"], p["truth"])
-        r = quality.scores(e, *args, plate=p["plate"], exclude=holes)
+        # the object as a whole (its silhouette) before and after; its own pixels as the IoU's
+        args = (ref, p["moving"], p["target"], p["color"], p["truth"])
+        r = quality.scores(e, *args, plate=p["plate"], exclude=holes, want=p["want"])
         r["flow_epe"] = flow_epe(raft, p["image"], e, p["flow"], p["moving"])
         # leaving the object where it is, measured the same way
-        r["still_iou"] = quality.scores(p["image"], *args, plate=p["plate"])["iou"]
+        r["still_iou"] = quality.scores(p["image"], *args, plate=p["plate"], want=p["want"])["iou"]
         r.update(
             edit=p["case"].n,
             motion=p["label"],

@@ -117,13 +117,14 @@ def move_mask(mask, matrix) -> np.ndarray:
 
 
 def scores(edited, reference, before, after, color, truth=None, tolerance: float = 0.2,
-           plate=None, exclude=None) -> dict:  # fmt: skip
+           plate=None, exclude=None, want=None) -> dict:  # fmt: skip
     """The measures for `edited` (f32[H,W,3]) of an object (bool[H,W] masks `before` in the
-    source and `after` where it should land; RGB `color` its typical colour). `reference` is
-    the image the unchanged region is compared with (the ground truth, or the source);
-    `truth` the exact edited image, when known (else no disoccluded PSNR; the IoU is then
-    taken with `after`); `plate` the scene without the object (`object_pixels`; NaN where
-    unknown); `exclude` bool[H,W] pixels that are not drawn at all (a forward warp's holes).
+    source and `after` where it should land, whole; RGB `color` its typical colour).
+    `reference` is the image the unchanged region is compared with (the ground truth, or the
+    source); `truth` the exact edited image, when known (else no disoccluded PSNR, and the IoU
+    is taken with `want`: bool[H,W] the object's pixels where it should land, `after` when not
+    given); `plate` the scene without the object (`object_pixels`; NaN where unknown);
+    `exclude` bool[H,W] pixels that are not drawn at all (a forward warp's holes).
 
     found: the object's pixels cover at least 30% of its target area within 3 px of it;
     displacement_share: the found object's centroid shift along the requested one, as a share
@@ -134,7 +135,10 @@ def scores(edited, reference, before, after, color, truth=None, tolerance: float
     found = object_pixels(edited, color, plate, region, tolerance)
     if exclude is not None:
         found &= ~exclude
-    want = after if truth is None else object_pixels(truth, color, plate, region, tolerance)
+    if truth is not None:
+        want = object_pixels(truth, color, plate, region, tolerance)
+    elif want is None:
+        want = after
     c_found, c_target, c_source = centroid(found), centroid(after), centroid(before)
     c_want = centroid(want) if want.any() else c_target
     placement = None if c_found is None else float(np.linalg.norm(c_found - c_want))
