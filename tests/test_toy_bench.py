@@ -23,11 +23,11 @@ def _bench(out, *extra):
 @pytest.mark.slow
 def test_the_bench_scores_every_method_and_resumes(tmp_path):
     out = tmp_path / "tq"
-    run = _bench(out, "--methods", "toy,none,warp")
+    run = _bench(out, "--methods", "toy,warp")
     assert run.returncode == 0, run.stderr[-2000:]
     saved = json.loads((out / "results.json").read_text())
     assert "models" not in saved  # --no_models_report
-    for method in ("toy", "none", "warp"):
+    for method in ("toy", "warp"):
         rows = saved["results"][method]
         assert [r["edit"] for r in rows] == [0, 1]
         assert [r["rendered"] for r in rows] == [True, False]
@@ -37,8 +37,8 @@ def test_the_bench_scores_every_method_and_resumes(tmp_path):
     warp = saved["results"]["warp"][0]
     assert warp["placement_px"] < 1.0 and warp["displacement_share"] > 0.9
     # a rerun of the same settings scores nothing again; other settings are refused up front
-    again = _bench(out, "--methods", "toy,none,warp", "--resume")
-    assert again.returncode == 0 and again.stdout.count("scored in an earlier run") == 3
+    again = _bench(out, "--methods", "toy,warp", "--resume")
+    assert again.returncode == 0 and again.stdout.count("scored in an earlier run") == 2
     other = _bench(out, "--methods", "toy", "--resume", "--set", "clip=10")
     assert other.returncode != 0 and "was run with" in other.stderr
     assert "Traceback" not in other.stderr
