@@ -575,8 +575,14 @@ class UnitRunner:
         return self.folder / f"batch_{k:02d}.npz"
 
     def digest(self, part: list[dict]) -> str:
-        """What a batch's result depends on: the method, its preset and the edits in it."""
-        what = {"method": self.method, "preset": self.preset, "edits": [p["case"].n for p in part]}
+        """What a batch's result depends on: the method, its preset, the edits in it and the
+        seeds their generated sources were drawn with (a redrawn source is another edit)."""
+        what = {
+            "method": self.method,
+            "preset": self.preset,
+            "edits": [p["case"].n for p in part],
+            "generation_seeds": [None if p["case"].rendered else p["case"].seed for p in part],
+        }
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
     def done(self, k: int, part: list[dict]) -> bool:

@@ -73,3 +73,13 @@ def test_a_generation_counts_only_when_it_draws_one_object():
     assert TQ.generated_object(image_of(xs < 40), red) == (None, None)
     # a speck
     assert TQ.generated_object(image_of(np.hypot(xs - 30, ys - 30) <= 2), red) == (None, None)
+
+
+def test_a_batch_of_a_redrawn_source_is_another_batch(tmp_path):
+    preset = TQ.preset_values("toy")
+    runner = TQ.UnitRunner("toy", preset, None, None, tmp_path, float("inf"))
+    cases = [TQ.Case(n, 64, quality.HELDOUT_SEEDS) for n in (0, 1)]
+    before = runner.digest([{"case": c} for c in cases])
+    assert runner.digest([{"case": c} for c in cases]) == before
+    cases[1].seed = cases[1].generation_seed(1)  # the generated source drawn again
+    assert runner.digest([{"case": c} for c in cases]) != before
