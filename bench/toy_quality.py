@@ -168,7 +168,6 @@ class Case:
         rng = np.random.default_rng(self.scene_seed)
         self.scene = shapes.sample_scene(rng, size, n_objects=1 if not self.rendered else None)
         self.prompt = shapes.prompt(self.scene)
-        self.seed = self.generation_seed(0)
         self.size = size
 
     def generation_seed(self, attempt: int) -> int:
@@ -196,12 +195,13 @@ def autoencoder_keep(sd):
 
 def build_source(case: Case, sd, steps: int, cfg_scale: float):
     """(image f32[H,W,3], trajectory, object mask (its pixels), motion mask (the region that
-    moves), object colour) or None when a generated object cannot be found by its colour."""
+    moves), object colour, generation seed (None for a rendered source)) or None when no
+    generation draws the object (GENERATE_TRIES)."""
     uncond, cond = sd.embed(""), sd.embed(case.prompt)
     if case.rendered:
         out = shapes.render(case.scene)
         image, mask = out["image"], out["masks"][0]
-        moving = mask
+        moving, seed = mask, None
         traj = src_lib.invert(sd, image[None], cond, uncond, steps, 1.0)  # as launch.py does
         color = np.median(image[mask], axis=0)
     else:
@@ -218,12 +218,11 @@ def build_source(case: Case, sd, steps: int, cfg_scale: float):
                 break
         else:
             return None
-        case.seed = seed
         color = np.median(image[mask], axis=0)
         traj = made
         if cfg_scale != GENERATE_CFG:  # edited at another CFG: inverted like a real image
             traj = src_lib.invert(sd, image[None], cond, uncond, steps, 1.0)
-    return image, traj, mask, moving, color
+    return image, traj, mask, moving, color, seed
 
 
 def generated_object(image, color) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -495,7 +494,7 @@ def prepare(cases, sd, preset, kept_by_autoencoder) -> list[dict]:
         src = build_source(case, sd, preset["steps"], preset["cfg_scale"])
         if src is None:
             continue
-        image, traj, mask, moving, color = src
+        image, traj, mask, moving, color, seed = src
         label, matrix, flow = target_of(case, moving)
         if case.rendered:
             after = shapes.render(case.scene, {0: matrix})
@@ -519,6 +518,7 @@ def prepare(cases, sd, preset, kept_by_autoencoder) -> list[dict]:
                 target=target,
                 want=want,
                 plate=plate,
+                generation_seed=seed,
                 kept=kept_by_autoencoder(case, image, mask, color),
             )
         )
@@ -545,7 +545,7 @@ def score(method, prepared, edited, raft, out: Path) -> list[dict]:
             motion=p["label"],
             rendered=p["case"].rendered,
             autoencoder_iou=p["kept"],
-            generation_seed=None if p["case"].rendered else p["case"].seed,
+            generation_seed=p["generation_seed"],
         )
         rows.append(r)
     picture = np.concatenate(
@@ -581,7 +581,7 @@ class UnitRunner:
             "method": self.method,
             "preset": self.preset,
             "edits": [p["case"].n for p in part],
-            "generation_seeds": [None if p["case"].rendered else p["case"].seed for p in part],
+            "generation_seeds": [p["generation_seed"] for p in part],
         }
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 

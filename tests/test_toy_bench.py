@@ -48,7 +48,8 @@ def test_a_generated_source_moves_its_silhouette():
     sd = sdm.load(pack.sd_folder())
     case = TQ.Case(1, 64, quality.HELDOUT_SEEDS)
     assert not case.rendered
-    image, traj, mask, moving, color = TQ.build_source(case, sd, 2, 1.0)
+    image, traj, mask, moving, color, seed = TQ.build_source(case, sd, 2, 1.0)
+    assert seed in [case.generation_seed(a) for a in range(TQ.GENERATE_TRIES)]
     assert image.shape == (64, 64, 3) and traj.latents.shape[0] == 2
     # the object's pixels lie inside the region that moves, which is one part without holes
     assert mask.any() and not (mask & ~moving).any()
@@ -78,8 +79,14 @@ def test_a_generation_counts_only_when_it_draws_one_object():
 def test_a_batch_of_a_redrawn_source_is_another_batch(tmp_path):
     preset = TQ.preset_values("toy")
     runner = TQ.UnitRunner("toy", preset, None, None, tmp_path, float("inf"))
-    cases = [TQ.Case(n, 64, quality.HELDOUT_SEEDS) for n in (0, 1)]
-    before = runner.digest([{"case": c} for c in cases])
-    assert runner.digest([{"case": c} for c in cases]) == before
-    cases[1].seed = cases[1].generation_seed(1)  # the generated source drawn again
-    assert runner.digest([{"case": c} for c in cases]) != before
+    rendered, generated = (TQ.Case(n, 64, quality.HELDOUT_SEEDS) for n in (0, 1))
+
+    def part(attempt):
+        return [
+            {"case": rendered, "generation_seed": None},
+            {"case": generated, "generation_seed": generated.generation_seed(attempt)},
+        ]
+
+    before = runner.digest(part(0))
+    assert runner.digest(part(0)) == before
+    assert runner.digest(part(1)) != before  # the generated source drawn again
