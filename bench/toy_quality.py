@@ -179,8 +179,8 @@ class Case:
 def autoencoder_keep(sd):
     """kept(case, image, mask, color) -> IoU of the object's colour mask after the
     autoencoder's round trip with the source's: what even a perfect sampler cannot beat (no
-    edit can keep what the decoder loses). Once per source image: every method rebuilds the
-    sources, the same unless its step count changes a generated one."""
+    edit can keep what the decoder loses). Once per source image: methods of another step
+    count or CFG build their own sources, the same unless that changes a generated one."""
     cache = {}
 
     def kept(case, image, mask, color) -> float:
@@ -386,6 +386,7 @@ def main():
     cases = [Case(n, size, seeds) for n in range(args.edits)]
     kept_by_autoencoder = autoencoder_keep(sd)
 
+    sources = {}  # (steps, cfg_scale) -> (prepared edits, seconds): methods share sources
     try:
         for method in methods:
             preset = preset_values("toy" if method in ("none", "warp", "warp_sdedit") else method)
@@ -402,9 +403,12 @@ def main():
                     )
                 print(f"{method}: scored in an earlier run", flush=True)
                 continue
-            t0 = time.perf_counter()
-            prepared = prepare(cases, sd, preset, kept_by_autoencoder)
-            t_src = time.perf_counter() - t0
+            key = (preset["steps"], preset["cfg_scale"])
+            if key not in sources:
+                t0 = time.perf_counter()
+                built = prepare(cases, sd, preset, kept_by_autoencoder)
+                sources[key] = (built, time.perf_counter() - t0)
+            prepared, t_src = sources[key]
             (out / method).mkdir(exist_ok=True)
             batch = args.batch if method in ("none", *GUIDED) else len(prepared)
             units = [prepared[i : i + batch] for i in range(0, len(prepared), batch)]

@@ -314,17 +314,22 @@ RUN_LEVEL = (
 #   3x or 4x achieve no more. The clip bounds an L2 norm over 16x fewer elements: clip / 4 is
 #   the paper's per-element bound; the old clip / 8 throttles the doubled weight, twice the
 #   clip (clip / 2) gains nothing more. Flows are in pixels, 8x smaller for the same relative
-#   motion: lambda_flow x 8 keeps the flow/colour balance (twice the flow weight or half the
-#   colour weight place objects worse, 1.65 and 1.73 px). The colour loss warps the edit by
-#   the target flow (oracle) instead of by RAFT's flow, at twice the paper's colour weight:
-#   RAFT-small's flow on a half-denoised estimate is off by about a third of a translation, so
-#   warping by it asks the edit to match the source where RAFT thinks it moved, not where it
-#   was asked to; the target flow asks for the requested motion itself, and the flow term still
-#   goes through RAFT. On 16 tuning edits (BENCHMARKS.md, "Settings for these models") RAFT's
-#   warp places objects at 2.11 px, 60% of the displacement, IoU 0.61; the oracle warp at 1.41
-#   px, 78%, 0.69; with lambda_color x 2 at 1.29 px, 80%, 0.71 and 32.0 dB in the unchanged
-#   region (31.2 with RAFT's warp). 100 steps keep a demo object whole
-#   where fewer smear it under some CPUs' rounding. K = 1 and CFG 1: the toy UNet reconstructs
+#   motion: lambda_flow x 8 keeps the paper's flow/colour balance. The colour loss warps the
+#   edit by the target flow (oracle) instead of by RAFT's flow: RAFT-small's flow on a
+#   half-denoised estimate is off by about a third of a translation, so warping by it asks the
+#   edit to match the source where RAFT thinks it moved, not where it was asked to; the target
+#   flow asks for the requested motion itself, and the flow term still goes through RAFT. On 16
+#   tuning edits (BENCHMARKS.md, "Settings for these models") RAFT's warp places objects at
+#   2.11 px, 60% of the displacement, IoU 0.61; the oracle warp at 1.41 px, 78%, 0.69; with
+#   lambda_color x 2 at 1.29 px, 80%, 0.71 and 32.0 dB in the unchanged region (31.2 with
+#   RAFT's warp). With the oracle warp these models take twice that flow weight when the colour
+#   weight rises with it (lambda_flow x 16, lambda_color x 3): on 64 tuning edits (BENCHMARKS.md,
+#   "The guidance balance") 1 object lost against 2, placement 1.17 against 1.18 px, 80% of the
+#   displacement against 78%, IoU 0.75 against 0.73, colour error 8.0 against 10.2, 32.1
+#   against 32.0 dB unchanged; translations 2.55 against 2.85 px, 76% against 72%, none of 16
+#   lost against 1. Twice the flow weight alone costs 0.6 dB of the unchanged region; more
+#   colour weight alone places objects worse (1.34 against 1.21 px on 16 edits). 100 steps
+#   keep a demo object whole where fewer smear it under some CPUs' rounding. K = 1 and CFG 1: the toy UNet reconstructs
 #   an inverted source only at the inversion's settings (CFG 1, K = 1); with K = 2 it reaches
 #   0.98 px and 90% of the displacement on the tuning edits, but unguided it loses 2 of 8
 #   objects, so a "moved" object would prove nothing. The full gradient through RAFT: with the
@@ -356,11 +361,11 @@ PRESETS: dict[str, dict] = {
         recursive_steps=1,
         guidance_weight=_M.guidance_weight / 8,
         clip=_M.clip / 4,
-        flow_weight=_M.flow_weight * 8,
+        flow_weight=_M.flow_weight * 16,
         cfg_scale=1.0,
         raft_gradient="full",
         oracle=True,
-        color_weight=_M.color_weight * 2,
+        color_weight=_M.color_weight * 3,
     ),
     "sdxl": dict(
         guidance_weight=_M.guidance_weight * 4,

@@ -22,7 +22,7 @@ def test_defaults_are_the_papers_and_presets_change_only_what_they_name():
     preview = C.resolve({"model": "owner/name"}, preset="preview").method
     assert dataclasses.replace(preview, steps=500, recursive_steps=10) == m
     toy = C.resolve(preset="auto").method  # the toy pack is the default model
-    assert toy.guidance_weight == 300.0 / 8 and toy.clip == 50.0 and toy.flow_weight == 24.0
+    assert toy.guidance_weight == 300.0 / 8 and toy.clip == 50.0 and toy.flow_weight == 48.0
     assert C.resolve({"model": "owner/name"}).method == m  # auto: paper for real models
 
 
