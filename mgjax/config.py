@@ -329,11 +329,11 @@ RUN_LEVEL = (
 #   against 32.0 dB unchanged; translations 2.55 against 2.85 px, 76% against 72%, none of 16
 #   lost against 1. Twice the flow weight alone costs 0.6 dB of the unchanged region; more
 #   colour weight alone places objects worse (1.34 against 1.21 px on 16 edits). 100 steps
-#   keep a demo object whole where fewer smear it under some CPUs' rounding. K = 1 and CFG 1: the toy UNet reconstructs
-#   an inverted source only at the inversion's settings (CFG 1, K = 1); with K = 2 it reaches
-#   0.98 px and 90% of the displacement on the tuning edits, but unguided it loses 2 of 8
-#   objects, so a "moved" object would prove nothing. The full gradient through RAFT: with the
-#   detached one the demo's object is lost.
+#   keep a demo object whole where fewer smear it under some CPUs' rounding. K = 1 and CFG 1:
+#   the toy UNet reconstructs an inverted source only at the inversion's settings (CFG 1,
+#   K = 1); with K = 2 it reaches 0.98 px and 90% of the displacement on the tuning edits,
+#   but unguided it loses 2 of 8 objects, so a "moved" object would prove nothing. The full
+#   gradient through RAFT: with the detached one the demo's object is lost.
 #   preview: a first look in a quarter of fast's evaluations: its steps halved, K = 2 (125 x 2
 #   = 250 guided evaluations, 20x fewer than the paper's); the weights are the paper's.
 #   toy_fast, toy_preview: what fast and preview are on the toy pack (`preset_for`): the toy
