@@ -12,7 +12,7 @@ import numpy as np
 from flow.errors import InputError
 from flow.files import write_atomic
 from flow.raft import Raft, RaftConfig, init_raft
-from flow.schema import Optional, check, parse_json
+from flow.schema import Optional, check, optional, parse_json
 
 FORMAT = "mgjax-raft"
 VERSION = 1
@@ -199,7 +199,8 @@ def load_variables(path: str) -> tuple[dict, RaftConfig]:
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise InputError(f"{path}: not an {FORMAT} v{VERSION} file; {fix}")
     check(meta, _HEADER, f"{path}: its header", fix)
-    if meta.get("input_scale", 1) < 1:
+    input_scale = optional(meta, "input_scale", 1)
+    if input_scale < 1:
         raise InputError(f"{path}: its header's input_scale must be at least 1; {fix}")
     variables: dict = {}
     for key, value in arrays.items():
@@ -208,7 +209,7 @@ def load_variables(path: str) -> tuple[dict, RaftConfig]:
         for p in path_parts:
             node = node.setdefault(p, {})
         node[leaf] = value
-    config = RaftConfig(small=bool(meta["small"]), input_scale=int(meta.get("input_scale", 1)))
+    config = RaftConfig(small=bool(meta["small"]), input_scale=int(input_scale))
     check_variables(variables, config)
     return variables, config
 

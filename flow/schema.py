@@ -120,6 +120,13 @@ def check(value, spec, where: str, fix: str, path: str = ""):
     return value
 
 
+def optional(value: dict, key, default):
+    """A checked object's Optional `key`: `default` when it is missing or null, as the spec
+    allows both."""
+    got = value.get(key)
+    return default if got is None else got
+
+
 def _join(path: str, key) -> str:
     return f"{path}.{key}" if path else str(key)
 

@@ -136,6 +136,26 @@ def test_mgjax_headers(scratch, header):
     outcome(".mgjax header", lambda: checkpoint.load_variables(path))
 
 
+@pytest.mark.parametrize("input_scale", [None, 1, 0, "2", 2.5, True])
+def test_mgjax_header_input_scale(scratch, input_scale):
+    """A header's optional input_scale: null reads as absent (1); a value that is not an
+    integer of at least 1 is one InputError."""
+    from flow import checkpoint
+    from flow.errors import InputError
+
+    header = {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "small": True,
+              "input_scale": input_scale}  # fmt: skip
+    path = os.path.join(fresh(scratch, "s"), "w.mgjax")
+    with open(path, "wb") as f:
+        np.savez(f, **{checkpoint._META: np.frombuffer(json.dumps(header).encode(), np.uint8)})
+    if input_scale is None or (type(input_scale) is int and input_scale == 1):
+        with pytest.raises(InputError, match="does not match"):  # the header passes, no arrays
+            checkpoint.load_variables(path)
+    else:
+        with pytest.raises(InputError, match="input_scale"):
+            checkpoint.load_variables(path)
+
+
 def _dumps_deep(value) -> bytes:
     try:
         return json.dumps(value).encode()
