@@ -11,7 +11,7 @@ import pytest
 
 import bench.toy_quality as TQ
 from mgjax.model import sd as sdm
-from mgjax.toy import pack, quality
+from mgjax.toy import pack, quality, shapes
 
 
 def _bench(out, *extra):
@@ -74,6 +74,31 @@ def test_a_generation_counts_only_when_it_draws_one_object():
     assert TQ.generated_object(image_of(xs < 40), red) == (None, None)
     # a speck
     assert TQ.generated_object(image_of(np.hypot(xs - 30, ys - 30) <= 2), red) == (None, None)
+
+
+def test_a_generated_object_is_told_from_a_background_of_a_near_colour():
+    # a red disc on a striped orange background: the orange's darker stripes lie within 0.25
+    # of red, so the colour alone takes the background for the object
+    disc = shapes.Obj("circle", "red", "solid", 30.0, 28.0, 10.0, 0.0)
+    scene = shapes.Scene(64, "orange", "striped", 0.12, 0.4, 1.0, (disc,))
+    out = shapes.render(scene)
+    image, exact = out["image"], out["masks"][0]
+    red, orange = shapes.COLORS["red"], shapes.COLORS["orange"]
+    assert quality.iou(quality.segment(image, red, 0.25), exact) < 0.5
+    assert TQ.generated_object(image, red) == (None, None)
+    mask, moving = TQ.generated_object(image, red, orange)
+    assert quality.iou(mask, exact) > 0.9 and quality.iou(moving, exact) > 0.9
+
+
+def test_shade_distance_is_the_distance_to_the_nearest_shade():
+    color = np.array([0.8, 0.4, 0.2], np.float32)
+    pixels = np.array([[0.4, 0.2, 0.1], [0.8, 0.4, 0.2], [0.0, 0.0, 0.0], [0.2, 0.4, 0.8]])
+    got = quality.shade_distance(pixels.astype(np.float32), color)
+    # by brute force over the shades 0.4-1.1
+    shades = np.linspace(*quality.SHADES, 7001)[:, None, None] * color
+    want = np.sqrt(np.mean(np.square(pixels[None] - shades), -1)).min(0)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert got[1] < 1e-6 and got[2] > 0.1  # the colour itself; black is darker than any shade
 
 
 def test_a_batch_of_a_redrawn_source_is_another_batch(tmp_path):

@@ -49,6 +49,19 @@ def segment(image, color, tolerance: float = 0.2) -> np.ndarray:
     return _rms(image, color) < tolerance
 
 
+SHADES = (0.4, 1.1)  # the brightness range of a colour in the world: 0.75 +- 0.2 textures
+# and +- 0.125 ramps for backgrounds, 0.6-1.0 for dotted fills, and room for what a model draws
+
+
+def shade_distance(image, color, shades=SHADES) -> np.ndarray:
+    """f32[H,W]: RMS distance of each pixel to the nearest shade s * `color`, s within
+    `shades`: how far a pixel is from anything a surface of that colour shows when it is lit
+    darker or brighter (closed form: the projection onto the colour's ray, clipped)."""
+    c = np.asarray(color, np.float32)
+    s = np.clip((image @ c) / max(float(c @ c), 1e-6), *shades)
+    return _rms(image, s[..., None] * c)
+
+
 def object_pixels(image, color, plate=None, region=None, tolerance: float = 0.2) -> np.ndarray:
     """bool[H,W]: the pixels of `image` that show an object of colour `color`: within
     `tolerance` of it, inside bool[H,W] `region` (when given), and closer to it than to
