@@ -319,6 +319,12 @@ def main():
         help="override a preset value in every method (e.g. --set recursive_steps=3); repeatable",
     )
     parser.add_argument(
+        "--dilate",
+        type=int,
+        default=C.Motion().dilate,
+        help="dilation of the automatic frozen mask, in latent pixels (launch.py's --dilate)",
+    )
+    parser.add_argument(
         "--resume", action="store_true", help="continue the run in --out (same settings)"
     )
     parser.add_argument(
@@ -362,6 +368,8 @@ def main():
     shard, shards = int(shard), int(shards)
     if args.batch < 1 or args.edits < 1:
         sys.exit("--batch and --edits must be at least 1")
+    if args.dilate < 0:
+        sys.exit(f"--dilate {args.dilate}: give 0 or more latent pixels")
     out = Path(args.out)
     model = args.model or pack.sd_folder()
     raft_file = args.raft or pack.raft_file()
@@ -370,14 +378,16 @@ def main():
         print(json.dumps(models_report(sd, raft), indent=1))
         return
     settings = dict(edits=args.edits, batch=args.batch, steps=args.steps, set=overrides,
-                    split=args.split, model=model, raft=raft_file)  # fmt: skip
+                    split=args.split, model=model, raft=raft_file, dilate=args.dilate)  # fmt: skip
     if (out / "run.json").exists():
         if not (args.resume or shards > 1):  # shards started together meet each other's run.json
             sys.exit(f"{out} holds a run; pass --resume to continue it or choose another --out")
-        if json.loads((out / "run.json").read_text()) != settings:
+        saved = json.loads((out / "run.json").read_text())
+        if dict({"dilate": C.Motion().dilate}, **saved) != settings:  # older runs: the default
             sys.exit(
                 f"{out} was run with {(out / 'run.json').read_text().strip()}; give the same "
-                "--edits, --batch, --steps, --set, --split, --model and --raft, or choose "
+                "--edits, --batch, --steps, --set, --split, --model, --raft and --dilate, or "
+                "choose "
                 "another --out"
             )
     else:
@@ -419,7 +429,7 @@ def main():
             (out / method).mkdir(exist_ok=True)
             batch = args.batch if method in ("none", *GUIDED) else len(prepared)
             units = [prepared[i : i + batch] for i in range(0, len(prepared), batch)]
-            runner = UnitRunner(method, preset, sd, raft, out / method, deadline)
+            runner = UnitRunner(method, preset, sd, raft, out / method, deadline, args.dilate)
             for k, part in enumerate(units):
                 if k % shards == shard and not runner.done(k, part):
                     runner.run(k, part)
@@ -577,9 +587,18 @@ class UnitRunner:
     (--minutes, Ctrl-C, a kill) loses at most one chunk and --resume continues to the same
     images."""
 
-    def __init__(self, method, preset, sd, raft, folder: Path, deadline: float):
+    def __init__(
+        self,
+        method,
+        preset,
+        sd,
+        raft,
+        folder: Path,
+        deadline: float,
+        dilate: int = C.Motion().dilate,
+    ):
         self.method, self.preset, self.sd, self.raft = method, preset, sd, raft
-        self.folder, self.deadline = folder, deadline
+        self.folder, self.deadline, self.dilate = folder, deadline, dilate
         self._sampler = None
 
     def path(self, k: int) -> Path:
@@ -587,13 +606,16 @@ class UnitRunner:
 
     def digest(self, part: list[dict]) -> str:
         """What a batch's result depends on: the method, its preset, the edits in it and the
-        seeds their generated sources were drawn with (a redrawn source is another edit)."""
+        seeds their generated sources were drawn with (a redrawn source is another edit), and
+        the frozen mask's dilation where it is not the default."""
         what = {
             "method": self.method,
             "preset": self.preset,
             "edits": [p["case"].n for p in part],
             "generation_seeds": [p["generation_seed"] for p in part],
         }
+        if self.dilate != C.Motion().dilate:  # batches of the default read as they always did
+            what["dilate"] = self.dilate
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
     def done(self, k: int, part: list[dict]) -> bool:
@@ -643,7 +665,9 @@ class UnitRunner:
     def guided(self, k: int, part: list[dict]) -> tuple[np.ndarray, float]:
         """Edited images and the seconds earlier (stopped) runs of this batch spent."""
         sd, sampler, b = self.sd, self.sampler(), len(part)
-        frozen = np.concatenate([auto_frozen_mask(p["flow"], sd.vae_factor) for p in part])
+        frozen = np.concatenate(
+            [auto_frozen_mask(p["flow"], sd.vae_factor, self.dilate) for p in part]
+        )
         cond = jnp.concatenate([sd.embed(p["case"].prompt) for p in part])
         inputs = sampler.prepare(
             np.stack([p["image"] for p in part]),
