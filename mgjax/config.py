@@ -113,6 +113,10 @@ class Motion:
         "auto (dilated union of where the object is and goes), none, or a file "
         "(.pth/.npy/.png at latent size).",
     )
+    # 2 latent pixels (16 image pixels at SD's factor 8, 8 on the toy pack): on 64 toy tuning
+    # edits 1 places objects worse (1.38 against 1.25 px, 75% of the displacement against 79%)
+    # and keeps the region that should not change no better (34.6 against 34.8 dB): the
+    # editable band is where the model blends the moved object into its surroundings.
     dilate: int = _field(2, "Dilation of the automatic frozen mask, in latent pixels.")
 
     def __post_init__(self):
