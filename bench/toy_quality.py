@@ -98,6 +98,7 @@ GENERATE_CFG = 7.5  # generated sources are sampled at this CFG (the toy UNet's 
 ONE_PIECE, MAX_OBJECT_SHARE, MIN_OBJECT_PX, GENERATE_TRIES = 0.8, 1 / 3, 30, 8
 KEPT = 0.5  # autoencoder IoU from which an edit counts in the "kept" tables
 CHUNK = 10  # DDIM steps between checkpoints
+DILATE = C.Motion().dilate  # the automatic frozen mask's dilation, as launch.py's default
 MEASURES = (
     "found",
     "placement_px",
@@ -321,7 +322,7 @@ def main():
     parser.add_argument(
         "--dilate",
         type=int,
-        default=C.Motion().dilate,
+        default=DILATE,
         help="dilation of the automatic frozen mask, in latent pixels (launch.py's --dilate)",
     )
     parser.add_argument(
@@ -368,8 +369,10 @@ def main():
     shard, shards = int(shard), int(shards)
     if args.batch < 1 or args.edits < 1:
         sys.exit("--batch and --edits must be at least 1")
-    if args.dilate < 0:
-        sys.exit(f"--dilate {args.dilate}: give 0 or more latent pixels")
+    try:
+        C.Motion(dilate=args.dilate)  # the bound launch.py's --dilate has
+    except ValueError as e:
+        sys.exit(f"--dilate: {e}")
     out = Path(args.out)
     model = args.model or pack.sd_folder()
     raft_file = args.raft or pack.raft_file()
@@ -383,12 +386,11 @@ def main():
         if not (args.resume or shards > 1):  # shards started together meet each other's run.json
             sys.exit(f"{out} holds a run; pass --resume to continue it or choose another --out")
         saved = json.loads((out / "run.json").read_text())
-        if dict({"dilate": C.Motion().dilate}, **saved) != settings:  # older runs: the default
+        if dict({"dilate": DILATE}, **saved) != settings:  # older runs: the default
             sys.exit(
                 f"{out} was run with {(out / 'run.json').read_text().strip()}; give the same "
                 "--edits, --batch, --steps, --set, --split, --model, --raft and --dilate, or "
-                "choose "
-                "another --out"
+                "choose another --out"
             )
     else:
         out.mkdir(parents=True, exist_ok=True)
@@ -595,7 +597,7 @@ class UnitRunner:
         raft,
         folder: Path,
         deadline: float,
-        dilate: int = C.Motion().dilate,
+        dilate: int = DILATE,
     ):
         self.method, self.preset, self.sd, self.raft = method, preset, sd, raft
         self.folder, self.deadline, self.dilate = folder, deadline, dilate
@@ -614,7 +616,7 @@ class UnitRunner:
             "edits": [p["case"].n for p in part],
             "generation_seeds": [p["generation_seed"] for p in part],
         }
-        if self.dilate != C.Motion().dilate:  # batches of the default read as they always did
+        if self.dilate != DILATE:  # batches of the default read as they always did
             what["dilate"] = self.dilate
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 

@@ -43,7 +43,10 @@ def test_the_bench_scores_every_method_and_resumes(tmp_path):
     assert other.returncode != 0 and "was run with" in other.stderr
     assert "Traceback" not in other.stderr
     narrower = _bench(out, "--methods", "toy", "--resume", "--dilate", "1")
-    assert narrower.returncode != 0 and "--dilate" in narrower.stderr
+    assert narrower.returncode != 0 and "was run with" in narrower.stderr
+    assert "--dilate" in narrower.stderr and "Traceback" not in narrower.stderr
+    negative = _bench(tmp_path / "other", "--methods", "toy", "--dilate", "-1")
+    assert negative.returncode != 0 and "--dilate: dilate must be >= 0" in negative.stderr
 
 
 def test_a_generated_source_moves_its_silhouette():
@@ -117,9 +120,7 @@ def test_a_batch_of_a_redrawn_source_is_another_batch(tmp_path):
     before = runner.digest(part(0))
     assert runner.digest(part(0)) == before
     assert runner.digest(part(1)) != before  # the generated source drawn again
-    default = TQ.UnitRunner(
-        "toy", preset, None, None, tmp_path, float("inf"), dilate=TQ.C.Motion().dilate
-    )
+    default = TQ.UnitRunner("toy", preset, None, None, tmp_path, float("inf"), dilate=TQ.DILATE)
     narrow = TQ.UnitRunner("toy", preset, None, None, tmp_path, float("inf"), dilate=1)
     assert default.digest(part(0)) == before  # batches of the default dilation read as before
     assert narrow.digest(part(0)) != before  # another frozen mask is another batch
