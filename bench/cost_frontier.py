@@ -396,15 +396,18 @@ def _fmt(x) -> str:
 # ----------------------------------------------------------------------------- driver
 
 
-def measure(name: str, method: dict, cases, sd, raft, out: Path, sources: dict) -> dict:
-    """Run the setting's edits with bench.toy_quality's runner and score them."""
+def measure(
+    name: str, method: dict, cases, sd, raft, out: Path, sources: dict, dilate: int
+) -> dict:
+    """Run the setting's edits with bench.toy_quality's runner (the automatic frozen mask
+    dilated by `dilate`, the base preset's) and score them."""
     key = (method["steps"], method["cfg_scale"])
     if key not in sources:
         sources[key] = TQ.prepare(cases, sd, method, TQ.autoencoder_keep(sd))
     prepared = sources[key]
     folder = out / _folder(name)
     folder.mkdir(parents=True, exist_ok=True)
-    runner = TQ.UnitRunner(_folder(name), method, sd, raft, folder, float("inf"))
+    runner = TQ.UnitRunner(_folder(name), method, sd, raft, folder, float("inf"), dilate)
     if not runner.done(0, prepared):
         runner.run(0, prepared)
     edited, seconds = runner.load(0)
@@ -488,7 +491,7 @@ def main():
             _, tflop = edit_cost(name, config, args.flops, flops_cache, sd, raft)
             TQ.write_json(flops_file, flops_cache)
         print(f"{name}: {counts['energy_evaluations']} energy evaluations, running", flush=True)
-        result = measure(name, method, cases, sd, raft, out, sources)
+        result = measure(name, method, cases, sd, raft, out, sources, TQ.preset_dilate(args.base))
         row = dict(
             name=name,
             method=method,

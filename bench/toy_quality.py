@@ -98,7 +98,7 @@ GENERATE_CFG = 7.5  # generated sources are sampled at this CFG (the toy UNet's 
 ONE_PIECE, MAX_OBJECT_SHARE, MIN_OBJECT_PX, GENERATE_TRIES = 0.8, 1 / 3, 30, 8
 KEPT = 0.5  # autoencoder IoU from which an edit counts in the "kept" tables
 CHUNK = 10  # DDIM steps between checkpoints
-DILATE = C.Motion().dilate  # the automatic frozen mask's dilation, as launch.py's default
+DILATE = C.Motion().dilate  # the automatic frozen mask's dilation where no preset sets one
 MEASURES = (
     "found",
     "placement_px",
@@ -118,6 +118,14 @@ def preset_values(name: str) -> dict:
     them."""
     method = dataclasses.asdict(C.make(**C.PRESETS[name]).method)
     return {k: v for k, v in method.items() if type(v) in (bool, int, float, str)}
+
+
+def preset_dilate(name: str) -> int:
+    """The automatic frozen mask's dilation of a preset (launch.py's --dilate under it)."""
+    return C.make(**C.PRESETS[name]).motion.dilate
+
+
+TOY_DILATE = preset_dilate("toy")
 
 
 def motion_for(kind: str, rng, center, mask) -> tuple[str, np.ndarray, np.ndarray]:
@@ -322,8 +330,9 @@ def main():
     parser.add_argument(
         "--dilate",
         type=int,
-        default=DILATE,
-        help="dilation of the automatic frozen mask, in latent pixels (launch.py's --dilate)",
+        default=None,
+        help="dilation of the automatic frozen mask, in latent pixels (launch.py's --dilate); "
+        "default: each method's preset's (the toy preset's for none)",
     )
     parser.add_argument(
         "--resume", action="store_true", help="continue the run in --out (same settings)"
@@ -370,7 +379,8 @@ def main():
     if args.batch < 1 or args.edits < 1:
         sys.exit("--batch and --edits must be at least 1")
     try:
-        C.Motion(dilate=args.dilate)  # the bound launch.py's --dilate has
+        if args.dilate is not None:
+            C.Motion(dilate=args.dilate)  # the bound launch.py's --dilate has
     except ValueError as e:
         sys.exit(f"--dilate: {e}")
     out = Path(args.out)
@@ -408,7 +418,9 @@ def main():
     sources = {}  # (steps, cfg_scale) -> (prepared edits, seconds): methods share sources
     try:
         for method in methods:
-            preset = preset_values("toy" if method in ("none", "warp", "warp_sdedit") else method)
+            name = "toy" if method in ("none", "warp", "warp_sdedit") else method
+            preset = preset_values(name)
+            dilate = preset_dilate(name) if args.dilate is None else args.dilate
             if args.steps:
                 preset = dict(preset, steps=args.steps, recursive_steps=1)
             preset = dict(preset, **overrides)
@@ -431,7 +443,7 @@ def main():
             (out / method).mkdir(exist_ok=True)
             batch = args.batch if method in ("none", *GUIDED) else len(prepared)
             units = [prepared[i : i + batch] for i in range(0, len(prepared), batch)]
-            runner = UnitRunner(method, preset, sd, raft, out / method, deadline, args.dilate)
+            runner = UnitRunner(method, preset, sd, raft, out / method, deadline, dilate)
             for k, part in enumerate(units):
                 if k % shards == shard and not runner.done(k, part):
                     runner.run(k, part)
@@ -597,7 +609,7 @@ class UnitRunner:
         raft,
         folder: Path,
         deadline: float,
-        dilate: int = DILATE,
+        dilate: int = TOY_DILATE,
     ):
         self.method, self.preset, self.sd, self.raft = method, preset, sd, raft
         self.folder, self.deadline, self.dilate = folder, deadline, dilate

@@ -2,6 +2,7 @@
 method scores each edit, the generated source moves its whole silhouette, a run resumes to the
 same scores, and a changed setting is refused before any model work."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -120,7 +121,16 @@ def test_a_batch_of_a_redrawn_source_is_another_batch(tmp_path):
     before = runner.digest(part(0))
     assert runner.digest(part(0)) == before
     assert runner.digest(part(1)) != before  # the generated source drawn again
-    default = TQ.UnitRunner("toy", preset, None, None, tmp_path, float("inf"), dilate=TQ.DILATE)
-    narrow = TQ.UnitRunner("toy", preset, None, None, tmp_path, float("inf"), dilate=1)
-    assert default.digest(part(0)) == before  # batches of the default dilation read as before
-    assert narrow.digest(part(0)) != before  # another frozen mask is another batch
+    digests = {
+        d: TQ.UnitRunner("toy", preset, None, None, tmp_path, float("inf"), dilate=d).digest(
+            part(0)
+        )
+        for d in (1, TQ.DILATE, TQ.TOY_DILATE)
+    }
+    assert digests[TQ.TOY_DILATE] == before  # the runner's default is the toy preset's
+    assert len(set(digests.values())) == len(digests)  # another frozen mask is another batch
+    # a batch of Motion's default dilation has the digest of one that records no dilation
+    plain = dict(method="toy", preset=preset, edits=[0, 1],
+                 generation_seeds=[None, generated.generation_seed(0)])  # fmt: skip
+    want = hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
+    assert digests[TQ.DILATE] == want
