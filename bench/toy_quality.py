@@ -2,7 +2,8 @@
 method in one run.
 
   python -m bench.toy_quality [--edits 48] [--methods toy,none,warp,warp_sdedit]
-      [--split heldout|tuning] [--model SD_FOLDER --raft RAFT_FILE] [--out runs/toy_quality]
+      [--split heldout|tuning] [--model SD_FOLDER --raft RAFT_FILE] [--grow N]
+      [--out runs/toy_quality]
   python -m bench.toy_quality --models_only     # the autoencoder and RAFT-small alone
 
 The toy pack (mgjax/toy/pack, or --model/--raft: a training run's models): tiny Stable
@@ -24,9 +25,12 @@ Ground truth: for a rendered source the scene rendered with the object moved (ex
 generated source the object is the silhouette of its pixels of the prompt's colour
 (quality.silhouette: a textured object's off-colour pixels are part of it), and the object and
 those pixels are moved by the motion (the disoccluded background is unknown there, so that PSNR
-is rendered-only). The object as a whole (the exact mask, or the silhouette) is what the target
-flow moves, as a user would paint it, and where the unchanged region ends; the IoU is taken
-with its pixels of its own colour.
+is rendered-only). --grow N grows that silhouette by N px before the motion is made: a
+generated object's soft edge (pixels blended with the background, further than 0.25 from its
+colour) is then moved with it, as a user painting the whole visible object would ask. The
+object as a whole (the exact mask, or the silhouette) is what the target flow moves, as a user
+would paint it, and where the unchanged region ends; the IoU is taken with its pixels of its
+own colour.
 
 Measures per edit (mgjax.toy.quality.scores): object found, placement error (centroid
 distance, px), share of the requested displacement achieved along its direction (motions that
@@ -69,6 +73,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import ndimage
 
 from flow.checkpoint import load_raft
 from flow.errors import InputError
@@ -335,6 +340,13 @@ def main():
         "default: each method's preset's (the toy preset's for none)",
     )
     parser.add_argument(
+        "--grow",
+        type=int,
+        default=0,
+        help="grow a generated source's object silhouette by N px (4-connected) before its "
+        "motion is made, so that the region the flow moves holds the object's soft edge",
+    )
+    parser.add_argument(
         "--resume", action="store_true", help="continue the run in --out (same settings)"
     )
     parser.add_argument(
@@ -378,6 +390,8 @@ def main():
     shard, shards = int(shard), int(shards)
     if args.batch < 1 or args.edits < 1:
         sys.exit("--batch and --edits must be at least 1")
+    if not 0 <= args.grow <= 8:
+        sys.exit(f"--grow {args.grow}: give 0 to 8 px")
     try:
         if args.dilate is not None:
             C.Motion(dilate=args.dilate)  # the bound launch.py's --dilate has
@@ -391,15 +405,17 @@ def main():
         print(json.dumps(models_report(sd, raft), indent=1))
         return
     settings = dict(edits=args.edits, batch=args.batch, steps=args.steps, set=overrides,
-                    split=args.split, model=model, raft=raft_file, dilate=args.dilate)  # fmt: skip
+                    split=args.split, model=model, raft=raft_file, dilate=args.dilate,
+                    grow=args.grow)  # fmt: skip
     if (out / "run.json").exists():
         if not (args.resume or shards > 1):  # shards started together meet each other's run.json
             sys.exit(f"{out} holds a run; pass --resume to continue it or choose another --out")
         saved = json.loads((out / "run.json").read_text())
-        if dict({"dilate": DILATE}, **saved) != settings:  # older runs: the default
+        if dict({"dilate": DILATE, "grow": 0}, **saved) != settings:  # older: defaults
             sys.exit(
                 f"{out} was run with {(out / 'run.json').read_text().strip()}; give the same "
-                "--edits, --batch, --steps, --set, --split, --model, --raft and --dilate, or "
+                "--edits, --batch, --steps, --set, --split, --model, --raft, --dilate and "
+                "--grow, or "
                 "choose another --out"
             )
     else:
@@ -437,13 +453,13 @@ def main():
             key = (preset["steps"], preset["cfg_scale"])
             if key not in sources:
                 t0 = time.perf_counter()
-                built = prepare(cases, sd, preset, kept_by_autoencoder)
+                built = prepare(cases, sd, preset, kept_by_autoencoder, args.grow)
                 sources[key] = (built, time.perf_counter() - t0)
             prepared, t_src = sources[key]
             (out / method).mkdir(exist_ok=True)
             batch = args.batch if method in ("none", *GUIDED) else len(prepared)
             units = [prepared[i : i + batch] for i in range(0, len(prepared), batch)]
-            runner = UnitRunner(method, preset, sd, raft, out / method, deadline, dilate)
+            runner = UnitRunner(method, preset, sd, raft, out / method, deadline, dilate, args.grow)
             for k, part in enumerate(units):
                 if k % shards == shard and not runner.done(k, part):
                     runner.run(k, part)
@@ -521,15 +537,18 @@ def code_commit() -> str:
     return head + ("+changes" if dirty else "")
 
 
-def prepare(cases, sd, preset, kept_by_autoencoder) -> list[dict]:
+def prepare(cases, sd, preset, kept_by_autoencoder, grow: int = 0) -> list[dict]:
     """Each case whose source has a findable object: its source, trajectory, masks, target
-    flow and ground truth."""
+    flow and ground truth. `grow`: a generated object's silhouette grown by that many px
+    (4-connected) before its motion is made (--grow)."""
     prepared = []
     for case in cases:
         src = build_source(case, sd, preset["steps"], preset["cfg_scale"])
         if src is None:
             continue
         image, traj, mask, moving, color, seed = src
+        if grow and not case.rendered:
+            moving = ndimage.binary_dilation(moving, iterations=grow)
         label, matrix, flow = target_of(case, moving)
         if case.rendered:
             after = shapes.render(case.scene, {0: matrix})
@@ -610,9 +629,10 @@ class UnitRunner:
         folder: Path,
         deadline: float,
         dilate: int = TOY_DILATE,
+        grow: int = 0,
     ):
         self.method, self.preset, self.sd, self.raft = method, preset, sd, raft
-        self.folder, self.deadline, self.dilate = folder, deadline, dilate
+        self.folder, self.deadline, self.dilate, self.grow = folder, deadline, dilate, grow
         self._sampler = None
 
     def path(self, k: int) -> Path:
@@ -621,7 +641,7 @@ class UnitRunner:
     def digest(self, part: list[dict]) -> str:
         """What a batch's result depends on: the method, its preset, the edits in it and the
         seeds their generated sources were drawn with (a redrawn source is another edit), and
-        the frozen mask's dilation where it is not the default."""
+        the frozen mask's dilation where it is not the default, and --grow where it is set."""
         what = {
             "method": self.method,
             "preset": self.preset,
@@ -630,6 +650,8 @@ class UnitRunner:
         }
         if self.dilate != DILATE:  # batches of the default read as they always did
             what["dilate"] = self.dilate
+        if self.grow:  # a grown silhouette is another flow
+            what["grow"] = self.grow
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
     def done(self, k: int, part: list[dict]) -> bool:

@@ -46,6 +46,8 @@ def test_the_bench_scores_every_method_and_resumes(tmp_path):
     narrower = _bench(out, "--methods", "toy", "--resume", "--dilate", "1")
     assert narrower.returncode != 0 and "was run with" in narrower.stderr
     assert "--dilate" in narrower.stderr and "Traceback" not in narrower.stderr
+    grown = _bench(out, "--methods", "toy", "--resume", "--grow", "1")
+    assert grown.returncode != 0 and "--grow" in grown.stderr and "Traceback" not in grown.stderr
     negative = _bench(tmp_path / "other", "--methods", "toy", "--dilate", "-1")
     assert negative.returncode != 0 and "--dilate: dilate must be >= 0" in negative.stderr
 
@@ -60,6 +62,25 @@ def test_a_generated_source_moves_its_silhouette():
     # the object's pixels lie inside the region that moves, which is one part without holes
     assert mask.any() and not (mask & ~moving).any()
     np.testing.assert_array_equal(quality.silhouette(moving), moving)
+
+
+def test_grow_widens_a_generated_objects_moving_region_only():
+    from scipy import ndimage
+
+    sd = sdm.load(pack.sd_folder())
+    cases = [TQ.Case(n, 64, quality.HELDOUT_SEEDS) for n in (0, 1)]
+    preset = dict(steps=2, cfg_scale=1.0)
+    keep = lambda *a: 1.0  # noqa: E731
+    plain, grown = (TQ.prepare(cases, sd, preset, keep, grow=g) for g in (0, 2))
+    rendered, generated = zip(plain, grown, strict=True)
+    np.testing.assert_array_equal(rendered[0]["moving"], rendered[1]["moving"])
+    np.testing.assert_array_equal(rendered[0]["flow"], rendered[1]["flow"])
+    want = ndimage.binary_dilation(generated[0]["moving"], iterations=2)
+    np.testing.assert_array_equal(generated[1]["moving"], want)
+    assert generated[1]["moving"].sum() > generated[0]["moving"].sum()
+    # the object's own pixels, and so the IoU's reference, stay as they are
+    np.testing.assert_array_equal(generated[0]["mask"], generated[1]["mask"])
+    assert (generated[1]["flow"] != 0).any(-1).sum() > (generated[0]["flow"] != 0).any(-1).sum()
 
 
 def test_a_generation_counts_only_when_it_draws_one_object():
@@ -134,3 +155,10 @@ def test_a_batch_of_a_redrawn_source_is_another_batch(tmp_path):
                  generation_seeds=[None, generated.generation_seed(0)])  # fmt: skip
     want = hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
     assert digests[TQ.DILATE] == want
+    # a grown silhouette is another flow, so another batch; grow 0 is the plain batch
+    grown = TQ.UnitRunner("toy", preset, None, None, tmp_path, float("inf"), grow=2)
+    assert grown.digest(part(0)) != before
+    assert (
+        TQ.UnitRunner("toy", preset, None, None, tmp_path, float("inf"), grow=0).digest(part(0))
+        == before
+    )
