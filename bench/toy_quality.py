@@ -347,6 +347,13 @@ def main():
         "motion is made, so that the region the flow moves holds the object's soft edge",
     )
     parser.add_argument(
+        "--grow_rule",
+        choices=("all", "blended"),
+        default="all",
+        help="--grow takes every pixel it reaches (all) or only those that blend the object's "
+        "colour with the background's (blended: quality.soft_edge)",
+    )
+    parser.add_argument(
         "--resume", action="store_true", help="continue the run in --out (same settings)"
     )
     parser.add_argument(
@@ -406,16 +413,18 @@ def main():
         return
     settings = dict(edits=args.edits, batch=args.batch, steps=args.steps, set=overrides,
                     split=args.split, model=model, raft=raft_file, dilate=args.dilate,
-                    grow=args.grow)  # fmt: skip
+                    grow=args.grow, grow_rule=args.grow_rule)  # fmt: skip
     if (out / "run.json").exists():
         if not (args.resume or shards > 1):  # shards started together meet each other's run.json
             sys.exit(f"{out} holds a run; pass --resume to continue it or choose another --out")
         saved = json.loads((out / "run.json").read_text())
-        if dict({"dilate": DILATE, "grow": 0}, **saved) != settings:  # older: defaults
+        if (
+            dict({"dilate": DILATE, "grow": 0, "grow_rule": "all"}, **saved) != settings
+        ):  # older: defaults
             sys.exit(
                 f"{out} was run with {(out / 'run.json').read_text().strip()}; give the same "
                 "--edits, --batch, --steps, --set, --split, --model, --raft, --dilate and "
-                "--grow, or "
+                "--grow (--grow_rule), or "
                 "choose another --out"
             )
     else:
@@ -453,13 +462,14 @@ def main():
             key = (preset["steps"], preset["cfg_scale"])
             if key not in sources:
                 t0 = time.perf_counter()
-                built = prepare(cases, sd, preset, kept_by_autoencoder, args.grow)
+                built = prepare(cases, sd, preset, kept_by_autoencoder, args.grow, args.grow_rule)
                 sources[key] = (built, time.perf_counter() - t0)
             prepared, t_src = sources[key]
             (out / method).mkdir(exist_ok=True)
             batch = args.batch if method in ("none", *GUIDED) else len(prepared)
             units = [prepared[i : i + batch] for i in range(0, len(prepared), batch)]
-            runner = UnitRunner(method, preset, sd, raft, out / method, deadline, dilate, args.grow)
+            runner = UnitRunner(method, preset, sd, raft, out / method, deadline, dilate, args.grow,
+                                  args.grow_rule)  # fmt: skip
             for k, part in enumerate(units):
                 if k % shards == shard and not runner.done(k, part):
                     runner.run(k, part)
@@ -537,10 +547,11 @@ def code_commit() -> str:
     return head + ("+changes" if dirty else "")
 
 
-def prepare(cases, sd, preset, kept_by_autoencoder, grow: int = 0) -> list[dict]:
+def prepare(cases, sd, preset, kept_by_autoencoder, grow: int = 0, rule: str = "all") -> list[dict]:
     """Each case whose source has a findable object: its source, trajectory, masks, target
     flow and ground truth. `grow`: a generated object's silhouette grown by that many px
-    (4-connected) before its motion is made (--grow)."""
+    (4-connected) before its motion is made (--grow), into every pixel it reaches (`rule`
+    "all") or only the object's blended rim ("blended": quality.soft_edge)."""
     prepared = []
     for case in cases:
         src = build_source(case, sd, preset["steps"], preset["cfg_scale"])
@@ -548,7 +559,10 @@ def prepare(cases, sd, preset, kept_by_autoencoder, grow: int = 0) -> list[dict]
             continue
         image, traj, mask, moving, color, seed = src
         if grow and not case.rendered:
-            moving = ndimage.binary_dilation(moving, iterations=grow)
+            if rule == "blended":
+                moving = quality.soft_edge(image, moving, color, grow)
+            else:
+                moving = ndimage.binary_dilation(moving, iterations=grow)
         label, matrix, flow = target_of(case, moving)
         if case.rendered:
             after = shapes.render(case.scene, {0: matrix})
@@ -630,9 +644,11 @@ class UnitRunner:
         deadline: float,
         dilate: int = TOY_DILATE,
         grow: int = 0,
+        grow_rule: str = "all",
     ):
         self.method, self.preset, self.sd, self.raft = method, preset, sd, raft
         self.folder, self.deadline, self.dilate, self.grow = folder, deadline, dilate, grow
+        self.grow_rule = grow_rule
         self._sampler = None
 
     def path(self, k: int) -> Path:
@@ -652,6 +668,8 @@ class UnitRunner:
             what["dilate"] = self.dilate
         if self.grow:  # a grown silhouette is another flow
             what["grow"] = self.grow
+        if self.grow and self.grow_rule != "all":
+            what["grow_rule"] = self.grow_rule
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
     def done(self, k: int, part: list[dict]) -> bool:

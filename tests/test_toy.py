@@ -194,3 +194,26 @@ def test_the_silhouette_is_the_object_a_colour_mask_shows():
     colour = quality.segment(out["image"], shapes.COLORS[s.objects[0].color], 0.25)
     assert quality.iou(colour, out["masks"][0]) < 0.7
     assert quality.iou(quality.silhouette(colour), out["masks"][0]) > 0.9
+
+
+def test_the_soft_edge_is_the_rim_that_blends_object_and_background():
+    # an object of colour c on a background b whose rim is 1 px of a half blend and 1 px of a
+    # tenth; to its right, a patch of another colour touches it
+    ys, xs = np.mgrid[0:48, 0:48]
+    r = np.hypot(xs - 20, ys - 24)
+    c, b, other = np.array([0.9, 0.2, 0.1]), np.array([0.1, 0.3, 0.8]), np.array([0.2, 0.8, 0.2])
+    image = np.broadcast_to(b, (48, 48, 3)).copy()
+    image[(r > 8) & (r <= 9)] = 0.5 * c + 0.5 * b
+    image[(r > 9) & (r <= 10)] = 0.1 * c + 0.9 * b
+    image[r <= 8] = c
+    patch = (xs >= 29) & (np.abs(ys - 24) <= 3) & (r > 8)
+    image[patch] = other
+    sil = r <= 8
+    grown = quality.soft_edge(image, sil, c, 2)
+    assert (grown & sil).sum() == sil.sum()
+    half = (r > 8) & (r <= 9) & ~patch
+    np.testing.assert_array_equal(grown & ~sil, half)  # the half blend, not the tenth or patch
+    # the reach bounds the growth; a share of 0.05 takes the tenth too; no reach, no growth
+    assert not (quality.soft_edge(image, sil, c, 1) & (r > 9)).any()
+    assert (quality.soft_edge(image, sil, c, 2, share=0.05) & (r > 9) & (r <= 10) & ~patch).any()
+    np.testing.assert_array_equal(quality.soft_edge(image, sil, c, 0), sil)
