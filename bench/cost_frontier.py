@@ -397,17 +397,27 @@ def _fmt(x) -> str:
 
 
 def measure(
-    name: str, method: dict, cases, sd, raft, out: Path, sources: dict, dilate: int
+    name: str,
+    method: dict,
+    cases,
+    sd,
+    raft,
+    out: Path,
+    sources: dict,
+    dilate: int,
+    mask_grow: int = 0,
 ) -> dict:
     """Run the setting's edits with bench.toy_quality's runner (the automatic frozen mask
-    dilated by `dilate`, the base preset's) and score them."""
+    dilated by `dilate` and the object grown by `mask_grow` before its flow is made, the base
+    preset's) and score them."""
     key = (method["steps"], method["cfg_scale"])
     if key not in sources:
         sources[key] = TQ.prepare(cases, sd, method, TQ.autoencoder_keep(sd))
     prepared = sources[key]
     folder = out / _folder(name)
     folder.mkdir(parents=True, exist_ok=True)
-    runner = TQ.UnitRunner(_folder(name), method, sd, raft, folder, float("inf"), dilate)
+    runner = TQ.UnitRunner(_folder(name), method, sd, raft, folder, float("inf"), dilate,
+                           mask_grow=mask_grow)  # fmt: skip
     if not runner.done(0, prepared):
         runner.run(0, prepared)
     edited, seconds = runner.load(0)
@@ -491,7 +501,10 @@ def main():
             _, tflop = edit_cost(name, config, args.flops, flops_cache, sd, raft)
             TQ.write_json(flops_file, flops_cache)
         print(f"{name}: {counts['energy_evaluations']} energy evaluations, running", flush=True)
-        result = measure(name, method, cases, sd, raft, out, sources, TQ.preset_dilate(args.base))
+        result = measure(
+            name, method, cases, sd, raft, out, sources, TQ.preset_dilate(args.base),
+            TQ.preset_mask_grow(args.base),
+        )  # fmt: skip
         row = dict(
             name=name,
             method=method,

@@ -25,12 +25,15 @@ Ground truth: for a rendered source the scene rendered with the object moved (ex
 generated source the object is the silhouette of its pixels of the prompt's colour
 (quality.silhouette: a textured object's off-colour pixels are part of it), and the object and
 those pixels are moved by the motion (the disoccluded background is unknown there, so that PSNR
-is rendered-only). --grow N grows that silhouette by N px before the motion is made: a
-generated object's soft edge (pixels blended with the background, further than 0.25 from its
-colour) is then moved with it, as a user painting the whole visible object would ask. The
-object as a whole (the exact mask, or the silhouette) is what the target flow moves, as a user
-would paint it, and where the unchanged region ends; the IoU is taken with its pixels of its
-own colour.
+is rendered-only). The object as a whole (the exact mask, or the silhouette) is what the
+target flow moves, as a user would paint it, and where the unchanged region ends; the IoU is
+taken with its pixels of its own colour. The silhouette is taken as found, not grown: growing
+it moves a margin of background with a generated object, which changes the request more than
+it completes the object (BENCHMARKS.md, "What the grown region adds"). --grow N grows it by N
+px before the motion is made (--grow_rule blended: only into the rim the decoder blends,
+quality.soft_edge), for both the flow and the scores. --mask_grow N instead grows the object for
+a guided method's flow only (launch.py's --mask_grow; by default each preset's, 0 in all),
+scored on the object as it is.
 
 Measures per edit (mgjax.toy.quality.scores): object found, placement error (centroid
 distance, px), share of the requested displacement achieved along its direction (motions that
@@ -81,7 +84,14 @@ from flow.files import write_atomic
 from mgjax import config as C
 from mgjax.edit import drag, outputs
 from mgjax.edit.checkpoint import Checkpoint
-from mgjax.edit.motion import Motion, auto_frozen_mask, centroid, dilate_mask, motion_flow
+from mgjax.edit.motion import (
+    Motion,
+    auto_frozen_mask,
+    centroid,
+    dilate_mask,
+    grow_mask,
+    motion_flow,
+)
 from mgjax.edit.progress import Progress
 from mgjax.method import cost, ddim, loop
 from mgjax.method import source as src_lib
@@ -133,8 +143,21 @@ def preset_dilate(name: str) -> int:
 TOY_DILATE = preset_dilate("toy")
 
 
-def motion_for(kind: str, rng, center, mask) -> tuple[str, np.ndarray, np.ndarray]:
-    """(label, 3x3 point map, target flow f32[H,W,2] inside `mask`) of one motion of `kind`."""
+def preset_mask_grow(name: str) -> int:
+    """How far a preset grows the object before its flow is made (launch.py's --mask_grow)."""
+    return C.make(**C.PRESETS[name]).motion.mask_grow
+
+
+def request_flow(p: dict, grow: int) -> np.ndarray:
+    """The target flow a method is given for prepared edit `p`: its motion inside the object
+    (the region `moving`) grown by `grow` px, as launch.py's --mask_grow makes it."""
+    return p["flow"] if grow == 0 else p["flow_in"](grow_mask(p["moving"], grow))
+
+
+def motion_for(kind: str, rng, center, mask) -> tuple[str, np.ndarray, object]:
+    """(label, 3x3 point map, flow_in) of one motion of `kind` of the object bool[H,W] `mask`:
+    flow_in(region) is its target flow f32[H,W,2] inside the bool[H,W] `region` (the object,
+    or the object grown by a preset's mask_grow, as launch.py makes it)."""
     h, w = mask.shape
     if kind == "translate":
         d, a = rng.uniform(8, 12), rng.uniform(0, 2 * np.pi)
@@ -162,8 +185,8 @@ def motion_for(kind: str, rng, center, mask) -> tuple[str, np.ndarray, np.ndarra
         matrix = drag.fit_similarity(handles, targets)
         pairs = "; ".join(f"{p[0]:g},{p[1]:g}>{q[0]:.1f},{q[1]:.1f}"
                           for p, q in zip(handles, targets, strict=True))  # fmt: skip
-        return f"drag {pairs}", matrix, drag.drag_flow(handles, targets, h, w, mask)
-    return label, matrix, motion_flow(Motion(matrix, label), h, w, mask)
+        return f"drag {pairs}", matrix, lambda r: drag.drag_flow(handles, targets, h, w, r)
+    return label, matrix, lambda r: motion_flow(Motion(matrix, label), h, w, r)
 
 
 def _inside(mask, matrix) -> bool:
@@ -265,10 +288,10 @@ def generated_object(image, color, background=None) -> tuple[np.ndarray | None, 
 def target_of(case: Case, mask):
     rng = np.random.default_rng([case.scene_seed, 2])
     for _ in range(100):  # redraw motions that would carry the object out of the frame
-        label, matrix, flow = motion_for(case.kind, rng, centroid(mask), mask)
+        label, matrix, flow_in = motion_for(case.kind, rng, centroid(mask), mask)
         if _inside(mask, matrix):
             break
-    return label, matrix, flow
+    return label, matrix, flow_in
 
 
 def flow_epe(raft, source, edited, flow, mask) -> float:
@@ -347,6 +370,14 @@ def main():
         "motion is made, so that the region the flow moves holds the object's soft edge",
     )
     parser.add_argument(
+        "--mask_grow",
+        type=int,
+        default=None,
+        help="grow the object by N px before a guided method's flow is made (launch.py's "
+        "--mask_grow); default: each method's preset's (the toy preset's for none; the warps "
+        "move the object as it is)",
+    )
+    parser.add_argument(
         "--grow_rule",
         choices=("all", "blended"),
         default="all",
@@ -399,6 +430,8 @@ def main():
         sys.exit("--batch and --edits must be at least 1")
     if not 0 <= args.grow <= 8:
         sys.exit(f"--grow {args.grow}: give 0 to 8 px")
+    if args.mask_grow is not None and not 0 <= args.mask_grow <= 8:
+        sys.exit(f"--mask_grow {args.mask_grow}: give 0 to 8 px")
     try:
         if args.dilate is not None:
             C.Motion(dilate=args.dilate)  # the bound launch.py's --dilate has
@@ -413,18 +446,20 @@ def main():
         return
     settings = dict(edits=args.edits, batch=args.batch, steps=args.steps, set=overrides,
                     split=args.split, model=model, raft=raft_file, dilate=args.dilate,
-                    grow=args.grow, grow_rule=args.grow_rule)  # fmt: skip
+                    grow=args.grow, grow_rule=args.grow_rule,
+                    mask_grow=args.mask_grow)  # fmt: skip
     if (out / "run.json").exists():
         if not (args.resume or shards > 1):  # shards started together meet each other's run.json
             sys.exit(f"{out} holds a run; pass --resume to continue it or choose another --out")
         saved = json.loads((out / "run.json").read_text())
         if (
-            dict({"dilate": DILATE, "grow": 0, "grow_rule": "all"}, **saved) != settings
+            dict({"dilate": DILATE, "grow": 0, "grow_rule": "all", "mask_grow": None}, **saved)
+            != settings
         ):  # older: defaults
             sys.exit(
                 f"{out} was run with {(out / 'run.json').read_text().strip()}; give the same "
-                "--edits, --batch, --steps, --set, --split, --model, --raft, --dilate and "
-                "--grow (--grow_rule), or "
+                "--edits, --batch, --steps, --set, --split, --model, --raft, --dilate, "
+                "--mask_grow and --grow (--grow_rule), or "
                 "choose another --out"
             )
     else:
@@ -446,15 +481,20 @@ def main():
             name = "toy" if method in ("none", "warp", "warp_sdedit") else method
             preset = preset_values(name)
             dilate = preset_dilate(name) if args.dilate is None else args.dilate
+            mask_grow = preset_mask_grow(name) if args.mask_grow is None else args.mask_grow
+            if method in ("warp", "warp_sdedit"):  # a warp moves the object as it is
+                mask_grow = 0
             if args.steps:
                 preset = dict(preset, steps=args.steps, recursive_steps=1)
             preset = dict(preset, **overrides)
             if (out / method / "rows.json").exists():
                 saved = json.loads((out / method / "rows.json").read_text())["timing"]
-                if saved.get("preset") != preset:  # None: scored before presets were kept
+                # None: scored before presets were kept; mask_grow 0 before it was
+                was = (saved.get("preset"), saved.get("mask_grow", 0))
+                if was != (preset, mask_grow):
                     sys.exit(
-                        f"{out / method} was scored with preset {saved.get('preset')}, now "
-                        f"{preset}; "
+                        f"{out / method} was scored with preset {was[0]}, mask_grow {was[1]}, "
+                        f"now {preset}, mask_grow {mask_grow}; "
                         "delete that folder to run the method again"
                     )
                 print(f"{method}: scored in an earlier run", flush=True)
@@ -469,7 +509,7 @@ def main():
             batch = args.batch if method in ("none", *GUIDED) else len(prepared)
             units = [prepared[i : i + batch] for i in range(0, len(prepared), batch)]
             runner = UnitRunner(method, preset, sd, raft, out / method, deadline, dilate, args.grow,
-                                  args.grow_rule)  # fmt: skip
+                                args.grow_rule, mask_grow)  # fmt: skip
             for k, part in enumerate(units):
                 if k % shards == shard and not runner.done(k, part):
                     runner.run(k, part)
@@ -480,7 +520,8 @@ def main():
             edited = np.concatenate([images for images, _ in loaded])
             seconds = sum(took for _, took in loaded)
             rows = score(method, prepared, edited, raft, out)
-            timing = {"sources_s": t_src, "batches_s": seconds, "commit": commit, "preset": preset}
+            timing = {"sources_s": t_src, "batches_s": seconds, "commit": commit, "preset": preset,
+                      "mask_grow": mask_grow}  # fmt: skip
             write_json(out / method / "rows.json", {"rows": rows, "timing": timing})
             print(f"{method}: {len(rows)} edits, batches {seconds:.0f} s", flush=True)
             print(table({method: rows}), flush=True)
@@ -563,7 +604,7 @@ def prepare(cases, sd, preset, kept_by_autoencoder, grow: int = 0, rule: str = "
                 moving = quality.soft_edge(image, moving, color, grow)
             else:
                 moving = ndimage.binary_dilation(moving, iterations=grow)
-        label, matrix, flow = target_of(case, moving)
+        label, matrix, flow_in = target_of(case, moving)
         if case.rendered:
             after = shapes.render(case.scene, {0: matrix})
             truth, target, want = after["image"], after["masks"][0], None
@@ -581,7 +622,8 @@ def prepare(cases, sd, preset, kept_by_autoencoder, grow: int = 0, rule: str = "
                 moving=moving,
                 color=color,
                 label=label,
-                flow=flow,
+                flow=flow_in(moving),
+                flow_in=flow_in,
                 truth=truth,
                 target=target,
                 want=want,
@@ -645,10 +687,11 @@ class UnitRunner:
         dilate: int = TOY_DILATE,
         grow: int = 0,
         grow_rule: str = "all",
+        mask_grow: int = 0,
     ):
         self.method, self.preset, self.sd, self.raft = method, preset, sd, raft
         self.folder, self.deadline, self.dilate, self.grow = folder, deadline, dilate, grow
-        self.grow_rule = grow_rule
+        self.grow_rule, self.mask_grow = grow_rule, mask_grow
         self._sampler = None
 
     def path(self, k: int) -> Path:
@@ -670,6 +713,8 @@ class UnitRunner:
             what["grow"] = self.grow
         if self.grow and self.grow_rule != "all":
             what["grow_rule"] = self.grow_rule
+        if self.mask_grow:  # the flow moves the object grown by it
+            what["mask_grow"] = self.mask_grow
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
     def done(self, k: int, part: list[dict]) -> bool:
@@ -719,13 +764,12 @@ class UnitRunner:
     def guided(self, k: int, part: list[dict]) -> tuple[np.ndarray, float]:
         """Edited images and the seconds earlier (stopped) runs of this batch spent."""
         sd, sampler, b = self.sd, self.sampler(), len(part)
-        frozen = np.concatenate(
-            [auto_frozen_mask(p["flow"], sd.vae_factor, self.dilate) for p in part]
-        )
+        flows = [request_flow(p, self.mask_grow) for p in part]
+        frozen = np.concatenate([auto_frozen_mask(f, sd.vae_factor, self.dilate) for f in flows])
         cond = jnp.concatenate([sd.embed(p["case"].prompt) for p in part])
         inputs = sampler.prepare(
             np.stack([p["image"] for p in part]),
-            np.stack([p["flow"] for p in part]),
+            np.stack(flows),
             cond,
             jnp.repeat(sd.embed(""), b, 0),
             frozen=frozen,

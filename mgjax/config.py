@@ -115,9 +115,18 @@ class Motion:
     )
     # 2 latent pixels (16 image pixels at SD's factor 8); the toy preset sets its own (below).
     dilate: int = _field(2, "Dilation of the automatic frozen mask, in latent pixels.")
+    # 0 in every preset: the flow moves the mask as given. On the toy tuning edits (BENCHMARKS.md,
+    # "Growing the object mask") 2 px places objects whose mask is only their own colour
+    # (generated sources) nearer, and costs objects whose mask is exact (one lost of 16).
+    mask_grow: int = _field(
+        0,
+        "Grow --object_mask/--object_box by this many image pixels (4-connected) before the "
+        "flow of --motion or --drag is made: the flow then carries the object's edge and a "
+        "margin of its surroundings with it. The motion's centre stays the mask's.",
+    )
 
     def __post_init__(self):
-        _check(self, dict(dilate=0))
+        _check(self, dict(dilate=0, mask_grow=0))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -205,6 +205,25 @@ def test_preview_rotation_about_a_painted_masks_centroid(editor):
     assert r.json()["moving_pixels"] == int((mask > 0).sum())
 
 
+def test_preview_grows_the_box_by_mask_grow(editor):
+    src = demo(editor)
+    spec = {"image": src, "box": "10,12,30,40", "motion": "translate:5,-2", "mask_grow": 2}
+    r = editor.client.post("/api/preview", json=spec)
+    assert r.status_code == 200, r.text
+    box = np.zeros((64, 64), bool)
+    box[12:40, 10:30] = True
+    yy, xx = np.mgrid[0:64, 0:64]  # within city-block distance 2 of the box
+    near = (
+        np.maximum(0, np.maximum(10 - xx, xx - 29)) + np.maximum(0, np.maximum(12 - yy, yy - 39))
+    ) <= 2
+    assert r.json()["moving_pixels"] == int(near.sum()) == box.sum() + 2 * 2 * (20 + 28) + 4
+    np.testing.assert_array_equal(decode(r.json()["flow"])[..., 3] > 0, near)
+    # the centre the tools use stays the box's own
+    assert r.json()["center"] == pytest.approx([19.5, 25.5])
+    bad = editor.client.post("/api/preview", json=dict(spec, mask_grow=-1))
+    assert bad.status_code == 400 and "mask_grow" in bad.json()["error"]
+
+
 @pytest.mark.parametrize(
     "spec, words",
     [

@@ -8,6 +8,7 @@ from mgjax.edit.motion import (
     auto_frozen_mask,
     box_mask,
     centroid,
+    grow_mask,
     motion_flow,
     parse_motion,
 )
@@ -138,3 +139,33 @@ def test_auto_frozen_mask_edge_cases():
     away = _flow("translate:-100,0", mask=mask).astype(np.float32)
     with pytest.raises(InputError, match="entirely out of the frame"):
         auto_frozen_mask(away, 8)
+
+
+@pytest.mark.parametrize("px", [0, 1, 2, 5])
+def test_grow_mask_is_a_four_connected_dilation(px):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(px)
+    mask = rng.uniform(size=(H, W)) > 0.97
+    mask[0, 5] = mask[H - 1, W - 1] = True  # pixels on the frame's edge
+    want = ndimage.binary_dilation(mask, iterations=px) if px else mask
+    np.testing.assert_array_equal(grow_mask(mask, px), want)
+
+
+def test_mask_grow_widens_the_flow_and_keeps_the_motion_and_its_centre():
+    from mgjax import config as C
+    from mgjax.edit.workflow import target
+
+    box = "20,12,36,28"
+    plain, obj = target(C.make(out_dir="o", motion="rotate:30", object_box=box), None, H, W)
+    config = C.make(out_dir="o", motion="rotate:30", object_box=box, mask_grow=3)
+    grown, obj_grown = target(config, None, H, W)
+    np.testing.assert_array_equal(obj_grown, obj)  # the object is still the one given
+    region = grow_mask(obj, 3)
+    # the same rotation about the object's centre, now over the object and 3 px around it
+    want = _flow("rotate:30", centroid(obj), region)
+    np.testing.assert_allclose(grown, want, atol=1e-5)
+    np.testing.assert_array_equal(grown[obj], plain[obj])
+    assert np.any(grown[region & ~obj] != 0) and not np.any(grown[~region])
+    with pytest.raises(ValueError, match="mask_grow must be >= 0"):
+        C.make(out_dir="o", mask_grow=-1)

@@ -197,6 +197,20 @@ def dilate_mask(mask: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
+def grow_mask(mask: np.ndarray, px: int) -> np.ndarray:
+    """bool[H,W] grown by `px` 4-connected steps (pixels within city-block distance `px`;
+    nothing enters from outside the frame)."""
+    out = mask.copy()
+    for _ in range(px):
+        step = out.copy()
+        step[1:] |= out[:-1]
+        step[:-1] |= out[1:]
+        step[:, 1:] |= out[:, :-1]
+        step[:, :-1] |= out[:, 1:]
+        out = step
+    return out
+
+
 def auto_frozen_mask(flow: np.ndarray, factor: int, dilate: int = 2) -> np.ndarray:
     """Frozen mask bool[1,1,h,w] (True = copied from the source) for a flow f32[H,W,2].
 

@@ -77,7 +77,7 @@ class EditFiles:
 
 def target(config: C.Config, data, h: int, w: int):
     """(flow f32[H,W,2], object mask bool[H,W] or None)."""
-    from mgjax.edit.motion import box_mask, centroid, motion_flow, parse_motion
+    from mgjax.edit.motion import box_mask, centroid, grow_mask, motion_flow, parse_motion
 
     mo, obj = config.motion, None
     if mo.object_mask:
@@ -90,13 +90,15 @@ def target(config: C.Config, data, h: int, w: int):
         from mgjax.edit.readers import read_flow_file
 
         return read_flow_file(mo.flow, h, w), obj
+    # the region the flow moves: the object grown by --mask_grow (its centre stays the object's)
+    region = grow_mask(obj, mo.mask_grow) if obj is not None else None
     if mo.drag:
         from mgjax.edit.drag import drag_flow, parse_drag
 
-        return drag_flow(*parse_drag(mo.drag), h, w, obj), obj
+        return drag_flow(*parse_drag(mo.drag), h, w, region), obj
     if mo.motion:
         center = centroid(obj) if obj is not None else ((w - 1) / 2, (h - 1) / 2)
-        return motion_flow(parse_motion(mo.motion, center), h, w, obj), obj
+        return motion_flow(parse_motion(mo.motion, center), h, w, region), obj
     f = data.target_flow[0]
     if f.shape[:2] != (h, w):
         name = config.source.target_flow_name

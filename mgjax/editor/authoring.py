@@ -30,7 +30,7 @@ _ID = re.compile(r"^(src|gen|mask)-[0-9a-f]{32}$")
 _MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
 # The settings the page shows and sends (a jobs-file line's keys); the rest come from the
 # command line the server was started with.
-PAGE_SETTINGS = ("steps", "recursive_steps", "guidance_weight", "seed", "num_samples")
+PAGE_SETTINGS = ("steps", "recursive_steps", "guidance_weight", "seed", "num_samples", "mask_grow")
 
 
 def png_bytes(image_u8: np.ndarray) -> bytes:

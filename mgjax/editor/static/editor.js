@@ -309,6 +309,9 @@ function arrow(ctx, x0, y0, x1, y1) {
 
 // ----------------------------------------------------------------- the preview
 
+// the settings the page sends with an edit (authoring.PAGE_SETTINGS); each preset fills them
+const PAGE_SETTINGS = ["steps", "recursive_steps", "guidance_weight", "seed", "num_samples", "mask_grow"];
+
 function spec() {
   const s = {
     image: S.source ? S.source.image : null,
@@ -319,7 +322,7 @@ function spec() {
     drag: $("drag").value || null,
     preset: $("preset").value,
   };
-  for (const k of ["steps", "recursive_steps", "guidance_weight", "seed", "num_samples"]) {
+  for (const k of PAGE_SETTINGS) {
     const v = $(k).value;
     if (v !== "") s[k] = k === "guidance_weight" ? Number(v) : Math.round(Number(v));
   }
@@ -382,7 +385,7 @@ function changed() {
 
 function fillPreset() {
   const p = S.info.presets[$("preset").value];
-  for (const k of ["steps", "recursive_steps", "guidance_weight", "seed", "num_samples"]) $(k).value = p[k];
+  for (const k of PAGE_SETTINGS) $(k).value = p[k];
   $("preset-values").textContent = `${p.resolved}: steps ${p.steps}, K ${p.recursive_steps}, ` +
     `guidance ${p.guidance_weight}, CFG ${p.cfg_scale}`;
 }
@@ -427,7 +430,8 @@ async function init() {
     S.pairs = $("drag").value.split(";").filter((t) => t.trim()).map((t) => t.split(">").flatMap((e) => e.split(",").map(Number)));
     S.terms = []; $("motion").value = ""; changed();
   };
-  $("preset").onchange = fillPreset;
+  $("preset").onchange = () => { fillPreset(); preview(); };
+  $("mask_grow").onchange = preview;
   for (const id of ["show-mask", "show-flow", "show-frozen"]) $(id).onchange = draw;
   selectTool("brush");
   window.dispatchEvent(new Event("editor-ready"));
