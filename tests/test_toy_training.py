@@ -80,3 +80,22 @@ def test_the_pack_rebuilds_from_itself_with_its_history_and_a_new_run(tmp_path):
     with pytest.raises(SystemExit, match="no list of runs"):
         pack.build(pack.sd_folder(), pack.raft_file(), str(bad), (), tmp_path / "other")
     assert not list(tmp_path.glob("other*"))  # nothing half-written
+
+
+def test_hard_scenes_are_drawn_in_proportion_to_their_last_loss():
+    from mgjax.toy.train_ldm import draw_scenes
+
+    rng = np.random.default_rng(0)
+    loss = np.full(10, 1.0)
+    loss[3] = 9.0  # 9 of the 18 units of loss: half of the hard draws
+    loss[7] = np.inf  # not measured yet: weighs as the worst measured scene (another 9)
+    idx = draw_scenes(rng, 20_000, loss, 1.0)
+    share = np.bincount(idx, minlength=10) / idx.size
+    np.testing.assert_allclose(share[[3, 7]], [9 / 26, 9 / 26], atol=0.015)
+    np.testing.assert_allclose(share[[0, 1, 2]], [1 / 26] * 3, atol=0.01)
+    # a share of 0 draws uniformly, and a half share mixes the two
+    assert draw_scenes(rng, 7, loss, 0.0).shape == (7,)
+    uniform = np.bincount(draw_scenes(rng, 20_000, loss, 0.0), minlength=10) / 20_000
+    np.testing.assert_allclose(uniform, 0.1, atol=0.015)
+    half = np.bincount(draw_scenes(rng, 20_000, loss, 0.5), minlength=10) / 20_000
+    np.testing.assert_allclose(half[3], 0.5 * 0.1 + 0.5 * 9 / 26, atol=0.015)

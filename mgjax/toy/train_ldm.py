@@ -133,11 +133,25 @@ def _progress(name, step, budget: Budget, loss, lr, log):
 # ----------------------------------------------------------------------------- stages
 
 
-DECODER = ("decoder", "post_quant_conv")  # the autoencoder's parameters after the latents
+DECODER = ("decoder", "post_quant_conv")
+
+
+def draw_scenes(rng, n: int, last_loss: np.ndarray, hard_share: float) -> np.ndarray:
+    """n indices into a pool of scenes whose last measured losses are `last_loss` (inf where
+    not measured yet): round(hard_share * n) of them drawn in proportion to the loss (an
+    unmeasured scene weighs as much as the worst measured one), the rest uniformly."""
+    hard = int(round(hard_share * n))
+    idx = rng.integers(0, len(last_loss), n - hard)
+    if hard:
+        seen = np.isfinite(last_loss)
+        worst = last_loss[seen].max() if seen.any() else 1.0
+        weight = np.where(seen, last_loss, worst)
+        idx = np.concatenate([idx, rng.choice(len(last_loss), hard, p=weight / weight.sum())])
+    return idx  # the autoencoder's parameters after the latents
 
 
 def train_vae(sd, rng, minutes, steps, batch, crop, full_share, object_weight, lr, pool,
-              log_every, log, workers=None, decoder_only=False):  # fmt: skip
+              log_every, log, workers=None, decoder_only=False, hard_share=0.0):  # fmt: skip
     """The autoencoder, on random `crop` x `crop` crops of a pool of rendered scenes (the
     networks are convolutional; a crop step costs a quarter of a full one), then on full
     images for the last `full_share` of the steps or of the time budget, so that the GroupNorm
@@ -150,7 +164,9 @@ def train_vae(sd, rng, minutes, steps, batch, crop, full_share, object_weight, l
     batch holds as many pixels as a crop batch. The learning rate warms up over the first 5%
     and decays (cosine, to a tenth) over the run's steps or minutes, whichever ends first.
     `decoder_only`: the encoder stays as it is, so the latent space a UNet was trained on does
-    not move."""
+    not move. `hard_share`: that share of each batch is drawn in proportion to each scene's
+    last measured loss (every scene starts at the largest), the rest uniformly: the scenes the
+    autoencoder still draws worst come round more often."""
     images, masks, _ = render_pool(rng, pool, log=log, workers=workers)
     opt = scheduled(lambda learning_rate: optax.adamw(learning_rate, 1e-4))
     full_batch = max(batch * crop * crop // (SIZE * SIZE), 1)
@@ -165,13 +181,17 @@ def train_vae(sd, rng, minutes, steps, batch, crop, full_share, object_weight, l
         rec = sd.decode(p, sd.encode(p, x))
         w = (1.0 + (object_weight - 1.0) * m)[..., None]
         err = jnp.abs(rec - x) + 0.5 * jnp.square(rec - x)
-        return jnp.sum(w * err) / (3.0 * jnp.sum(w))
+        each = jnp.sum(w * err, axis=(1, 2, 3)) / (3.0 * jnp.sum(w, axis=(1, 2, 3)))
+        return jnp.sum(w * err) / (3.0 * jnp.sum(w)), each
 
     @jax.jit
     def step_fn(vp, fixed, s, x, m):
-        loss, g = jax.value_and_grad(loss_fn)(vp, fixed, x, m)
+        (loss, each), g = jax.value_and_grad(loss_fn, has_aux=True)(vp, fixed, x, m)
         u, s = opt.update(g, s, vp)
-        return optax.apply_updates(vp, u), s, loss
+        return optax.apply_updates(vp, u), s, loss, each
+
+    last_loss = np.full(pool, np.inf)  # per scene; inf: not seen yet
+    draw = lambda n: draw_scenes(rng, n, last_loss, hard_share)  # noqa: E731
 
     curve, acc, budget = [], [], Budget(steps, minutes)
     step = 0
@@ -179,17 +199,19 @@ def train_vae(sd, rng, minutes, steps, batch, crop, full_share, object_weight, l
         step += 1
         full = budget.progress(step) > 1 - full_share
         if full:
-            idx = rng.integers(0, pool, full_batch)
+            idx = draw(full_batch)
             x, m = images[idx], masks[idx]
         else:
-            idx = rng.integers(0, pool, batch)
+            idx = draw(batch)
             i0, j0 = rng.integers(0, SIZE - crop + 1, 2) // 4 * 4  # on the latent grid
             x = images[idx, i0 : i0 + crop, j0 : j0 + crop]
             m = masks[idx, i0 : i0 + crop, j0 : j0 + crop]
         lr_now = budget.learning_rate(lr, step)
         state = with_learning_rate(state, lr_now)
         x, m = jnp.asarray(x), jnp.asarray(m, jnp.float32)
-        vp, state, loss = step_fn(vp, frozen, state, x, m)
+        vp, state, loss, each = step_fn(vp, frozen, state, x, m)
+        if hard_share:
+            last_loss[idx] = np.asarray(each)
         acc.append(loss)
         if step % log_every == 0 or budget.done(step):
             curve.append(float(np.mean(jax.device_get(acc))))
@@ -326,7 +348,7 @@ def sample_grid(sd, prompts, seeds, steps: int = 50) -> np.ndarray:
 SETTINGS = ("init", "fresh_unet", "vae_minutes", "vae_steps", "vae_batch", "vae_crop",
             "vae_full_share", "object_weight", "vae_lr", "vae_pool", "unet_minutes", "unet_steps",
             "unet_batch", "unet_lr", "ema", "snr_gamma", "pool", "seed", "workers",
-            "measure_scaling", "vae_decoder_only")  # fmt: skip
+            "measure_scaling", "vae_decoder_only", "vae_hard_share")  # fmt: skip
 
 
 def _define_flags():
@@ -359,6 +381,10 @@ def _define_flags():
     flags.DEFINE_integer("vae_crop", 32, "Side of the autoencoder's training crops (pixels).")
     flags.DEFINE_float("vae_full_share", 0.15, "Share of the autoencoder's steps on full images.")
     flags.DEFINE_float("object_weight", 5.0, "Weight of object pixels in the autoencoder's loss.")
+    flags.DEFINE_float(
+        "vae_hard_share", 0.0, "Share of each autoencoder batch drawn in proportion to each "
+        "scene's last loss (the scenes it draws worst come round more often)."
+    )  # fmt: skip
     flags.DEFINE_float("vae_lr", 1e-3, "Autoencoder peak learning rate.")
     flags.DEFINE_integer("vae_pool", 4000, "Scenes rendered once for the autoencoder stage.")
     flags.DEFINE_float("unet_minutes", 60.0, "Time budget of the UNet + text encoder.")
@@ -377,6 +403,8 @@ def main(argv):
     del argv
     if not FLAGS.out_dir:
         raise app.UsageError("--out_dir is required")
+    if not 0.0 <= FLAGS.vae_hard_share <= 1.0:
+        raise app.UsageError(f"--vae_hard_share {FLAGS.vae_hard_share}: give a share from 0 to 1")
     out = Path(FLAGS.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -410,7 +438,7 @@ def main(argv):
         params, vae_curve, log_json["vae_steps_run"] = train_vae(
             sd, vae_rng, FLAGS.vae_minutes, FLAGS.vae_steps, FLAGS.vae_batch, FLAGS.vae_crop,
             FLAGS.vae_full_share, FLAGS.object_weight, FLAGS.vae_lr, FLAGS.vae_pool,
-            FLAGS.log_every, log, FLAGS.workers, FLAGS.vae_decoder_only,
+            FLAGS.log_every, log, FLAGS.workers, FLAGS.vae_decoder_only, FLAGS.vae_hard_share,
         )  # fmt: skip
         sd = with_params(sd, params)
         log_json["vae_loss"] = vae_curve.tolist()
