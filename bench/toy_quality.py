@@ -367,7 +367,7 @@ def main():
         type=int,
         default=0,
         help="grow a generated source's object silhouette by N px (4-connected) before its "
-        "motion is made, so that the region the flow moves holds the object's soft edge",
+        "motion is made, for the flow and the scores alike (the bench's object: 0)",
     )
     parser.add_argument(
         "--mask_grow",

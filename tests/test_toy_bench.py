@@ -162,3 +162,30 @@ def test_a_batch_of_a_redrawn_source_is_another_batch(tmp_path):
         TQ.UnitRunner("toy", preset, None, None, tmp_path, float("inf"), grow=0).digest(part(0))
         == before
     )
+    # so is a blended-rim growth, and a grown request (mask_grow); each of 0 is the plain batch
+    runner_of = lambda **kw: TQ.UnitRunner("toy", preset, None, None, tmp_path, 1e9, **kw)  # noqa: E731
+    rim = runner_of(grow=2, grow_rule="blended").digest(part(0))
+    wide = runner_of(mask_grow=2).digest(part(0))
+    assert len({before, grown.digest(part(0)), rim, wide}) == 4
+    assert runner_of(mask_grow=0).digest(part(0)) == before
+
+
+@pytest.mark.parametrize("kind", ["translate", "rotate", "drag"])
+def test_a_grown_request_moves_the_grown_region_by_the_same_motion(kind):
+    from mgjax.edit.motion import grow_mask
+
+    ys, xs = np.mgrid[0:64, 0:64]
+    mask = (np.abs(xs - 30) <= 6) & (np.abs(ys - 28) <= 4)
+    case = TQ.Case(0, 64, quality.TUNING_SEEDS)
+    case.kind = kind
+    label, matrix, flow_in = TQ.target_of(case, mask)
+    p = dict(flow=flow_in(mask), flow_in=flow_in, moving=mask)
+    assert TQ.request_flow(p, 0) is p["flow"]
+    wide, region = TQ.request_flow(p, 2), grow_mask(mask, 2)
+    assert not wide[~region].any() and np.all(np.any(wide[region & ~mask] != 0, -1))
+    np.testing.assert_allclose(wide[mask], p["flow"][mask], atol=1e-5)  # the object's motion
+    if kind != "drag":  # an affine map: every pixel of the region moves by it
+        pts = np.stack([xs[region], ys[region], np.ones(region.sum())], -1) @ matrix.T
+        np.testing.assert_allclose(
+            wide[region], pts[:, :2] - np.stack([xs[region], ys[region]], -1), atol=1e-4
+        )
