@@ -4,7 +4,7 @@ method in one run.
   python -m bench.toy_quality [--edits 48] [--methods toy,none,warp,warp_sdedit]
       [--split heldout|tuning] [--model SD_FOLDER --raft RAFT_FILE] [--grow N]
       [--out runs/toy_quality]
-  python -m bench.toy_quality --models_only     # the autoencoder and RAFT-small alone
+  python -m bench.toy_quality --models_only [--split tuning]  # the autoencoder and RAFT alone
 
 The toy pack (mgjax/toy/pack, or --model/--raft: a training run's models): tiny Stable
 Diffusion + RAFT-small trained on the shapes world. Edits are made on scene seeds no training
@@ -442,7 +442,7 @@ def main():
     raft_file = args.raft or pack.raft_file()
     if args.models_only:
         sd, raft = sdm.load(model), load_raft(raft_file)
-        print(json.dumps(models_report(sd, raft), indent=1))
+        print(json.dumps(models_report(sd, raft, seeds=split_seeds(args.split)), indent=1))
         return
     settings = dict(edits=args.edits, batch=args.batch, steps=args.steps, set=overrides,
                     split=args.split, model=model, raft=raft_file, dilate=args.dilate,
@@ -471,7 +471,7 @@ def main():
     sd = sdm.load(model)
     raft = load_raft(raft_file)
     size = sd.unet.config.sample_size * sd.vae_factor
-    seeds = quality.HELDOUT_SEEDS if args.split == "heldout" else quality.TUNING_SEEDS
+    seeds = split_seeds(args.split)
     cases = [Case(n, size, seeds) for n in range(args.edits)]
     kept_by_autoencoder = autoencoder_keep(sd)
 
@@ -557,7 +557,7 @@ def main():
     outputs.save_png(str(out / "measures.png"), measures_plot(results))
     saved = {"results": results, "timing": timing}
     if not args.no_models_report:
-        saved["models"] = models_report(sd, raft)
+        saved["models"] = models_report(sd, raft, seeds=seeds)
         print("models:", json.dumps(saved["models"]))
     write_json(out / "results.json", saved)
     if missing:  # the table holds what is scored so far
@@ -844,15 +844,23 @@ def table(results: dict, by_group: bool = False) -> str:
     return "\n".join(lines)
 
 
-def models_report(sd, raft, scenes: int = 200, pairs: int = 64) -> dict:
-    """The autoencoder's round trip of `scenes` held-out scenes, and RAFT-small's EPE on
-    `pairs` held-out flow pairs (shapes.flow_pair) with the second image rendered and through
-    the autoencoder (5 iterations, as guidance runs it)."""
+def split_seeds(split: str):
+    """The scene seeds of --split: held-out (the tables) or tuning (where settings are chosen)."""
+    return quality.HELDOUT_SEEDS if split == "heldout" else quality.TUNING_SEEDS
+
+
+def models_report(
+    sd, raft, scenes: int = 200, pairs: int = 64, seeds=quality.HELDOUT_SEEDS
+) -> dict:
+    """The autoencoder's round trip of the first `scenes` scenes of `seeds` (held-out by
+    default), and RAFT-small's EPE on `pairs` flow pairs of those seeds (shapes.flow_pair) with
+    the second image rendered and through the autoencoder (5 iterations, as guidance runs
+    it)."""
     from mgjax.toy.train_ldm import roundtrip_report
 
-    report = {"autoencoder": roundtrip_report(sd, quality.HELDOUT_SEEDS[:scenes], log=print)}
+    report = {"autoencoder": roundtrip_report(sd, seeds[:scenes], log=print)}
     epe = {"rendered": [], "decoded": []}
-    for seed in quality.HELDOUT_SEEDS[:pairs]:
+    for seed in seeds[:pairs]:
         a, b, f = shapes.flow_pair(np.random.default_rng([seed, 3]), sd.default_size)
         for name, second in (("rendered", b), ("decoded", src_lib.roundtrip(sd, b[None])[0])):
             pred = np.asarray(raft(255.0 * a[None], 255.0 * second[None], iters=5))[0]
