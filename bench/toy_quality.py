@@ -76,7 +76,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import ndimage
 
 from flow.checkpoint import load_raft
 from flow.errors import InputError
@@ -603,7 +602,7 @@ def prepare(cases, sd, preset, kept_by_autoencoder, grow: int = 0, rule: str = "
             if rule == "blended":
                 moving = quality.soft_edge(image, moving, color, grow)
             else:
-                moving = ndimage.binary_dilation(moving, iterations=grow)
+                moving = grow_mask(moving, grow)
         label, matrix, flow_in = target_of(case, moving)
         if case.rendered:
             after = shapes.render(case.scene, {0: matrix})

@@ -116,7 +116,7 @@ class Motion:
     # 2 latent pixels (16 image pixels at SD's factor 8); the toy preset sets its own (below).
     dilate: int = _field(2, "Dilation of the automatic frozen mask, in latent pixels.")
     # 0 in every preset: the flow moves the mask as given. On the toy tuning edits (BENCHMARKS.md,
-    # "Growing the object mask") 2 px places objects whose mask is only their own colour
+    # "What the grown region adds") 2 px places objects whose mask is only their own colour
     # (generated sources) nearer, and costs objects whose mask is exact (one lost of 16).
     mask_grow: int = _field(
         0,

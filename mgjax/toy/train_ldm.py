@@ -133,7 +133,7 @@ def _progress(name, step, budget: Budget, loss, lr, log):
 # ----------------------------------------------------------------------------- stages
 
 
-DECODER = ("decoder", "post_quant_conv")
+DECODER = ("decoder", "post_quant_conv")  # the autoencoder's parameters after the latents
 
 
 def draw_scenes(rng, n: int, last_loss: np.ndarray, hard_share: float) -> np.ndarray:
@@ -147,7 +147,7 @@ def draw_scenes(rng, n: int, last_loss: np.ndarray, hard_share: float) -> np.nda
         worst = last_loss[seen].max() if seen.any() else 1.0
         weight = np.where(seen, last_loss, worst)
         idx = np.concatenate([idx, rng.choice(len(last_loss), hard, p=weight / weight.sum())])
-    return idx  # the autoencoder's parameters after the latents
+    return idx
 
 
 def train_vae(sd, rng, minutes, steps, batch, crop, full_share, object_weight, lr, pool,
