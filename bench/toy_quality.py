@@ -54,8 +54,11 @@ Methods:
 Prints the tables (means over edits) and writes OUT/table.md, OUT/results.json,
 OUT/measures.png (the table as bars) and OUT/edits_<method>.png (source | target | edit rows).
 The models report (also in results.json; --no_models_report skips it): the autoencoder's round
-trip of 200 held-out scenes (PSNR, each object's IoU with itself) and RAFT-small's EPE on 64
-held-out pairs whose second image went through the autoencoder (5 iterations, as in guidance).
+trip of 200 held-out scenes (PSNR, each object's IoU with itself), RAFT-small's EPE on 64
+held-out pairs whose second image went through the autoencoder (5 iterations, as in guidance),
+and its EPE inside the object between each of the first 48 edits' rendered sources and the
+scene rendered with the object moved exactly, by motion, beside the EPE of a zero flow
+(motion_epe: how much of each motion the energy's flow term can see).
 
 Resumable (a paper-preset run is hours on a CPU): each batch's result is kept in
 OUT/<method>/batch_KK.npz and a guided batch checkpoints every CHUNK DDIM steps. --minutes M
@@ -849,12 +852,13 @@ def split_seeds(split: str):
 
 
 def models_report(
-    sd, raft, scenes: int = 200, pairs: int = 64, seeds=quality.HELDOUT_SEEDS
+    sd, raft, scenes: int = 200, pairs: int = 64, seeds=quality.HELDOUT_SEEDS, edits: int = 48
 ) -> dict:
     """The autoencoder's round trip of the first `scenes` scenes of `seeds` (held-out by
-    default), and RAFT-small's EPE on `pairs` flow pairs of those seeds (shapes.flow_pair) with
+    default), RAFT-small's EPE on `pairs` flow pairs of those seeds (shapes.flow_pair) with
     the second image rendered and through the autoencoder (5 iterations, as guidance runs
-    it)."""
+    it), and its EPE on the exact edits of the bench's first `edits` edits' rendered sources,
+    by motion (motion_epe)."""
     from mgjax.toy.train_ldm import roundtrip_report
 
     report = {"autoencoder": roundtrip_report(sd, seeds[:scenes], log=print)}
@@ -865,7 +869,35 @@ def models_report(
             pred = np.asarray(raft(255.0 * a[None], 255.0 * second[None], iters=5))[0]
             epe[name].append(float(np.linalg.norm(pred - f, axis=-1).mean()))
     report["raft_epe"] = {k: float(np.mean(v)) for k, v in epe.items()}
+    report["raft_epe_by_motion"] = motion_epe(sd, raft, seeds, edits)
     return report
+
+
+def motion_epe(sd, raft, seeds, edits: int) -> dict:
+    """RAFT-small's EPE inside the object (5 iterations, as guidance runs it) between each
+    rendered source of the first `edits` edits and the scene rendered with its object moved
+    exactly (that edit's motion), the second image also through the autoencoder; and the EPE of
+    a zero flow there (the motion's mean length: a flow network that sees no motion scores
+    that). Per motion kind: what the flow term of the energy can tell about such an edit."""
+    size = sd.unet.config.sample_size * sd.vae_factor
+    rows = {}
+    for n in range(0, edits, 2):  # even edits have rendered sources
+        case = Case(n, size, seeds)
+        out = shapes.render(case.scene)
+        mask = out["masks"][0]
+        _, matrix, flow_in = target_of(case, mask)
+        flow = flow_in(mask)
+        after = shapes.render(case.scene, {0: matrix})["image"]
+        row = rows.setdefault(case.kind, {"rendered": [], "decoded": [], "zero": []})
+        for name, second in (
+            ("rendered", after),
+            ("decoded", src_lib.roundtrip(sd, after[None])[0]),
+        ):
+            pred = np.asarray(raft(255.0 * out["image"][None], 255.0 * second[None], iters=5))[0]
+            row[name].append(float(np.linalg.norm(pred - flow, axis=-1)[mask].mean()))
+        row["zero"].append(float(np.linalg.norm(flow, axis=-1)[mask].mean()))
+    return {k: {m: float(np.mean(v)) for m, v in row.items()} | {"edits": len(row["zero"])}
+            for k, row in rows.items()}  # fmt: skip
 
 
 def measures_plot(results: dict) -> np.ndarray:

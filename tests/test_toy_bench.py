@@ -189,3 +189,21 @@ def test_a_grown_request_moves_the_grown_region_by_the_same_motion(kind):
         np.testing.assert_allclose(
             wide[region], pts[:, :2] - np.stack([xs[region], ys[region]], -1), atol=1e-4
         )
+
+
+@pytest.mark.slow
+def test_raft_is_measured_on_the_exact_edits_by_motion():
+    """motion_epe: one row per motion kind over the rendered sources; the zero flow's EPE is
+    the motion's mean length inside the object, and the pack's RAFT sees a translation."""
+    from flow.checkpoint import load_raft
+
+    sd, raft = sdm.load(pack.sd_folder()), load_raft(pack.raft_file())
+    seeds = TQ.split_seeds("tuning")
+    rows = TQ.motion_epe(sd, raft, seeds, 8)
+    assert sorted(rows) == sorted(TQ.KINDS) and all(r["edits"] == 1 for r in rows.values())
+    case = TQ.Case(0, 64, seeds)  # the first translation, rendered
+    mask = shapes.render(case.scene)["masks"][0]
+    label, _, flow_in = TQ.target_of(case, mask)
+    length = np.linalg.norm(flow_in(mask), axis=-1)[mask].mean()
+    assert label.startswith("translate") and np.isclose(rows["translate"]["zero"], length)
+    assert rows["translate"]["rendered"] < 0.5 * rows["translate"]["zero"]
