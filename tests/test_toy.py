@@ -67,6 +67,36 @@ def test_flow_pair_flow_is_exact():
         assert np.median(err) < 0.02 and np.mean(err < 0.1) > 0.85
 
 
+def test_local_flow_pairs_turn_or_scale_each_object_about_its_centre():
+    """local_share 1: the view is still (zero flow off the objects) and each object's flow is
+    a similarity about its centre: an affine field whose linear part is a rotation of 10-35
+    degrees or a scaling of x0.75-0.85 / x1.2-1.35, shifted by at most 2 px; the pair is exact."""
+    rng = np.random.default_rng(1)
+    kinds = set()
+    for _ in range(6):
+        seed = int(rng.integers(2**31))
+        scene = shapes.sample_scene(np.random.default_rng(seed), 64)
+        a, b, flow = shapes.flow_pair(np.random.default_rng(seed), 64, local_share=1.0)
+        masks = shapes.render(scene, {}, (0, 0), 2)["masks"]
+        assert np.all(flow[~masks.any(axis=0)] == 0)
+        for o, mask in zip(scene.objects, masks, strict=True):
+            ys, xs = np.nonzero(mask)
+            design = np.stack([xs - o.cx, ys - o.cy, np.ones_like(xs, float)], axis=1)
+            fit, *_ = np.linalg.lstsq(design, flow[ys, xs], rcond=None)
+            linear = fit[:2].T + np.eye(2)  # the motion's matrix about the centre
+            scale = np.sqrt(abs(np.linalg.det(linear)))
+            angle = np.degrees(np.arctan2(linear[1, 0], linear[0, 0]))
+            np.testing.assert_allclose(design @ fit, flow[ys, xs], atol=1e-3)  # affine
+            assert np.all(np.abs(fit[2]) <= 2.0 + 1e-6)
+            if abs(angle) > 1e-3:
+                kinds.add("turn")
+                assert 10 - 1e-3 <= abs(angle) <= 35 + 1e-3 and np.isclose(scale, 1.0)
+            else:
+                kinds.add("scale")
+                assert 0.75 - 1e-6 <= scale <= 0.85 + 1e-6 or 1.2 - 1e-6 <= scale <= 1.35 + 1e-6
+    assert kinds == {"turn", "scale"}
+
+
 def test_ground_truth_edit_and_measures():
     s = _scene(fill="dotted")
     m = shapes.affine_about((30.0, 26.0), shift=(8.0, 5.0))

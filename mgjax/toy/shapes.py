@@ -202,23 +202,37 @@ def affine_about(center, shift=(0.0, 0.0), degrees=0.0, scale=1.0) -> np.ndarray
     return out
 
 
-def flow_pair(rng: np.random.Generator, size: int = 64, supersample: int = 2):
+def flow_pair(
+    rng: np.random.Generator, size: int = 64, supersample: int = 2, local_share: float = 0.0
+):
     """A training pair for optical flow. In 70% of the pairs the whole view shifts by up to
     10 px (background and objects), in the rest it is still; on top of that every object moves
     by its own random similarity (shift <= 10 px, rotation <= 35 deg, scale 0.8-1.25).
     The view shift is what makes RAFT learn matching at all: on pairs whose flow is mostly zero
     (only objects moving) it settles on predicting zero flow; whole-view shifts break that.
+    `local_share`: that share of the pairs instead keeps the view still and turns or scales
+    each object about its own centre (10-35 deg either way, or x0.75-0.85 / x1.2-1.35, shifted
+    by at most 2 px): the small motions of a rotation or scaling edit, which the shifted pairs
+    hide under their shift.
     Returns (image1, image2 f32[H,W,3] in [0, 1], exact flow f32[H,W,2] of every pixel)."""
     scene = sample_scene(rng, size)
-    shift = rng.uniform(-10, 10, 2) * (rng.uniform() < 0.7)
+    local = rng.uniform() < local_share
+    shift = np.zeros(2) if local else rng.uniform(-10, 10, 2) * (rng.uniform() < 0.7)
     moves = {}
     for k, o in enumerate(scene.objects):
-        own = affine_about(
-            (o.cx, o.cy),
-            rng.uniform(-10, 10, 2),
-            rng.uniform(-35, 35),
-            np.exp(rng.uniform(np.log(0.8), np.log(1.25))),
-        )
+        if local:
+            turn = rng.uniform() < 0.5
+            angle = rng.choice([-1, 1]) * rng.uniform(10, 35) if turn else 0.0
+            scale = 1.0 if turn else (rng.uniform(0.75, 0.85) if rng.uniform() < 0.5
+                                      else rng.uniform(1.2, 1.35))  # fmt: skip
+            own = affine_about((o.cx, o.cy), rng.uniform(-2, 2, 2), angle, scale)
+        else:
+            own = affine_about(
+                (o.cx, o.cy),
+                rng.uniform(-10, 10, 2),
+                rng.uniform(-35, 35),
+                np.exp(rng.uniform(np.log(0.8), np.log(1.25))),
+            )
         moves[k] = affine_about((0.0, 0.0), shift) @ own
     src = render(scene, {}, (0, 0), supersample)
     dst = render(scene, moves, shift, supersample)
@@ -242,6 +256,6 @@ def seeded_scene(seed: int, size: int = 64, supersample: int = SUPERSAMPLE):
     return out["image"], out["masks"].any(axis=0), prompt(scene)
 
 
-def seeded_flow_pair(seed: int, size: int = 64):
+def seeded_flow_pair(seed: int, size: int = 64, local_share: float = 0.0):
     """`flow_pair` of one seed."""
-    return flow_pair(np.random.default_rng(seed), size)
+    return flow_pair(np.random.default_rng(seed), size, local_share=local_share)

@@ -50,15 +50,16 @@ def raft_config(input_scale: int = 2) -> RaftConfig:
     return RaftConfig(small=True, context_norm="batch", input_scale=input_scale)
 
 
-def batch_of_pairs(rng, n: int, size: int):
-    a, b, f = zip(*(shapes.flow_pair(rng, size) for _ in range(n)), strict=True)
+def batch_of_pairs(rng, n: int, size: int, local_share: float = 0.0):
+    pairs = (shapes.flow_pair(rng, size, local_share=local_share) for _ in range(n))
+    a, b, f = zip(*pairs, strict=True)
     return 255.0 * np.stack(a), 255.0 * np.stack(b), np.stack(f)
 
 
-def pool_of_pairs(rng, n: int, size: int, workers: int | None = None):
+def pool_of_pairs(rng, n: int, size: int, workers: int | None = None, local_share: float = 0.0):
     """n pairs rendered once in worker processes (one seed each, drawn from `rng`), in u8 to
     keep a large pool small; the flows f32. Drawn from at random, as `batch_of_pairs` would be."""
-    render = functools.partial(shapes.seeded_flow_pair, size=size)
+    render = functools.partial(shapes.seeded_flow_pair, size=size, local_share=local_share)
     pairs = parallel_map(render, seeds_from(rng, n), workers)
     a, b, f = zip(*pairs, strict=True)
     u8 = lambda x: np.round(255.0 * np.stack(x)).astype(np.uint8)  # noqa: E731
@@ -120,12 +121,15 @@ def autoencoder_roundtrip(folder: str):
 def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, lr: float,
           seed: int, size: int, log_every: int, input_scale: int = 2,
           log=print, init: str | None = None, autoencoder: str | None = None,
-          roundtrip_p: float = 0.5, pool: int = 0, workers: int | None = None) -> dict:  # fmt: skip
+          roundtrip_p: float = 0.5, pool: int = 0, workers: int | None = None,
+          local_share: float = 0.0) -> dict:  # fmt: skip
     """`init`: start from these weights (same input_scale); `autoencoder`: a diffusers
     AutoencoderKL folder whose round trip replaces the second image of a pair with probability
     `roundtrip_p` (guidance compares a rendered source with a decoded estimate); `pool`: draw
     the pairs from this many rendered once (in `workers` processes) instead of rendering each
-    batch (0), which keeps a GPU busy. The learning rate warms up over the first 5% of the run
+    batch (0), which keeps a GPU busy; `local_share`: that share of the training pairs turns or
+    scales objects about their own centres with the view still (shapes.flow_pair; the
+    validation pairs stay the usual ones). The learning rate warms up over the first 5% of the run
     and decays to a tenth over its steps or minutes, whichever ends first."""
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -152,7 +156,9 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
         )
     )
     opt_state = optimizer.init(params)
-    pairs = pool_of_pairs(rng, pool, size, workers) if pool > 0 else None
+    if not 0.0 <= local_share <= 1.0:
+        raise InputError(f"--local_share {local_share}: give a share from 0 to 1")
+    pairs = pool_of_pairs(rng, pool, size, workers, local_share) if pool > 0 else None
     if pairs is not None:
         log(f"rendered {pool} training pairs")
     step_fn = make_step(config, optimizer, iters)
@@ -162,7 +168,7 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
     while not budget.done(step):
         step += 1
         if pairs is None:
-            img1, img2, flow = batch_of_pairs(rng, batch, size)
+            img1, img2, flow = batch_of_pairs(rng, batch, size, local_share)
         else:
             idx = rng.integers(0, pool, batch)
             img1, img2, flow = (np.asarray(x[idx], np.float32) for x in pairs)
@@ -208,7 +214,8 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
     history["settings"] = dict(batch=batch, iters=iters, lr=lr, seed=seed, size=size,
                                max_steps=max_steps, minutes=minutes,
                                input_scale=input_scale, init=init, autoencoder=autoencoder,
-                               roundtrip_p=roundtrip_p, pool=pool)  # fmt: skip
+                               roundtrip_p=roundtrip_p, pool=pool,
+                               local_share=local_share)  # fmt: skip
     history["seconds"] = budget.elapsed()
     history["device"] = device_description()
     history["command"] = "python -m mgjax.toy.train_raft " + " ".join(sys.argv[1:])
@@ -247,6 +254,12 @@ def _define_flags():
     flags.DEFINE_float("roundtrip_p", 0.5, "Share of pairs whose second image is round-tripped.")
     flags.DEFINE_integer("pool", 0, "Pairs rendered once to draw from (0: render each batch).")
     flags.DEFINE_integer("workers", None, "Processes rendering the pool (default: every core).")
+    flags.DEFINE_float(
+        "local_share",
+        0.0,
+        "Share of training pairs whose objects turn or scale about their own centres, the view "
+        "still (the small motions of rotation and scaling edits).",
+    )
 
 
 def main(argv):
@@ -258,6 +271,7 @@ def main(argv):
         FLAGS.seed, FLAGS.size, FLAGS.log_every, FLAGS.input_scale,
         log=lambda s: print(s, flush=True), init=FLAGS.init, autoencoder=FLAGS.autoencoder,
         roundtrip_p=FLAGS.roundtrip_p, pool=FLAGS.pool, workers=FLAGS.workers,
+        local_share=FLAGS.local_share,
     ))  # fmt: skip
 
 
