@@ -247,3 +247,16 @@ def test_the_soft_edge_is_the_rim_that_blends_object_and_background():
     assert not (quality.soft_edge(image, sil, c, 1) & (r > 9)).any()
     assert (quality.soft_edge(image, sil, c, 2, share=0.05) & (r > 9) & (r <= 10) & ~patch).any()
     np.testing.assert_array_equal(quality.soft_edge(image, sil, c, 0), sil)
+
+
+def test_train_raft_refuses_a_share_outside_0_to_1_before_writing(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "raft"
+    cmd = [sys.executable, "-m", "mgjax.toy.train_raft", "--out_dir", str(out)]
+    run = subprocess.run(
+        cmd + ["--local_share", "1.5"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode != 0 and "--local_share 1.5: give a share from 0 to 1" in run.stderr
+    assert "Traceback" not in run.stderr and not out.exists()

@@ -131,6 +131,8 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
     scales objects about their own centres with the view still (shapes.flow_pair; the
     validation pairs stay the usual ones). The learning rate warms up over the first 5% of the run
     and decays to a tenth over its steps or minutes, whichever ends first."""
+    if not 0.0 <= local_share <= 1.0:
+        raise InputError(f"--local_share {local_share}: give a share from 0 to 1")
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
     val = batch_of_pairs(np.random.default_rng(10_000 + seed), 64, size)
@@ -156,8 +158,6 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
         )
     )
     opt_state = optimizer.init(params)
-    if not 0.0 <= local_share <= 1.0:
-        raise InputError(f"--local_share {local_share}: give a share from 0 to 1")
     pairs = pool_of_pairs(rng, pool, size, workers, local_share) if pool > 0 else None
     if pairs is not None:
         log(f"rendered {pool} training pairs")
