@@ -865,12 +865,23 @@ def models_report(
     epe = {"rendered": [], "decoded": []}
     for seed in seeds[:pairs]:
         a, b, f = shapes.flow_pair(np.random.default_rng([seed, 3]), sd.default_size)
-        for name, second in (("rendered", b), ("decoded", src_lib.roundtrip(sd, b[None])[0])):
-            pred = np.asarray(raft(255.0 * a[None], 255.0 * second[None], iters=5))[0]
-            epe[name].append(float(np.linalg.norm(pred - f, axis=-1).mean()))
+        for name, value in guidance_epe(sd, raft, a, b, f).items():
+            epe[name].append(value)
     report["raft_epe"] = {k: float(np.mean(v)) for k, v in epe.items()}
     report["raft_epe_by_motion"] = motion_epe(sd, raft, seeds, edits)
     return report
+
+
+def guidance_epe(sd, raft, first, second, flow, where=None) -> dict:
+    """RAFT's EPE from `first` to `second` (f32[H,W,3] in [0, 1]) against `flow`, over the
+    pixels `where` (default: all), at the 5 iterations guidance runs: "rendered" with `second`
+    as given, "decoded" with it through the autoencoder (what guidance decodes)."""
+    out = {}
+    for name, image in (("rendered", second), ("decoded", src_lib.roundtrip(sd, second[None])[0])):
+        pred = np.asarray(raft(255.0 * first[None], 255.0 * image[None], iters=5))[0]
+        err = np.linalg.norm(pred - flow, axis=-1)
+        out[name] = float((err if where is None else err[where]).mean())
+    return out
 
 
 def motion_epe(sd, raft, seeds, edits: int) -> dict:
@@ -889,12 +900,8 @@ def motion_epe(sd, raft, seeds, edits: int) -> dict:
         flow = flow_in(mask)
         after = shapes.render(case.scene, {0: matrix})["image"]
         row = rows.setdefault(case.kind, {"rendered": [], "decoded": [], "zero": []})
-        for name, second in (
-            ("rendered", after),
-            ("decoded", src_lib.roundtrip(sd, after[None])[0]),
-        ):
-            pred = np.asarray(raft(255.0 * out["image"][None], 255.0 * second[None], iters=5))[0]
-            row[name].append(float(np.linalg.norm(pred - flow, axis=-1)[mask].mean()))
+        for name, value in guidance_epe(sd, raft, out["image"], after, flow, mask).items():
+            row[name].append(value)
         row["zero"].append(float(np.linalg.norm(flow, axis=-1)[mask].mean()))
     return {k: {m: float(np.mean(v)) for m, v in row.items()} | {"edits": len(row["zero"])}
             for k, row in rows.items()}  # fmt: skip

@@ -216,7 +216,7 @@ def flow_pair(
     hide under their shift.
     Returns (image1, image2 f32[H,W,3] in [0, 1], exact flow f32[H,W,2] of every pixel)."""
     scene = sample_scene(rng, size)
-    local = rng.uniform() < local_share
+    local = local_share > 0 and rng.uniform() < local_share  # share 0: the pairs as before
     shift = np.zeros(2) if local else rng.uniform(-10, 10, 2) * (rng.uniform() < 0.7)
     moves = {}
     for k, o in enumerate(scene.objects):
