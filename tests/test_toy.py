@@ -260,3 +260,27 @@ def test_train_raft_refuses_a_share_outside_0_to_1_before_writing(tmp_path):
     )
     assert run.returncode != 0 and "--local_share 1.5: give a share from 0 to 1" in run.stderr
     assert "Traceback" not in run.stderr and not out.exists()
+
+
+@pytest.mark.slow
+def test_train_raft_starts_another_input_scale_from_the_given_weights(tmp_path):
+    """--init with weights trained at input_scale 2 starts a run at input_scale 4: the same
+    convolutions (at learning rate 0 the written weights are the given ones, bit for bit), the
+    file's header saying the new scale."""
+    import jax
+
+    from flow import checkpoint
+    from flow.raft import RaftConfig, init_raft
+    from mgjax.toy.train_raft import train
+
+    init = str(tmp_path / "init.mgjax")
+    config = RaftConfig(small=True, context_norm="batch", input_scale=2)
+    checkpoint.save(init, init_raft(config, jax.random.PRNGKey(1), (64, 64)), config)
+    lines = []
+    train(str(tmp_path / "out"), minutes=5, max_steps=1, batch=1, iters=1, lr=0.0, seed=0,
+          size=64, log_every=1, input_scale=4, log=lines.append, init=init)  # fmt: skip
+    assert any("trained at input_scale 2, now 4" in line for line in lines)
+    got, got_config = checkpoint.load_variables(str(tmp_path / "out" / "raft-small.mgjax"))
+    want, _ = checkpoint.load_variables(init)
+    assert got_config.input_scale == 4 and got_config.small
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)

@@ -123,7 +123,8 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
           log=print, init: str | None = None, autoencoder: str | None = None,
           roundtrip_p: float = 0.5, pool: int = 0, workers: int | None = None,
           local_share: float = 0.0) -> dict:  # fmt: skip
-    """`init`: start from these weights (same input_scale); `autoencoder`: a diffusers
+    """`init`: start from these weights (RAFT-small; its weights are convolutions, so they
+    may start a run at another input_scale, on objects drawn larger); `autoencoder`: a diffusers
     AutoencoderKL folder whose round trip replaces the second image of a pair with probability
     `roundtrip_p` (guidance compares a rendered source with a decoded estimate); `pool`: draw
     the pairs from this many rendered once (in `workers` processes) instead of rendering each
@@ -139,13 +140,13 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
     config = raft_config(input_scale)
     if init:
         variables, init_config = checkpoint.load_variables(init)
-        if init_config.input_scale != input_scale or not init_config.small:
-            raise InputError(
-                f"--init {init}: not a RAFT-small with input_scale {input_scale}; give "
-                "--input_scale to match it"
-            )
+        if not init_config.small:
+            raise InputError(f"--init {init}: not a RAFT-small; give RAFT-small weights")
         params = variables["params"]
-        log(f"starting from {init}")
+        rescaled = ""
+        if init_config.input_scale != input_scale:
+            rescaled = f" (trained at input_scale {init_config.input_scale}, now {input_scale})"
+        log(f"starting from {init}{rescaled}")
     else:
         params = init_raft(config, jax.random.PRNGKey(seed), (size, size))["params"]
     if autoencoder and not os.path.isfile(os.path.join(autoencoder, "config.json")):
