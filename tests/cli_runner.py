@@ -3,7 +3,8 @@ lines: absl flags are global). Reads [{"args": [...], "work": folder}, ...] as J
 and prints [{"code", "stderr", "seconds", "written"}, ...] as JSON: the exit status, what went
 to stderr, how long it took and which files the case left in its work folder.
 
-  python -m tests.cli_runner launch|estimate|convert|evaluate|dragbench < cases.json
+  python -m tests.cli_runner launch|estimate|convert|evaluate|dragbench|train_ldm|train_raft \
+      < cases.json
 """
 
 import contextlib
@@ -28,6 +29,17 @@ def _entry(command: str):
             module.main(rest)
 
         return run
+    if command in ("train_ldm", "train_raft"):
+        import importlib
+
+        module = importlib.import_module(f"mgjax.toy.{command}")
+        module._define_flags()  # a training script defines its flags when run as one
+
+        def train(argv):
+            module.FLAGS.unparse_flags()
+            module.main(module.FLAGS([command, *argv]))
+
+        return train
     from flow.errors import run_cli
 
     if command == "convert":

@@ -127,6 +127,18 @@ CASES = [
     ("evaluate", ["{pickled_target_run}", "--no_clip", "--raft_weights={raft}"], 2, "object data"),
     # mgjax.evaluation.dragbench
     ("dragbench", ["{work}/none", "--jobs={work}/j.jsonl"], 2, "no such folder"),
+    # mgjax.toy.train_raft, mgjax.toy.train_ldm: refused before the output folder exists
+    ("train_raft", ["--out_dir={work}/out", "--local_share=1.5"], 2, "give a share from 0 to 1"),
+    ("train_raft", ["--out_dir={work}/out", "--init={text}"], 2, "--init: "),
+    ("train_raft", ["--out_dir={work}/out", "--init={work}/none.mgjax"], 2, "no such weights"),
+    ("train_raft", ["--out_dir={work}/out", "--autoencoder={work}/none"], 2,
+     "no diffusers AutoencoderKL folder"),
+    ("train_raft", ["--out_dir={work}/out", "--input_scale=3"], 2, "input_scale must be 1, 2"),
+    ("train_ldm", ["--out_dir={work}/out", "--init={work}/none"], 2, "no such folder"),
+    ("train_ldm", ["--out_dir={work}/out", "--init={text}"], 2, "no such folder"),
+    ("train_ldm", ["--out_dir={work}/out", "--init={no_vae_config}"], 2, "subfolder; a diffusers"),
+    ("train_ldm", ["--out_dir={work}/out", "--init={bad_config_run}"], 2,
+     "not a diffusers AutoencoderKL folder"),
 ]  # fmt: skip
 
 

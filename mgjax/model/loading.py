@@ -236,6 +236,11 @@ def load_autoencoder(folder) -> StableDiffusion:
     """The autoencoder alone, from a diffusers AutoencoderKL folder (a model folder's vae/), in
     float32: a StableDiffusion without UNet or text encoder, whose `encode`, `decode` and
     `posterior` work."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):  # a folder, never a hub name
+        raise InputError(
+            f"{folder}: not a diffusers AutoencoderKL folder (no config.json); give a model "
+            "folder's vae/"
+        )
     try:
         with quiet():
             vae, params = FlaxAutoencoderKL.from_pretrained(str(folder))

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
+from flow.errors import InputError, run_cli
 from mgjax.edit import outputs
 from mgjax.method import ddim
 from mgjax.model import sd as sdm
@@ -405,19 +406,25 @@ def main(argv):
         raise app.UsageError("--out_dir is required")
     if not 0.0 <= FLAGS.vae_hard_share <= 1.0:
         raise app.UsageError(f"--vae_hard_share {FLAGS.vae_hard_share}: give a share from 0 to 1")
+    run_cli(_train)
+
+
+def _train():
     out = Path(FLAGS.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     log = lambda s: print(s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
+    if FLAGS.init and not Path(FLAGS.init).is_dir():
+        raise InputError(f"--init {FLAGS.init}: no such folder; give a model folder or its vae/")
     whole = bool(FLAGS.init) and (Path(FLAGS.init) / "unet").is_dir()
-    if FLAGS.init and not whole:  # an autoencoder folder: new UNet and text encoder on it
+    # the given weights are read before anything is written: a refused run writes nothing
+    init_vae = sdm.load_autoencoder(FLAGS.init).params["vae"] if FLAGS.init and not whole else None
+    sd = sdm.load(FLAGS.init) if whole else None
+    out.mkdir(parents=True, exist_ok=True)
+    if init_vae is not None:  # an autoencoder folder: new UNet and text encoder on it
         fresh = new_models(out, FLAGS.seed)
-        sd = with_params(
-            fresh, dict(fresh.params, vae=sdm.load_autoencoder(FLAGS.init).params["vae"])
-        )
+        sd = with_params(fresh, dict(fresh.params, vae=init_vae))
         log(f"autoencoder from {FLAGS.init}; new UNet and text encoder")
     elif FLAGS.init:
-        sd = sdm.load(FLAGS.init)
         log(f"starting from {FLAGS.init}")
         if FLAGS.fresh_unet:
             fresh = new_models(out, FLAGS.seed)

@@ -134,12 +134,16 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
     and decays to a tenth over its steps or minutes, whichever ends first."""
     if not 0.0 <= local_share <= 1.0:
         raise InputError(f"--local_share {local_share}: give a share from 0 to 1")
-    os.makedirs(out_dir, exist_ok=True)
+    if autoencoder and not os.path.isfile(os.path.join(autoencoder, "config.json")):
+        raise InputError(f"--autoencoder {autoencoder}: no diffusers AutoencoderKL folder there")
     rng = np.random.default_rng(seed)
     val = batch_of_pairs(np.random.default_rng(10_000 + seed), 64, size)
     config = raft_config(input_scale)
     if init:
-        variables, init_config = checkpoint.load_variables(init)
+        try:
+            variables, init_config = checkpoint.load_variables(init)
+        except InputError as e:
+            raise InputError(f"--init: {e}") from None
         if not init_config.small:
             raise InputError(f"--init {init}: not a RAFT-small; give RAFT-small weights")
         params = variables["params"]
@@ -149,9 +153,8 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
         log(f"starting from {init}{rescaled}")
     else:
         params = init_raft(config, jax.random.PRNGKey(seed), (size, size))["params"]
-    if autoencoder and not os.path.isfile(os.path.join(autoencoder, "config.json")):
-        raise InputError(f"--autoencoder {autoencoder}: no diffusers AutoencoderKL folder there")
     roundtrip = autoencoder_roundtrip(autoencoder) if autoencoder else None
+    os.makedirs(out_dir, exist_ok=True)  # after every check: a refused run writes nothing
     val_rt = (val[0], roundtrip(val[1]), val[2]) if roundtrip else None
     optimizer = scheduled(
         lambda learning_rate: optax.chain(
