@@ -17,11 +17,18 @@ import time
 
 def _entry(command: str):
     """A function argv -> None that runs the command line as its __main__ does."""
-    if command in ("launch", "estimate"):
-        if command == "launch":
-            import launch as module
-        else:
-            from flow import estimate as module
+    absl_modules = {
+        "launch": "launch",
+        "estimate": "flow.estimate",
+        "train_ldm": "mgjax.toy.train_ldm",
+        "train_raft": "mgjax.toy.train_raft",
+    }
+    if command in absl_modules:  # absl scripts: parse the flags, then main
+        import importlib
+
+        module = importlib.import_module(absl_modules[command])
+        if command.startswith("train_"):
+            module._define_flags()  # a training script defines its flags when run as one
 
         def run(argv):
             module.FLAGS.unparse_flags()
@@ -29,17 +36,6 @@ def _entry(command: str):
             module.main(rest)
 
         return run
-    if command in ("train_ldm", "train_raft"):
-        import importlib
-
-        module = importlib.import_module(f"mgjax.toy.{command}")
-        module._define_flags()  # a training script defines its flags when run as one
-
-        def train(argv):
-            module.FLAGS.unparse_flags()
-            module.main(module.FLAGS([command, *argv]))
-
-        return train
     from flow.errors import run_cli
 
     if command == "convert":
