@@ -58,7 +58,9 @@ trip of 200 held-out scenes (PSNR, each object's IoU with itself), RAFT-small's 
 held-out pairs whose second image went through the autoencoder (5 iterations, as in guidance),
 and its EPE inside the object between each of the first 48 edits' rendered sources and the
 scene rendered with the object moved exactly, by motion, beside the EPE of a zero flow
-(motion_epe: how much of each motion the energy's flow term can see).
+(motion_epe: how much of each motion the energy's flow term can see), and what the UNet keeps
+of 64 scenes it redraws from a tenth, three tenths and half of the noise (each object's IoU
+with itself; train_ldm.denoise_report: guidance redraws a moved object from such noise levels).
 
 Resumable (a paper-preset run is hours on a CPU): each batch's result is kept in
 OUT/<method>/batch_KK.npz and a guided batch checkpoints every CHUNK DDIM steps. --minutes M
@@ -95,7 +97,7 @@ from mgjax.edit.motion import (
     motion_flow,
 )
 from mgjax.edit.progress import Progress
-from mgjax.method import cost, ddim, loop
+from mgjax.method import cost, loop
 from mgjax.method import source as src_lib
 from mgjax.method.sampler import DivergenceError, Sampler
 from mgjax.model import sd as sdm
@@ -302,25 +304,10 @@ def flow_epe(raft, source, edited, flow, mask) -> float:
 
 
 def sdedit(sd, images, prompts, strength=0.5, steps=50, cfg_scale=7.5, seed=0):
-    """SDEdit: encode, noise to `strength` of the schedule, DDIM back with the prompts."""
-    z0 = jnp.asarray(src_lib.encode(sd, images))
-    sch = ddim.make_schedule(steps)
-    start = int(round(steps * (1 - strength)))
-    noise = jax.random.normal(jax.random.PRNGKey(seed), z0.shape)
+    """SDEdit of images with their prompts: noise to `strength` of the schedule, DDIM back."""
     cond = jnp.concatenate([sd.embed(p) for p in prompts])
     uncond = jnp.repeat(sd.embed(""), len(prompts), 0)
-
-    @jax.jit
-    def run(params, z):
-        def body(z, i):
-            eps = src_lib.cfg_eps(sd, params, z, sch.timesteps[i], cond, uncond, cfg_scale)
-            return ddim.step(z, eps, sch.abar[i], sch.abar_prev[i]), None
-
-        z, _ = jax.lax.scan(body, z, jnp.arange(start, steps))
-        return sd.decode(params, z)
-
-    z = ddim.add_noise(z0, noise, sch.abar[start])
-    return np.clip(np.asarray(run(sd.params, z)) * 0.5 + 0.5, 0.0, 1.0)
+    return src_lib.sdedit(sd, images, cond, uncond, strength, steps, cfg_scale, seed)
 
 
 class OutOfTime(Exception):
@@ -852,16 +839,24 @@ def split_seeds(split: str):
 
 
 def models_report(
-    sd, raft, scenes: int = 200, pairs: int = 64, seeds=quality.HELDOUT_SEEDS, edits: int = 48
+    sd,
+    raft,
+    scenes: int = 200,
+    pairs: int = 64,
+    seeds=quality.HELDOUT_SEEDS,
+    edits: int = 48,
+    redrawn: int = 64,
 ) -> dict:
     """The autoencoder's round trip of the first `scenes` scenes of `seeds` (held-out by
     default), RAFT-small's EPE on `pairs` flow pairs of those seeds (shapes.flow_pair) with
     the second image rendered and through the autoencoder (5 iterations, as guidance runs
-    it), and its EPE on the exact edits of the bench's first `edits` edits' rendered sources,
-    by motion (motion_epe)."""
-    from mgjax.toy.train_ldm import roundtrip_report
+    it), its EPE on the exact edits of the bench's first `edits` edits' rendered sources, by
+    motion (motion_epe), and what the UNet keeps of the first `redrawn` scenes it redraws from
+    a tenth, three tenths and half of the noise (train_ldm.denoise_report)."""
+    from mgjax.toy.train_ldm import denoise_report, roundtrip_report
 
     report = {"autoencoder": roundtrip_report(sd, seeds[:scenes], log=print)}
+    report["unet_denoise"] = denoise_report(sd, seeds[:redrawn], log=print)
     epe = {"rendered": [], "decoded": []}
     for seed in seeds[:pairs]:
         a, b, f = shapes.flow_pair(np.random.default_rng([seed, 3]), sd.default_size)

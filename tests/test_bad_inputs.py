@@ -139,6 +139,9 @@ CASES = [
     ("train_ldm", ["--out_dir={work}/out", "--init={no_vae_config}"], 2, "subfolder; a diffusers"),
     ("train_ldm", ["--out_dir={work}/out", "--init={bad_config_run}"], 2,
      "not a diffusers AutoencoderKL folder"),
+    ("train_ldm", ["--out_dir={work}/out", "--unet_object_weight=0"], 2, "give a weight above 0"),
+    ("train_ldm", ["--out_dir={work}/out", "--vae_hard_share=nan"], 2, "give a share from 0 to 1"),
+    ("train_ldm", ["--out_dir={work}/out", "--unet_object_weight=nan"], 2, "give a weight above 0"),
 ]  # fmt: skip
 
 

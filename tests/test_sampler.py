@@ -404,6 +404,34 @@ def test_zero_guidance_is_plain_ddim_and_diffusers_scheduler(models):
 
 
 @pytest.mark.slow
+def test_sdedit_is_diffusers_add_noise_then_ddim(models):
+    """source.sdedit against diffusers' FlaxDDIMScheduler: the encoded image noised to the
+    step its strength names (add_noise), then the scheduler's steps from there, decoded."""
+    sd, steps, strength = models["sd"], 8, 0.5
+    img, _ = scene()
+    cond, uncond = sd.embed("a red ball"), sd.embed("")
+    out = source.sdedit(sd, img, cond, uncond, strength, num_steps=steps, cfg_scale=2.0, seed=7)
+
+    sched, st = _oracle(steps)
+    start = 4  # (1 - 0.5) x 8 steps skipped
+    z0 = jnp.asarray(source.encode(sd, img))
+    noise = jax.random.normal(jax.random.PRNGKey(7), z0.shape)
+    z = sched.add_noise(st, z0, noise, st.timesteps[start : start + 1])
+    for t in np.asarray(st.timesteps)[start:]:
+        eps = source.cfg_eps(sd, sd.params, z, t, cond, uncond, 2.0)
+        z = sched.step(st, eps, int(t), z).prev_sample
+    ref = np.clip(np.asarray(sd.decode(sd.params, z)) * 0.5 + 0.5, 0, 1)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    assert np.abs(out - source.roundtrip(sd, img)).max() > 1e-2  # the steps did something
+    # strength 0 is the autoencoder's round trip; a strength outside 0-1 is refused
+    np.testing.assert_array_equal(
+        source.sdedit(sd, img, cond, uncond, 0.0), source.roundtrip(sd, img)
+    )
+    with pytest.raises(InputError, match="strength"):
+        source.sdedit(sd, img, cond, uncond, 1.5)
+
+
+@pytest.mark.slow
 def test_batch_equals_single_images_and_seeds(models):
     sd = models["sd"]
     # lambda_g 10: larger weights amplify batched-vs-single rounding (1e-7) chaotically. The

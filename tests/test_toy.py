@@ -271,3 +271,33 @@ def test_train_raft_starts_another_input_scale_from_the_given_weights(tmp_path):
     want, _ = checkpoint.load_variables(init)
     assert got_config.input_scale == 4 and got_config.small
     jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+
+
+@pytest.mark.slow
+def test_the_denoising_report_measures_what_the_unet_keeps_of_a_redrawn_scene():
+    """train_ldm.denoise_report: at strength 0 it is the autoencoder's round trip (the same IoUs
+    as roundtrip_report), it counts every object of the scenes, and a UNet whose noise estimate
+    is wrong keeps less of the objects than the pack's."""
+    import dataclasses as dc
+
+    import jax
+
+    from mgjax.model import sd as sdm
+    from mgjax.toy import pack
+    from mgjax.toy.train_ldm import denoise_report, roundtrip_report
+
+    sd = sdm.load(pack.sd_folder())
+    seeds = quality.TUNING_SEEDS[:4]
+    objects = sum(len(shapes.sample_scene(np.random.default_rng(s), 64).objects) for s in seeds)
+    report = denoise_report(sd, seeds, strengths=(0.0, 0.5), log=lambda s: None, batch=4)
+    assert set(report) == {"0", "0.5"}
+    assert report["0"]["objects"] == report["0.5"]["objects"] == objects
+    roundtrip = roundtrip_report(sd, seeds, log=lambda s: None)
+    assert report["0"]["object_iou_mean"] == pytest.approx(roundtrip["object_iou_mean"], abs=1e-6)
+    # the noise estimate negated: DDIM walks away from the scene instead of back to it
+    params = dict(sd.params, unet=jax.tree.map(lambda x: x, sd.params["unet"]))
+    conv = params["unet"]["conv_out"]
+    params["unet"]["conv_out"] = {"kernel": -conv["kernel"], "bias": -conv["bias"]}
+    wrong = denoise_report(dc.replace(sd, params=params), seeds, strengths=(0.5,),
+                           log=lambda s: None, batch=4)  # fmt: skip
+    assert wrong["0.5"]["object_iou_mean"] < report["0.5"]["object_iou_mean"] - 0.2

@@ -99,3 +99,27 @@ def test_hard_scenes_are_drawn_in_proportion_to_their_last_loss():
     np.testing.assert_allclose(uniform, 0.1, atol=0.015)
     half = np.bincount(draw_scenes(rng, 20_000, loss, 0.5), minlength=10) / 20_000
     np.testing.assert_allclose(half[3], 0.5 * 0.1 + 0.5 * 9 / 26, atol=0.015)
+
+
+def test_the_unet_loss_weights_latent_pixels_near_an_object():
+    from scipy import ndimage
+
+    from mgjax.toy.train_ldm import latent_weights
+
+    rng = np.random.default_rng(1)
+    masks = np.zeros((3, 64, 64), bool)
+    masks[0, 20:27, 33:41] = True  # a box across latent-pixel borders
+    masks[1, 0, 63] = True  # one pixel in a corner
+    masks[2] = rng.uniform(size=(64, 64)) < 0.002  # scattered pixels
+    w = latent_weights(masks, 4, 5.0)
+    assert w.shape == (3, 1, 16, 16) and w.dtype == np.float32
+    for m, wi in zip(masks, w[:, 0], strict=True):
+        # a latent pixel is an object's when its 4x4 footprint holds one, then grown by one
+        # latent pixel in all 8 directions (scipy's dilation with a full 3x3 structure)
+        blocks = np.array([[m[4 * y : 4 * y + 4, 4 * x : 4 * x + 4].any() for x in range(16)]
+                           for y in range(16)])  # fmt: skip
+        near = ndimage.binary_dilation(blocks, np.ones((3, 3), bool))
+        np.testing.assert_array_equal(wi, np.where(near, 5.0, 1.0))
+    assert w[1, 0, 0, 14:].tolist() == [5.0, 5.0] and w[1, 0, 2, 15] == 1.0
+    # weight 1 weighs every latent pixel alike: the plain loss
+    np.testing.assert_array_equal(latent_weights(masks, 4, 1.0), 1.0)

@@ -4,6 +4,8 @@
   at the start of every step (index 0 = z_T, the noisiest).
 * `invert`: a real image -> VAE posterior mean -> DDIM inversion over the same schedule
   (ascending t), reversed to sampling order; z_T is the inversion's last latent.
+* `sdedit`: a real image noised part of the way and denoised back with plain DDIM (what a
+  model keeps of an image it redraws from that noise level).
 
 Both run as jitted `lax.scan` chunks of DDIM steps (one compile per chunk length).
 """
@@ -155,6 +157,36 @@ def decode_images(sd, z) -> np.ndarray:
     """Latents f32[B,C,h,w] (scaled, as the sampler keeps them) -> images f32[B,H,W,3] in
     [0, 1]; compiled once per model and shape."""
     return np.asarray(_decode01(sd, sd.params, jnp.asarray(z, jnp.float32)))
+
+
+def sdedit(
+    sd,
+    images,
+    cond,
+    uncond,
+    strength: float,
+    num_steps: int = 50,
+    cfg_scale: float = Method.cfg_scale,
+    seed: int = 0,
+) -> np.ndarray:
+    """SDEdit (Meng et al., ICLR 2022): images f32[B,H,W,3] in [0, 1] -> VAE posterior mean,
+    noised to step round((1 - strength) num_steps) of the DDIM schedule (one normal draw of
+    PRNGKey(seed)), plain DDIM (eta = 0) back from there -> images f32[B,H,W,3] in [0, 1].
+    strength 0 is the autoencoder's round trip, 1 a sample from noise alone."""
+    if not 0.0 <= strength <= 1.0:
+        raise InputError(f"SDEdit strength must be from 0 to 1, got {strength}")
+    z0 = jnp.asarray(encode(sd, images))
+    start = int(round(num_steps * (1.0 - strength)))
+    if start == num_steps:
+        return decode_images(sd, z0)
+    sch = ddim.make_schedule(num_steps)
+    noise = jax.random.normal(jax.random.PRNGKey(seed), z0.shape)
+    z = ddim.add_noise(z0, noise, sch.abar[start])
+    b = z.shape[0]
+    cond, uncond = (conditioning.broadcast(c, b) for c in (cond, uncond))
+    z, _ = _chunk(sd, num_steps, sd.params, z, start, cond, uncond, length=num_steps - start,
+                  cfg_scale=float(cfg_scale), inverse=False)  # fmt: skip
+    return decode_images(sd, z)
 
 
 def roundtrip(sd, images) -> np.ndarray:

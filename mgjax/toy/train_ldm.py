@@ -251,17 +251,57 @@ def roundtrip_report(sd, seeds, log=print) -> dict:
     return report
 
 
+# Noise levels of the denoising report: a tenth, three tenths and half of the schedule.
+DENOISE_STRENGTHS = (0.1, 0.3, 0.5)
+
+
+def denoise_report(sd, seeds, strengths=DENOISE_STRENGTHS, log=print, batch: int = 32) -> dict:
+    """What the UNet keeps of a scene it redraws: the scenes of these seeds rendered, noised to
+    each strength and denoised back with their prompts (source.sdedit: 50 DDIM steps, CFG 1 as
+    the toy preset edits, one noise draw per batch), and per object the IoU of its colour mask
+    with that in the rendered scene (as roundtrip_report). Guidance redraws a moved object from
+    such noise levels, so a UNet that turns squares into blobs here draws blobs in edits."""
+    from mgjax.method import source
+
+    scenes = [shapes.sample_scene(np.random.default_rng(int(s)), SIZE) for s in seeds]
+    outs = [shapes.render(s) for s in scenes]
+    report = {}
+    for strength in strengths:
+        ious = []
+        for i in range(0, len(scenes), batch):
+            x = np.stack([o["image"] for o in outs[i : i + batch]])
+            cond = jnp.concatenate([sd.embed(shapes.prompt(s)) for s in scenes[i : i + batch]])
+            uncond = jnp.repeat(sd.embed(""), len(x), 0)
+            y = source.sdedit(sd, x, cond, uncond, strength, cfg_scale=1.0)
+            for out, a, b in zip(outs[i : i + batch], x, y, strict=True):
+                ious += [quality.object_kept(a, b, m) for m in out["masks"]]
+        report[f"{strength:g}"] = row = {
+            "objects": len(ious),
+            "object_iou_mean": float(np.mean(ious)),
+            "objects_below_0.85": int(np.sum(np.asarray(ious) < 0.85)),
+        }
+        log(f"UNet redrawing from strength {strength:g}: " +
+            ", ".join(f"{k} {v:.4g}" for k, v in row.items()))  # fmt: skip
+    return report
+
+
 def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, ema=0.999,
-               snr_gamma=5.0, fresh=True, workers=None):  # fmt: skip
+               snr_gamma=5.0, fresh=True, workers=None, object_weight=1.0):  # fmt: skip
     """The UNet and text encoder, jointly. The loss is eps-MSE weighted by min(SNR, gamma)/SNR
     (Min-SNR weighting, Hang et al. 2023: it stops the low-noise steps from dominating early
     training); the weights returned are an exponential moving average (decay `ema`), whose
     samples are much cleaner than the last iterate's after a short run. `fresh`: the latent
     scaling factor is measured on the pool (1 / std of the latents) and set in the VAE's config;
     otherwise the model's own is kept (a continued run on the same autoencoder). The learning
-    rate follows the run's steps or minutes, whichever ends first (as the autoencoder's)."""
+    rate follows the run's steps or minutes, whichever ends first (as the autoencoder's).
+    `object_weight`: the squared error on latent pixels that hold an object (the world's exact
+    masks, over each latent pixel's footprint and one latent pixel around it) weighs that many
+    times the background's, each image's loss a weighted mean: a textured background fills most
+    of a scene, so the plain loss is mostly about drawing backgrounds."""
     log(f"rendering and encoding {pool} training scenes")
-    images, _, prompts = render_pool(rng, pool, supersample=2, log=log, workers=workers)
+    images, masks, prompts = render_pool(rng, pool, supersample=2, log=log, workers=workers)
+    pixel_weight = latent_weights(masks, sd.vae_factor, object_weight)
+    del masks
     encode = jax.jit(lambda p, x: sd.posterior(p, x)[0])
     latents = np.concatenate(
         [
@@ -288,19 +328,20 @@ def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, em
     snr = abar / (1 - abar)
     weight = jnp.minimum(snr, snr_gamma) / snr if snr_gamma > 0 else jnp.ones_like(snr)
 
-    def loss_fn(p, z0, tokens, key):
+    def loss_fn(p, z0, w, tokens, key):
         kt, kn = jax.random.split(key)
         t = jax.random.randint(kt, (z0.shape[0],), 0, 1000)
         noise = jax.random.normal(kn, z0.shape)
         a = abar[t][:, None, None, None]
         zt = jnp.sqrt(a) * z0 + jnp.sqrt(1 - a) * noise
         eps = sd.eps(p, zt, t, sd.text_states(p, tokens))
-        mse = jnp.square(eps - noise).mean(axis=(1, 2, 3))
-        return (weight[t] * mse).mean(), mse.mean()
+        err = jnp.square(eps - noise)
+        weighted = (w * err).mean(axis=(1, 2, 3)) / w.mean(axis=(1, 2, 3))
+        return (weight[t] * weighted).mean(), err.mean()
 
     @jax.jit
-    def step_fn(p, avg, s, z0, tokens, key):
-        (_, mse), g = jax.value_and_grad(loss_fn, has_aux=True)(p, z0, tokens, key)
+    def step_fn(p, avg, s, z0, w, tokens, key):
+        (_, mse), g = jax.value_and_grad(loss_fn, has_aux=True)(p, z0, w, tokens, key)
         u, s = opt.update(g, s, p)
         p = optax.apply_updates(p, u)
         avg = jax.tree.map(lambda a, b: ema * a + (1 - ema) * b, avg, p)
@@ -316,7 +357,9 @@ def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, em
         key, sub = jax.random.split(key)
         lr_now = budget.learning_rate(lr, step)
         state = with_learning_rate(state, lr_now)
-        params, average, state, loss = step_fn(params, average, state, latents[idx], tokens, sub)
+        params, average, state, loss = step_fn(
+            params, average, state, latents[idx], pixel_weight[idx], tokens, sub
+        )
         acc.append(loss)
         if step % log_every == 0 or budget.done(step):
             curve.append(float(np.mean(jax.device_get(acc))))
@@ -325,6 +368,20 @@ def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, em
     log(f"unet: {step} steps in {budget.elapsed() / 60:.1f} min")
     trained = with_params(sd, dict(sd.params, **average), scaling)
     return trained, np.asarray(curve), step
+
+
+def latent_weights(masks, factor: int, object_weight: float) -> np.ndarray:
+    """f32[n,1,h,w] loss weights of latent pixels for bool[n,H,W] object masks: `object_weight`
+    where a latent pixel's factor x factor footprint, or a neighbouring latent pixel's (8-
+    connected), holds an object pixel; 1 elsewhere."""
+    n, h, w = masks.shape
+    blocks = masks.reshape(n, h // factor, factor, w // factor, factor).any(axis=(2, 4))
+    padded = np.pad(blocks, ((0, 0), (1, 1), (1, 1)))
+    near = np.zeros_like(blocks)
+    for dy in range(3):
+        for dx in range(3):
+            near |= padded[:, dy : dy + h // factor, dx : dx + w // factor]
+    return np.where(near, np.float32(object_weight), np.float32(1.0))[:, None]
 
 
 def sample_grid(sd, prompts, seeds, steps: int = 50) -> np.ndarray:
@@ -349,7 +406,8 @@ def sample_grid(sd, prompts, seeds, steps: int = 50) -> np.ndarray:
 SETTINGS = ("init", "fresh_unet", "vae_minutes", "vae_steps", "vae_batch", "vae_crop",
             "vae_full_share", "object_weight", "vae_lr", "vae_pool", "unet_minutes", "unet_steps",
             "unet_batch", "unet_lr", "ema", "snr_gamma", "pool", "seed", "workers",
-            "measure_scaling", "vae_decoder_only", "vae_hard_share")  # fmt: skip
+            "measure_scaling", "vae_decoder_only", "vae_hard_share",
+            "unet_object_weight")  # fmt: skip
 
 
 def _define_flags():
@@ -392,6 +450,10 @@ def _define_flags():
     flags.DEFINE_integer("unet_steps", 6000, "UNet step limit (its schedule's length; 0 skips).")
     flags.DEFINE_integer("unet_batch", 32, "UNet latents per step.")
     flags.DEFINE_float("unet_lr", 3e-4, "UNet peak learning rate (warm-up, cosine to a tenth).")
+    flags.DEFINE_float(
+        "unet_object_weight", 1.0, "Weight of the latent pixels that hold an object in the "
+        "UNet's loss (1: every latent pixel alike)."
+    )  # fmt: skip
     flags.DEFINE_float("ema", 0.999, "Decay of the UNet weights' moving average (0: last step).")
     flags.DEFINE_float("snr_gamma", 5.0, "Min-SNR loss weighting's gamma (0: plain eps-MSE).")
     flags.DEFINE_integer("pool", 8192, "Training scenes rendered once for the UNet stage.")
@@ -404,12 +466,16 @@ def main(argv):
     del argv
     if not FLAGS.out_dir:
         raise app.UsageError("--out_dir is required")
-    if not 0.0 <= FLAGS.vae_hard_share <= 1.0:
-        raise app.UsageError(f"--vae_hard_share {FLAGS.vae_hard_share}: give a share from 0 to 1")
     run_cli(_train)
 
 
 def _train():
+    if not 0.0 <= FLAGS.vae_hard_share <= 1.0:  # NaN too
+        raise InputError(f"--vae_hard_share {FLAGS.vae_hard_share}: give a share from 0 to 1")
+    if not FLAGS.unet_object_weight > 0:
+        raise InputError(
+            f"--unet_object_weight {FLAGS.unet_object_weight}: give a weight above 0 (1: none)"
+        )
     out = Path(FLAGS.out_dir)
     log = lambda s: print(s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
@@ -461,7 +527,7 @@ def _train():
             sd, unet_rng, FLAGS.unet_minutes, FLAGS.unet_steps, FLAGS.pool, FLAGS.unet_batch,
             FLAGS.log_every, log, FLAGS.unet_lr, FLAGS.ema, FLAGS.snr_gamma,
             fresh=FLAGS.fresh_unet or not whole or FLAGS.vae_steps > 0 or FLAGS.measure_scaling,
-            workers=FLAGS.workers,
+            workers=FLAGS.workers, object_weight=FLAGS.unet_object_weight,
         )  # fmt: skip
         log_json["unet_loss"] = unet_curve.tolist()
         log_json["unet_seconds"] = time.perf_counter() - t1
@@ -477,6 +543,8 @@ def _train():
         prompts = [shapes.prompt(shapes.sample_scene(np.random.default_rng(i))) for i in range(4)]
         outputs.save_png(str(out / "samples.png"), sample_grid(sd, prompts, [0, 1, 2, 3]))
         log_json["sample_prompts"] = prompts
+        # on tuning scenes: runs are compared, and settings chosen, on them
+        log_json["denoise"] = denoise_report(sd, quality.TUNING_SEEDS[:64], log=log)
     log_json["seconds"] = time.perf_counter() - t0
     log_json["scaling_factor"] = sd.scaling_factor
     outputs.save_json(str(out / "log.json"), log_json)
