@@ -172,7 +172,7 @@ def sdedit(
     """SDEdit (Meng et al., ICLR 2022): images f32[B,H,W,3] in [0, 1] -> VAE posterior mean,
     noised to step round((1 - strength) num_steps) of the DDIM schedule (one normal draw of
     PRNGKey(seed)), plain DDIM (eta = 0) back from there -> images f32[B,H,W,3] in [0, 1].
-    strength 0 is the autoencoder's round trip, 1 a sample from noise alone."""
+    strength 0 is the autoencoder's round trip, 1 starts at the schedule's noisiest step."""
     if not 0.0 <= strength <= 1.0:
         raise InputError(f"SDEdit strength must be from 0 to 1, got {strength}")
     z0 = jnp.asarray(encode(sd, images))

@@ -265,15 +265,22 @@ def denoise_report(sd, seeds, strengths=DENOISE_STRENGTHS, log=print, batch: int
 
     scenes = [shapes.sample_scene(np.random.default_rng(int(s)), SIZE) for s in seeds]
     outs = [shapes.render(s) for s in scenes]
+    empty = sd.embed("")
+    batches = [  # (renders, images, prompts' conditionings, empty ones): the same at every level
+        (
+            outs[i : i + batch],
+            np.stack([o["image"] for o in outs[i : i + batch]]),
+            jnp.concatenate([sd.embed(shapes.prompt(s)) for s in scenes[i : i + batch]]),
+            jnp.repeat(empty, len(scenes[i : i + batch]), 0),
+        )
+        for i in range(0, len(scenes), batch)
+    ]
     report = {}
     for strength in strengths:
         ious = []
-        for i in range(0, len(scenes), batch):
-            x = np.stack([o["image"] for o in outs[i : i + batch]])
-            cond = jnp.concatenate([sd.embed(shapes.prompt(s)) for s in scenes[i : i + batch]])
-            uncond = jnp.repeat(sd.embed(""), len(x), 0)
+        for part, x, cond, uncond in batches:
             y = source.sdedit(sd, x, cond, uncond, strength, cfg_scale=1.0)
-            for out, a, b in zip(outs[i : i + batch], x, y, strict=True):
+            for out, a, b in zip(part, x, y, strict=True):
                 ious += [quality.object_kept(a, b, m) for m in out["masks"]]
         report[f"{strength:g}"] = row = {
             "objects": len(ious),
