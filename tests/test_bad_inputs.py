@@ -142,6 +142,7 @@ CASES = [
     ("train_ldm", ["--out_dir={work}/out", "--unet_object_weight=0"], 2, "give a weight above 0"),
     ("train_ldm", ["--out_dir={work}/out", "--vae_hard_share=nan"], 2, "give a share from 0 to 1"),
     ("train_ldm", ["--out_dir={work}/out", "--unet_object_weight=nan"], 2, "give a weight above 0"),
+    ("train_ldm", ["--out_dir={work}/out", "--unet_layers=0"], 2, "give at least 1 layer"),
 ]  # fmt: skip
 
 

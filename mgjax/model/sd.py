@@ -9,9 +9,11 @@ module gathers what the layers above use:
 * `load`, `save`, `load_autoencoder` (mgjax.model.loading): diffusers folders and hub ids, Flax
   or PyTorch weights (mgjax.model.weights), SD 1.x, v-prediction and SDXL;
 * `random_init`, `random_params`, `byte_symbols` (mgjax.model.random_init): models of the real
-  classes with random weights, and the start of a CLIP vocabulary.
+  classes with random weights, and the start of a CLIP vocabulary;
+* `deeper_unet` (mgjax.model.grow): a UNet made deeper without changing what it computes.
 """
 
+from mgjax.model.grow import deeper_unet
 from mgjax.model.loading import load, load_autoencoder, save
 from mgjax.model.random_init import byte_symbols, random_init, random_params
 from mgjax.model.stable_diffusion import DTYPES, StableDiffusion, build, cast
@@ -22,6 +24,7 @@ __all__ = [
     "build",
     "byte_symbols",
     "cast",
+    "deeper_unet",
     "load",
     "load_autoencoder",
     "random_init",

@@ -13,6 +13,8 @@ it wrote (the shipped pack included) with --init.
                                                                   # a new UNet on that autoencoder
   python -m mgjax.toy.train_ldm --out_dir runs/ldm2 --init mgjax/toy/pack/sd --vae_steps 0
                                                                   # continue the UNet
+  python -m mgjax.toy.train_ldm --out_dir runs/ldm3 --init mgjax/toy/pack/sd --vae_steps 0 \
+      --unet_layers 2                            # continue it two layers deep per block
 
 Writes OUT/sd/ (unet/, vae/, text_encoder/, tokenizer/, model_index.json), OUT/vae_losses.png,
 OUT/unet_losses.png, OUT/samples.png (prompts x seeds, CFG 7.5, 50 DDIM steps), OUT/log.json.
@@ -86,26 +88,37 @@ TEXT = dict(
 )
 
 
-def new_models(folder, seed: int) -> sdm.StableDiffusion:
-    """The toy models with random weights (TOY_UNET, TOY_VAE, TEXT), built by the seam."""
+def new_models(folder, seed: int, layers: int | None = None) -> sdm.StableDiffusion:
+    """The toy models with random weights (TOY_UNET, TOY_VAE, TEXT), built by the seam;
+    `layers`: the UNet's layers per block (default TOY_UNET's)."""
     tokenizer = tokenizer_files(Path(folder) / "tokenizer_build")
     text = dict(TEXT, vocab_size=len(json.loads((tokenizer / "vocab.json").read_text())),
                 max_position_embeddings=MAX_TOKENS)  # fmt: skip
-    sd = sdm.random_init(TOY_UNET, TOY_VAE, text, tokenizer, seed=seed)
+    unet = dict(TOY_UNET, layers_per_block=layers or TOY_UNET["layers_per_block"])
+    sd = sdm.random_init(unet, TOY_VAE, text, tokenizer, seed=seed)
     ids = sd.tokenizer
     text.update(bos_token_id=ids.bos_token_id, eos_token_id=ids.eos_token_id,
                 pad_token_id=ids.pad_token_id)  # fmt: skip
-    sd = sdm.random_init(TOY_UNET, TOY_VAE, text, tokenizer, seed=seed)
+    sd = sdm.random_init(unet, TOY_VAE, text, tokenizer, seed=seed)
     check_tokenizer(sd.tokenizer)
     return sd
 
 
-def with_params(sd: sdm.StableDiffusion, params: dict, scaling: float | None = None):
-    """The same models with other parameters (and another latent scaling factor)."""
+def with_params(sd: sdm.StableDiffusion, params: dict, scaling: float | None = None, unet=None):
+    """The same models with other parameters (and another latent scaling factor, or another
+    UNet config `unet`)."""
     vae = dict(sd.vae.config)
     if scaling is not None:
         vae["scaling_factor"] = scaling
-    return sdm.build(sd.unet.config, vae, sd.text_encoder.config, sd.tokenizer, params)
+    unet = sd.unet.config if unet is None else unet
+    return sdm.build(unet, vae, sd.text_encoder.config, sd.tokenizer, params)
+
+
+def deeper(sd: sdm.StableDiffusion, layers: int, seed: int) -> sdm.StableDiffusion:
+    """The models with a UNet `layers` deep per block that computes what `sd`'s does (new layers
+    start as the identity: mgjax.model.grow)."""
+    config, unet = sdm.deeper_unet(sd.unet.config, sd.params["unet"], layers, seed)
+    return with_params(sd, dict(sd.params, unet=unet), unet=config)
 
 
 # ----------------------------------------------------------------------------- data
@@ -414,7 +427,7 @@ SETTINGS = ("init", "fresh_unet", "vae_minutes", "vae_steps", "vae_batch", "vae_
             "vae_full_share", "object_weight", "vae_lr", "vae_pool", "unet_minutes", "unet_steps",
             "unet_batch", "unet_lr", "ema", "snr_gamma", "pool", "seed", "workers",
             "measure_scaling", "vae_decoder_only", "vae_hard_share",
-            "unet_object_weight")  # fmt: skip
+            "unet_object_weight", "unet_layers")  # fmt: skip
 
 
 def _define_flags():
@@ -461,6 +474,11 @@ def _define_flags():
         "unet_object_weight", 1.0, "Weight of the latent pixels that hold an object in the "
         "UNet's loss (1: every latent pixel alike)."
     )  # fmt: skip
+    flags.DEFINE_integer(
+        "unet_layers", None, "Layers per UNet block: a new UNet's (default 1), or, with --init, "
+        "the UNet made that deep by new layers that start as the identity (training continues "
+        "from what it computes)."
+    )  # fmt: skip
     flags.DEFINE_float("ema", 0.999, "Decay of the UNet weights' moving average (0: last step).")
     flags.DEFINE_float("snr_gamma", 5.0, "Min-SNR loss weighting's gamma (0: plain eps-MSE).")
     flags.DEFINE_integer("pool", 8192, "Training scenes rendered once for the UNet stage.")
@@ -492,18 +510,31 @@ def _train():
     # the given weights are read before anything is written: a refused run writes nothing
     init_vae = sdm.load_autoencoder(FLAGS.init).params["vae"] if FLAGS.init and not whole else None
     sd = sdm.load(FLAGS.init) if whole else None
+    layers = FLAGS.unet_layers
+    if layers is not None and layers < 1:
+        raise InputError(f"--unet_layers {layers}: give at least 1 layer per block")
+    grow = whole and not FLAGS.fresh_unet and layers is not None
+    if grow and layers < sd.unet.config["layers_per_block"]:
+        raise InputError(
+            f"--unet_layers {layers}: {FLAGS.init}'s UNet has "
+            f"{sd.unet.config['layers_per_block']} layers per block and is only made deeper; "
+            "give at least that many, or --fresh_unet for a new UNet"
+        )
     out.mkdir(parents=True, exist_ok=True)
     if init_vae is not None:  # an autoencoder folder: new UNet and text encoder on it
-        fresh = new_models(out, FLAGS.seed)
+        fresh = new_models(out, FLAGS.seed, layers)
         sd = with_params(fresh, dict(fresh.params, vae=init_vae))
         log(f"autoencoder from {FLAGS.init}; new UNet and text encoder")
     elif FLAGS.init:
         log(f"starting from {FLAGS.init}")
         if FLAGS.fresh_unet:
-            fresh = new_models(out, FLAGS.seed)
+            fresh = new_models(out, FLAGS.seed, layers)
             sd = with_params(fresh, dict(fresh.params, vae=sd.params["vae"]))
+        elif grow and layers > sd.unet.config["layers_per_block"]:
+            log(f"UNet made {layers} layers deep per block; its new layers start as the identity")
+            sd = deeper(sd, layers, FLAGS.seed)
     else:
-        sd = new_models(out, FLAGS.seed)
+        sd = new_models(out, FLAGS.seed, layers)
     check_tokenizer(sd.tokenizer)
     # one stream of scenes per stage, so that a stage's data do not depend on the others'
     vae_rng, unet_rng = (np.random.default_rng([FLAGS.seed, i]) for i in (1, 2))

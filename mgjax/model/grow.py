@@ -1,0 +1,82 @@
+"""A UNet made deeper without changing what it computes: more layers per block, each new one
+starting as the identity, so that training continues from the smaller UNet's function.
+
+diffusers' UNet2DConditionModel keeps every down layer's output as a skip connection and gives
+each up block one layer more than its down block, each consuming one skip. With `n` layers per
+block instead of `l`, the down block's new layers come after its old ones; a new ResNet whose
+last convolution is zero returns its input, so each new skip equals the last old layer's output.
+The up block pops its skips in reverse: its first layer meets the last new skip (the same value
+the old first layer met), the next `n - l` layers are new, and the old remaining layers follow
+and meet the old skips in the old order. A new up ResNet's 1x1 shortcut passes the hidden
+channels through and drops the concatenated skip; a new attention block's zero output
+projection makes it return its input (both are residual).
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from mgjax.model.libraries import FlaxUNet2DConditionModel, quiet
+from mgjax.model.random_init import random_params
+from mgjax.model.weights import param_shapes
+
+
+def _identity_layer(tree: dict, shortcut: bool) -> dict:
+    """A new ResNet (or attention) layer's parameters set so that it returns its input."""
+    flat = dict(flatten_dict(tree))
+    for path, value in flat.items():
+        if path[0] in ("conv2", "proj_out"):
+            flat[path] = np.zeros_like(value)
+        elif path[0] == "conv_shortcut" and shortcut:
+            if path[-1] == "kernel":  # (1, 1, hidden + skip, out): the hidden channels pass
+                kernel = np.zeros_like(value)
+                kernel[0, 0, : value.shape[-1], :] = np.eye(value.shape[-1], dtype=value.dtype)
+                flat[path] = kernel
+            else:
+                flat[path] = np.zeros_like(value)
+    return unflatten_dict(flat)
+
+
+def deeper_unet(
+    config: Mapping[str, Any], params: Mapping[str, Any], layers: int, seed: int = 0
+) -> tuple[dict, dict]:
+    """(config, params) of the UNet with `layers` layers per block that computes what the UNet
+    (`config`, `params`) computes; the new layers' other weights are random (`seed`), so that
+    training moves them once their zero weights move. `layers` at least the current number."""
+    old = int(config["layers_per_block"])
+    if not isinstance(layers, int) or layers < old:
+        raise ValueError(f"layers {layers!r}: give a whole number of at least {old} per block")
+    new_config = dict(config, layers_per_block=layers)
+    with quiet():
+        model = FlaxUNet2DConditionModel.from_config(new_config)
+    fresh = random_params(param_shapes(model), seed)
+    grown = {k: v for k, v in fresh.items() if not k.startswith(("down_blocks_", "up_blocks_"))}
+    grown.update({k: params[k] for k in grown})  # conv_in, time embedding, mid block, conv_out
+    for name in (k for k in fresh if k.startswith("down_blocks_")):
+        block = dict(params[name])  # old layers and downsampler keep their names
+        for i in range(old, layers):
+            block[f"resnets_{i}"] = _identity_layer(fresh[name][f"resnets_{i}"], shortcut=False)
+            if f"attentions_{i}" in fresh[name]:
+                block[f"attentions_{i}"] = _identity_layer(fresh[name][f"attentions_{i}"], False)
+        grown[name] = block
+    for name in (k for k in fresh if k.startswith("up_blocks_")):
+        block = {k: v for k, v in params[name].items() if k.startswith("upsamplers_")}
+        # new position 0 <- old 0; 1 .. layers-old new; layers-old+j <- old j (j >= 1)
+        source = [0] + [None] * (layers - old) + list(range(1, old + 1))
+        for i, j in enumerate(source):
+            for kind, shortcut in (("resnets", True), ("attentions", False)):
+                key = f"{kind}_{i}"
+                if key not in fresh[name]:
+                    continue
+                if j is None:
+                    block[key] = _identity_layer(fresh[name][key], shortcut)
+                else:
+                    block[key] = params[name][f"{kind}_{j}"]
+        grown[name] = block
+    shapes = {k: np.shape(v) for k, v in flatten_dict(grown).items()}
+    expected = {k: tuple(v.shape) for k, v in flatten_dict(fresh).items()}
+    if shapes != expected:  # a block type this layout does not describe
+        raise ValueError("deeper_unet: the grown parameters do not match the deeper UNet's")
+    return new_config, grown
