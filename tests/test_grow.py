@@ -1,5 +1,6 @@
-"""A UNet made deeper (mgjax.model.grow) computes what the smaller one computed, on diffusers'
-own Flax UNet, and its new layers take gradients, so that training moves them."""
+"""A UNet grown (mgjax.model.grow: deeper, or with text attention at the latent's size) computes
+what the smaller one computed, on diffusers' own Flax UNet, and its new layers take gradients,
+so that training moves them."""
 
 import jax
 import jax.numpy as jnp
@@ -102,3 +103,31 @@ def test_a_unet_is_only_made_deeper():
     for layers in (1, 0, 2.5):
         with pytest.raises(ValueError, match="at least 2"):
             sdm.deeper_unet(config, params, layers)
+
+
+@pytest.mark.parametrize("layout", ["sd1", "deep"])
+def test_text_attention_at_the_top_starts_as_the_identity_and_reads_the_prompt(layout):
+    config, params = LAYOUTS[layout]
+    new_config, grown = sdm.with_top_attention(config, params, seed=4)
+    assert new_config["down_block_types"][0] == "CrossAttnDownBlock2D"
+    assert new_config["up_block_types"][-1] == "CrossAttnUpBlock2D"
+    assert new_config["only_cross_attention"][0] is True
+    assert not any(new_config["only_cross_attention"][1:])
+    before = _unet_eps(config, params)(params)
+    eps = _unet_eps(new_config, grown)
+    np.testing.assert_allclose(np.asarray(eps(grown)), np.asarray(before), rtol=0, atol=1e-5)
+    top = ("down_blocks_0", f"up_blocks_{len(config['up_block_types']) - 1}")
+    flat = flatten_dict(grown)
+    new = [k for k in flat if k[0] in top and k[1].startswith("attentions_")]
+    assert new and all(k not in flatten_dict(params) for k in new)
+    outs = [k for k in new if k[2] == "proj_out" and k[-1] == "kernel"]
+    assert {k[0] for k in outs} == set(top)
+    grads = flatten_dict(jax.grad(lambda p: jnp.square(eps(p)).mean())(grown))
+    for k in outs:
+        assert float(jnp.abs(grads[k]).max()) > 0, k
+    moved = dict(flat)
+    for k in outs:
+        moved[k] = 0.05 * jnp.asarray(np.random.default_rng(8).standard_normal(flat[k].shape))
+    assert float(jnp.abs(eps(unflatten_dict(moved)) - eps(grown)).mean()) > 1e-3
+    with pytest.raises(ValueError, match="top blocks are CrossAttnDownBlock2D"):
+        sdm.with_top_attention(new_config, grown)

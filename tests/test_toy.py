@@ -276,11 +276,13 @@ def test_train_raft_starts_another_input_scale_from_the_given_weights(tmp_path):
 @pytest.mark.slow
 def test_the_denoising_report_measures_what_the_unet_keeps_of_a_redrawn_scene():
     """train_ldm.denoise_report: at strength 0 it is the autoencoder's round trip (the same IoUs
-    as roundtrip_report), it counts every object of the scenes, and a UNet whose noise estimate
-    is wrong keeps less of the objects than the pack's."""
+    as roundtrip_report), it counts every object of the scenes, a UNet whose noise estimate
+    is wrong keeps less of the objects than the pack's, and one blind to its prompt keeps
+    exactly as much with the shape words swapped."""
     import dataclasses as dc
 
     import jax
+    from flax.traverse_util import flatten_dict, unflatten_dict
 
     from mgjax.model import sd as sdm
     from mgjax.toy import pack
@@ -289,9 +291,18 @@ def test_the_denoising_report_measures_what_the_unet_keeps_of_a_redrawn_scene():
     sd = sdm.load(pack.sd_folder())
     seeds = quality.TUNING_SEEDS[:4]
     objects = sum(len(shapes.sample_scene(np.random.default_rng(s), 64).objects) for s in seeds)
-    report = denoise_report(sd, seeds, strengths=(0.0, 0.5), log=lambda s: None, batch=4)
-    assert set(report) == {"0", "0.5"}
-    assert report["0"]["objects"] == report["0.5"]["objects"] == objects
+    report = denoise_report(sd, seeds, strengths=(0.0, 0.5), log=lambda s: None, batch=4,
+                            swapped=0.5)  # fmt: skip
+    assert set(report) == {"0", "0.5", "0.5 shape words swapped"}
+    assert {r["objects"] for r in report.values()} == {objects}
+    # the text's values in every cross-attention zeroed: the prompt changes nothing
+    flat = flatten_dict(sd.params["unet"])
+    blind = {k: (0 * v if "attn2" in k and "to_v" in k else v) for k, v in flat.items()}
+    assert sum("attn2" in k and "to_v" in k for k in flat) >= 5
+    blind_sd = dc.replace(sd, params=dict(sd.params, unet=unflatten_dict(blind)))
+    blind_report = denoise_report(blind_sd, seeds, strengths=(0.5,), log=lambda s: None,
+                                  batch=4, swapped=0.5)  # fmt: skip
+    assert blind_report["0.5"] == blind_report["0.5 shape words swapped"]
     roundtrip = roundtrip_report(sd, seeds, log=lambda s: None)
     assert report["0"]["object_iou_mean"] == pytest.approx(roundtrip["object_iou_mean"], abs=1e-6)
     # the noise estimate negated: DDIM walks away from the scene instead of back to it
@@ -299,5 +310,5 @@ def test_the_denoising_report_measures_what_the_unet_keeps_of_a_redrawn_scene():
     conv = params["unet"]["conv_out"]
     params["unet"]["conv_out"] = {"kernel": -conv["kernel"], "bias": -conv["bias"]}
     wrong = denoise_report(dc.replace(sd, params=params), seeds, strengths=(0.5,),
-                           log=lambda s: None, batch=4)  # fmt: skip
+                           log=lambda s: None, batch=4, swapped=None)  # fmt: skip
     assert wrong["0.5"]["object_iou_mean"] < report["0.5"]["object_iou_mean"] - 0.2

@@ -123,3 +123,20 @@ def test_the_unet_loss_weights_latent_pixels_near_an_object():
     assert w[1, 0, 0, 14:].tolist() == [5.0, 5.0] and w[1, 0, 2, 15] == 1.0
     # weight 1 weighs every latent pixel alike: the plain loss
     np.testing.assert_array_equal(latent_weights(masks, 4, 1.0), 1.0)
+
+
+def test_the_shape_words_swap_in_pairs_and_nothing_else_changes():
+    from mgjax.toy.train_ldm import SHAPE_SWAP, swap_shape_words
+
+    assert set(SHAPE_SWAP) == set(SHAPE_SWAP.values()) == set(shapes.SHAPES)
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        scene = shapes.sample_scene(rng, 64)
+        prompt = shapes.prompt(scene)
+        swapped = swap_shape_words(prompt)
+        assert swap_shape_words(swapped) == prompt
+        words, new = prompt.split(), swapped.split()
+        assert len(words) == len(new)
+        for a, b in zip(words, new, strict=True):
+            assert b == SHAPE_SWAP.get(a, a)
+        assert sum(a != b for a, b in zip(words, new, strict=True)) == len(scene.objects)

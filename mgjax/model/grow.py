@@ -1,5 +1,6 @@
-"""A UNet made deeper without changing what it computes: more layers per block, each new one
-starting as the identity, so that training continues from the smaller UNet's function.
+"""A UNet grown without changing what it computes: more layers per block (`deeper_unet`), or
+attention that reads the prompt at the latent's own size (`with_top_attention`); each new layer
+starts as the identity, so that training continues from the smaller UNet's function.
 
 diffusers' UNet2DConditionModel keeps every down layer's output as a skip connection and gives
 each up block one layer more than its down block, each consuming one skip. With `n` layers per
@@ -79,4 +80,51 @@ def deeper_unet(
     expected = {k: tuple(v.shape) for k, v in flatten_dict(fresh).items()}
     if shapes != expected:  # a block type this layout does not describe
         raise ValueError("deeper_unet: the grown parameters do not match the deeper UNet's")
+    return new_config, grown
+
+
+def top_attention_config(config: Mapping[str, Any]) -> dict:
+    """The UNet config with cross-attention layers in its first down and last up block (see
+    `with_top_attention`); those blocks must have none."""
+    down, up = list(config["down_block_types"]), list(config["up_block_types"])
+    if (down[0], up[-1]) != ("DownBlock2D", "UpBlock2D"):
+        raise ValueError(
+            f"the UNet's top blocks are {down[0]} / {up[-1]}, not DownBlock2D / UpBlock2D "
+            "without attention"
+        )
+    only = config.get("only_cross_attention", False)
+    only = list(only) if isinstance(only, list | tuple) else [bool(only)] * len(down)
+    return dict(
+        config,
+        down_block_types=("CrossAttnDownBlock2D", *down[1:]),
+        up_block_types=(*up[:-1], "CrossAttnUpBlock2D"),
+        only_cross_attention=(True, *only[1:]),
+    )
+
+
+def with_top_attention(
+    config: Mapping[str, Any], params: Mapping[str, Any], seed: int = 0
+) -> tuple[dict, dict]:
+    """(config, params) of the UNet whose first down block and last up block (the latent's own
+    size) gain an attention layer after each ResNet, reading the prompt (`only_cross_attention`
+    there: queries from the image, keys and values from the text in both of its attention
+    layers, so no attention over every latent pixel pair), and that computes what the UNet
+    (`config`, `params`) computes: each new layer's output projection is zero."""
+    new_config = top_attention_config(config)
+    up = config["up_block_types"]
+    with quiet():
+        model = FlaxUNet2DConditionModel.from_config(new_config)
+    fresh = random_params(param_shapes(model), seed)
+    grown = {k: params[k] for k in params}
+    top_up = f"up_blocks_{len(up) - 1}"
+    for name in ("down_blocks_0", top_up):
+        block = dict(params[name])
+        for key, value in fresh[name].items():
+            if key.startswith("attentions_"):
+                block[key] = _identity_layer(value, shortcut=False)
+        grown[name] = block
+    shapes = {k: np.shape(v) for k, v in flatten_dict(grown).items()}
+    expected = {k: tuple(v.shape) for k, v in flatten_dict(fresh).items()}
+    if shapes != expected:
+        raise ValueError("with_top_attention: the grown parameters do not match the new UNet's")
     return new_config, grown

@@ -10,10 +10,11 @@ module gathers what the layers above use:
   or PyTorch weights (mgjax.model.weights), SD 1.x, v-prediction and SDXL;
 * `random_init`, `random_params`, `byte_symbols` (mgjax.model.random_init): models of the real
   classes with random weights, and the start of a CLIP vocabulary;
-* `deeper_unet` (mgjax.model.grow): a UNet made deeper without changing what it computes.
+* `deeper_unet`, `with_top_attention` (mgjax.model.grow): a UNet made deeper, or given text
+  attention at the latent's size, without changing what it computes.
 """
 
-from mgjax.model.grow import deeper_unet
+from mgjax.model.grow import deeper_unet, top_attention_config, with_top_attention
 from mgjax.model.loading import load, load_autoencoder, save
 from mgjax.model.random_init import byte_symbols, random_init, random_params
 from mgjax.model.stable_diffusion import DTYPES, StableDiffusion, build, cast
@@ -30,4 +31,6 @@ __all__ = [
     "random_init",
     "random_params",
     "save",
+    "top_attention_config",
+    "with_top_attention",
 ]

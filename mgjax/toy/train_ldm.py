@@ -14,7 +14,8 @@ it wrote (the shipped pack included) with --init.
   python -m mgjax.toy.train_ldm --out_dir runs/ldm2 --init mgjax/toy/pack/sd --vae_steps 0
                                                                   # continue the UNet
   python -m mgjax.toy.train_ldm --out_dir runs/ldm3 --init mgjax/toy/pack/sd --vae_steps 0 \
-      --unet_layers 2                            # continue it two layers deep per block
+      --unet_layers 2 --unet_top_attention       # continue it grown: two layers deep per
+                                                 # block, text attention at the latent's size
 
 Writes OUT/sd/ (unet/, vae/, text_encoder/, tokenizer/, model_index.json), OUT/vae_losses.png,
 OUT/unet_losses.png, OUT/samples.png (prompts x seeds, CFG 7.5, 50 DDIM steps), OUT/log.json.
@@ -23,6 +24,7 @@ OUT/unet_losses.png, OUT/samples.png (prompts x seeds, CFG 7.5, 50 DDIM steps), 
 import functools
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -88,13 +90,17 @@ TEXT = dict(
 )
 
 
-def new_models(folder, seed: int, layers: int | None = None) -> sdm.StableDiffusion:
+def new_models(
+    folder, seed: int, layers: int | None = None, top_attention: bool = False
+) -> sdm.StableDiffusion:
     """The toy models with random weights (TOY_UNET, TOY_VAE, TEXT), built by the seam;
-    `layers`: the UNet's layers per block (default TOY_UNET's)."""
+    `layers`: the UNet's layers per block (default TOY_UNET's); `top_attention`: text
+    attention at the latent's size too (sdm.top_attention_config)."""
     tokenizer = tokenizer_files(Path(folder) / "tokenizer_build")
     text = dict(TEXT, vocab_size=len(json.loads((tokenizer / "vocab.json").read_text())),
                 max_position_embeddings=MAX_TOKENS)  # fmt: skip
     unet = dict(TOY_UNET, layers_per_block=layers or TOY_UNET["layers_per_block"])
+    unet = sdm.top_attention_config(unet) if top_attention else unet
     sd = sdm.random_init(unet, TOY_VAE, text, tokenizer, seed=seed)
     ids = sd.tokenizer
     text.update(bos_token_id=ids.bos_token_id, eos_token_id=ids.eos_token_id,
@@ -114,10 +120,15 @@ def with_params(sd: sdm.StableDiffusion, params: dict, scaling: float | None = N
     return sdm.build(unet, vae, sd.text_encoder.config, sd.tokenizer, params)
 
 
-def deeper(sd: sdm.StableDiffusion, layers: int, seed: int) -> sdm.StableDiffusion:
-    """The models with a UNet `layers` deep per block that computes what `sd`'s does (new layers
-    start as the identity: mgjax.model.grow)."""
-    config, unet = sdm.deeper_unet(sd.unet.config, sd.params["unet"], layers, seed)
+def grown(sd: sdm.StableDiffusion, layers: int, top_attention: bool, seed: int):
+    """The models with a UNet `layers` deep per block and, with `top_attention`, text attention
+    at the latent's size, that computes what `sd`'s does (new layers start as the identity:
+    mgjax.model.grow)."""
+    config, unet = sd.unet.config, sd.params["unet"]
+    if layers > config["layers_per_block"]:
+        config, unet = sdm.deeper_unet(config, unet, layers, seed)
+    if top_attention:
+        config, unet = sdm.with_top_attention(config, unet, seed)
     return with_params(sd, dict(sd.params, unet=unet), unet=config)
 
 
@@ -266,41 +277,65 @@ def roundtrip_report(sd, seeds, log=print) -> dict:
 
 # Noise levels of the denoising report: a tenth, three tenths and half of the schedule.
 DENOISE_STRENGTHS = (0.1, 0.3, 0.5)
+# Each shape's word and the word it is swapped for in the report's prompt probe.
+SHAPE_SWAP = {"circle": "square", "square": "circle", "diamond": "triangle", "triangle": "diamond"}
 
 
-def denoise_report(sd, seeds, strengths=DENOISE_STRENGTHS, log=print, batch: int = 32) -> dict:
+def swap_shape_words(prompt: str) -> str:
+    """The prompt with each shape's word replaced by its SHAPE_SWAP partner's."""
+    return re.sub(rf"\b({'|'.join(SHAPE_SWAP)})\b", lambda m: SHAPE_SWAP[m.group(0)], prompt)
+
+
+def denoise_report(
+    sd, seeds, strengths=DENOISE_STRENGTHS, log=print, batch: int = 32, swapped: float | None = 0.3
+) -> dict:
     """What the UNet keeps of a scene it redraws: the scenes of these seeds rendered, noised to
     each strength and denoised back with their prompts (source.sdedit: 50 DDIM steps, CFG 1 as
     the toy preset edits, one noise draw per batch), and per object the IoU of its colour mask
     with that in the rendered scene (as roundtrip_report). Guidance redraws a moved object from
-    such noise levels, so a UNet that turns squares into blobs here draws blobs in edits."""
+    such noise levels, so a UNet that turns squares into blobs here draws blobs in edits.
+
+    `swapped`: at this strength the scenes are also redrawn with each shape's word swapped
+    (swap_shape_words: a square asked for as a circle; key "S shape words swapped"), from the
+    same noise: a UNet that draws what its prompt names keeps less of the objects so; one that
+    keeps as much draws shapes without reading them from the prompt."""
     from mgjax.method import source
 
     scenes = [shapes.sample_scene(np.random.default_rng(int(s)), SIZE) for s in seeds]
     outs = [shapes.render(s) for s in scenes]
+    prompts = [shapes.prompt(s) for s in scenes]
     empty = sd.embed("")
-    batches = [  # (renders, images, prompts' conditionings, empty ones): the same at every level
+
+    def conditionings(texts):
+        return [jnp.concatenate([sd.embed(t) for t in texts[i : i + batch]])
+                for i in range(0, len(texts), batch)]  # fmt: skip
+
+    parts = [  # (renders, images, empty conditionings): the same at every level
         (
             outs[i : i + batch],
             np.stack([o["image"] for o in outs[i : i + batch]]),
-            jnp.concatenate([sd.embed(shapes.prompt(s)) for s in scenes[i : i + batch]]),
-            jnp.repeat(empty, len(scenes[i : i + batch]), 0),
+            jnp.repeat(empty, len(outs[i : i + batch]), 0),
         )
-        for i in range(0, len(scenes), batch)
+        for i in range(0, len(outs), batch)
     ]
+    named = conditionings(prompts)
+    runs = [(f"{s:g}", s, named) for s in strengths]
+    if swapped is not None:
+        swap = conditionings([swap_shape_words(p) for p in prompts])
+        runs.append((f"{swapped:g} shape words swapped", swapped, swap))
     report = {}
-    for strength in strengths:
+    for key, strength, conds in runs:
         ious = []
-        for part, x, cond, uncond in batches:
+        for (part, x, uncond), cond in zip(parts, conds, strict=True):
             y = source.sdedit(sd, x, cond, uncond, strength, cfg_scale=1.0)
             for out, a, b in zip(part, x, y, strict=True):
                 ious += [quality.object_kept(a, b, m) for m in out["masks"]]
-        report[f"{strength:g}"] = row = {
+        report[key] = row = {
             "objects": len(ious),
             "object_iou_mean": float(np.mean(ious)),
             "objects_below_0.85": int(np.sum(np.asarray(ious) < 0.85)),
         }
-        log(f"UNet redrawing from strength {strength:g}: " +
+        log(f"UNet redrawing from strength {key}: " +
             ", ".join(f"{k} {v:.4g}" for k, v in row.items()))  # fmt: skip
     return report
 
@@ -427,7 +462,7 @@ SETTINGS = ("init", "fresh_unet", "vae_minutes", "vae_steps", "vae_batch", "vae_
             "vae_full_share", "object_weight", "vae_lr", "vae_pool", "unet_minutes", "unet_steps",
             "unet_batch", "unet_lr", "ema", "snr_gamma", "pool", "seed", "workers",
             "measure_scaling", "vae_decoder_only", "vae_hard_share",
-            "unet_object_weight", "unet_layers")  # fmt: skip
+            "unet_object_weight", "unet_layers", "unet_top_attention")  # fmt: skip
 
 
 def _define_flags():
@@ -479,6 +514,11 @@ def _define_flags():
         "the UNet made that deep by new layers that start as the identity (training continues "
         "from what it computes)."
     )  # fmt: skip
+    flags.DEFINE_bool(
+        "unet_top_attention", False, "Text attention (cross-attention only) in the UNet's "
+        "blocks at the latent's size too: a new UNet's, or, with --init, added to the UNet as "
+        "layers that start as the identity."
+    )  # fmt: skip
     flags.DEFINE_float("ema", 0.999, "Decay of the UNet weights' moving average (0: last step).")
     flags.DEFINE_float("snr_gamma", 5.0, "Min-SNR loss weighting's gamma (0: plain eps-MSE).")
     flags.DEFINE_integer("pool", 8192, "Training scenes rendered once for the UNet stage.")
@@ -513,28 +553,36 @@ def _train():
     layers = FLAGS.unet_layers
     if layers is not None and layers < 1:
         raise InputError(f"--unet_layers {layers}: give at least 1 layer per block")
-    grow = whole and not FLAGS.fresh_unet and layers is not None
-    if grow and layers < sd.unet.config["layers_per_block"]:
+    grow = whole and not FLAGS.fresh_unet
+    if grow and layers is not None and layers < sd.unet.config["layers_per_block"]:
         raise InputError(
             f"--unet_layers {layers}: {FLAGS.init}'s UNet has "
             f"{sd.unet.config['layers_per_block']} layers per block and is only made deeper; "
             "give at least that many, or --fresh_unet for a new UNet"
         )
+    top = FLAGS.unet_top_attention
+    if top and grow and sd.unet.config["down_block_types"][0] != "DownBlock2D":
+        raise InputError(
+            f"--unet_top_attention: {FLAGS.init}'s UNet has attention in its top blocks "
+            "already; leave the flag out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     if init_vae is not None:  # an autoencoder folder: new UNet and text encoder on it
-        fresh = new_models(out, FLAGS.seed, layers)
+        fresh = new_models(out, FLAGS.seed, layers, top)
         sd = with_params(fresh, dict(fresh.params, vae=init_vae))
         log(f"autoencoder from {FLAGS.init}; new UNet and text encoder")
     elif FLAGS.init:
         log(f"starting from {FLAGS.init}")
         if FLAGS.fresh_unet:
-            fresh = new_models(out, FLAGS.seed, layers)
+            fresh = new_models(out, FLAGS.seed, layers, top)
             sd = with_params(fresh, dict(fresh.params, vae=sd.params["vae"]))
-        elif grow and layers > sd.unet.config["layers_per_block"]:
-            log(f"UNet made {layers} layers deep per block; its new layers start as the identity")
-            sd = deeper(sd, layers, FLAGS.seed)
+        elif (layers or 0) > sd.unet.config["layers_per_block"] or top:
+            layers = layers or sd.unet.config["layers_per_block"]
+            log(f"UNet grown ({layers} layers per block, text attention at the latent's size: "
+                f"{top}); its new layers start as the identity")  # fmt: skip
+            sd = grown(sd, layers, top, FLAGS.seed)
     else:
-        sd = new_models(out, FLAGS.seed, layers)
+        sd = new_models(out, FLAGS.seed, layers, top)
     check_tokenizer(sd.tokenizer)
     # one stream of scenes per stage, so that a stage's data do not depend on the others'
     vae_rng, unet_rng = (np.random.default_rng([FLAGS.seed, i]) for i in (1, 2))
