@@ -40,6 +40,23 @@ def _identity_layer(tree: dict, shortcut: bool) -> dict:
     return unflatten_dict(flat)
 
 
+def _fresh_params(config: Mapping[str, Any], seed: int) -> dict:
+    """Random parameters of the UNet `config` describes (the new layers' non-zero weights)."""
+    with quiet():
+        model = FlaxUNet2DConditionModel.from_config(config)
+    return random_params(param_shapes(model), seed)
+
+
+def _checked(grown: dict, fresh: dict, what: str) -> dict:
+    """`grown`, once its parameter tree matches the grown UNet's (`fresh`) path for path and
+    shape: a block type the growth does not describe would leave it otherwise."""
+    shapes = {k: np.shape(v) for k, v in flatten_dict(grown).items()}
+    expected = {k: tuple(v.shape) for k, v in flatten_dict(fresh).items()}
+    if shapes != expected:
+        raise ValueError(f"{what}: the grown parameters do not match the grown UNet's")
+    return grown
+
+
 def deeper_unet(
     config: Mapping[str, Any], params: Mapping[str, Any], layers: int, seed: int = 0
 ) -> tuple[dict, dict]:
@@ -50,9 +67,7 @@ def deeper_unet(
     if not isinstance(layers, int) or layers < old:
         raise ValueError(f"layers {layers!r}: give a whole number of at least {old} per block")
     new_config = dict(config, layers_per_block=layers)
-    with quiet():
-        model = FlaxUNet2DConditionModel.from_config(new_config)
-    fresh = random_params(param_shapes(model), seed)
+    fresh = _fresh_params(new_config, seed)
     grown = {k: v for k, v in fresh.items() if not k.startswith(("down_blocks_", "up_blocks_"))}
     grown.update({k: params[k] for k in grown})  # conv_in, time embedding, mid block, conv_out
     for name in (k for k in fresh if k.startswith("down_blocks_")):
@@ -76,11 +91,7 @@ def deeper_unet(
                 else:
                     block[key] = params[name][f"{kind}_{j}"]
         grown[name] = block
-    shapes = {k: np.shape(v) for k, v in flatten_dict(grown).items()}
-    expected = {k: tuple(v.shape) for k, v in flatten_dict(fresh).items()}
-    if shapes != expected:  # a block type this layout does not describe
-        raise ValueError("deeper_unet: the grown parameters do not match the deeper UNet's")
-    return new_config, grown
+    return new_config, _checked(grown, fresh, "deeper_unet")
 
 
 def top_attention_config(config: Mapping[str, Any]) -> dict:
@@ -111,20 +122,12 @@ def with_top_attention(
     layers, so no attention over every latent pixel pair), and that computes what the UNet
     (`config`, `params`) computes: each new layer's output projection is zero."""
     new_config = top_attention_config(config)
-    up = config["up_block_types"]
-    with quiet():
-        model = FlaxUNet2DConditionModel.from_config(new_config)
-    fresh = random_params(param_shapes(model), seed)
-    grown = {k: params[k] for k in params}
-    top_up = f"up_blocks_{len(up) - 1}"
-    for name in ("down_blocks_0", top_up):
+    fresh = _fresh_params(new_config, seed)
+    grown = dict(params)
+    for name in ("down_blocks_0", f"up_blocks_{len(config['up_block_types']) - 1}"):
         block = dict(params[name])
         for key, value in fresh[name].items():
             if key.startswith("attentions_"):
                 block[key] = _identity_layer(value, shortcut=False)
         grown[name] = block
-    shapes = {k: np.shape(v) for k, v in flatten_dict(grown).items()}
-    expected = {k: tuple(v.shape) for k, v in flatten_dict(fresh).items()}
-    if shapes != expected:
-        raise ValueError("with_top_attention: the grown parameters do not match the new UNet's")
-    return new_config, grown
+    return new_config, _checked(grown, fresh, "with_top_attention")

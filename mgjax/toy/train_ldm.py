@@ -125,7 +125,7 @@ def grown(sd: sdm.StableDiffusion, layers: int, top_attention: bool, seed: int):
     at the latent's size, that computes what `sd`'s does (new layers start as the identity:
     mgjax.model.grow)."""
     config, unet = sd.unet.config, sd.params["unet"]
-    if layers > config["layers_per_block"]:
+    if layers != config["layers_per_block"]:  # deeper_unet refuses a shallower one
         config, unet = sdm.deeper_unet(config, unet, layers, seed)
     if top_attention:
         config, unet = sdm.with_top_attention(config, unet, seed)
@@ -553,19 +553,17 @@ def _train():
     layers = FLAGS.unet_layers
     if layers is not None and layers < 1:
         raise InputError(f"--unet_layers {layers}: give at least 1 layer per block")
-    grow = whole and not FLAGS.fresh_unet
-    if grow and layers is not None and layers < sd.unet.config["layers_per_block"]:
-        raise InputError(
-            f"--unet_layers {layers}: {FLAGS.init}'s UNet has "
-            f"{sd.unet.config['layers_per_block']} layers per block and is only made deeper; "
-            "give at least that many, or --fresh_unet for a new UNet"
-        )
     top = FLAGS.unet_top_attention
-    if top and grow and sd.unet.config["down_block_types"][0] != "DownBlock2D":
-        raise InputError(
-            f"--unet_top_attention: {FLAGS.init}'s UNet has attention in its top blocks "
-            "already; leave the flag out"
-        )
+    depth = sd.unet.config["layers_per_block"] if whole else None
+    grow = whole and not FLAGS.fresh_unet and (layers not in (None, depth) or top)
+    if grow:  # before anything is written: a refused growth writes nothing
+        try:
+            sd = grown(sd, layers or depth, top, FLAGS.seed)
+        except ValueError as e:
+            raise InputError(
+                f"--unet_layers / --unet_top_attention on {FLAGS.init}'s UNet ({depth} layers "
+                f"per block): {e}; it is only grown (or --fresh_unet for a new UNet)"
+            ) from None
     out.mkdir(parents=True, exist_ok=True)
     if init_vae is not None:  # an autoencoder folder: new UNet and text encoder on it
         fresh = new_models(out, FLAGS.seed, layers, top)
@@ -576,11 +574,10 @@ def _train():
         if FLAGS.fresh_unet:
             fresh = new_models(out, FLAGS.seed, layers, top)
             sd = with_params(fresh, dict(fresh.params, vae=sd.params["vae"]))
-        elif (layers or 0) > sd.unet.config["layers_per_block"] or top:
-            layers = layers or sd.unet.config["layers_per_block"]
-            log(f"UNet grown ({layers} layers per block, text attention at the latent's size: "
+        elif grow:
+            depth = sd.unet.config["layers_per_block"]
+            log(f"UNet grown ({depth} layers per block, text attention at the latent's size: "
                 f"{top}); its new layers start as the identity")  # fmt: skip
-            sd = grown(sd, layers, top, FLAGS.seed)
     else:
         sd = new_models(out, FLAGS.seed, layers, top)
     check_tokenizer(sd.tokenizer)
