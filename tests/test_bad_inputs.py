@@ -143,6 +143,8 @@ CASES = [
     ("train_ldm", ["--out_dir={work}/out", "--vae_hard_share=nan"], 2, "give a share from 0 to 1"),
     ("train_ldm", ["--out_dir={work}/out", "--unet_object_weight=nan"], 2, "give a weight above 0"),
     ("train_ldm", ["--out_dir={work}/out", "--unet_layers=0"], 2, "give at least 1 layer"),
+    ("train_ldm", ["--out_dir={work}/out", "--unet_swap_weight=-1"], 2, "weight of 0 or more"),
+    ("train_ldm", ["--out_dir={work}/out", "--unet_swap_margin=0"], 2, "margin above 0"),
 ]  # fmt: skip
 
 

@@ -140,3 +140,33 @@ def test_the_shape_words_swap_in_pairs_and_nothing_else_changes():
         for a, b in zip(words, new, strict=True):
             assert b == SHAPE_SWAP.get(a, a)
         assert sum(a != b for a, b in zip(words, new, strict=True)) == len(scene.objects)
+
+
+def test_the_shape_word_contrast_is_a_hinge_on_the_objects_log_error_ratio():
+    from mgjax.toy.train_ldm import shape_contrast
+
+    rng = np.random.default_rng(4)
+    noise = rng.standard_normal((3, 4, 16, 16)).astype(np.float32)
+    obj = np.zeros((3, 1, 16, 16), np.float32)
+    obj[:, :, 5:9, 6:10] = 1.0
+    named_err = np.where(obj > 0, 0.3, 5.0).astype(np.float32)  # the background's is not counted
+    eps = noise + named_err
+    eps_swapped = noise + np.where(obj > 0, 0.3 * np.array([1.0, 1.2, 2.0])[:, None, None, None],
+                                   0.1).astype(np.float32)  # fmt: skip
+    # per image the squared error on the object: 0.09 named; 0.09, 0.1296, 0.36 swapped
+    gaps = np.log([1.0, 1.44, 4.0])
+    hinge, gap = shape_contrast(eps, eps_swapped, noise, obj, np.ones(3, np.float32), 0.5)
+    np.testing.assert_allclose(gap, gaps.mean(), rtol=1e-5)
+    np.testing.assert_allclose(hinge, np.maximum(0.5 - gaps, 0).mean(), rtol=1e-5)
+    # an image whose prompt was dropped counts neither in the hinge nor in the gap
+    named = np.array([0.0, 1.0, 1.0], np.float32)
+    hinge, gap = shape_contrast(eps, eps_swapped, noise, obj, named, 0.5)
+    np.testing.assert_allclose(gap, gaps[1:].mean(), rtol=1e-5)
+    np.testing.assert_allclose(hinge, np.maximum(0.5 - gaps[1:], 0).mean(), rtol=1e-5)
+    # past the margin it does not push: zero hinge and zero gradient
+    import jax
+
+    last = np.array([0, 0, 1], np.float32)
+    hinge, _ = shape_contrast(eps, eps_swapped, noise, obj, last, 1.0)
+    grad = jax.grad(lambda e: shape_contrast(e, eps_swapped, noise, obj, last, 1.0)[0])(eps)
+    assert float(hinge) == 0.0 and not np.asarray(grad).any()

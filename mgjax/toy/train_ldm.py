@@ -341,7 +341,8 @@ def denoise_report(
 
 
 def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, ema=0.999,
-               snr_gamma=5.0, fresh=True, workers=None, object_weight=1.0):  # fmt: skip
+               snr_gamma=5.0, fresh=True, workers=None, object_weight=1.0, swap_weight=0.0,
+               swap_margin=0.1):  # fmt: skip
     """The UNet and text encoder, jointly. The loss is eps-MSE weighted by min(SNR, gamma)/SNR
     (Min-SNR weighting, Hang et al. 2023: it stops the low-noise steps from dominating early
     training); the weights returned are an exponential moving average (decay `ema`), whose
@@ -352,10 +353,17 @@ def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, em
     `object_weight`: the squared error on latent pixels that hold an object (the world's exact
     masks, over each latent pixel's footprint and one latent pixel around it) weighs that many
     times the background's, each image's loss a weighted mean: a textured background fills most
-    of a scene, so the plain loss is mostly about drawing backgrounds."""
+    of a scene, so the plain loss is mostly about drawing backgrounds.
+
+    `swap_weight`: adds that times the shape-word contrast (`shape_contrast`): the same noisy
+    latents are also denoised with each shape's word swapped (swap_shape_words), and the
+    squared error on the object's latent pixels is asked to be larger so, by `swap_margin` in
+    log ratio (a hinge), so that the prompt's shape word changes what the UNet draws (each
+    step then runs the UNet on twice the batch)."""
     log(f"rendering and encoding {pool} training scenes")
     images, masks, prompts = render_pool(rng, pool, supersample=2, log=log, workers=workers)
     pixel_weight = latent_weights(masks, sd.vae_factor, object_weight)
+    near = latent_weights(masks, sd.vae_factor, 2.0) - 1.0  # 1 on an object's latent pixels
     del masks
     encode = jax.jit(lambda p, x: sd.posterior(p, x)[0])
     latents = np.concatenate(
@@ -369,6 +377,7 @@ def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, em
     scaling = measured if fresh else sd.scaling_factor
     latents = latents * scaling
     ids = sd.token_ids(prompts)
+    swapped_ids = sd.token_ids([swap_shape_words(t) for t in prompts])
     empty = sd.token_ids([""])
     log(f"latent scaling factor {scaling:.5f} (measured {measured:.5f}); prompts like "
         f"{prompts[0]!r}")  # fmt: skip
@@ -383,46 +392,81 @@ def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, em
     snr = abar / (1 - abar)
     weight = jnp.minimum(snr, snr_gamma) / snr if snr_gamma > 0 else jnp.ones_like(snr)
 
-    def loss_fn(p, z0, w, tokens, key):
+    def loss_fn(p, z0, w, tokens, key, swapped, obj, named):
         kt, kn = jax.random.split(key)
-        t = jax.random.randint(kt, (z0.shape[0],), 0, 1000)
+        b = z0.shape[0]
+        t = jax.random.randint(kt, (b,), 0, 1000)
         noise = jax.random.normal(kn, z0.shape)
         a = abar[t][:, None, None, None]
         zt = jnp.sqrt(a) * z0 + jnp.sqrt(1 - a) * noise
-        eps = sd.eps(p, zt, t, sd.text_states(p, tokens))
+        if swap_weight:  # one UNet call on [prompts, prompts with their shape words swapped]
+            both = sd.eps(p, jnp.concatenate([zt, zt]), jnp.concatenate([t, t]),
+                          sd.text_states(p, jnp.concatenate([tokens, swapped])))  # fmt: skip
+            eps = both[:b]
+            contrast, gap = shape_contrast(both[:b], both[b:], noise, obj, named, swap_margin)
+        else:
+            eps = sd.eps(p, zt, t, sd.text_states(p, tokens))
+            contrast = gap = jnp.zeros(())
         err = jnp.square(eps - noise)
         weighted = (w * err).mean(axis=(1, 2, 3)) / w.mean(axis=(1, 2, 3))
-        return (weight[t] * weighted).mean(), err.mean()
+        return (weight[t] * weighted).mean() + swap_weight * contrast, (err.mean(), gap)
 
     @jax.jit
-    def step_fn(p, avg, s, z0, w, tokens, key):
-        (_, mse), g = jax.value_and_grad(loss_fn, has_aux=True)(p, z0, w, tokens, key)
+    def step_fn(p, avg, s, z0, w, tokens, key, swapped, obj, named):
+        (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(
+            p, z0, w, tokens, key, swapped, obj, named
+        )
         u, s = opt.update(g, s, p)
         p = optax.apply_updates(p, u)
         avg = jax.tree.map(lambda a, b: ema * a + (1 - ema) * b, avg, p)
-        return p, avg, s, mse
+        return p, avg, s, aux
 
     key = jax.random.PRNGKey(int(rng.integers(2**31)))
-    curve, acc, budget, step = [], [], Budget(steps, minutes), 0
+    curve, acc, gaps, budget, step = [], [], [], Budget(steps, minutes), 0
     average = params
     while not budget.done(step):
         step += 1
         idx = rng.integers(0, len(latents), batch)
-        tokens = np.where(rng.uniform(size=(batch, 1)) < 0.1, empty, ids[idx])  # prompt dropout
+        dropped = rng.uniform(size=(batch, 1)) < 0.1  # prompt dropout
+        tokens = np.where(dropped, empty, ids[idx])
         key, sub = jax.random.split(key)
         lr_now = budget.learning_rate(lr, step)
         state = with_learning_rate(state, lr_now)
-        params, average, state, loss = step_fn(
-            params, average, state, latents[idx], pixel_weight[idx], tokens, sub
-        )
+        params, average, state, (loss, gap) = step_fn(
+            params, average, state, latents[idx], pixel_weight[idx], tokens, sub,
+            swapped_ids[idx], near[idx], (~dropped[:, 0]).astype(np.float32),
+        )  # fmt: skip
         acc.append(loss)
+        gaps.append(gap)
         if step % log_every == 0 or budget.done(step):
             curve.append(float(np.mean(jax.device_get(acc))))
             acc = []
             _progress("unet", step, budget, curve[-1], lr_now, log)
+            if swap_weight:
+                log(f"  shape-word gap (log error ratio, swapped / named) "
+                    f"{float(np.mean(jax.device_get(gaps))):.4f}")  # fmt: skip
+            gaps = []
     log(f"unet: {step} steps in {budget.elapsed() / 60:.1f} min")
     trained = with_params(sd, dict(sd.params, **average), scaling)
     return trained, np.asarray(curve), step
+
+
+def shape_contrast(eps, eps_swapped, noise, obj, named, margin: float):
+    """(hinge, mean gap) of the shape-word contrast: per image, the squared noise error on its
+    object's latent pixels `obj` f32[B,1,h,w] with its prompt (`eps`) and with the prompt's
+    shape words swapped (`eps_swapped`); the gap is log(swapped error / named error), and the
+    hinge the mean over the images whose prompt was given (`named` f32[B], 1 or 0) of
+    max(0, margin - gap): zero once the wrong shape word costs `margin` more in log error."""
+
+    def error(e):
+        return jnp.sum(obj * jnp.square(e - noise), axis=(1, 2, 3)) / (
+            e.shape[1] * jnp.sum(obj, axis=(1, 2, 3)) + 1e-8
+        )  # fmt: skip
+
+    gap = jnp.log(error(eps_swapped) + 1e-12) - jnp.log(error(eps) + 1e-12)
+    count = jnp.maximum(jnp.sum(named), 1.0)
+    hinge = jnp.sum(named * jnp.maximum(margin - gap, 0.0)) / count
+    return hinge, jnp.sum(named * gap) / count
 
 
 def latent_weights(masks, factor: int, object_weight: float) -> np.ndarray:
@@ -462,7 +506,8 @@ SETTINGS = ("init", "fresh_unet", "vae_minutes", "vae_steps", "vae_batch", "vae_
             "vae_full_share", "object_weight", "vae_lr", "vae_pool", "unet_minutes", "unet_steps",
             "unet_batch", "unet_lr", "ema", "snr_gamma", "pool", "seed", "workers",
             "measure_scaling", "vae_decoder_only", "vae_hard_share",
-            "unet_object_weight", "unet_layers", "unet_top_attention")  # fmt: skip
+            "unet_object_weight", "unet_layers", "unet_top_attention", "unet_swap_weight",
+            "unet_swap_margin")  # fmt: skip
 
 
 def _define_flags():
@@ -509,6 +554,15 @@ def _define_flags():
         "unet_object_weight", 1.0, "Weight of the latent pixels that hold an object in the "
         "UNet's loss (1: every latent pixel alike)."
     )  # fmt: skip
+    flags.DEFINE_float(
+        "unet_swap_weight", 0.0, "Weight of the shape-word contrast in the UNet's loss: the "
+        "UNet's error on an object with its prompt's shape words swapped is asked to exceed its "
+        "error with the prompt (0: off; each step then runs the UNet on twice the batch)."
+    )  # fmt: skip
+    flags.DEFINE_float(
+        "unet_swap_margin", 0.1, "The log error ratio (swapped / named) at which the shape-word "
+        "contrast stops pushing."
+    )  # fmt: skip
     flags.DEFINE_integer(
         "unet_layers", None, "Layers per UNet block: a new UNet's (default 1), or, with --init, "
         "the UNet made that deep by new layers that start as the identity (training continues "
@@ -540,6 +594,11 @@ def _train():
     if not FLAGS.unet_object_weight > 0:
         raise InputError(
             f"--unet_object_weight {FLAGS.unet_object_weight}: give a weight above 0 (1: none)"
+        )
+    if not FLAGS.unet_swap_weight >= 0 or not FLAGS.unet_swap_margin > 0:  # NaN too
+        raise InputError(
+            f"--unet_swap_weight {FLAGS.unet_swap_weight} / --unet_swap_margin "
+            f"{FLAGS.unet_swap_margin}: give a weight of 0 or more and a margin above 0"
         )
     out = Path(FLAGS.out_dir)
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -611,6 +670,7 @@ def _train():
             FLAGS.log_every, log, FLAGS.unet_lr, FLAGS.ema, FLAGS.snr_gamma,
             fresh=FLAGS.fresh_unet or not whole or FLAGS.vae_steps > 0 or FLAGS.measure_scaling,
             workers=FLAGS.workers, object_weight=FLAGS.unet_object_weight,
+            swap_weight=FLAGS.unet_swap_weight, swap_margin=FLAGS.unet_swap_margin,
         )  # fmt: skip
         log_json["unet_loss"] = unet_curve.tolist()
         log_json["unet_seconds"] = time.perf_counter() - t1
