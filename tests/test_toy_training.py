@@ -170,3 +170,15 @@ def test_the_shape_word_contrast_is_a_hinge_on_the_objects_log_error_ratio():
     hinge, _ = shape_contrast(eps, eps_swapped, noise, obj, last, 1.0)
     grad = jax.grad(lambda e: shape_contrast(e, eps_swapped, noise, obj, last, 1.0)[0])(eps)
     assert float(hinge) == 0.0 and not np.asarray(grad).any()
+
+
+def test_the_timestep_band_is_two_integers_inside_the_schedule():
+    from flow.errors import InputError
+    from mgjax.toy.train_ldm import timestep_range
+
+    assert timestep_range(["0", "1000"]) == (0, 1000)
+    assert timestep_range(["150", "550"]) == (150, 550)
+    for bad in (["550", "150"], ["5", "5"], ["-1", "10"], ["0", "1001"], ["1"], ["a", "b"],
+                ["1", "2", "3"], ["0.5", "10"]):  # fmt: skip
+        with pytest.raises(InputError, match="give LOW,HIGH"):
+            timestep_range(bad)

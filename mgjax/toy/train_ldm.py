@@ -342,7 +342,7 @@ def denoise_report(
 
 def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, ema=0.999,
                snr_gamma=5.0, fresh=True, workers=None, object_weight=1.0, swap_weight=0.0,
-               swap_margin=0.1):  # fmt: skip
+               swap_margin=0.1, t_range=(0, 1000)):  # fmt: skip
     """The UNet and text encoder, jointly. The loss is eps-MSE weighted by min(SNR, gamma)/SNR
     (Min-SNR weighting, Hang et al. 2023: it stops the low-noise steps from dominating early
     training); the weights returned are an exponential moving average (decay `ema`), whose
@@ -359,7 +359,10 @@ def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, em
     latents are also denoised with each shape's word swapped (swap_shape_words), and the
     squared error on the object's latent pixels is asked to be larger so, by `swap_margin` in
     log ratio (a hinge), so that the prompt's shape word changes what the UNet draws (each
-    step then runs the UNet on twice the batch)."""
+    step then runs the UNet on twice the batch).
+
+    `t_range`: the training timesteps are drawn uniformly from [low, high) (the whole schedule
+    by default); a band trains the noise levels an edit redraws objects from."""
     log(f"rendering and encoding {pool} training scenes")
     images, masks, prompts = render_pool(rng, pool, supersample=2, log=log, workers=workers)
     pixel_weight = latent_weights(masks, sd.vae_factor, object_weight)
@@ -395,7 +398,7 @@ def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, em
     def loss_fn(p, z0, w, tokens, key, swapped, obj, named):
         kt, kn = jax.random.split(key)
         b = z0.shape[0]
-        t = jax.random.randint(kt, (b,), 0, 1000)
+        t = jax.random.randint(kt, (b,), t_range[0], t_range[1])
         noise = jax.random.normal(kn, z0.shape)
         a = abar[t][:, None, None, None]
         zt = jnp.sqrt(a) * z0 + jnp.sqrt(1 - a) * noise
@@ -507,7 +510,21 @@ SETTINGS = ("init", "fresh_unet", "vae_minutes", "vae_steps", "vae_batch", "vae_
             "unet_batch", "unet_lr", "ema", "snr_gamma", "pool", "seed", "workers",
             "measure_scaling", "vae_decoder_only", "vae_hard_share",
             "unet_object_weight", "unet_layers", "unet_top_attention", "unet_swap_weight",
-            "unet_swap_margin")  # fmt: skip
+            "unet_swap_margin", "unet_t_range")  # fmt: skip
+
+
+def timestep_range(values) -> tuple[int, int]:
+    """--unet_t_range's LOW,HIGH as integers with 0 <= LOW < HIGH <= 1000; InputError else."""
+    try:
+        low, high = (int(v) for v in values)
+    except ValueError:
+        low = high = None
+    if low is None or not 0 <= low < high <= 1000:  # ddim.alphas_cumprod's training steps
+        raise InputError(
+            f"--unet_t_range {','.join(values)}: give LOW,HIGH, two integers with "
+            "0 <= LOW < HIGH <= 1000"
+        )
+    return low, high
 
 
 def _define_flags():
@@ -563,6 +580,10 @@ def _define_flags():
         "unet_swap_margin", 0.1, "The log error ratio (swapped / named) at which the shape-word "
         "contrast stops pushing."
     )  # fmt: skip
+    flags.DEFINE_list(
+        "unet_t_range", ["0", "1000"], "LOW,HIGH: the UNet trains on timesteps drawn from "
+        "[LOW, HIGH) of the 1000 (a band of noise levels; default the whole schedule)."
+    )  # fmt: skip
     flags.DEFINE_integer(
         "unet_layers", None, "Layers per UNet block: a new UNet's (default 1), or, with --init, "
         "the UNet made that deep by new layers that start as the identity (training continues "
@@ -600,6 +621,7 @@ def _train():
             f"--unet_swap_weight {FLAGS.unet_swap_weight} / --unet_swap_margin "
             f"{FLAGS.unet_swap_margin}: give a weight of 0 or more and a margin above 0"
         )
+    t_range = timestep_range(FLAGS.unet_t_range)
     out = Path(FLAGS.out_dir)
     log = lambda s: print(s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
@@ -671,6 +693,7 @@ def _train():
             fresh=FLAGS.fresh_unet or not whole or FLAGS.vae_steps > 0 or FLAGS.measure_scaling,
             workers=FLAGS.workers, object_weight=FLAGS.unet_object_weight,
             swap_weight=FLAGS.unet_swap_weight, swap_margin=FLAGS.unet_swap_margin,
+            t_range=t_range,
         )  # fmt: skip
         log_json["unet_loss"] = unet_curve.tolist()
         log_json["unet_seconds"] = time.perf_counter() - t1
