@@ -366,7 +366,7 @@ def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, em
     log(f"rendering and encoding {pool} training scenes")
     images, masks, prompts = render_pool(rng, pool, supersample=2, log=log, workers=workers)
     pixel_weight = latent_weights(masks, sd.vae_factor, object_weight)
-    near = latent_weights(masks, sd.vae_factor, 2.0) - 1.0  # 1 on an object's latent pixels
+    near = object_latents(masks, sd.vae_factor).astype(np.float32)
     del masks
     encode = jax.jit(lambda p, x: sd.posterior(p, x)[0])
     latents = np.concatenate(
@@ -472,10 +472,9 @@ def shape_contrast(eps, eps_swapped, noise, obj, named, margin: float):
     return hinge, jnp.sum(named * gap) / count
 
 
-def latent_weights(masks, factor: int, object_weight: float) -> np.ndarray:
-    """f32[n,1,h,w] loss weights of latent pixels for bool[n,H,W] object masks: `object_weight`
-    where a latent pixel's factor x factor footprint, or a neighbouring latent pixel's (8-
-    connected), holds an object pixel; 1 elsewhere."""
+def object_latents(masks, factor: int) -> np.ndarray:
+    """bool[n,1,h,w] for bool[n,H,W] object masks: the latent pixels whose factor x factor
+    footprint, or a neighbouring latent pixel's (8-connected), holds an object pixel."""
     n, h, w = masks.shape
     blocks = masks.reshape(n, h // factor, factor, w // factor, factor).any(axis=(2, 4))
     padded = np.pad(blocks, ((0, 0), (1, 1), (1, 1)))
@@ -483,7 +482,13 @@ def latent_weights(masks, factor: int, object_weight: float) -> np.ndarray:
     for dy in range(3):
         for dx in range(3):
             near |= padded[:, dy : dy + h // factor, dx : dx + w // factor]
-    return np.where(near, np.float32(object_weight), np.float32(1.0))[:, None]
+    return near[:, None]
+
+
+def latent_weights(masks, factor: int, object_weight: float) -> np.ndarray:
+    """f32[n,1,h,w] loss weights of latent pixels for bool[n,H,W] object masks: `object_weight`
+    on an object's latent pixels (`object_latents`), 1 elsewhere."""
+    return np.where(object_latents(masks, factor), np.float32(object_weight), np.float32(1.0))
 
 
 def sample_grid(sd, prompts, seeds, steps: int = 50) -> np.ndarray:
