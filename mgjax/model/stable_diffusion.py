@@ -229,6 +229,14 @@ def check_attention(name: str) -> bool:
     return name == "memory_efficient"
 
 
+def given(config) -> dict:
+    """A module's config as a dict whose every value from_config takes as given: diffusers
+    lists the keys an in-memory module left at their defaults under `_use_default_values`, and
+    from_config would put those defaults back over any value set since (a measured latent
+    scaling factor, say). A saved config.json holds no such list."""
+    return {k: v for k, v in dict(config).items() if k != "_use_default_values"}
+
+
 def build(
     unet_config,
     vae_config,
@@ -248,9 +256,9 @@ def build(
     jdt = check_dtype(dtype)
     with quiet():
         unet = FlaxUNet2DConditionModel.from_config(
-            dict(unet_config), dtype=jdt, use_memory_efficient_attention=check_attention(attention)
+            given(unet_config), dtype=jdt, use_memory_efficient_attention=check_attention(attention)
         )
-        vae = FlaxAutoencoderKL.from_config(dict(vae_config), dtype=jdt)
+        vae = FlaxAutoencoderKL.from_config(given(vae_config), dtype=jdt)
         text = text2 = tokenizer_2 = None
         if text_config is not None:
             text = FlaxCLIPTextModel(text_config, dtype=jdt, _do_init=False)
