@@ -172,6 +172,24 @@ def test_the_shape_word_contrast_is_a_hinge_on_the_objects_log_error_ratio():
     assert float(hinge) == 0.0 and not np.asarray(grad).any()
 
 
+def test_the_decoded_error_weighs_object_pixels_and_each_estimate_by_its_abar():
+    from mgjax.toy.train_ldm import decoded_error
+
+    rng = np.random.default_rng(5)
+    images = rng.uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
+    targets = rng.uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
+    masks = np.zeros((2, 8, 8), bool)
+    masks[0, 2:5, 3:6] = True
+    abar = np.array([0.9, 0.2], np.float32)
+    expected = []
+    for k in range(2):  # per image a weighted mean: object pixels 5, the others 1
+        w = np.where(masks[k], 5.0, 1.0)[..., None].repeat(3, -1)
+        expected.append(abar[k] * (w * (images[k] - targets[k]) ** 2).sum() / w.sum())
+    np.testing.assert_allclose(decoded_error(images, targets, masks, abar), np.mean(expected),
+                               rtol=1e-5)  # fmt: skip
+    assert float(decoded_error(targets, targets, masks, abar)) == 0.0
+
+
 def test_the_timestep_band_is_two_integers_inside_the_schedule():
     from flow.errors import InputError
     from mgjax.toy.train_ldm import timestep_range

@@ -342,7 +342,8 @@ def denoise_report(
 
 def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, ema=0.999,
                snr_gamma=5.0, fresh=True, workers=None, object_weight=1.0, swap_weight=0.0,
-               swap_margin=0.1, t_range=(0, 1000)):  # fmt: skip
+               swap_margin=0.1, t_range=(0, 1000), pixel_weight=0.0,
+               pixel_batch=8):  # fmt: skip
     """The UNet and text encoder, jointly. The loss is eps-MSE weighted by min(SNR, gamma)/SNR
     (Min-SNR weighting, Hang et al. 2023: it stops the low-noise steps from dominating early
     training); the weights returned are an exponential moving average (decay `ema`), whose
@@ -362,11 +363,19 @@ def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, em
     step then runs the UNet on twice the batch).
 
     `t_range`: the training timesteps are drawn uniformly from [low, high) (the whole schedule
-    by default); a band trains the noise levels an edit redraws objects from."""
+    by default); a band trains the noise levels an edit redraws objects from.
+
+    `pixel_weight`: adds that times the decoded estimate's error (`decoded_error`): for the
+    first `pixel_batch` latents of each step the clean-latent estimate is decoded by the
+    (fixed) decoder and compared with the rendered scene, object pixels weighing 5, each
+    image's error weighted by abar(t) (an estimate from almost pure noise says little). The
+    eps-MSE weighs every latent direction alike; guidance and the edits see the decoded
+    image, where some directions (an object's edges) weigh far more than others."""
     log(f"rendering and encoding {pool} training scenes")
     images, masks, prompts = render_pool(rng, pool, supersample=2, log=log, workers=workers)
-    pixel_weight = latent_weights(masks, sd.vae_factor, object_weight)
+    latent_w = latent_weights(masks, sd.vae_factor, object_weight)
     near = object_latents(masks, sd.vae_factor).astype(np.float32)
+    pixels = (images, masks) if pixel_weight else None
     del masks
     encode = jax.jit(lambda p, x: sd.posterior(p, x)[0])
     latents = np.concatenate(
@@ -376,6 +385,7 @@ def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, em
         ]
     )
     del images
+    vae = sd.params["vae"]
     measured = float(1.0 / latents.std())
     scaling = measured if fresh else sd.scaling_factor
     latents = latents * scaling
@@ -395,7 +405,7 @@ def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, em
     snr = abar / (1 - abar)
     weight = jnp.minimum(snr, snr_gamma) / snr if snr_gamma > 0 else jnp.ones_like(snr)
 
-    def loss_fn(p, z0, w, tokens, key, swapped, obj, named):
+    def loss_fn(p, z0, w, tokens, key, swapped, obj, named, x, m):
         kt, kn = jax.random.split(key)
         b = z0.shape[0]
         t = jax.random.randint(kt, (b,), t_range[0], t_range[1])
@@ -412,12 +422,19 @@ def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, em
             contrast = gap = jnp.zeros(())
         err = jnp.square(eps - noise)
         weighted = (w * err).mean(axis=(1, 2, 3)) / w.mean(axis=(1, 2, 3))
-        return (weight[t] * weighted).mean() + swap_weight * contrast, (err.mean(), gap)
+        decoded = jnp.zeros(())
+        if pixel_weight:
+            k = x.shape[0]
+            x0 = ddim.predict_x0(zt[:k], eps[:k], a[:k])
+            images = sd.decode({"vae": vae}, x0 * (sd.scaling_factor / scaling))
+            decoded = decoded_error(images, x, m, abar[t[:k]])
+        loss = (weight[t] * weighted).mean() + swap_weight * contrast + pixel_weight * decoded
+        return loss, (err.mean(), gap, decoded)
 
     @jax.jit
-    def step_fn(p, avg, s, z0, w, tokens, key, swapped, obj, named):
+    def step_fn(p, avg, s, z0, w, tokens, key, swapped, obj, named, x, m):
         (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(
-            p, z0, w, tokens, key, swapped, obj, named
+            p, z0, w, tokens, key, swapped, obj, named, x, m
         )
         u, s = opt.update(g, s, p)
         p = optax.apply_updates(p, u)
@@ -425,7 +442,7 @@ def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, em
         return p, avg, s, aux
 
     key = jax.random.PRNGKey(int(rng.integers(2**31)))
-    curve, acc, gaps, budget, step = [], [], [], Budget(steps, minutes), 0
+    curve, acc, gaps, decodeds, budget, step = [], [], [], [], Budget(steps, minutes), 0
     average = params
     while not budget.done(step):
         step += 1
@@ -435,12 +452,15 @@ def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, em
         key, sub = jax.random.split(key)
         lr_now = budget.learning_rate(lr, step)
         state = with_learning_rate(state, lr_now)
-        params, average, state, (loss, gap) = step_fn(
-            params, average, state, latents[idx], pixel_weight[idx], tokens, sub,
-            swapped_ids[idx], near[idx], (~dropped[:, 0]).astype(np.float32),
+        first = idx[:pixel_batch]
+        x, m = (pixels[0][first], pixels[1][first]) if pixels else (np.zeros(()), np.zeros(()))
+        params, average, state, (loss, gap, decoded) = step_fn(
+            params, average, state, latents[idx], latent_w[idx], tokens, sub,
+            swapped_ids[idx], near[idx], (~dropped[:, 0]).astype(np.float32), x, m,
         )  # fmt: skip
         acc.append(loss)
         gaps.append(gap)
+        decodeds.append(decoded)
         if step % log_every == 0 or budget.done(step):
             curve.append(float(np.mean(jax.device_get(acc))))
             acc = []
@@ -448,7 +468,9 @@ def train_unet(sd, rng, minutes, steps, pool, batch, log_every, log, lr=3e-4, em
             if swap_weight:
                 log(f"  shape-word gap (log error ratio, swapped / named) "
                     f"{float(np.mean(jax.device_get(gaps))):.4f}")  # fmt: skip
-            gaps = []
+            if pixel_weight:
+                log(f"  decoded estimates' error {float(np.mean(jax.device_get(decodeds))):.4f}")
+            gaps, decodeds = [], []
     log(f"unet: {step} steps in {budget.elapsed() / 60:.1f} min")
     trained = with_params(sd, dict(sd.params, **average), scaling)
     return trained, np.asarray(curve), step
@@ -470,6 +492,15 @@ def shape_contrast(eps, eps_swapped, noise, obj, named, margin: float):
     count = jnp.maximum(jnp.sum(named), 1.0)
     hinge = jnp.sum(named * jnp.maximum(margin - gap, 0.0)) / count
     return hinge, jnp.sum(named * gap) / count
+
+
+def decoded_error(images, targets, masks, abar, object_weight: float = 5.0):
+    """The decoded estimates' error: images f32[K,H,W,3] against the rendered targets (both
+    about [-1, 1]), squared, object pixels (masks bool[K,H,W]) weighing `object_weight`, each
+    image's a weighted mean, then the mean over the images weighted by `abar` f32[K]."""
+    w = 1.0 + (object_weight - 1.0) * masks[..., None].astype(images.dtype)
+    per_image = (w * jnp.square(images - targets)).mean(axis=(1, 2, 3)) / w.mean(axis=(1, 2, 3))
+    return (abar * per_image).mean()
 
 
 def object_latents(masks, factor: int) -> np.ndarray:
@@ -515,7 +546,7 @@ SETTINGS = ("init", "fresh_unet", "vae_minutes", "vae_steps", "vae_batch", "vae_
             "unet_batch", "unet_lr", "ema", "snr_gamma", "pool", "seed", "workers",
             "measure_scaling", "vae_decoder_only", "vae_hard_share",
             "unet_object_weight", "unet_layers", "unet_top_attention", "unet_swap_weight",
-            "unet_swap_margin", "unet_t_range")  # fmt: skip
+            "unet_swap_margin", "unet_t_range", "unet_pixel_weight")  # fmt: skip
 
 
 def timestep_range(values) -> tuple[int, int]:
@@ -589,6 +620,11 @@ def _define_flags():
         "unet_t_range", ["0", "1000"], "LOW,HIGH: the UNet trains on timesteps drawn from "
         "[LOW, HIGH) of the 1000 (a band of noise levels; default the whole schedule)."
     )  # fmt: skip
+    flags.DEFINE_float(
+        "unet_pixel_weight", 0.0, "Weight of the decoded estimate's error in the UNet's loss: "
+        "a quarter of each batch's clean-latent estimates decoded and compared with the "
+        "rendered scenes, object pixels weighing 5 (0: off)."
+    )  # fmt: skip
     flags.DEFINE_integer(
         "unet_layers", None, "Layers per UNet block: a new UNet's (default 1), or, with --init, "
         "the UNet made that deep by new layers that start as the identity (training continues "
@@ -625,6 +661,10 @@ def _train():
         raise InputError(
             f"--unet_swap_weight {FLAGS.unet_swap_weight} / --unet_swap_margin "
             f"{FLAGS.unet_swap_margin}: give a weight of 0 or more and a margin above 0"
+        )
+    if not FLAGS.unet_pixel_weight >= 0:  # NaN too
+        raise InputError(
+            f"--unet_pixel_weight {FLAGS.unet_pixel_weight}: give a weight of 0 or more (0: off)"
         )
     t_range = timestep_range(FLAGS.unet_t_range)
     out = Path(FLAGS.out_dir)
@@ -698,7 +738,8 @@ def _train():
             fresh=FLAGS.fresh_unet or not whole or FLAGS.vae_steps > 0 or FLAGS.measure_scaling,
             workers=FLAGS.workers, object_weight=FLAGS.unet_object_weight,
             swap_weight=FLAGS.unet_swap_weight, swap_margin=FLAGS.unet_swap_margin,
-            t_range=t_range,
+            t_range=t_range, pixel_weight=FLAGS.unet_pixel_weight,
+            pixel_batch=max(FLAGS.unet_batch // 4, 1),
         )  # fmt: skip
         log_json["unet_loss"] = unet_curve.tolist()
         log_json["unet_seconds"] = time.perf_counter() - t1
