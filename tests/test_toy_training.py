@@ -205,13 +205,14 @@ def test_the_timestep_band_is_two_integers_inside_the_schedule():
 def test_a_new_model_keeps_the_latent_scaling_factor_it_is_given(tmp_path):
     # a model built in memory leaves scaling_factor at its default; the measured one replaces it
     from mgjax.model import sd as sdm
-    from mgjax.toy.train_ldm import new_models, with_params
+    from mgjax.toy.train_ldm import with_params
+    from tests.tiny_models import tiny
 
-    fresh = new_models(tmp_path / "new", seed=0)
+    fresh = tiny()
     assert fresh.scaling_factor == 0.18215
     scaled = with_params(fresh, fresh.params, scaling=0.2236)
     assert scaled.scaling_factor == pytest.approx(0.2236)
-    z = np.ones((1, 4, 16, 16), np.float32)
+    z = np.ones((1, 4, 8, 8), np.float32)
     np.testing.assert_allclose(  # decode divides by the factor it holds
         scaled.decode(scaled.params, z * 0.2236), fresh.decode(fresh.params, z * 0.18215), atol=1e-5
     )
