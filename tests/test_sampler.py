@@ -110,15 +110,18 @@ def test_hub_id_and_revision_are_passed_through(monkeypatch, tmp_path):
         libraries.FlaxCLIPTextModel,
     ):
         monkeypatch.setattr(cls, "from_pretrained", recorder(cls.from_pretrained))
+    for cls in (loading.FlaxDDIMScheduler, loading.FlaxDiffusionPipeline):  # configs read too
+        monkeypatch.setattr(cls, "load_config", recorder(cls.load_config))
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # not cached here
     monkeypatch.setattr(loading, "hub_reachable", lambda: True)  # as if online
     sd = sdm.load("CompVis/stable-diffusion-v1-4", revision="bf16")
-    assert sorted(calls) == sorted(
-        ("CompVis/stable-diffusion-v1-4", sub, "bf16")
-        for sub in ("tokenizer", "unet", "vae", "text_encoder")
-    )
+    assert sorted(calls, key=str) == sorted(
+        (("CompVis/stable-diffusion-v1-4", sub, "bf16")
+         for sub in ("tokenizer", "unet", "vae", "text_encoder", "scheduler", None)),
+        key=str,
+    )  # fmt: skip
     assert sd.latent_channels == 4 and sd.vae_factor == 4
     with pytest.raises(InputError, match="no such folder"):
         sdm.load(str(tmp_path / "missing"))
