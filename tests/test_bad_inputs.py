@@ -147,6 +147,7 @@ CASES = [
     ("train_ldm", ["--out_dir={work}/out", "--unet_swap_margin=0"], 2, "margin above 0"),
     ("train_ldm", ["--out_dir={work}/out", "--unet_t_range=600,100"], 2, "give LOW,HIGH"),
     ("train_ldm", ["--out_dir={work}/out", "--unet_pixel_weight=nan"], 2, "weight of 0 or more"),
+    ("train_ldm", ["--out_dir={work}/out", "--vae_scale_weight=-0.5"], 2, "weight of 0 or more"),
 ]  # fmt: skip
 
 

@@ -190,6 +190,38 @@ def test_the_decoded_error_weighs_object_pixels_and_each_estimate_by_its_abar():
     assert float(decoded_error(targets, targets, masks, abar)) == 0.0
 
 
+def test_the_scale_term_decodes_the_pooled_latent_against_the_pooled_image():
+    import torch
+
+    from mgjax.toy.train_ldm import autoencoder_loss
+    from tests.tiny_models import tiny
+
+    sd = tiny(seed=2)
+    rng = np.random.default_rng(6)
+    x = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    m = np.zeros((2, 32, 32), np.float32)
+    m[1, 4:15, 9:20] = 1.0
+
+    def error(rec, target, mask):  # L1 + L2/2, object pixels weighing 5, over all images
+        w = np.where(mask > 0, 1.0 + 4.0 * mask, 1.0)[..., None].repeat(3, -1)
+        return (w * (np.abs(rec - target) + 0.5 * (rec - target) ** 2)).sum() / w.sum()
+
+    def avg2(a):  # torch's 2x2 average pooling of (N, C, H, W)
+        return torch.nn.functional.avg_pool2d(torch.from_numpy(np.array(a)), 2).numpy()
+
+    z = np.asarray(sd.encode(sd.params, x))
+    plain = error(np.asarray(sd.decode(sd.params, z)), x, m)
+    small_x = avg2(x.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
+    small_m = avg2(m[:, None])[:, 0]
+    scaled = error(np.asarray(sd.decode(sd.params, avg2(z))), small_x, small_m)
+    assert small_x.shape == (2, 16, 16, 3) and scaled > 0
+    loss, each = autoencoder_loss(sd, sd.params, x, m, 5.0)
+    np.testing.assert_allclose(float(loss), plain, rtol=1e-5)
+    loss, each_too = autoencoder_loss(sd, sd.params, x, m, 5.0, scale_weight=0.5)
+    np.testing.assert_allclose(float(loss), plain + 0.5 * scaled, rtol=1e-5)
+    np.testing.assert_allclose(each_too, each)  # per image: the reconstruction alone
+
+
 def test_the_timestep_band_is_two_integers_inside_the_schedule():
     from flow.errors import InputError
     from mgjax.toy.train_ldm import timestep_range

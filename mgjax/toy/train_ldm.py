@@ -176,7 +176,8 @@ def draw_scenes(rng, n: int, last_loss: np.ndarray, hard_share: float) -> np.nda
 
 
 def train_vae(sd, rng, minutes, steps, batch, crop, full_share, object_weight, lr, pool,
-              log_every, log, workers=None, decoder_only=False, hard_share=0.0):  # fmt: skip
+              log_every, log, workers=None, decoder_only=False, hard_share=0.0,
+              scale_weight=0.0):  # fmt: skip
     """The autoencoder, on random `crop` x `crop` crops of a pool of rendered scenes (the
     networks are convolutional; a crop step costs a quarter of a full one), then on full
     images for the last `full_share` of the steps or of the time budget, so that the GroupNorm
@@ -191,7 +192,11 @@ def train_vae(sd, rng, minutes, steps, batch, crop, full_share, object_weight, l
     `decoder_only`: the encoder stays as it is, so the latent space a UNet was trained on does
     not move. `hard_share`: that share of each batch is drawn in proportion to each scene's
     last measured loss (every scene starts at the largest), the rest uniformly: the scenes the
-    autoencoder still draws worst come round more often."""
+    autoencoder still draws worst come round more often. `scale_weight`: weight of the scale
+    equivariance term (Skorokhodov et al. 2025, "Improving the diffusability of
+    autoencoders"): the latent pooled 2x2 decodes to the image pooled 2x2 (`pooled_error`),
+    which takes from the latents the high frequencies the image does not have, the part of a
+    latent a UNet denoises worst."""
     images, masks, _ = render_pool(rng, pool, log=log, workers=workers)
     opt = scheduled(lambda learning_rate: optax.adamw(learning_rate, 1e-4))
     full_batch = max(batch * crop * crop // (SIZE * SIZE), 1)
@@ -203,11 +208,7 @@ def train_vae(sd, rng, minutes, steps, batch, crop, full_share, object_weight, l
 
     def loss_fn(trained, fixed, x, m):
         p = dict(params, vae={**fixed, **trained})
-        rec = sd.decode(p, sd.encode(p, x))
-        w = (1.0 + (object_weight - 1.0) * m)[..., None]
-        err = jnp.abs(rec - x) + 0.5 * jnp.square(rec - x)
-        each = jnp.sum(w * err, axis=(1, 2, 3)) / (3.0 * jnp.sum(w, axis=(1, 2, 3)))
-        return jnp.sum(w * err) / (3.0 * jnp.sum(w)), each
+        return autoencoder_loss(sd, p, x, m, object_weight, scale_weight)
 
     @jax.jit
     def step_fn(vp, fixed, s, x, m):
@@ -245,6 +246,37 @@ def train_vae(sd, rng, minutes, steps, batch, crop, full_share, object_weight, l
             _progress(name, step, budget, curve[-1], lr_now, log)
     log(f"vae: {step} steps in {budget.elapsed() / 60:.1f} min")
     return dict(params, vae={**frozen, **vp}), np.asarray(curve), step
+
+
+def autoencoder_loss(sd, params, x, m, object_weight: float, scale_weight: float = 0.0):
+    """(loss, per image reconstruction error) of the autoencoder on images `x` (N, H, W, 3)
+    with object masks `m` (N, H, W): the reconstruction error of the posterior mean's decoding,
+    plus `scale_weight` times that of the latent pooled 2x2 against the image pooled 2x2."""
+    z = sd.encode(params, x)
+    loss, each = reconstruction_error(sd.decode(params, z), x, m, object_weight)
+    if scale_weight:
+        small = sd.decode(params, pooled(z, 2, first_axis=2))  # latents (N, C, h, w)
+        scaled, _ = reconstruction_error(small, pooled(x, 2), pooled(m, 2), object_weight)
+        loss = loss + scale_weight * scaled
+    return loss, each
+
+
+def reconstruction_error(rec, x, m, object_weight: float):
+    """(mean, per image) of L1 + L2/2 between images `rec` and `x` (N, H, W, 3), the pixels of
+    masks `m` (N, H, W, values in [0, 1]) weighing `object_weight`."""
+    w = (1.0 + (object_weight - 1.0) * m)[..., None]
+    err = jnp.abs(rec - x) + 0.5 * jnp.square(rec - x)
+    each = jnp.sum(w * err, axis=(1, 2, 3)) / (3.0 * jnp.sum(w, axis=(1, 2, 3)))
+    return jnp.sum(w * err) / (3.0 * jnp.sum(w)), each
+
+
+def pooled(a, factor: int, first_axis: int = 1):
+    """`a` averaged over `factor` x `factor` cells of its axes `first_axis` and the next (the
+    two spatial axes, multiples of `factor`)."""
+    i = first_axis
+    h, w = a.shape[i : i + 2]
+    cells = (*a.shape[:i], h // factor, factor, w // factor, factor, *a.shape[i + 2 :])
+    return a.reshape(cells).mean((i + 1, i + 3))
 
 
 def roundtrip_report(sd, seeds, log=print) -> dict:
@@ -544,7 +576,7 @@ def sample_grid(sd, prompts, seeds, steps: int = 50) -> np.ndarray:
 SETTINGS = ("init", "fresh_unet", "vae_minutes", "vae_steps", "vae_batch", "vae_crop",
             "vae_full_share", "object_weight", "vae_lr", "vae_pool", "unet_minutes", "unet_steps",
             "unet_batch", "unet_lr", "ema", "snr_gamma", "pool", "seed", "workers",
-            "measure_scaling", "vae_decoder_only", "vae_hard_share",
+            "measure_scaling", "vae_decoder_only", "vae_hard_share", "vae_scale_weight",
             "unet_object_weight", "unet_layers", "unet_top_attention", "unet_swap_weight",
             "unet_swap_margin", "unet_t_range", "unet_pixel_weight")  # fmt: skip
 
@@ -596,6 +628,10 @@ def _define_flags():
     flags.DEFINE_float(
         "vae_hard_share", 0.0, "Share of each autoencoder batch drawn in proportion to each "
         "scene's last loss (the scenes it draws worst come round more often)."
+    )  # fmt: skip
+    flags.DEFINE_float(
+        "vae_scale_weight", 0.0, "Weight of the scale equivariance term: the latent pooled 2x2 "
+        "decodes to the image pooled 2x2, which smooths the latent space for the UNet (0: off)."
     )  # fmt: skip
     flags.DEFINE_float("vae_lr", 1e-3, "Autoencoder peak learning rate.")
     flags.DEFINE_integer("vae_pool", 4000, "Scenes rendered once for the autoencoder stage.")
@@ -662,6 +698,10 @@ def _train():
             f"--unet_swap_weight {FLAGS.unet_swap_weight} / --unet_swap_margin "
             f"{FLAGS.unet_swap_margin}: give a weight of 0 or more and a margin above 0"
         )
+    if not FLAGS.vae_scale_weight >= 0:  # NaN too
+        raise InputError(
+            f"--vae_scale_weight {FLAGS.vae_scale_weight}: give a weight of 0 or more (0: off)"
+        )
     if not FLAGS.unet_pixel_weight >= 0:  # NaN too
         raise InputError(
             f"--unet_pixel_weight {FLAGS.unet_pixel_weight}: give a weight of 0 or more (0: off)"
@@ -721,6 +761,7 @@ def _train():
             sd, vae_rng, FLAGS.vae_minutes, FLAGS.vae_steps, FLAGS.vae_batch, FLAGS.vae_crop,
             FLAGS.vae_full_share, FLAGS.object_weight, FLAGS.vae_lr, FLAGS.vae_pool,
             FLAGS.log_every, log, FLAGS.workers, FLAGS.vae_decoder_only, FLAGS.vae_hard_share,
+            FLAGS.vae_scale_weight,
         )  # fmt: skip
         sd = with_params(sd, params)
         log_json["vae_loss"] = vae_curve.tolist()
