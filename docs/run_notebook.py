@@ -28,9 +28,7 @@ def execute(path: Path = NOTEBOOK, timeout: int = 900) -> nbformat.NotebookNode:
         kernel_name="python3",
         resources={"metadata": {"path": str(path.parent)}},
     )
-    client.km = client.create_kernel_manager()
-    client.km.extra_env = env  # the kernel imports this checkout's flow and mgjax
-    client.execute()
+    client.execute(env=env)  # the kernel imports this checkout's flow and mgjax
     return nb
 
 
