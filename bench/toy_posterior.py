@@ -19,9 +19,11 @@ object's IoU with itself, as the round trip and `train_ldm.denoise_report` measu
 - the UNet's one-step estimate from the same z_t with the scene's prompt (what guidance
   differentiates through, and what a 50-step redraw from that level comes close to).
 
-The family is narrow (a real posterior also spreads over finer shifts, turns and sizes, and
-over the rest of the scene), so its mean bounds from above what any denoiser's estimate keeps,
-given the rest of the scene: the gap to the UNet's is what a better UNet could still gain.
+The family is narrow: a real posterior also spreads over finer shifts, turns and sizes (and
+over the rest of the scene), and its mean blurs a little more (a family of half the steps keeps
+about 0.01 less of an object from 0.3 of the noise). So the family's mean is what a denoiser
+could come close to, not a strict bound, and the gap to the UNet's what a better UNet could
+still gain.
 Prints one line per strength: the three IoUs (mean over objects and draws), and the posterior's
 mass on the true candidate and on the true shape.
 """
