@@ -33,12 +33,13 @@ import dataclasses
 import itertools
 import json
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flow.errors import run_cli
+from flow.errors import InputError, run_cli
 from mgjax.method import ddim, source
 from mgjax.model import sd as sdm
 from mgjax.toy import pack, quality, shapes
@@ -159,6 +160,8 @@ def main():
     args = parser.parse_args()
 
     def run():
+        if args.json and not Path(args.json).resolve().parent.is_dir():
+            raise InputError(f"--json {args.json}: no such folder; give a path in one")
         model = args.model or pack.sd_folder()
         sd = sdm.load(model)  # a folder that is not a model fails here, before any work
         seeds = quality.TUNING_SEEDS if args.split == "tuning" else quality.HELDOUT_SEEDS

@@ -63,3 +63,11 @@ def test_the_bench_measures_each_object_on_the_pack(tmp_path):
     for key in ("posterior_mean", "most_probable", "unet", "p_true", "p_shape"):
         assert len(rows[key]) == n and all(0.0 <= v <= 1.0 for v in rows[key])
     assert all(s >= t for s, t in zip(rows["p_shape"], rows["p_true"], strict=True))
+
+
+def test_the_bench_refuses_a_json_path_in_no_folder_before_any_model_work(tmp_path):
+    cmd = [sys.executable, "-m", "bench.toy_posterior", "--json", str(tmp_path / "no" / "x.json")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1 and "no such folder" in lines[0], run.stderr
+    assert not (tmp_path / "no").exists()
