@@ -194,9 +194,9 @@ def train_vae(sd, rng, minutes, steps, batch, crop, full_share, object_weight, l
     last measured loss (every scene starts at the largest), the rest uniformly: the scenes the
     autoencoder still draws worst come round more often. `scale_weight`: weight of the scale
     equivariance term (Skorokhodov et al. 2025, "Improving the diffusability of
-    autoencoders"): the latent pooled 2x2 decodes to the image pooled 2x2 (`pooled_error`),
-    which takes from the latents the high frequencies the image does not have, the part of a
-    latent a UNet denoises worst."""
+    autoencoders"): the latent pooled 2x2 decodes to the image pooled 2x2
+    (`autoencoder_loss`), which is meant to take from the latents the high frequencies that the
+    image does not have, so that the coarse-to-fine order of denoising holds in the latent."""
     images, masks, _ = render_pool(rng, pool, log=log, workers=workers)
     opt = scheduled(lambda learning_rate: optax.adamw(learning_rate, 1e-4))
     full_batch = max(batch * crop * crop // (SIZE * SIZE), 1)
