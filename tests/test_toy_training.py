@@ -4,6 +4,7 @@ data rendered in worker processes."""
 import functools
 import json
 
+import jax
 import numpy as np
 import optax
 import pytest
@@ -250,3 +251,26 @@ def test_a_new_model_keeps_the_latent_scaling_factor_it_is_given(tmp_path):
     )
     sdm.save(scaled, tmp_path / "sd")
     assert sdm.load(str(tmp_path / "sd")).scaling_factor == pytest.approx(0.2236)
+
+
+def test_the_autoencoder_trains_on_crops_then_whole_images_with_the_scale_term():
+    from mgjax.toy.train_ldm import train_vae
+    from tests.tiny_models import tiny
+
+    sd = tiny(seed=1)
+    lines = []
+    params, curve, steps = train_vae(
+        sd, np.random.default_rng(4), minutes=5.0, steps=4, batch=4, crop=32, full_share=0.5,
+        object_weight=5.0, lr=1e-3, pool=6, log_every=1, log=lines.append, workers=1,
+        scale_weight=0.5,
+    )  # fmt: skip
+    assert steps == 4 and len(curve) == 4 and np.isfinite(curve).all()
+    assert sum("full images" in line for line in lines) == 2  # the last half on whole images
+    moved = [
+        not np.array_equal(a, b)
+        for a, b in zip(
+            jax.tree.leaves(params["vae"]), jax.tree.leaves(sd.params["vae"]), strict=True
+        )
+    ]
+    assert all(moved)  # encoder and decoder alike
+    assert params["unet"] is sd.params["unet"]
