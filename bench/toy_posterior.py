@@ -31,7 +31,6 @@ mass on the true candidate and on the true shape.
 import argparse
 import dataclasses
 import itertools
-import json
 import math
 from pathlib import Path
 
@@ -39,7 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.toy_quality import split_seeds
 from flow.errors import InputError, run_cli
+from mgjax.edit import outputs
 from mgjax.method import ddim, source
 from mgjax.model import sd as sdm
 from mgjax.toy import pack, quality, shapes
@@ -164,8 +165,7 @@ def main():
             raise InputError(f"--json {args.json}: no such folder; give a path in one")
         model = args.model or pack.sd_folder()
         sd = sdm.load(model)  # a folder that is not a model fails here, before any work
-        seeds = quality.TUNING_SEEDS if args.split == "tuning" else quality.HELDOUT_SEEDS
-        rows = measure(sd, seeds[: args.scenes], args.strengths, args.draws)
+        rows = measure(sd, split_seeds(args.split)[: args.scenes], args.strengths, args.draws)
         for s, r in rows.items():
             m = {k: np.mean(v) for k, v in r.items()}
             print(
@@ -175,9 +175,10 @@ def main():
                 f"on the true shape {m['p_shape']:.3f}"
             )
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"model": str(model), "split": args.split,
-                           "rows": {str(s): r for s, r in rows.items()}}, f)  # fmt: skip
+            rows_out = {str(s): r for s, r in rows.items()}
+            outputs.save_json(
+                args.json, {"model": str(model), "split": args.split, "rows": rows_out}
+            )
 
     run_cli(run)
 
