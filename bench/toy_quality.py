@@ -45,7 +45,8 @@ inside the object; and the IoU of leaving the object where it is ("still_iou", t
 rotation or scaling must clear).
 Methods:
   paper / fast / toy   motion guidance with that preset (mgjax.config.PRESETS)
-  none                 the same sampler with lambda_g = 0 (plain reconstruction of the source)
+  none                 the same sampler with lambda_g = 0 from the source's own z_T (plain
+                       reconstruction of the source, whatever the preset's warp_start)
   warp                 forward warp of the source by the target flow (holes left black, and
                        not taken for the object)
   warp_sdedit          warp, then SDEdit with the toy model (noise to strength 0.5, 50-step
@@ -97,7 +98,7 @@ from mgjax.edit.motion import (
     motion_flow,
 )
 from mgjax.edit.progress import Progress
-from mgjax.method import cost, loop
+from mgjax.method import cost, loop, start
 from mgjax.method import source as src_lib
 from mgjax.method.sampler import DivergenceError, Sampler
 from mgjax.model import sd as sdm
@@ -745,8 +746,10 @@ class UnitRunner:
 
     def sampler(self) -> Sampler:
         if self._sampler is None:
-            weight = 0.0 if self.method == "none" else self.preset["guidance_weight"]
-            method = C.Method(**dict(self.preset, guidance_weight=weight))
+            if self.method == "none":  # the source's reconstruction: no weight, no warped start
+                method = C.Method(**dict(self.preset, guidance_weight=0.0, warp_start=False))
+            else:
+                method = C.Method(**self.preset)
             self._sampler = Sampler(self.sd, self.raft, method, C.Speed(chunk=CHUNK))
         return self._sampler
 
@@ -765,6 +768,7 @@ class UnitRunner:
             trajectory=np.concatenate([p["traj"].latents for p in part], axis=1),
         )
         z_T = np.concatenate([p["traj"].z_T for p in part])
+        z_T = start.initial(sampler.method, z_T, np.stack(flows), sd.vae_factor)
         state = sampler.init(inputs, z_T, seeds=[p["case"].n for p in part])
         ckpt, before = Checkpoint(self.path(k).with_suffix(".ckpt.npz"), self.digest(part)), 0.0
         if ckpt.exists():

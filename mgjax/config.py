@@ -182,6 +182,12 @@ class Method:
         "Adds this x PreservationEnergy (L1 to the source where nothing should move) to the "
         "paper's energy; 0 = the paper's energy alone.",
     )
+    warp_start: bool = _field(
+        False,
+        "Start from the source's z_T moved by the target flow (each latent pixel the object "
+        "lands on takes the noise of the one it comes from, each it leaves the nearest "
+        "background one's) instead of the z_T itself (the paper's).",
+    )
     schedule: str | None = _field(None, "Guidance schedule .npy (one multiplier per step).")
     # Cost levers (docs/cost.md): each default is the paper's behaviour.
     guide_from: float = _field(

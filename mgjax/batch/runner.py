@@ -14,7 +14,7 @@ from mgjax.batch.jobs import Job
 from mgjax.batch.sharding import local_mesh, one_edit, replicate, shard_inputs, shard_state
 from mgjax.batch.summary import finished
 from mgjax.edit import rundir
-from mgjax.method import cost
+from mgjax.method import cost, start
 from mgjax.method import numeric as N
 from mgjax.model import conditioning
 
@@ -132,7 +132,11 @@ class Runner:
             encode=False,  # source_cache: encoded below, once sharded
         )
         seeds = [p.job.config.source.seed for p in batch]
-        state = sampler.init(inputs, concat([p.z_T for p in batch]), seeds)
+        factor = sampler.sd.vae_factor
+        first_latents = [
+            start.initial(p.job.config.method, p.z_T, p.files.flow[None], factor) for p in batch
+        ]
+        state = sampler.init(inputs, concat(first_latents), seeds)
         inputs, state = shard_inputs(inputs, self.mesh), shard_state(state, self.mesh)
         inputs = sampler.encode_source(inputs)  # source_cache: each device its own images
         names = [p.job.name for p in batch]

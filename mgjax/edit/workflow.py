@@ -19,6 +19,7 @@ from mgjax.edit.checks import check
 from mgjax.edit.readers import read_frozen, read_mask_image, read_schedule
 from mgjax.method import cost
 from mgjax.method import numeric as N
+from mgjax.method import start as start_lib
 
 CHECKPOINT = "checkpoint.npz"
 
@@ -166,7 +167,8 @@ def start(config: C.Config, sampler, files: EditFiles, prompts, source):
         numeric=N.of(config.method, b, sampler.dtype),
     )
     seeds = [config.source.seed + n for n in range(b)]
-    return inputs, sampler.init(inputs, repeat(z_T), seeds=seeds)
+    first = start_lib.initial(config.method, repeat(z_T), repeat(files.flow[None]), sd.vae_factor)
+    return inputs, sampler.init(inputs, first, seeds=seeds)
 
 
 def enable_compilation_cache(path: str) -> None:

@@ -27,6 +27,9 @@ What stays static, and why (`structure`, and the switches of `mgjax.method.guida
     differentiates, which the driver reads on the host before it traces, as it reads which
     steps skip_unguided skips. At their defaults none of their code is traced.
 
+warp_start is neither: it moves the first latent on the host before the first step
+(mgjax.method.start), so methods that differ in it alone share a Sampler.
+
 A value read at run time rounds as the constant it replaces does, but XLA may order the
 arithmetic around it differently: on the toy demo one guided evaluation's latent moves by
 8e-8 of its norm (below float32's epsilon, 1.2e-7), which 100 guided steps amplify as any
@@ -89,8 +92,10 @@ def replace(numeric: Numeric, **values) -> Numeric:
 def structure(method: Method) -> Method:
     """What of `method` decides the compiled program's structure: the method with its numbers
     set to the defaults, except preserve_weight, which keeps whether it is positive (the energy's
-    form). Equal structures share a Sampler and its compiled programs (batches, the editor)."""
+    form), and warp_start off (the first latent is the driver's). Equal structures share a
+    Sampler and its compiled programs (batches, the editor)."""
     defaults = {f: getattr(Method(), f) for f in FIELDS}
+    defaults["warp_start"] = False  # the first latent, made on the host (mgjax.method.start)
     defaults["preserve_weight"] = 1.0 if method.preserve_weight > 0 else 0.0
     return dataclasses.replace(method, **defaults)
 
