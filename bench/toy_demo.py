@@ -26,7 +26,11 @@ RUNS = {
     "two-scan": ("0,1", ["--loops", "scan"], "two cores, `--loops scan`"),
     "one-auto": ("0", [], "one core, `--loops auto`"),
     "one-scan": ("0", ["--loops", "scan"], "one core, `--loops scan`"),
-    "two-unguided": ("0,1", ["--guidance_weight", "0"], "two cores, `--guidance_weight 0`"),
+    "two-unguided": (
+        "0,1",
+        ["--guidance_weight", "0", "--warp_start=false"],
+        "two cores, `--guidance_weight 0 --warp_start=false`",
+    ),
 }
 
 

@@ -27,14 +27,14 @@ def reference_cells(flow, factor):
                 cell = votes.setdefault(q, {})
                 cell[(y // factor, x // factor)] = cell.get((y // factor, x // factor), 0) + 1
     out = {}
-    landed = set()
+    covered = set()
     for q, cell in votes.items():
         if 2 * sum(cell.values()) >= factor * factor:
             most = max(cell.values())
             out[q] = min(s for s, n in cell.items() if n == most)  # the first of a tie
-            landed.add(q)
+            covered.add(q)
     free = [(a, b) for a in range(h) for b in range(w) if (a, b) not in sources | targets]
-    for c in sorted(sources - landed):
+    for c in sorted(sources - covered):
         if free:
             dist = [(a - c[0]) ** 2 + (b - c[1]) ** 2 for a, b in free]
             out[c] = free[int(np.argmin(dist))]  # the first of a tie, row-major

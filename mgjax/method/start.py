@@ -40,16 +40,16 @@ def source_cells(flow: np.ndarray, factor: int) -> np.ndarray:
     target = (ty[inside] // factor) * w + tx[inside] // factor
     pair, n = np.unique(target * (h * w) + source[inside], return_counts=True)
     to, fro = np.divmod(pair, h * w)  # [target cell, source cell] pairs and their pixels
-    landed = 2 * np.bincount(to, weights=n, minlength=h * w) >= factor * factor
+    covered = 2 * np.bincount(to, weights=n, minlength=h * w) >= factor * factor
     order = np.lexsort((fro, -n, to))  # per target cell: most pixels first, then the first cell
     to, fro = to[order], fro[order]
-    best = np.r_[True, to[1:] != to[:-1]] & landed[to]
+    best = np.r_[True, to[1:] != to[:-1]] & covered[to]
     out = cells.copy()
     out[to[best]] = fro[best]
     touched = np.zeros(h * w, bool)
     touched[source] = True
     touched[target] = True
-    left = touched & ~landed & np.isin(cells, source)
+    left = touched & ~covered & np.isin(cells, source)
     free = ~touched
     if left.any() and free.any():
         row, col = np.divmod(cells, w)
