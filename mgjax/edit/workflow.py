@@ -167,8 +167,8 @@ def start(config: C.Config, sampler, files: EditFiles, prompts, source):
         numeric=N.of(config.method, b, sampler.dtype),
     )
     seeds = [config.source.seed + n for n in range(b)]
-    first = start_lib.initial(config.method, repeat(z_T), repeat(files.flow[None]), sd.vae_factor)
-    return inputs, sampler.init(inputs, first, seeds=seeds)
+    first = start_lib.initial(config.method, z_T, files.flow[None], sd.vae_factor)
+    return inputs, sampler.init(inputs, repeat(first), seeds=seeds)
 
 
 def enable_compilation_cache(path: str) -> None:

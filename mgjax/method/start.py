@@ -46,11 +46,10 @@ def source_cells(flow: np.ndarray, factor: int) -> np.ndarray:
     best = np.r_[True, to[1:] != to[:-1]] & covered[to]
     out = cells.copy()
     out[to[best]] = fro[best]
-    touched = np.zeros(h * w, bool)
-    touched[source] = True
-    touched[target] = True
-    left = touched & ~covered & np.isin(cells, source)
-    free = ~touched
+    moved_from = np.bincount(source, minlength=h * w) > 0
+    reached = np.bincount(target, minlength=h * w) > 0
+    left = moved_from & ~covered
+    free = ~(moved_from | reached)
     if left.any() and free.any():
         row, col = np.divmod(cells, w)
         d = (row[left, None] - row[None, free]) ** 2 + (col[left, None] - col[None, free]) ** 2
