@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -230,6 +231,7 @@ def _tree(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
+@pytest.mark.slow
 def test_every_command_line_refuses_bad_input_in_one_line(tmp_path):
     assets_dir = tmp_path / "assets"
     assets_dir.mkdir()

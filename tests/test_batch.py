@@ -332,6 +332,7 @@ def test_a_failing_job_leaves_the_others_and_the_exit_status_says_so(assets, tmp
     assert res.returncode == 3 and "1 invalid" in res.stdout, res.stdout[-2000:]
 
 
+@pytest.mark.slow
 def test_a_batch_that_fails_is_recorded_and_the_run_goes_on(assets, tmp_path, monkeypatch):
     """An error while a batch runs (XLA out of memory, say) marks that batch's jobs failed with
     the error; the next batch still runs, and the summary says which jobs did not finish."""

@@ -199,7 +199,7 @@ def _check_counts(passes, sampler, schedule=None):
     return expected
 
 
-@pytest.mark.parametrize("loops", ["unrolled", "scan"])
+@pytest.mark.parametrize("loops", [pytest.param("unrolled", marks=pytest.mark.slow), "scan"])
 def test_window_and_every_are_the_schedule_zeroed_elsewhere(scene, loops):
     """guide_from 0.25 / guide_until 0.75 / guide_every 2 on 8 steps guide steps 2 and 4: the
     same edit as the schedule 0 at every other step, bit for bit, with 2 x K energy
@@ -218,7 +218,7 @@ def test_window_and_every_are_the_schedule_zeroed_elsewhere(scene, loops):
     assert guided.tolist() == [False, False, True, False, True, False, False, False]
 
 
-@pytest.mark.parametrize("loops", ["unrolled", "scan"])
+@pytest.mark.parametrize("loops", [pytest.param("unrolled", marks=pytest.mark.slow), "scan"])
 def test_phases_change_k_where_they_say(scene, loops):
     """recursive_phases 2,1: the first half of the steps is the K = 2 edit's, bit for bit; the
     second runs one evaluation per step (its second slot logs NaN)."""
@@ -264,7 +264,7 @@ def _inputs(scene, sampler, schedule=None):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("loops", ["unrolled", "scan"])
+@pytest.mark.parametrize("loops", [pytest.param("unrolled", marks=pytest.mark.slow), "scan"])
 def test_reuse_gradient_applies_the_first_guidance_term_k_times(scene, loops):
     """reuse_gradient: one energy evaluation (UNet backward, decoder, RAFT) per step; the first
     evaluation is the paper's, the others apply its guidance term (the same norm) with the UNet

@@ -52,7 +52,9 @@ def _layouts():
 LAYOUTS = _layouts()
 
 
-@pytest.mark.parametrize(("layout", "extra"), [("sd1", 1), ("sd1", 2), ("deep", 1)])
+@pytest.mark.parametrize(
+    ("layout", "extra"), [("sd1", 1), ("sd1", 2), pytest.param("deep", 1, marks=pytest.mark.slow)]
+)
 def test_a_deeper_unet_computes_what_the_smaller_one_did(layout, extra):
     config, params = LAYOUTS[layout]
     layers = config["layers_per_block"] + extra
@@ -106,7 +108,7 @@ def test_a_unet_is_only_made_deeper():
             sdm.deeper_unet(config, params, layers)
 
 
-@pytest.mark.parametrize("layout", ["sd1", "deep"])
+@pytest.mark.parametrize("layout", ["sd1", pytest.param("deep", marks=pytest.mark.slow)])
 def test_text_attention_at_the_top_starts_as_the_identity(layout):
     config, params = LAYOUTS[layout]
     new_config, grown = sdm.with_top_attention(config, params, seed=4)

@@ -72,17 +72,17 @@ def test_the_terms_gradients_add_up_to_the_whole_energys():
     assert jnp.asarray(inputs.numeric.flow_weight)[0] == preset["flow_weight"]  # inputs untouched
 
 
-@pytest.mark.parametrize(
-    "flags, says",
-    [
-        (["--at", "0,400"], "--at 0,400: steps from 0 to 99"),
-        (["--at", "x"], "--at x: give DDIM step numbers"),
-        (["--set", "dilate=2"], "--set dilate=2: give KEY=VALUE with KEY one of"),
-        (["--set", "clip=big"], "--set clip=big: clip takes a number"),
-        (["--edits", "0"], "--edits must be at least 1"),
-    ],
-)
-def test_bad_flags_get_one_line_before_any_model_work(flags, says):
+BAD_FLAGS = [
+    (["--at", "0,400"], "--at 0,400: steps from 0 to 99"),
+    (["--at", "x"], "--at x: give DDIM step numbers"),
+    (["--set", "dilate=2"], "--set dilate=2: give KEY=VALUE with KEY one of"),
+    (["--set", "clip=big"], "--set clip=big: clip takes a number"),
+    (["--edits", "0"], "--edits must be at least 1"),
+]
+
+
+def test_a_bad_flag_gets_one_line_from_the_command_line():
+    flags, says = BAD_FLAGS[0]
     run = subprocess.run(
         [sys.executable, "-m", "bench.guidance_terms", *flags],
         capture_output=True,
@@ -91,3 +91,20 @@ def test_bad_flags_get_one_line_before_any_model_work(flags, says):
     )
     assert run.returncode != 0 and says in run.stderr
     assert "Traceback" not in run.stderr and run.stdout == ""
+
+
+@pytest.mark.parametrize("flags, says", BAD_FLAGS)
+def test_bad_flags_are_refused_before_any_model_work(flags, says, monkeypatch, capsys):
+    """The checks themselves, in this process (the command line's exit: the test above); the
+    model loaders fail the test if a bad flag reaches them."""
+
+    def no_model(*_):
+        raise AssertionError("a model was loaded for a bad flag")
+
+    monkeypatch.setattr(GT.sdm, "load", no_model)
+    monkeypatch.setattr(GT, "load_raft", no_model)
+    monkeypatch.setattr(sys, "argv", ["guidance_terms", *flags])
+    with pytest.raises(SystemExit) as stop:
+        GT.main()
+    assert isinstance(stop.value.code, str) and says in stop.value.code
+    assert capsys.readouterr().out == ""

@@ -157,6 +157,7 @@ def test_source_cache_encodes_the_source_once_and_keeps_the_result(tiny):
     assert np.abs(runs[True][0] - runs[False][0]).max() <= max(floor, 1e-5), floor
 
 
+@pytest.mark.slow
 def test_memory_efficient_attention_matches_plain(tiny):
     sd = tiny["sd"]
     mea = sd.configure(attention="memory_efficient")

@@ -52,6 +52,7 @@ def test_the_bench_scores_every_method_and_resumes(tmp_path):
     assert negative.returncode != 0 and "--dilate: dilate must be >= 0" in negative.stderr
 
 
+@pytest.mark.slow
 def test_a_generated_source_moves_its_silhouette():
     sd = sdm.load(pack.sd_folder())
     case = TQ.Case(1, 64, quality.HELDOUT_SEEDS)
@@ -64,6 +65,7 @@ def test_a_generated_source_moves_its_silhouette():
     np.testing.assert_array_equal(quality.silhouette(moving), moving)
 
 
+@pytest.mark.slow
 def test_grow_widens_a_generated_objects_moving_region_only():
     from scipy import ndimage
 

@@ -65,6 +65,7 @@ def test_the_bench_measures_each_object_on_the_pack(tmp_path):
     assert all(s >= t for s, t in zip(rows["p_shape"], rows["p_true"], strict=True))
 
 
+@pytest.mark.slow
 def test_the_bench_refuses_a_json_path_in_no_folder_before_any_model_work(tmp_path):
     cmd = [sys.executable, "-m", "bench.toy_posterior", "--json", str(tmp_path / "no" / "x.json")]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

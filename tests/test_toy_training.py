@@ -191,6 +191,7 @@ def test_the_decoded_error_weighs_object_pixels_and_each_estimate_by_its_abar():
     assert float(decoded_error(targets, targets, masks, abar)) == 0.0
 
 
+@pytest.mark.slow
 def test_the_scale_term_decodes_the_pooled_latent_against_the_pooled_image():
     import torch
 
@@ -235,6 +236,7 @@ def test_the_timestep_band_is_two_integers_inside_the_schedule():
             timestep_range(bad)
 
 
+@pytest.mark.slow
 def test_a_new_model_keeps_the_latent_scaling_factor_it_is_given(tmp_path):
     # a model built in memory leaves scaling_factor at its default; the measured one replaces it
     from mgjax.model import sd as sdm
@@ -253,6 +255,7 @@ def test_a_new_model_keeps_the_latent_scaling_factor_it_is_given(tmp_path):
     assert sdm.load(str(tmp_path / "sd")).scaling_factor == pytest.approx(0.2236)
 
 
+@pytest.mark.slow
 def test_the_autoencoder_trains_on_crops_then_whole_images_with_the_scale_term():
     from mgjax.toy.train_ldm import train_vae
     from tests.tiny_models import tiny
