@@ -182,12 +182,6 @@ class Method:
         "Adds this x PreservationEnergy (L1 to the source where nothing should move) to the "
         "paper's energy; 0 = the paper's energy alone.",
     )
-    clip_preserve: bool = _field(
-        True,
-        "Clip the preservation term's push together with the paper's terms' (one L2 norm); "
-        "false: clip the paper's terms' push alone and add the preservation term's unclipped "
-        "(one more backward pass through the decoder and the UNet).",
-    )
     warp_start: bool = _field(
         False,
         "Start from the source's z_T moved by the target flow (each latent pixel the object "

@@ -13,7 +13,7 @@ from mgjax import config as C
 from mgjax.method import ddim
 from mgjax.method import guidance as G
 from mgjax.method import numeric as N
-from mgjax.method.energy import Energy, MethodEnergy
+from mgjax.method.energy import Energy
 from mgjax.method.inputs import prepare
 
 B, S, H = 2, 4, 64  # images, DDIM steps, image size (latents 4x8x8)
@@ -250,65 +250,6 @@ def test_grad_of_the_final_energy_wrt_the_guidance_weight(case):
         numeric = (final(w + step) - final(w - step)) / (2 * h)
         assert np.isfinite(grad[n]) and grad[n] == pytest.approx(float(numeric), rel=2e-2)
     assert (grad < 0).all(), grad
-
-
-@dataclasses.dataclass(frozen=True)
-class PullAndKeep(MethodEnergy):
-    """A method energy for the seam (no flow network): Pull over the left half of the image as
-    the paper's terms, plus preserve_weight x the mean L1 to the source over the right half."""
-
-    preserve: bool = True
-
-    def __call__(self, x, ctx):
-        pull = jnp.mean(jnp.square(x - ctx.source)[:, :, : H // 2], axis=(1, 2, 3))
-        keep = jnp.mean(jnp.abs(x - ctx.source)[:, :, H // 2 :], axis=(1, 2, 3))
-        logs = {"flow_loss": pull, "color_loss": 0.0 * pull, "keep_loss": keep}
-        return pull + ctx.numeric.preserve_weight * keep, logs
-
-
-def test_the_preservation_push_is_added_after_the_clip_when_asked(case):
-    """clip_preserve false: the guidance term is s lambda_g dE_paper/dz clipped per image plus
-    s lambda_g preserve_weight dE_keep/dz unclipped, the two gradients written out here by hand;
-    true (the default): their sum clipped as one; with the clip off the two forms agree."""
-    _, params, inputs, z_T = case
-    inputs = _with(inputs, preserve_weight=3.0)
-    i, seam = 1, Seam()
-    state = G.init(inputs, z_T, seeds=[3, 4])
-    sch = ddim.make_schedule(S)
-    abar, s = sch.abar[i], jnp.sqrt(1 - sch.abar[i])
-    z = jnp.where(inputs.frozen, inputs.trajectory[i], jnp.asarray(z_T))
-
-    def part(z, half):
-        eps = seam.eps(params, z, None, inputs.cond)
-        x = seam.decode(params, (z - s * eps) / jnp.sqrt(abar)) * 0.5 + 0.5
-        if half == "left":
-            return jnp.sum(jnp.mean(jnp.square(x - inputs.source)[:, :, : H // 2], axis=(1, 2, 3)))
-        return 3.0 * jnp.sum(jnp.mean(jnp.abs(x - inputs.source)[:, :, H // 2 :], axis=(1, 2, 3)))
-
-    paper, keep = (
-        s * 50.0 * 0.5 * jax.grad(part)(z, "left"),
-        s * 50.0 * 0.5 * jax.grad(part)(z, "right"),
-    )
-    norm = lambda d: np.linalg.norm(np.asarray(d).reshape(B, -1), axis=1)  # noqa: E731
-    clipped = lambda d, c: d * np.minimum(1.0, c / norm(d))[:, None, None, None]  # noqa: E731
-    evaluations = {}
-    for apart in (False, True):
-        method = dataclasses.replace(case[0].method, preserve_weight=3.0, clip_preserve=not apart)
-        g = G.Guidance(seam, PullAndKeep(), method)
-        for clip in (0.24, 0.0):
-            run = jax.jit(G.evaluate, static_argnums=0)
-            ev = run(g, params, None, _with(inputs, clip=clip), state.z, i, 0, state.keys)
-            evaluations[apart, clip] = ev
-    assert (norm(paper) > 0.24).all() and (norm(keep) > 0.01).all()  # the clip acts, keep counts
-    apart = evaluations[True, 0.24]
-    np.testing.assert_allclose(apart.guidance, clipped(paper, 0.24) + keep, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(apart.grad, (paper + keep) / (s * 25.0), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(apart.logs["guidance_norm"], norm(apart.guidance), rtol=1e-5)
-    together = evaluations[False, 0.24]
-    np.testing.assert_allclose(together.guidance, clipped(paper + keep, 0.24), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(
-        evaluations[True, 0.0].guidance, evaluations[False, 0.0].guidance, rtol=1e-5, atol=1e-7
-    )
 
 
 def test_energy_must_be_an_energy():

@@ -8,8 +8,7 @@ the batch at once (MOTION_GUIDANCE.md, "The guided sampler"):
   3. x = VAE.decode((z_t - s eps) / sqrt(abar)), mapped from [-1, 1] to [0, 1]  (DDIM eq. 12);
   4. E = lambda_flow L_flow + lambda_color L_color (mgjax.method.energy), RAFT(source, x);
   5. grad = dE/dz_t through RAFT, the decoder and the UNet (both CFG branches);
-  6. d = s lambda_g schedule[i] grad, clipped to L2 norm `clip` per image (with clip_preserve
-     false, the preservation term's part of grad is added after the paper's part is clipped);
+  6. d = s lambda_g schedule[i] grad, clipped to L2 norm `clip` per image;
   7. z_prev = DDIM(z_t, eps + d);
   8. repeated K times per step, re-noising z_prev back to t in between; the K-th z_prev is kept.
 
@@ -40,7 +39,7 @@ from jax import lax
 from mgjax.config import Method, Speed
 from mgjax.method import cost, ddim
 from mgjax.method import numeric as N
-from mgjax.method.energy import Context, Energy, MethodEnergy
+from mgjax.method.energy import Context, Energy
 from mgjax.method.inputs import GuidanceInputs
 from mgjax.method.source import cfg_eps, cfg_eps_cond_gradient
 from mgjax.model.levers import REMAT_POLICIES, resolve_loops
@@ -303,21 +302,9 @@ def evaluate(
         logs = {"energy": e, **{k: terms[k] for k in g.energy.log_names}}
         return e.sum(), (eps, logs, x)
 
-    def split(z_in):  # the energy as [paper's terms, preservation term], summed over images
-        e, aux = energy(z_in)
-        keep = (num.preserve_weight * aux[1]["keep_loss"]).sum()
-        return jnp.stack([e - keep, keep]), aux
-
     def guided(z):
-        if m.clip_preserve or not (isinstance(g.energy, MethodEnergy) and g.energy.preserve):
-            (_, (eps, logs, x)), grad = jax.value_and_grad(energy, has_aux=True)(z)
-            d, d_norm = clip_norm(view(s * weight) * grad, num.clip)
-        else:  # static: the preservation term's push is added after the paper's is clipped
-            _, pull, (eps, logs, x) = jax.vjp(split, z, has_aux=True)
-            (motion,), (keep,) = pull(jnp.array([1.0, 0.0])), pull(jnp.array([0.0, 1.0]))
-            d, _ = clip_norm(view(s * weight) * motion, num.clip)
-            d, grad = d + view(s * weight) * keep, motion + keep
-            d_norm = jnp.sqrt(jnp.sum(jnp.square(d), axis=tuple(range(1, d.ndim))))
+        (_, (eps, logs, x)), grad = jax.value_and_grad(energy, has_aux=True)(z)
+        d, d_norm = clip_norm(view(s * weight) * grad, num.clip)
         if g.plan.rescaled:  # static: rescale_guidance with fewer evaluations than k_max
             gain = jnp.asarray(g.plan.gain)[i]
             d, d_norm = gain * d, gain * d_norm
