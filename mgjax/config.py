@@ -371,7 +371,9 @@ RUN_LEVEL = (
 #   overshoots and loses the scene (3 of 32 objects lost, IoU 0.57, 28.5 dB unchanged): the
 #   guidance is what draws the object and keeps the rest. With it, preserve_weight 600 keeps
 #   0.8 dB more of the unchanged region but places objects 0.08 px worse (85% of the
-#   displacement against 87%): the preset keeps 300.
+#   displacement against 87%), 1200 1.3 dB for 0.17 px: the clip binds through the first half
+#   of the steps and the preservation term takes its share of that one bound (unclipped, it
+#   loses half the objects). The preset keeps 300, which places objects best.
 #   preview: a first look in a quarter of fast's evaluations: its steps halved, K = 2 (125 x 2
 #   = 250 guided evaluations, 20x fewer than the paper's); the weights are the paper's.
 #   toy_fast, toy_preview: what fast and preview are on the toy pack (`preset_for`): the toy
