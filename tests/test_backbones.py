@@ -137,8 +137,10 @@ def test_v_prediction_seam_matches_diffusers_scheduler(vpred):
 
 
 def _parity(m, cond, uncond, cfg=PARITY):
-    """Our guided sampler and the torch transcription, same weights and noise: (relative error
-    of the final latents, our logs, the reference's logs, our run with no guidance)."""
+    """Our guided sampler and the torch transcription, same weights and noise: relative
+    distances of the final latents (ours to the reference's; ours to itself with the source
+    image moved by 1e-6, the fp32 rounding floor of this tiny model; our run with no guidance to
+    the reference), and both runs' logs."""
     sd = m["sd"]
     img, flow = scene()
     rng = np.random.default_rng(1)
@@ -151,24 +153,31 @@ def _parity(m, cond, uncond, cfg=PARITY):
         m, cfg, img, flow, frozen, traj, cond, uncond, traj[0], np.asarray(state.keys), 3,
         prediction_type=sd.prediction_type, scaling_factor=sd.scaling_factor,
     )  # fmt: skip
-    rel = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
+
+    def dist(a, b):
+        return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+    nudged, *_ = run_ours(sd, m["raft"], cfg, img + 1e-6, *args[1:])
     plain, *_ = run_ours(sd, m["raft"], cfg | dict(guidance_weight=0.0), *args)
+    d = dict(rel=dist(ours, ref), floor=dist(nudged, ours), moved=dist(plain, ref))
     print(
         f"guided parity (fp32, {sd.prediction_type}, text_time {sd.text_time}): max abs "
-        f"{np.abs(ours - ref).max():.2e}, relative {rel:.2e}"
+        f"{np.abs(ours - ref).max():.2e}, " + ", ".join(f"{k} {v:.2e}" for k, v in d.items())
     )
-    return rel, logs, rlogs, np.linalg.norm(plain - ref) / np.linalg.norm(ref)
+    return d, logs, rlogs
 
 
-def _check(rel, logs, rlogs, moved):
-    assert rel < 1e-3, rel
+def _check(d, logs, rlogs):
+    assert d["rel"] < 1e-3, d
     for ours_name, ref_name in LOG_PAIRS:
         rtol = 1e-2 if ours_name == "guidance_norm" else 1e-3  # as tests/test_sampler.py
         np.testing.assert_allclose(logs[ours_name], rlogs[ref_name], rtol=rtol, err_msg=ours_name)
-    # the guidance moved the latents 10x further than the two samplers differ: the comparison is
-    # not between two plain DDIM runs (the tiny v-prediction UNet is the more sensitive: there
-    # our own sampler with the source moved by 1e-6 lands 2.5e-4 away, and guidance moves 3.6e-3)
-    assert moved > 10 * rel, (moved, rel)
+    # The two samplers differ by rounding: no more than a 1e-6 nudge of the source moves ours
+    # (within 3x; the tiny v-prediction UNet amplifies rounding ~200x over these 6 evaluations,
+    # to 2-2.5e-4, and the samplers sit 1.3-1.6 floors apart). The guidance moves the latents 10x
+    # further than rounding does, so the comparison is not between two plain DDIM runs.
+    assert d["rel"] < 3 * d["floor"], d
+    assert d["moved"] > 10 * d["floor"], d
 
 
 @pytest.mark.slow
