@@ -182,6 +182,11 @@ class Method:
         "Adds this x PreservationEnergy (L1 to the source where nothing should move) to the "
         "paper's energy; 0 = the paper's energy alone.",
     )
+    preserve_ramp: float = _field(
+        1.0,
+        "The preservation weight at the last DDIM step over its weight at the first; it changes "
+        "linearly over the steps between them (1 = the same at every step).",
+    )
     warp_start: bool = _field(
         False,
         "Start from the source's z_T moved by the target flow (each latent pixel the object "
@@ -231,7 +236,7 @@ class Method:
 
     def __post_init__(self):
         _check(self, dict(steps=1, recursive_steps=1, raft_iters=1, clip=0, eta=0))
-        _check(self, dict(preserve_weight=0, guide_from=0, guide_every=1))
+        _check(self, dict(preserve_weight=0, preserve_ramp=0, guide_from=0, guide_every=1))
         if not (self.guide_from < self.guide_until <= 1.0):
             raise ValueError(
                 f"guide_from < guide_until <= 1 needed, got {self.guide_from}, {self.guide_until}"

@@ -199,6 +199,46 @@ def test_numbers_are_data_one_trace_for_every_weight_clip_and_scale(case):
     assert np.abs(runs[50.0] - runs[0.0]).max() > 1e-3  # the weight acts
 
 
+@dataclasses.dataclass(frozen=True)
+class WeighedPull(Energy):
+    """Pull weighed by the preservation weight the sampler gives this evaluation."""
+
+    log_names = ("pull",)
+
+    def __call__(self, x, ctx):
+        loss = ctx.numeric.preserve_weight * Pull()(x, ctx)[0]
+        return loss, {"pull": loss}
+
+
+def test_preservation_weight_ramps_linearly_over_the_steps(case):
+    """preserve_ramp r: DDIM step i weighs the preservation term by w (1 + (r - 1) i / (S - 1)),
+    w at the first step and w r at the last; an evaluation with (w, r) equals one with that
+    weight and r = 1, and new ramps reuse the compiled evaluation (the ramp is data)."""
+    _, params, inputs, z_T = case
+    g = G.Guidance(case[0].sd, WeighedPull(), case[0].method)
+    inputs = _with(inputs, clip=0.0)  # unclipped: the term's size shows the weight
+    state = G.init(inputs, z_T, seeds=[3, 4])
+    traces = []
+
+    def guidance(g, inputs, i):
+        traces.append(1)
+        return G.evaluate(g, params, None, inputs, state.z, i, 0, state.keys).guidance
+
+    ev = jax.jit(guidance, static_argnums=0)
+    for i in (0, 1, 3):  # step 2's schedule is 0
+        ramped = np.asarray(ev(g, _with(inputs, preserve_weight=2.0, preserve_ramp=4.0), i))
+        w = 2.0 * (1 + 3.0 * i / (S - 1))
+        flat = np.asarray(ev(g, _with(inputs, preserve_weight=w, preserve_ramp=1.0), i))
+        np.testing.assert_allclose(ramped, flat, rtol=1e-5, atol=1e-9)
+        if i != 0:  # the ramp acts (step 0 is w at any ramp)
+            same = np.asarray(ev(g, _with(inputs, preserve_weight=2.0, preserve_ramp=1.0), i))
+            assert np.abs(ramped - same).max() > 1e-4
+    assert len(traces) == 1
+    num = N.replace(inputs.numeric, preserve_weight=3.0, preserve_ramp=0.5)
+    np.testing.assert_allclose(G.numbers_at(g, num, 0).preserve_weight, [3.0, 3.0])
+    np.testing.assert_allclose(G.numbers_at(g, num, S - 1).preserve_weight, [1.5, 1.5])
+
+
 def test_cfg_one_with_the_switch_on_is_eps_cond_to_rounding(case):
     """A batch whose every scale is 1 skips the unconditional half (switches.cfg False); with
     the switch on (a batch mixing scales), scale 1 gives eps_u + 1 (eps_c - eps_u): eps_c to

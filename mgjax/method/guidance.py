@@ -174,6 +174,15 @@ def numbers(g: Guidance, inputs: GuidanceInputs) -> N.Numeric:
     return N.of(g.method, inputs.source.shape[0], inputs.source.dtype)
 
 
+def numbers_at(g: Guidance, num: N.Numeric, i) -> N.Numeric:
+    """`num` as DDIM step i (int or traced) weighs its energy: the preservation weight grows
+    linearly from preserve_weight at the first step to preserve_weight x preserve_ramp at the
+    last (at ramp 1 it is multiplied by exactly 1)."""
+    progress = jnp.asarray(i, num.preserve_ramp.dtype) / max(g.method.steps - 1, 1)
+    gain = 1.0 + (num.preserve_ramp - 1.0) * progress
+    return num.replace(preserve_weight=num.preserve_weight * gain)
+
+
 def context(inputs: GuidanceInputs, flow_net, numeric: N.Numeric | None = None) -> Context:
     """The energy's view of the inputs; flow_net(a, b, iters, source_encoding=None) is the flow
     network. With the source's RAFT encoding in the inputs (source_cache), flows from the source
@@ -293,7 +302,7 @@ def evaluate(
         run = lambda r, a, b, src: r(a, b, iters=iters, source=src, **unroll)  # noqa: E731
         return remat(run, policy, diffusers=False)(raft, a, b, src)
 
-    ctx = context(inputs, flow_net, num)
+    ctx = context(inputs, flow_net, numbers_at(g, num, i))
 
     def energy(z_in):
         eps = unet(params, z_in)
@@ -405,11 +414,13 @@ def nan_logs(shapes: dict) -> dict:
 
 def final_energy(g: Guidance, params, raft, inputs: GuidanceInputs, z):
     """The energy of final latents z f32[B,C,h,w], decoded (not clamped; not a one-step
-    estimate): (f32[B], logs name -> f32[B]). Differentiable end to end: jax.grad of it after
-    step_chunk differentiates a whole guided run, with respect to its numbers too."""
+    estimate), weighed as the last step weighs it: (f32[B], logs name -> f32[B]).
+    Differentiable end to end: jax.grad of it after step_chunk differentiates a whole guided
+    run, with respect to its numbers too."""
     x = g.sd.decode(params, z) * 0.5 + 0.5
     flow_net = lambda a, b, iters, src=None: raft(a, b, iters=iters, source=src)  # noqa: E731
-    e, terms = g.energy(x, context(inputs, flow_net, numbers(g, inputs)))
+    num = numbers_at(g, numbers(g, inputs), g.method.steps - 1)
+    e, terms = g.energy(x, context(inputs, flow_net, num))
     return e, {k: terms[k] for k in g.energy.log_names}
 
 

@@ -12,7 +12,7 @@ What stays static, and why (`structure`, and the switches of `mgjax.method.guida
     form;
   * occlusion_masking: `(mgjax.method.inputs).prepare` makes the masks of a whole batch at once;
   * preserve_weight > 0 or not: whether the PreservationEnergy term is computed at all (the
-    energy's form); its value is data;
+    energy's form); its value is data, and so is preserve_ramp, its growth over the steps;
   * cfg_scale != 1 for some image of the batch: the unconditional UNet half runs (a batch whose
     every scale is 1 skips it, half the UNet's work); a batch mixing 1 and other scales runs
     CFG for all, and an image with scale 1 then gets eps_u + 1 (eps_c - eps_u), equal to eps_c
@@ -51,6 +51,7 @@ FIELDS = (
     "flow_weight",
     "color_weight",
     "preserve_weight",
+    "preserve_ramp",
     "clip",
     "cfg_scale",
     "eta",
@@ -65,6 +66,7 @@ class Numeric:
     flow_weight: jnp.ndarray  # f32[B] lambda_flow
     color_weight: jnp.ndarray  # f32[B] lambda_color
     preserve_weight: jnp.ndarray  # f32[B] weight of PreservationEnergy (0: none)
+    preserve_ramp: jnp.ndarray  # f32[B] that weight at the last step over it at the first
     clip: jnp.ndarray  # f32[B] max L2 norm of the guidance term (0: off)
     cfg_scale: jnp.ndarray  # f32[B] classifier-free guidance scale
     eta: jnp.ndarray  # f32[B] DDIM eta

@@ -270,7 +270,9 @@ class Sampler:
 
     def _final_energy(self, raft, x, inputs):
         flow_net = lambda a, b, iters, s=None: raft(a, b, iters, source=s)  # noqa: E731
-        ctx = G.context(inputs, flow_net, G.numbers(self.guidance, inputs))
+        g = self.guidance
+        num = G.numbers_at(g, G.numbers(g, inputs), g.method.steps - 1)  # the last step's weights
+        ctx = G.context(inputs, flow_net, num)
         e, terms = self.energy(x, ctx)
         return {"energy": e, **{k: terms[k] for k in self.energy.log_names}}
 
