@@ -174,10 +174,12 @@ def _check(d, logs, rlogs):
         np.testing.assert_allclose(logs[ours_name], rlogs[ref_name], rtol=rtol, err_msg=ours_name)
     # The two samplers differ by rounding: no more than a 1e-6 nudge of the source moves ours
     # (within 3x; the tiny v-prediction UNet amplifies rounding ~200x over these 6 evaluations,
-    # to 2-2.5e-4, and the samplers sit 1.3-1.6 floors apart). The guidance moves the latents 10x
-    # further than rounding does, so the comparison is not between two plain DDIM runs.
+    # to 2-3e-4 depending on the nudge, and the samplers sit 1.3-1.6 floors apart). This is the
+    # check that catches a wrong guidance term: one missing, or off by half, puts the samplers
+    # about moved / 2 apart or more, which the last line makes over 3 floors (the guidance moves
+    # the latents 58 floors for SDXL, 16 for v-prediction).
     assert d["rel"] < 3 * d["floor"], d
-    assert d["moved"] > 10 * d["floor"], d
+    assert d["moved"] > 6 * d["floor"], d
 
 
 @pytest.mark.slow
