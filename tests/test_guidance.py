@@ -237,6 +237,10 @@ def test_preservation_weight_ramps_linearly_over_the_steps(case):
     num = N.replace(inputs.numeric, preserve_weight=3.0, preserve_ramp=0.5)
     np.testing.assert_allclose(G.numbers_at(g, num, 0).preserve_weight, [3.0, 3.0])
     np.testing.assert_allclose(G.numbers_at(g, num, S - 1).preserve_weight, [1.5, 1.5])
+    # the final image's energy is weighed as the last step weighs it
+    final = G.final_energy(g, params, None, inputs.replace(numeric=num), state.z)[0]
+    flat = _with(inputs, preserve_weight=1.5, preserve_ramp=1.0)
+    np.testing.assert_allclose(final, G.final_energy(g, params, None, flat, state.z)[0], rtol=1e-6)
 
 
 def test_cfg_one_with_the_switch_on_is_eps_cond_to_rounding(case):
