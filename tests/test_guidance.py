@@ -214,8 +214,8 @@ def test_preservation_weight_ramps_linearly_over_the_steps(case):
     """preserve_ramp r: DDIM step i weighs the preservation term by w (1 + (r - 1) i / (S - 1)),
     w at the first step and w r at the last; an evaluation with (w, r) equals one with that
     weight and r = 1, and new ramps reuse the compiled evaluation (the ramp is data)."""
-    _, params, inputs, z_T = case
-    g = G.Guidance(case[0].sd, WeighedPull(), case[0].method)
+    base, params, inputs, z_T = case
+    g = G.Guidance(base.sd, WeighedPull(), base.method)
     inputs = _with(inputs, clip=0.0)  # unclipped: the term's size shows the weight
     state = G.init(inputs, z_T, seeds=[3, 4])
     traces = []

@@ -412,16 +412,20 @@ def nan_logs(shapes: dict) -> dict:
     return {name: jnp.full(x.shape, jnp.nan, x.dtype) for name, x in shapes.items()}
 
 
-def final_energy(g: Guidance, params, raft, inputs: GuidanceInputs, z):
-    """The energy of final latents z f32[B,C,h,w], decoded (not clamped; not a one-step
-    estimate), weighed as the last step weighs it: (f32[B], logs name -> f32[B]).
-    Differentiable end to end: jax.grad of it after step_chunk differentiates a whole guided
-    run, with respect to its numbers too."""
-    x = g.sd.decode(params, z) * 0.5 + 0.5
+def image_energy(g: Guidance, raft, inputs: GuidanceInputs, x):
+    """The energy of final images x f32[B,H,W,3] in [0, 1], weighed as the last step weighs it:
+    (f32[B], logs name -> f32[B])."""
     flow_net = lambda a, b, iters, src=None: raft(a, b, iters=iters, source=src)  # noqa: E731
     num = numbers_at(g, numbers(g, inputs), g.method.steps - 1)
     e, terms = g.energy(x, context(inputs, flow_net, num))
     return e, {k: terms[k] for k in g.energy.log_names}
+
+
+def final_energy(g: Guidance, params, raft, inputs: GuidanceInputs, z):
+    """The energy of final latents z f32[B,C,h,w], decoded (not clamped; not a one-step
+    estimate), as `image_energy`. Differentiable end to end: jax.grad of it after step_chunk
+    differentiates a whole guided run, with respect to its numbers too."""
+    return image_energy(g, raft, inputs, g.sd.decode(params, z) * 0.5 + 0.5)
 
 
 def step_chunk(

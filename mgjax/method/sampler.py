@@ -269,12 +269,8 @@ class Sampler:
     # ------------------------------------------------------------------ results
 
     def _final_energy(self, raft, x, inputs):
-        flow_net = lambda a, b, iters, s=None: raft(a, b, iters, source=s)  # noqa: E731
-        g = self.guidance
-        num = G.numbers_at(g, G.numbers(g, inputs), g.method.steps - 1)  # the last step's weights
-        ctx = G.context(inputs, flow_net, num)
-        e, terms = self.energy(x, ctx)
-        return {"energy": e, **{k: terms[k] for k in self.energy.log_names}}
+        e, terms = G.image_energy(self.guidance, raft, inputs, x)
+        return {"energy": e, **terms}
 
     def final_energy(self, inputs: GuidanceInputs, images) -> dict[str, np.ndarray]:
         """The energy and its terms on final images f32[B,H,W,3] in [0, 1] (not a one-step
