@@ -805,7 +805,7 @@ class UnitRunner:
             f"(compile {sampler.compile_seconds:.0f} s)",
             flush=True,
         )
-        return np.clip(sampler.decode(result.state.z), 0.0, 1.0), before
+        return sampler.decode(result.state.z, inputs), before
 
 
 def warp(p: dict) -> np.ndarray:

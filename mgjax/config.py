@@ -187,6 +187,15 @@ class Method:
         "The preservation weight at the last DDIM step over its weight at the first; it changes "
         "linearly over the steps between them (1 = the same at every step).",
     )
+    paste_source: bool = _field(
+        False,
+        "Paste the source image's pixels into the final image wherever the frozen mask holds in "
+        "every latent channel (the decoder redraws even copied latents only as well as it "
+        "reconstructs), blended over --paste_band latent pixels inside the frozen region's edge.",
+    )
+    paste_band: int = _field(
+        1, "Depth in latent pixels over which --paste_source blends into the edited pixels."
+    )
     warp_start: bool = _field(
         False,
         "Start from the source's z_T moved by the target flow (each latent pixel the object "
@@ -236,7 +245,8 @@ class Method:
 
     def __post_init__(self):
         _check(self, dict(steps=1, recursive_steps=1, raft_iters=1, clip=0, eta=0))
-        _check(self, dict(preserve_weight=0, preserve_ramp=0, guide_from=0, guide_every=1))
+        _check(self, dict(preserve_weight=0, preserve_ramp=0, paste_band=0))
+        _check(self, dict(guide_from=0, guide_every=1))
         if not (self.guide_from < self.guide_until <= 1.0):
             raise ValueError(
                 f"guide_from < guide_until <= 1 needed, got {self.guide_from}, {self.guide_until}"

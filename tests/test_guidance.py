@@ -299,3 +299,56 @@ def test_grad_of_the_final_energy_wrt_the_guidance_weight(case):
 def test_energy_must_be_an_energy():
     with pytest.raises(TypeError, match="Energy"):
         G.Guidance(Seam(), lambda x, ctx: x.sum())
+
+
+@pytest.mark.parametrize("band", [0, 1, 2])
+def test_paste_weight_ramps_from_the_editable_edge_and_ignores_the_image_border(band):
+    """For a straight edge the weight at depth d into the frozen region (d = 0 next to the
+    editable region) is min(1, (d + 1) / (2r + 1)), r = band x factor / 2; editable pixels
+    weigh 0; the frame's border does not thin it; a pixel is pasted only where every latent
+    channel is frozen."""
+    factor, h, w = 8, 6, 8
+    frozen = np.ones((1, 4, h, w), bool)
+    frozen[0, :, :, :3] = False  # editable: the first three latent columns
+    frozen[0, 2, 0, 6] = False  # one channel editable: that latent pixel is not pasted
+    a = np.asarray(G.paste_weight(jnp.asarray(frozen), factor, band))[0, ..., 0]
+    assert a.shape == (h * factor, w * factor)
+    r = band * factor // 2
+    depth = np.arange(w * factor) - 3 * factor
+    expected = np.where(depth < 0, 0.0, np.minimum(1.0, (depth + 1) / (2 * r + 1)))
+    row = 5 * factor  # far from the one-channel cell and from nothing else
+    np.testing.assert_allclose(a[row], expected, atol=1e-6)
+    np.testing.assert_allclose(a[-1], expected, atol=1e-6)  # the frame's last row: the same
+    np.testing.assert_array_equal(a[:factor, 6 * factor : 7 * factor], 0.0)
+    assert ((a >= 0) & (a <= 1)).all()
+
+
+def test_paste_source_puts_the_source_where_the_frozen_mask_holds(case):
+    """final_image is the decoded latents without paste_source; with it, the source image
+    where the paste weight is 1, the decoded image where it is 0, their blend between; the
+    Sampler's decode needs the inputs then."""
+    from mgjax.method.sampler import Sampler
+
+    g, params, inputs, z_T = case
+    decoded = np.asarray(g.sd.decode(params, jnp.asarray(z_T))) * 0.5 + 0.5
+    np.testing.assert_allclose(
+        np.asarray(G.final_image(g, params, inputs, jnp.asarray(z_T))), decoded, atol=1e-6
+    )
+    method = dataclasses.replace(g.method, paste_source=True, paste_band=1)
+    gp = G.Guidance(g.sd, g.energy, method)
+    got = np.asarray(G.final_image(gp, params, inputs, jnp.asarray(z_T)))
+    a = np.asarray(G.paste_weight(inputs.frozen, 8, 1))
+    source = np.asarray(inputs.source)
+    full, none = a[..., 0] == 1, a[..., 0] == 0
+    assert full.any() and none.any() and ((a > 0) & (a < 1)).any()
+    np.testing.assert_allclose(got[full], source[full], atol=1e-6)
+    np.testing.assert_allclose(got[none], decoded[none], atol=1e-6)
+    np.testing.assert_allclose(got, a * source + (1 - a) * decoded, atol=1e-6)
+    seam = dataclasses.replace(g.sd)
+    seam.params = params
+    sampler = Sampler(seam, None, method, energy=g.energy)
+    with pytest.raises(ValueError, match="paste_source needs the edit's inputs"):
+        sampler.decode(jnp.asarray(z_T))
+    np.testing.assert_allclose(
+        sampler.decode(jnp.asarray(z_T), inputs), np.clip(got, 0, 1), atol=1e-6
+    )

@@ -171,6 +171,7 @@ def test_resume_equals_uninterrupted(assets, tmp_path, monkeypatch):
         (dict(attention="flash"), "attention must be one of plain, memory_efficient"),
         (dict(preserve_weight=-1.0), "preserve_weight must be >= 0"),
         (dict(preserve_ramp=float("inf")), "preserve_ramp must be >= 0"),
+        (dict(paste_band=-1), "paste_band must be >= 0"),
         (dict(guidance_weight=float("nan")), "guidance_weight must be a finite number"),
         (dict(out_dir="{mine}"), "was not written by mgjax; give a new --out_dir"),
         (dict(out_dir="{mine}", overwrite=True), "--overwrite replaces only mgjax's own"),

@@ -189,7 +189,7 @@ class Runner:
             progress.close()
         if not result.finished:
             raise KeyboardInterrupt
-        edited = sampler.decode(result.state.z)
+        edited = sampler.decode(result.state.z, inputs)
         for n, p in enumerate(batch[:real]):
             job_logs = {k: v[..., n : n + 1] for k, v in result.logs.items()}
             res = EditResult(

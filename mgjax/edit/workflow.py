@@ -278,7 +278,7 @@ def _run(config: C.Config, files: EditFiles, ckpt: Checkpoint, log, t_start: flo
         raise InputError(f"{e}; nothing was written for that chunk") from None
     finally:
         progress.close()
-    edited = sampler.decode(result.state.z)
+    edited = sampler.decode(result.state.z, inputs)
     wall = time.perf_counter() - t_start
     res = EditResult(image[0], files.flow, files.obj, edited, result.logs, result.seconds, wall)
     write_samples(config, sampler, inputs, res)

@@ -110,7 +110,7 @@ class Engine:
         if not result.finished:  # the checkpoint stays: launch.py --resume continues it
             raise Cancelled(step=int(result.state.step), folder=out_dir)
         job.emit("phase", text="writing the outputs")
-        edited = sampler.decode(result.state.z)
+        edited = sampler.decode(result.state.z, inputs)
         wall = time.perf_counter() - t_start
         res = EditResult(
             source[0][0], files.flow, files.obj, edited, result.logs, result.seconds, wall

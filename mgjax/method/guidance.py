@@ -421,11 +421,41 @@ def image_energy(g: Guidance, raft, inputs: GuidanceInputs, x):
     return e, {k: terms[k] for k in g.energy.log_names}
 
 
+def paste_weight(frozen, factor: int, band: int):
+    """Where the source's pixels replace the edit's, f32[B,H,W,1] in [0, 1], from a frozen mask
+    bool[B,C,h,w]: 1 where every channel of the latent pixel above is frozen and `band` latent
+    pixels (factor x band image pixels) or more from any editable one, falling linearly (for a
+    straight edge) to 0 at the editable region's edge; 0 throughout the editable region. The
+    image's border counts as frozen, so it does not thin the weight there."""
+    keep = jnp.all(frozen, axis=1).astype(jnp.float32)
+    keep = jnp.repeat(jnp.repeat(keep, factor, axis=1), factor, axis=2)[..., None]
+    r = (band * factor) // 2
+    if r == 0:
+        return keep
+    window, ones = (1, 2 * r + 1, 2 * r + 1, 1), (1, 1, 1, 1)
+    # erode by r, then average over the same window: 0 up to r pixels in, 1 from 2r in
+    inner = lax.reduce_window(keep, jnp.inf, lax.min, window, ones, "SAME")
+    total = lax.reduce_window(inner, 0.0, lax.add, window, ones, "SAME")
+    count = lax.reduce_window(jnp.ones_like(inner), 0.0, lax.add, window, ones, "SAME")
+    return total / count
+
+
+def final_image(g: Guidance, params, inputs: GuidanceInputs, z):
+    """Final latents z f32[B,C,h,w] decoded to images f32[B,H,W,3] in [0, 1] (not clamped; not a
+    one-step estimate); with method.paste_source the source's pixels replace the decoded ones
+    where the frozen mask holds (`paste_weight`)."""
+    x = g.sd.decode(params, z) * 0.5 + 0.5
+    if not g.method.paste_source:  # static
+        return x
+    a = paste_weight(inputs.frozen, g.sd.vae_factor, g.method.paste_band).astype(x.dtype)
+    return a * inputs.source.astype(x.dtype) + (1.0 - a) * x
+
+
 def final_energy(g: Guidance, params, raft, inputs: GuidanceInputs, z):
-    """The energy of final latents z f32[B,C,h,w], decoded (not clamped; not a one-step
-    estimate), as `image_energy`. Differentiable end to end: jax.grad of it after step_chunk
-    differentiates a whole guided run, with respect to its numbers too."""
-    return image_energy(g, raft, inputs, g.sd.decode(params, z) * 0.5 + 0.5)
+    """The energy of final latents z f32[B,C,h,w], as `final_image` makes them, as
+    `image_energy`. Differentiable end to end: jax.grad of it after step_chunk differentiates a
+    whole guided run, with respect to its numbers too."""
+    return image_energy(g, raft, inputs, final_image(g, params, inputs, z))
 
 
 def step_chunk(

@@ -27,6 +27,9 @@ What stays static, and why (`structure`, and the switches of `mgjax.method.guida
     differentiates, which the driver reads on the host before it traces, as it reads which
     steps skip_unguided skips. At their defaults none of their code is traced.
 
+paste_source and paste_band are static too: they shape the final decode
+(mgjax.method.guidance.final_image), which no sampling step reads.
+
 warp_start is neither: it moves the first latent on the host before the first step
 (mgjax.method.start), so methods that differ in it alone share a Sampler.
 

@@ -90,7 +90,7 @@ class Sampler:
         )
         self._final = jax.jit(self._final_energy)
         self._encode = jax.jit(lambda raft, image: raft.encode_source(image))
-        self._decode = jax.jit(sd.decode)
+        self._decode = jax.jit(G.final_image, static_argnums=0)
 
     @classmethod
     def of(cls, sd, raft, energy: Energy | None = None, snapshot_every: int = 0, **settings):
@@ -278,7 +278,11 @@ class Sampler:
         out = self._final(self.raft, jnp.asarray(images, self.dtype), inputs)
         return {k: np.asarray(v) for k, v in out.items()}
 
-    def decode(self, z) -> np.ndarray:
-        """Final latents -> images f32[B,H,W,3] in [0, 1] (clamped)."""
-        x = self._decode(self.sd.params, z)
-        return np.clip(np.asarray(x) * 0.5 + 0.5, 0.0, 1.0)
+    def decode(self, z, inputs: GuidanceInputs | None = None) -> np.ndarray:
+        """Final latents -> images f32[B,H,W,3] in [0, 1] (clamped), as
+        mgjax.method.guidance.final_image makes them: with method.paste_source the source's
+        pixels where the inputs' frozen mask holds, so the inputs are needed then."""
+        if inputs is None and self.method.paste_source:
+            raise ValueError("paste_source needs the edit's inputs: decode(z, inputs)")
+        x = self._decode(self.guidance, self.sd.params, inputs, z)
+        return np.clip(np.asarray(x), 0.0, 1.0)
