@@ -14,7 +14,9 @@ from transformers import CLIPTokenizer, FlaxCLIPTextModel
 from flow.checkpoint import load_raft
 from flow.errors import InputError
 from mgjax import config as C
+from mgjax.edit.motion import auto_frozen_mask
 from mgjax.edit.workflow import run
+from mgjax.method import guidance as G
 from mgjax.model import sd as sdm
 from mgjax.toy import pack
 
@@ -52,15 +54,29 @@ def _measure(path) -> tuple[dict, np.ndarray, float]:
     return measures, measures["shift"], measures["object_px"] / measures["source_px"]
 
 
+def _assert_pasted(sample, dilate: int) -> None:
+    """The toy preset pastes the source where the frozen mask holds: the edit's pixels there,
+    one latent pixel in from the frozen region's edge, are the source's, byte for byte; the
+    pixels next to the object are the sampler's."""
+    flow = np.load(sample / "target_flow.npy")
+    frozen = auto_frozen_mask(flow, 4, dilate)
+    weight = np.asarray(G.paste_weight(frozen, 4, 1))[0, ..., 0]
+    source = np.asarray(Image.open(sample / "source.png"))
+    edited = np.asarray(Image.open(sample / "edited.png"))
+    assert (weight == 1).mean() > 0.3
+    np.testing.assert_array_equal(edited[weight == 1], source[weight == 1])
+    assert (edited[weight == 0] != source[weight == 0]).any()
+
+
 @pytest.mark.slow
 def test_embedded_default_moves_the_object_unguided_does_not(tmp_path):
     """The embedded default (the toy pack's demo: its object asked to move 10 px right, with the
     toy preset), scored against the exactly moved object: guidance takes it at least 90% of the
     way, within 1 px of its target, with IoU 0.85 or more; the same run with lambda_g = 0 from
     the source's own z_T (no warped start) leaves it within 1.5 px of its place, nine tenths of
-    it kept. Runs that differ in XLA's thread count (1 or 2) and loop form (unrolled or scan)
-    ended at +9.35 to +9.45 px, within 0.60 to 0.68 px of the target, IoU 0.899 to 0.903
-    (BENCHMARKS.md, "The toy demo")."""
+    it kept. Both keep the source's pixels where the frozen mask holds. Runs that differ in
+    XLA's thread count (1 or 2) and loop form (unrolled or scan) ended at +9.35 to +9.45 px,
+    within 0.60 to 0.68 px of the target, IoU 0.899 to 0.903 (BENCHMARKS.md, "The toy demo")."""
     meta = pack.info()
     assert meta["demo"]["motion"] == "translate:10,0"
     toy = dict(C.PRESETS["toy"])
@@ -72,6 +88,7 @@ def test_embedded_default_moves_the_object_unguided_does_not(tmp_path):
         values = dict(toy, guidance_weight=weight, **control)
         run(C.make(out_dir=str(out), **values), log=lambda s: None)
         measured[weight] = _measure(out / "sample_00" / "edited.png")
+        _assert_pasted(out / "sample_00", values["dilate"])
         config = json.loads((out / "sample_00" / "config.json").read_text())
         assert config["model"] == pack.sd_folder() and config["raft_weights"] == pack.raft_file()
     scores, shift, _ = measured[toy["guidance_weight"]]
