@@ -433,11 +433,11 @@ def paste_weight(frozen, factor: int, band: int):
     if r == 0:
         return keep
     window, ones = (1, 2 * r + 1, 2 * r + 1, 1), (1, 1, 1, 1)
-    # erode by r, then average over the same window: 0 up to r pixels in, 1 from 2r in
+    # erode by r (outside the frame counts as frozen), then average over the same window with
+    # the frame's edge repeated: 0 up to r pixels in, 1 from 2r in
     inner = lax.reduce_window(keep, jnp.inf, lax.min, window, ones, "SAME")
-    total = lax.reduce_window(inner, 0.0, lax.add, window, ones, "SAME")
-    count = lax.reduce_window(jnp.ones_like(inner), 0.0, lax.add, window, ones, "SAME")
-    return total / count
+    inner = jnp.pad(inner, ((0, 0), (r, r), (r, r), (0, 0)), mode="edge")
+    return lax.reduce_window(inner, 0.0, lax.add, window, ones, "VALID") / (2 * r + 1) ** 2
 
 
 def final_image(g: Guidance, params, inputs: GuidanceInputs, z):
