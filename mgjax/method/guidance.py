@@ -433,11 +433,14 @@ def paste_weight(frozen, factor: int, band: int):
     if r == 0:
         return keep
     window, ones = (1, 2 * r + 1, 2 * r + 1, 1), (1, 1, 1, 1)
-    # erode by r (outside the frame counts as frozen), then average over the same window with
-    # the frame's edge repeated: 0 up to r pixels in, 1 from 2r in
+    # erode by r (outside the frame counts as frozen), then average over the same window's
+    # pixels inside the frame: 0 up to r pixels in, 1 from 2r in. The count of those pixels is
+    # a host constant (a reduce-window over ones would be folded at compile time, slowly).
     inner = lax.reduce_window(keep, jnp.inf, lax.min, window, ones, "SAME")
-    inner = jnp.pad(inner, ((0, 0), (r, r), (r, r), (0, 0)), mode="edge")
-    return lax.reduce_window(inner, 0.0, lax.add, window, ones, "VALID") / (2 * r + 1) ** 2
+    total = lax.reduce_window(inner, 0.0, lax.add, window, ones, "SAME")
+    h, w = keep.shape[1:3]
+    count = [np.minimum(np.arange(n), r) + np.minimum(np.arange(n)[::-1], r) + 1 for n in (h, w)]
+    return total / np.outer(*count)[None, :, :, None].astype(np.float32)
 
 
 def final_image(g: Guidance, params, inputs: GuidanceInputs, z):
