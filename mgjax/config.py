@@ -391,8 +391,8 @@ RUN_LEVEL = (
 #   loses half the objects). The preset keeps 300, which places objects best. A weight rising
 #   over the steps (preserve_ramp; from 100 to 1200) keeps the region as 900 does (37.15 dB) at
 #   0.95 px and 86% of the displacement; on the held-out edits it passes no guidance's region
-#   (37.3 against 36.8 dB, before the paste below) but loses a translated object the preset
-#   keeps: it stays an option.
+#   (37.3 against 36.8 dB; with the paste below 39.7 against 39.2) but loses a translated
+#   object the preset keeps: it stays an option.
 #   The source pasted where the frozen mask holds (paste_source): the decoder redraws even
 #   the latents copied from the source only as well as it reconstructs (35.5 dB on held-out
 #   scenes), and pasting changes nothing else of the edit; on 32 tuning edits (BENCHMARKS.md,
