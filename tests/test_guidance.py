@@ -316,7 +316,7 @@ def test_paste_weight_ramps_from_the_editable_edge_and_ignores_the_image_border(
     r = band * factor // 2
     depth = np.arange(w * factor) - 3 * factor
     expected = np.where(depth < 0, 0.0, np.minimum(1.0, (depth + 1) / (2 * r + 1)))
-    row = 5 * factor  # far from the one-channel cell and from nothing else
+    row = 5 * factor  # a row far from the one-channel cell
     np.testing.assert_allclose(a[row], expected, atol=1e-6)
     np.testing.assert_allclose(a[-1], expected, atol=1e-6)  # the frame's last row: the same
     np.testing.assert_array_equal(a[:factor, 6 * factor : 7 * factor], 0.0)
