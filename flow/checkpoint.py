@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from flow.errors import InputError
-from flow.files import write_atomic
+from flow.files import NpzFile, write_atomic
 from flow.raft import Raft, RaftConfig, init_raft
 from flow.schema import Optional, check, optional, parse_json
 
@@ -126,8 +126,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
 
 def check_variables(variables: dict, config: RaftConfig) -> None:
     """Every expected tensor present with the expected shape, nothing extra."""
-    ref = jax.eval_shape(lambda: init_raft(config, jax.random.PRNGKey(0)))
-    want = {k: tuple(v.shape) for k, v in flatten(ref).items()}
+    want = expected_shapes(config)
     got = {k: tuple(np.shape(v)) for k, v in flatten(variables).items()}
     model = "RAFT-small" if config.small else "RAFT-large"
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
@@ -181,37 +180,74 @@ def read_torch_checkpoint(path: str) -> tuple[dict, RaftConfig, str]:
     return variables, config, layout
 
 
+# The most bytes a weights file's JSON header may take (it holds a few short fields).
+_MAX_HEADER = 64 * 1024
+
+
+def expected_shapes(config: RaftConfig) -> dict[str, tuple[int, ...]]:
+    """{"params/fnet/conv1/kernel": shape, ...}: every tensor RAFT with `config` holds."""
+    ref = jax.eval_shape(lambda: init_raft(config, jax.random.PRNGKey(0)))
+    return {k: tuple(v.shape) for k, v in flatten(ref).items()}
+
+
 def load_variables(path: str) -> tuple[dict, RaftConfig]:
-    """Our format or a PyTorch .pth (read without torch, without executing pickled code)."""
+    """Our format or a PyTorch .pth (read without torch, without executing pickled code).
+
+    Our format is read member by member: the names in the zip's directory must be exactly
+    the tensors the header's RAFT holds, and each tensor's .npy header must declare real
+    floating-point data of the shape RAFT gives it, before any of its data is inflated; every
+    tensor must be finite."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such weights file; convert one with python -m flow.convert")
     if not _is_ours(path):
         variables, config, _ = read_torch_checkpoint(path)
         return variables, config
     fix = "convert the weights again with python -m flow.convert"
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            header = z[_META].tobytes()
-            arrays = {k: z[k] for k in z.files if k != _META}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise InputError(f"{path}: unreadable weights file ({e}); convert it again") from None
-    meta = parse_json(header, f"{path}: its header", fix)
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise InputError(f"{path}: not an {FORMAT} v{VERSION} file; {fix}")
-    check(meta, _HEADER, f"{path}: its header", fix)
-    input_scale = optional(meta, "input_scale", 1)
-    if input_scale < 1:
-        raise InputError(f"{path}: its header's input_scale must be at least 1; {fix}")
-    variables: dict = {}
-    for key, value in arrays.items():
-        *path_parts, leaf = key.split("/")
-        node = variables
-        for p in path_parts:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    config = RaftConfig(small=bool(meta["small"]), input_scale=int(input_scale))
-    check_variables(variables, config)
+    with NpzFile(path, "weights file", fix) as z:
+        if _META not in z.keys:
+            raise z.error("it holds no header")
+        raw = z.read(_META, lambda shape, dtype: _header_shape(shape, dtype), "u")
+        meta = parse_json(raw.tobytes(), f"{path}: its header", fix)
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise InputError(f"{path}: not an {FORMAT} v{VERSION} file; {fix}")
+        check(meta, _HEADER, f"{path}: its header", fix)
+        input_scale = optional(meta, "input_scale", 1)
+        if input_scale not in (1, 2, 4):
+            raise InputError(f"{path}: its header's input_scale must be 1, 2 or 4; {fix}")
+        config = RaftConfig(small=bool(meta["small"]), input_scale=int(input_scale))
+        want = expected_shapes(config)
+        model = "RAFT-small" if config.small else "RAFT-large"
+        got = [k for k in z.keys if k != _META]
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        if missing or extra:
+            raise z.error(
+                f"it does not match {model}: missing {missing[:3]}, unexpected {extra[:3]}"
+            )
+        variables: dict = {}
+        for key in got:
+            value = z.read(key, lambda shape, dtype, k=key: _tensor_shape(shape, want[k]), "f")
+            with np.errstate(over="ignore", invalid="ignore"):
+                value = value.astype(np.float32)
+            if not np.isfinite(value).all():
+                raise z.error(f"its {key!r} holds NaN or inf values (or values beyond float32)")
+            *path_parts, leaf = key.split("/")
+            node = variables
+            for p in path_parts:
+                node = node.setdefault(p, {})
+            node[leaf] = value
     return variables, config
+
+
+def _header_shape(shape: tuple[int, ...], dtype: np.dtype) -> str | None:
+    if dtype != np.uint8 or len(shape) != 1:
+        return f"is a {dtype} array of shape {shape}, not a header's bytes"
+    if shape[0] > _MAX_HEADER:
+        return f"declares {shape[0]:,} bytes, more than a header's {_MAX_HEADER:,}"
+    return None
+
+
+def _tensor_shape(shape: tuple[int, ...], want: tuple[int, ...]) -> str | None:
+    return None if shape == want else f"has shape {shape}, want {want}"
 
 
 def load_raft(path: str, context_norm: str = "batch", dtype: str = "float32") -> Raft:

@@ -1,42 +1,62 @@
 """Reading and writing Middlebury .flo optical-flow files."""
 
 import os
-from pathlib import Path
+import stat
 
 import numpy as np
 
 from flow.errors import InputError
+from flow.files import MAX_PIXELS, regular_file, write_atomic
 
 MAGIC = np.float32(202021.25)
 _HEADER_BYTES = 12
 
 
 def read_flo(path: str | os.PathLike[str]) -> np.ndarray:
-    """Reads a .flo file into f32[H,W,2] (u, v); any malformation raises InputError."""
+    """Reads a .flo file into f32[H,W,2] (u, v); any malformation raises InputError. The
+    12-byte header is checked against the file's real size before the flow is read, and only
+    regular files are opened (a pipe or a device has no size to check)."""
+    path = os.fspath(path)
+    regular_file(path, ".flo")
     try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such .flo file") from None
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         raise InputError(f"{path}: cannot read .flo file ({e.strerror})") from None
-    if len(data) < _HEADER_BYTES:
-        raise InputError(f"{path}: truncated .flo file ({len(data)} bytes, header needs 12)")
-    magic = np.frombuffer(data, "<f4", count=1)[0]
-    if magic != MAGIC:
-        raise InputError(f"{path}: not a .flo file (magic {magic!r}, expected 202021.25)")
-    width, height = (int(d) for d in np.frombuffer(data, "<i4", count=2, offset=4))
-    if width < 0 or height < 0:
-        raise InputError(f"{path}: corrupt .flo header (width {width}, height {height})")
-    expected = _HEADER_BYTES + 4 * 2 * width * height
-    if len(data) < expected:
-        raise InputError(
-            f"{path}: truncated .flo file ({len(data)} bytes, {width}x{height} needs {expected})"
-        )
-    if len(data) > expected:
-        raise InputError(
-            f"{path}: {len(data) - expected} unexpected trailing bytes after {width}x{height} flow"
-        )
-    flow = np.frombuffer(data, "<f4", count=2 * width * height, offset=_HEADER_BYTES)
+    with os.fdopen(fd, "rb") as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise InputError(f"{path}: not a regular file; give the path of a .flo file")
+            header = f.read(_HEADER_BYTES)
+            if len(header) < _HEADER_BYTES:
+                raise InputError(
+                    f"{path}: truncated .flo file ({len(header)} bytes, header needs 12)"
+                )
+            magic = np.frombuffer(header, "<f4", count=1)[0]
+            if magic != MAGIC:
+                raise InputError(f"{path}: not a .flo file (magic {magic!r}, expected 202021.25)")
+            width, height = (int(d) for d in np.frombuffer(header, "<i4", count=2, offset=4))
+            if width < 1 or height < 1 or width * height > MAX_PIXELS:
+                raise InputError(
+                    f"{path}: corrupt .flo header (width {width}, height {height}; a flow is "
+                    f"at least 1x1 and at most {MAX_PIXELS:,} pixels)"
+                )
+            expected = _HEADER_BYTES + 4 * 2 * width * height
+            if size < expected:
+                raise InputError(
+                    f"{path}: truncated .flo file ({size} bytes, {width}x{height} needs {expected})"
+                )
+            if size > expected:
+                raise InputError(
+                    f"{path}: {size - expected} unexpected trailing bytes after {width}x{height} "
+                    "flow"
+                )
+            data = f.read(expected - _HEADER_BYTES)
+        except OSError as e:
+            raise InputError(f"{path}: cannot read .flo file ({e.strerror})") from None
+    if len(data) != expected - _HEADER_BYTES:
+        raise InputError(f"{path}: truncated .flo file (it shrank while being read)")
+    flow = np.frombuffer(data, "<f4", count=2 * width * height)
     return flow.reshape(height, width, 2).astype(np.float32)
 
 
@@ -53,7 +73,6 @@ def write_flo(path: str | os.PathLike[str], flow: np.ndarray) -> None:
             np.ascontiguousarray(flow, dtype="<f4").tobytes(),
         )
     )
-    from flow.files import write_atomic
 
     def write(tmp):
         with open(tmp, "wb") as f:

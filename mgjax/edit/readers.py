@@ -15,31 +15,60 @@ def require(path: str, what: str) -> None:
         raise InputError(f"{path}: no such {what}")
 
 
+# Image modes whose one band is read as it is; every other mode is read as RGBA.
+_ONE_BAND = ("1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
 def _mask(path: str) -> np.ndarray:
-    """A mask PNG/JPG (non-zero = object) or .npy (bool/0-1) -> bool[H,W], any size."""
+    """A mask image or .npy -> bool[H,W], any size. The rule (MASK_RULE): a pixel is object
+    where its largest colour channel is above half the largest value in the whole mask, so
+    0/1, 0/255, anti-aliased and coloured masks all read as drawn; a transparent pixel (alpha
+    at most half) counts as 0. A mask with no value above 0 is empty."""
     require(path, "mask file")
     if path.endswith(".npy"):
         m = load_npy(path, "mask")
     else:
-        m = read_image(path, "mask image", "L")
+        m = read_image(path, "mask image", lambda mode: None if mode in _ONE_BAND else "RGBA")
+        if m.ndim == 3:  # RGBA: colour where opaque
+            m = np.where(m[..., 3] > 127, m[..., :3].max(axis=-1), 0)
     m = np.asarray(m)
     if m.ndim == 3:
-        m = m[..., 0]
+        m = m.max(axis=-1)
     if m.ndim != 2:
-        raise InputError(f"{path}: a mask is one 2-D array, got shape {m.shape}")
-    return m > (127 if m.dtype == np.uint8 else 0.5)
+        raise InputError(f"{path}: a mask is one 2-D array (or H x W x channels), got {m.shape}")
+    if m.dtype == bool or m.size == 0:
+        return m.astype(bool)
+    if m.dtype.kind == "f" and not np.isfinite(m).all():
+        raise InputError(f"{path}: the mask holds NaN or inf values")
+    top = m.max()
+    return (m > top / 2) if top > 0 else np.zeros(m.shape, bool)
+
+
+MASK_RULE = (
+    "a pixel is object where its largest channel is above half the mask's largest value "
+    "(transparent pixels are not)"
+)
 
 
 def read_mask_image(path: str, h: int, w: int) -> np.ndarray:
-    """A mask PNG/JPG (non-zero = object) or .npy (bool/0-1) -> bool[H,W] of the image size."""
+    """An object mask image or .npy (see `_mask`) -> bool[H,W] of the image size, with at
+    least one object pixel."""
     m = _mask(path)
     if m.shape != (h, w):
         raise InputError(f"{path}: mask is {m.shape[1]}x{m.shape[0]} but the image is {w}x{h}")
+    if not m.any():
+        raise InputError(f"{path}: the object mask is empty; {MASK_RULE}")
     return m
 
 
+# A flow moves a pixel by at most this many times the image's longer side: further, every
+# pixel has left the frame long before, and larger values only mean a broken file.
+MAX_FLOW_SIDES = 16
+
+
 def read_flow_file(path: str, h: int, w: int) -> np.ndarray:
-    """.npy (H,W,2), .flo, or a reference .pth (1,2,H,W) -> f32[H,W,2]."""
+    """.npy (H,W,2), .flo, or a reference .pth (1,2,H,W) -> f32[H,W,2], finite and at most
+    MAX_FLOW_SIDES times the image's longer side in pixels."""
     require(path, "flow file")
     if path.endswith(".npy"):
         f = load_npy(path, "flow")
@@ -56,12 +85,29 @@ def read_flow_file(path: str, h: int, w: int) -> np.ndarray:
         f = np.transpose(f.reshape((-1,) + f.shape[-3:])[0], (1, 2, 0))
     else:
         raise InputError(f"{path}: flow files must be .npy, .flo or .pth")
-    f = np.asarray(f, np.float32)
+    if f.dtype.kind not in "biuf":
+        raise InputError(f"{path}: the flow holds {f.dtype} data, not real numbers")
     if f.shape != (h, w, 2):
         raise InputError(f"{path}: flow is {f.shape} but the image needs ({h}, {w}, 2)")
-    if not np.isfinite(f).all():
-        raise InputError(f"{path}: flow contains NaN or inf values")
+    f = _finite32(f, path, "flow")
+    limit = MAX_FLOW_SIDES * max(h, w)
+    peak = float(np.abs(f).max()) if f.size else 0.0
+    if peak > limit:
+        raise InputError(
+            f"{path}: the flow moves pixels {peak:.3g} pixels; a flow for a {w}x{h} image moves "
+            f"them at most {limit} ({MAX_FLOW_SIDES} times its longer side)"
+        )
     return f
+
+
+def _finite32(a: np.ndarray, path: str, what: str) -> np.ndarray:
+    """`a` as float32, refused (without numpy's warnings) if any value is NaN, inf, or too
+    large for float32."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.asarray(a, np.float32)
+    if not np.isfinite(out).all():
+        raise InputError(f"{path}: the {what} contains NaN or inf values (or values too large)")
+    return out
 
 
 def read_frozen(path: str, lat_shape, vae_factor: int = 8) -> np.ndarray:
@@ -92,14 +138,13 @@ def read_schedule(path: str | None, steps: int) -> np.ndarray | None:
     """A .npy of guidance multipliers, one per DDIM step, or None without a path."""
     if not path:
         return None
-    schedule = load_npy(path, "guidance schedule").astype(np.float32).reshape(-1)
+    schedule = load_npy(path, "guidance schedule").reshape(-1)
     if schedule.size != steps:
         raise InputError(
             f"{path}: the guidance schedule has {schedule.size} entries but there are {steps} "
             "DDIM steps; give one multiplier per step"
         )
-    if not np.isfinite(schedule).all():
-        raise InputError(f"{path}: the guidance schedule contains NaN or inf values")
+    schedule = _finite32(schedule, path, "guidance schedule")
     return schedule
 
 

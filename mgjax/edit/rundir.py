@@ -19,9 +19,10 @@ def digest_of(folder: str) -> str | None:
     """The settings digest the folder's run was started with (None: not recorded)."""
     try:
         with open(os.path.join(folder, MARKER)) as f:
-            return json.load(f).get("digest")
-    except (OSError, ValueError, AttributeError):
+            digest = json.load(f).get("digest")
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
+    return digest if isinstance(digest, str) else None
 
 
 def check_writable(folder: str, flag: str = "--out_dir") -> None:

@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from flow.errors import InputError
-from flow.files import read_rgb, write_atomic
+from flow.files import NpzFile, read_rgb, write_atomic
 from mgjax.config import Config
 from mgjax.edit.readers import fit_image
 
@@ -46,8 +46,7 @@ def source_trajectory(config: Config, sd, cond, uncond, folder: str, image, data
 
     cache = os.path.join(folder, CACHE)
     if os.path.isfile(cache):
-        with np.load(cache, allow_pickle=False) as z:
-            return z["image"], z["z_T"], z["latents"]
+        return _read_cache(cache)
     steps = config.method.steps
     if data is not None:
         z_T, latents = data.z_T, data.trajectory
@@ -74,3 +73,23 @@ def source_trajectory(config: Config, sd, cond, uncond, folder: str, image, data
 
     write_atomic(cache, write)
     return image, z_T, latents
+
+
+_CACHED = {"image": 4, "z_T": 4, "latents": 5}  # array -> its number of dimensions
+
+
+def _read_cache(path: str):
+    """(image, z_T, latents) of a source.npz: exactly those arrays, of real floats with their
+    number of dimensions, finite, and no more bytes than the file holds (np.savez stores its
+    members uncompressed)."""
+    fix = "remove it (or start again with --overwrite)"
+    with NpzFile(path, "source cache", fix, max_bytes=os.path.getsize(path)) as z:
+        if sorted(z.keys) != sorted(_CACHED):
+            raise z.error(f"it holds {sorted(z.keys)}, not {sorted(_CACHED)}")
+        out = []
+        for key, ndim in _CACHED.items():
+            value = z.read(key, lambda s, d, n=ndim: None if len(s) == n else f"is {len(s)}-D", "f")
+            if not np.isfinite(value).all():
+                raise z.error(f"its {key!r} holds NaN or inf values")
+            out.append(value)
+    return tuple(out)

@@ -82,9 +82,7 @@ def target(config: C.Config, data, h: int, w: int):
 
     mo, obj = config.motion, None
     if mo.object_mask:
-        obj = read_mask_image(mo.object_mask, h, w)
-        if not obj.any():
-            raise InputError(f"{mo.object_mask}: the object mask is empty")
+        obj = read_mask_image(mo.object_mask, h, w)  # never empty
     elif mo.object_box:
         obj = box_mask(mo.object_box, h, w)
     if mo.flow:

@@ -105,9 +105,10 @@ def load(
         with quiet():
             sd = _load(model, revision, dtype, from_pt, text_encoder)
         return sd.configure(attention=attention)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RecursionError) as e:
         if isinstance(e, InputError):
             raise
+        # RecursionError: a config.json nested thousands deep
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(
             f"cannot load Stable Diffusion from {model!r} (revision {revision}): {first}; "
@@ -244,7 +245,7 @@ def load_autoencoder(folder) -> StableDiffusion:
     try:
         with quiet():
             vae, params = FlaxAutoencoderKL.from_pretrained(str(folder))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"cannot load an autoencoder from {folder}: {first}") from None
     return StableDiffusion(None, vae, None, None, {"vae": unpinned(params)})

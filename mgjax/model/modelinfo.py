@@ -91,6 +91,8 @@ def _read_json(path: str, what: str) -> dict:
             data = json.load(f)
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: not a readable {what} ({e})") from None
+    except RecursionError:
+        raise InputError(f"{path}: not a readable {what} (nested too deep)") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: not a {what} (expected a JSON object)")
     return data
