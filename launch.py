@@ -172,6 +172,17 @@ def configuration() -> C.Config:
         raise InputError(str(e)) from None
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """The command line's flags parsed into FLAGS; a value absl refuses (a word for a number, an
+    unknown flag or choice) is a bad input: one `error:` line and exit status 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        message = " ".join(str(e).split())
+        print(f"error: {message}; see python launch.py --helpshort", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
 
@@ -239,4 +250,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

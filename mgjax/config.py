@@ -32,7 +32,7 @@ from mgjax.model.levers import ATTENTION, CFG_GRADIENTS, LOOPS, RAFT_GRADIENTS, 
 
 def parse_phases(text: str) -> tuple[int, ...]:
     """Method.recursive_phases as a tuple of K (empty: none); ValueError unless each is an
-    integer >= 1."""
+    integer from 1 to MAX_K."""
     if not isinstance(text, str):
         raise ValueError(f"recursive_phases must be a string, got {text!r}")
     if not text.strip():
@@ -43,6 +43,11 @@ def parse_phases(text: str) -> tuple[int, ...]:
         raise ValueError(f"recursive_phases: give K,K,... (integers), got {text!r}") from None
     if min(phases) < 1:
         raise ValueError(f"recursive_phases: every K must be at least 1, got {text!r}")
+    if max(phases) > MAX_K:
+        raise ValueError(
+            f"recursive_phases: every K must be from 1 to {MAX_K}, got {_short(max(phases))}; "
+            "give smaller Ks"
+        )
     return phases
 
 
@@ -50,18 +55,58 @@ def _field(default, help: str, choices: tuple | None = None):
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
-def _check(group, at_least: dict[str, float]) -> None:
-    """ValueError unless each named field is a finite number >= its bound, and each field with
-    choices holds one of them."""
+# Upper bounds of the settings that size work or memory: each is past any useful value, and
+# refusing more keeps a typo from running (or allocating) for ever.
+TRAIN_TIMESTEPS = 1000  # the DDIM schedule the sampler implements: SD's 1000 training timesteps
+MAX_K = 100  # recursive denoising steps per DDIM step (the paper's K is 10)
+MAX_RAFT_ITERS = 100  # RAFT's own evaluations use 12 to 32
+MAX_SAMPLES = 64  # edits of one source in one batch
+# Pixel counts: the largest image a model takes is twice its side (2048 for SDXL), and a mask
+# grown or dilated by its width plus height covers it whole.
+MAX_MASK_GROW = 4096  # image pixels
+MAX_LATENT_SIDE = 512  # latent pixels: --dilate, --paste_band
+SEED_LIMIT = 2**32  # the sampler's PRNG keys are made from uint32 seeds
+# Why each bound is where it is, as a message says it.
+_WHY = {
+    "seed": "the sampler's 32-bit random seeds",
+    "steps": f"the schedule's {TRAIN_TIMESTEPS} training timesteps",
+    "chunk": "the most DDIM steps a run has",
+    "guide_every": "the most DDIM steps a run has",
+    "log_every": "the most DDIM steps a run has",
+    "stop_after_chunks": "the most chunks a run has",
+    "mask_grow": "image pixels; more than the largest image's width plus height grows no further",
+    "dilate": "latent pixels; more than the largest latent grid's side dilates no further",
+    "paste_band": "latent pixels; more than the largest latent grid's side blends no further",
+}
+
+
+def _check(group, at_least: dict[str, float], at_most: dict[str, float] | None = None) -> None:
+    """ValueError unless each named field is a finite number >= its bound (and <= its bound in
+    `at_most`), and each field with choices holds one of them."""
     for name, low in at_least.items():
         value = getattr(group, name)
-        if not (math.isfinite(value) and value >= low):
+        high = (at_most or {}).get(name)
+        # ints are compared as ints: a whole number too large for a float is still refused
+        finite = isinstance(value, int) or math.isfinite(value)
+        if not (finite and value >= low):
             bound = "at least 1" if low == 1 else f">= {low:g}"
-            raise ValueError(f"{name} must be {bound}, got {value}")
+            raise ValueError(f"{name} must be {bound}, got {_short(value)}")
+        if high is not None and value > high:
+            why = f" ({_WHY[name]})" if name in _WHY else ""
+            raise ValueError(
+                f"{name} must be from {_short(low)} to {_short(high)}{why}, got {_short(value)}; "
+                "give a value in that range"
+            )
     for f in dataclasses.fields(group):
         choices, value = f.metadata["choices"], getattr(group, f.name)
         if choices and value not in choices:
             raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _short(value) -> str:
+    """A number as a message shows it: a whole number of many digits by its size alone."""
+    text = str(value)
+    return text if len(text) <= 24 else f"a number of {len(text)} digits"
 
 
 def default_compilation_cache() -> str:
@@ -91,6 +136,9 @@ class Source:
         "Resize an --image whose size the model cannot take: to multiples of its factor, and "
         "one over twice the model's side down to that side.",
     )
+
+    def __post_init__(self):
+        _check(self, dict(seed=0), dict(seed=SEED_LIMIT - 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +174,9 @@ class Motion:
     )
 
     def __post_init__(self):
-        _check(self, dict(dilate=0, mask_grow=0))
+        _check(
+            self, dict(dilate=0, mask_grow=0), dict(dilate=MAX_LATENT_SIDE, mask_grow=MAX_MASK_GROW)
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,9 +294,17 @@ class Method:
     )
 
     def __post_init__(self):
-        _check(self, dict(steps=1, recursive_steps=1, raft_iters=1, clip=0, eta=0))
-        _check(self, dict(preserve_weight=0, preserve_ramp=0, paste_band=0))
-        _check(self, dict(guide_from=0, guide_every=1))
+        _check(
+            self,
+            dict(steps=1, recursive_steps=1, raft_iters=1, clip=0, eta=0),
+            dict(steps=TRAIN_TIMESTEPS, recursive_steps=MAX_K, raft_iters=MAX_RAFT_ITERS),
+        )
+        _check(
+            self,
+            dict(preserve_weight=0, preserve_ramp=0, paste_band=0),
+            dict(paste_band=MAX_LATENT_SIDE),
+        )
+        _check(self, dict(guide_from=0, guide_every=1), dict(guide_every=TRAIN_TIMESTEPS))
         if not (self.guide_from < self.guide_until <= 1.0):
             raise ValueError(
                 f"guide_from < guide_until <= 1 needed, got {self.guide_from}, {self.guide_until}"
@@ -293,7 +351,7 @@ class Speed:
     )
 
     def __post_init__(self):
-        _check(self, dict(chunk=1))
+        _check(self, dict(chunk=1), dict(chunk=TRAIN_TIMESTEPS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,7 +364,15 @@ class Output:
     stop_after_chunks: int = _field(0, "Testing aid: stop as if interrupted.")
 
     def __post_init__(self):
-        _check(self, dict(num_samples=1, log_every=0, stop_after_chunks=0))
+        _check(
+            self,
+            dict(num_samples=1, log_every=0, stop_after_chunks=0),
+            dict(
+                num_samples=MAX_SAMPLES,
+                log_every=TRAIN_TIMESTEPS,
+                stop_after_chunks=TRAIN_TIMESTEPS,
+            ),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,6 +383,14 @@ class Config:
     method: Method = Method()
     speed: Speed = Speed()
     output: Output = Output()
+
+    def __post_init__(self):
+        last = self.source.seed + self.output.num_samples - 1  # sample n uses seed + n
+        if last >= SEED_LIMIT:
+            raise ValueError(
+                f"seed {self.source.seed} with num_samples {self.output.num_samples} uses seeds up "
+                f"to {last}, over the largest seed {SEED_LIMIT - 1}; give a smaller seed"
+            )
 
 
 GROUPS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -476,7 +550,12 @@ def _coerce(name: str, value):
     }[kind]
     if not ok:
         raise ValueError(f"{name}: expected {kind.__name__}, got {json.dumps(value)}")
-    return float(value) if kind is float else value
+    if kind is float:
+        try:
+            return float(value)
+        except OverflowError:  # a whole number past any float
+            raise ValueError(f"{name} must be a finite number, got {_short(value)}") from None
+    return value
 
 
 def replace(config: Config, **values) -> Config:

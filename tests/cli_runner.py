@@ -30,9 +30,11 @@ def _entry(command: str):
         if command.startswith("train_"):
             module._define_flags()  # a training script defines its flags when run as one
 
+        parse = getattr(module, "parse_flags", module.FLAGS)  # the command line's own parser
+
         def run(argv):
             module.FLAGS.unparse_flags()
-            rest = module.FLAGS([command, *argv])
+            rest = parse([command, *argv])
             module.main(rest)
 
         return run

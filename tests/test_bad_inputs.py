@@ -98,6 +98,42 @@ CASES = [
     ("launch", [*EDIT, *OUT, "--schedule={nan_schedule}"], 2, "NaN or inf"),
     ("launch", [*EDIT, *OUT, "--schedule={pickled}"], 2, "holds object data"),
     ("launch", [*EDIT, *OUT, "--motion=translate:-500,0"], 2, "out of the frame"),
+    ("launch", [*EDIT, *OUT, "--motion=translate:-500,0", "--frozen_mask=none"], 2,
+     "out of the frame"),
+    ("launch", [*EDIT, *OUT, "--motion=translate:-500,0", "--frozen_mask={frozen_ok}"], 2,
+     "out of the frame"),
+    ("launch", [*EDIT, *OUT, "--frozen_mask={frozen_ch3}"], 2,
+     "frozen mask has shape (1, 3, 16, 16); give (1, 4, 16, 16)"),
+    ("launch", [*EDIT, *OUT, "--frozen_mask={frozen_b2}"], 2, "frozen mask has shape (2, 4, 16"),
+    ("launch", [*EDIT, *OUT, "--frozen_mask={frozen_rank5}"], 2, "frozen mask has shape (1, 1, 4"),
+    # sizes of the work: bounded by what the model and the sampler take
+    ("launch", [*EDIT, *OUT, "--steps=1001"], 2, "steps must be from 1 to 1000"),
+    ("launch", [*EDIT, *OUT, "--seed=18446744073709551616"], 2,
+     "seed must be from 0 to 4294967295"),
+    ("launch", [*EDIT, *OUT, "--seed=-1"], 2, "seed must be >= 0"),
+    ("launch", [*EDIT, *OUT, "--seed=4294967295", "--num_samples=2"], 2,
+     "uses seeds up to 4294967296"),
+    ("launch", [*EDIT, *OUT, "--mask_grow=1000000000"], 2, "mask_grow must be from 0 to 4096"),
+    ("launch", [*EDIT, *OUT, "--dilate=1000000000"], 2, "dilate must be from 0 to 512"),
+    ("launch", [*EDIT, *OUT, "--paste_band=100000"], 2, "paste_band must be from 0 to 512"),
+    ("launch", [*EDIT, *OUT, "--raft_iters=1000000"], 2, "raft_iters must be from 1 to 100"),
+    ("launch", [*EDIT, *OUT, "--num_samples=100000000"], 2, "num_samples must be from 1 to 64"),
+    ("launch", [*EDIT, *OUT, "--chunk=100000"], 2, "chunk must be from 1 to 1000"),
+    ("launch", [*EDIT, *OUT, "--recursive_steps=1000"], 2, "recursive_steps must be from 1 to"),
+    ("launch", [*EDIT, *OUT, "--recursive_phases=99999999999999999999"], 2,
+     "every K must be from 1 to 100"),
+    ("launch", [*EDIT, *OUT, "--guide_every=1000000"], 2, "guide_every must be from 1 to 1000"),
+    ("launch", [*EDIT, *OUT, "--guidance_weight=1" + "0" * 400], 2,
+     "guidance_weight must be a finite number"),
+    # values the flag parser refuses
+    ("launch", [*EDIT, *OUT, "--steps=1.5"], 2, "flag --steps=1.5: invalid literal"),
+    ("launch", [*EDIT, *OUT, "--steps=1e12"], 2, "flag --steps=1e12"),
+    ("launch", [*EDIT, *OUT, "--preset=nope"], 2, "flag --preset=nope: value should be one of"),
+    ("launch", [*EDIT, *OUT, "--no_such_flag=1"], 2, "Unknown command line flag 'no_such_flag'"),
+    # the RAFT file is read before Stable Diffusion loads
+    ("launch", [*EDIT, *OUT, "--raft_weights={text}"], 2, "not a PyTorch checkpoint"),
+    ("launch", [*EDIT, "--out_dir={ours_link}", "--overwrite"], 2, "is a symbolic link"),
+    ("launch", [*EDIT, "--out_dir={ours_link}/", "--overwrite"], 2, "is a symbolic link"),
     # --jobs: problems of the whole run (a bad line is a job's problem, reported in the summary)
     ("launch", [*OUT, "--jobs={work}/none.jsonl"], 2, "cannot read it"),
     ("launch", [*OUT, "--jobs={empty_jobs}"], 2, "no jobs in it"),
@@ -173,6 +209,10 @@ def _write_assets(folder: Path) -> dict[str, str]:
     put("flow_small.npy", lambda p: np.save(p, np.zeros((10, 10, 2), np.float32)))
     put("flow_nan.npy", lambda p: np.save(p, np.full((64, 64, 2), np.nan, np.float32)))
     put("frozen_small.npy", lambda p: np.save(p, np.zeros((1, 4, 3, 3), bool)))
+    put("frozen_ok.npy", lambda p: np.save(p, np.zeros((1, 4, 16, 16), bool)))
+    put("frozen_ch3.npy", lambda p: np.save(p, np.zeros((1, 3, 16, 16), bool)))
+    put("frozen_b2.npy", lambda p: np.save(p, np.zeros((2, 4, 16, 16), bool)))
+    put("frozen_rank5.npy", lambda p: np.save(p, np.zeros((1, 1, 4, 16, 16), bool)))
     put("corrupt_pth.pth", lambda p: p.write_bytes(b"PK\x03\x04 not really a zip"))
     put("short.npy", lambda p: np.save(p, np.ones(3, np.float32)))
     put("nan_schedule.npy", lambda p: np.save(p, np.full(2, np.nan, np.float32)))
@@ -190,6 +230,12 @@ def _write_assets(folder: Path) -> dict[str, str]:
     (foreign / "photos").mkdir(parents=True)
     (foreign / "precious.txt").write_text("keep")
     a["foreign"] = str(foreign)
+    ours = folder / "ours"  # a run mgjax wrote, reached through a link
+    ours.mkdir()
+    (ours / ".mgjax-run.json").write_text('{"written_by": "mgjax", "digest": null}')
+    (ours / "precious.txt").write_text("keep")
+    (folder / "ours_link").symlink_to(ours, target_is_directory=True)
+    a["ours_link"] = str(folder / "ours_link")
     shutil.copytree(pack.sd_folder(), folder / "no_tokenizer")
     shutil.rmtree(folder / "no_tokenizer" / "tokenizer")
     a["no_tokenizer"] = str(folder / "no_tokenizer")

@@ -53,6 +53,55 @@ def test_values_are_checked_by_type_and_range():
     assert C.make(guidance_weight=3).method.guidance_weight == 3.0  # JSON ints are floats
 
 
+def test_every_setting_that_sizes_work_has_an_upper_bound():
+    """Each integer that sizes work or memory is refused past its bound, with the range in the
+    message; the bounds themselves are accepted (the seed's at both ends)."""
+    for values, message in (
+        ({"steps": 1001}, r"steps must be from 1 to 1000 \(the schedule's 1000 training"),
+        ({"steps": 10**400}, "steps must be from 1 to 1000 .*got a number of 401 digits"),
+        ({"seed": 2**32}, "seed must be from 0 to 4294967295"),
+        ({"seed": 2**64}, "seed must be from 0 to 4294967295"),
+        ({"seed": -1}, "seed must be >= 0"),
+        ({"seed": 2**32 - 2, "num_samples": 3}, "uses seeds up to 4294967296"),
+        ({"mask_grow": 10**9}, "mask_grow must be from 0 to 4096"),
+        ({"dilate": 10**9}, "dilate must be from 0 to 512"),
+        ({"paste_band": 513}, "paste_band must be from 0 to 512"),
+        ({"raft_iters": 10**6}, "raft_iters must be from 1 to 100"),
+        ({"recursive_steps": 101}, "recursive_steps must be from 1 to 100"),
+        ({"recursive_phases": "4,99999999999999999999"}, "every K must be from 1 to 100"),
+        ({"num_samples": 10**8}, "num_samples must be from 1 to 64"),
+        ({"chunk": 10**5}, "chunk must be from 1 to 1000"),
+        ({"guide_every": 1001}, "guide_every must be from 1 to 1000"),
+        ({"log_every": 1001}, "log_every must be from 0 to 1000"),
+        ({"stop_after_chunks": 1001}, "stop_after_chunks must be from 0 to 1000"),
+        ({"guidance_weight": 10**400}, "guidance_weight must be a finite number"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            C.make(**values)
+    top = dict(steps=1000, chunk=1000, recursive_steps=100, raft_iters=100, num_samples=64)
+    top |= dict(mask_grow=4096, dilate=512, paste_band=512, guide_every=1000, log_every=1000)
+    assert C.make(**top, recursive_phases="100,1").method.steps == 1000
+    assert C.make(seed=0).source.seed == 0
+    assert C.make(seed=2**32 - 1).source.seed == 2**32 - 1
+    assert C.make(seed=2**32 - 2, num_samples=2).output.num_samples == 2
+
+
+def test_the_largest_seed_seeds_the_sampler():
+    """The seed bounds are what the sampler's PRNG seeding takes: both ends make keys."""
+    import jax.numpy as jnp
+
+    from mgjax.method import guidance as G
+
+    class Inputs:
+        frozen = jnp.zeros((2, 1, 2, 2), bool)
+        source = jnp.zeros((2, 2, 2, 3), jnp.float32)
+
+    state = G.init(Inputs, jnp.zeros((2, 1, 2, 2)), [0, 2**32 - 1])
+    assert state.keys.shape[0] == 2
+    with pytest.raises(OverflowError):  # one past: why the config refuses it
+        G.init(Inputs, jnp.zeros((2, 1, 2, 2)), [2**32 - 1, 2**32])
+
+
 def test_digest_ignores_run_level_fields_only():
     base = C.make(out_dir="a")
     changed = dict(out_dir="b", log_every=2, resume=True, overwrite=True, stop_after_chunks=1)

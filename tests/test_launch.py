@@ -273,6 +273,92 @@ def test_bad_inputs_in_files_fail_before_any_model_work(assets, tmp_path, monkey
         assert not (tmp_path / name).exists()
 
 
+def test_more_bad_inputs_fail_before_any_model_work(assets, tmp_path, monkeypatch):
+    """A frozen mask's channels, a motion out of the frame with any frozen mask, and a linked
+    --out_dir with --overwrite are refused before a model loads; a link is never followed to
+    delete."""
+    from mgjax.edit import workflow
+
+    def no_models(config):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(workflow, "load_models", no_models)
+    quiet = lambda s: None  # noqa: E731
+    ch3 = tmp_path / "ch3.npy"  # the latent grid's size, the wrong channel count
+    np.save(ch3, np.zeros((1, 3, 32, 32), bool))
+    with pytest.raises(InputError, match=r"frozen mask has shape \(1, 3, 32, 32\); give \(1, 4,"):
+        run(_options(assets, tmp_path / "a", frozen_mask=str(ch3)), log=quiet)
+    ok = tmp_path / "ok.npy"
+    np.save(ok, np.zeros((1, 4, 32, 32), bool))
+    for frozen in ("none", str(ok)):
+        with pytest.raises(InputError, match="entirely out of the frame"):
+            run(
+                _options(assets, tmp_path / "b", motion="translate:-500,0", frozen_mask=frozen),
+                log=quiet,
+            )
+    ours = tmp_path / "ours"  # a run of mgjax's, reached through a link
+    ours.mkdir()
+    (ours / ".mgjax-run.json").write_text('{"written_by": "mgjax", "digest": null}')
+    (ours / "precious.txt").write_text("keep")
+    (tmp_path / "link").symlink_to(ours, target_is_directory=True)
+    for out in (tmp_path / "link", f"{tmp_path / 'link'}/"):
+        with pytest.raises(InputError, match="is a symbolic link; --overwrite replaces only"):
+            run(_options(assets, out, overwrite=True), log=quiet)
+    assert sorted(os.listdir(ours)) == [".mgjax-run.json", "precious.txt"]
+    assert (tmp_path / "link").is_symlink()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_raft_weights_are_checked_before_stable_diffusion_loads(assets, tmp_path, monkeypatch):
+    from mgjax.edit import workflow
+
+    def no_sd(*a, **kw):
+        raise AssertionError("Stable Diffusion was loaded before the RAFT weights were read")
+
+    monkeypatch.setattr(sdm, "load", no_sd)
+    bad = tmp_path / "garbage.pth"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(InputError, match="not a PyTorch checkpoint"):
+        workflow.load_models(_options(assets, tmp_path / "o", raft_weights=str(bad)))
+    with pytest.raises(InputError, match="not a PyTorch checkpoint"):
+        run(_options(assets, tmp_path / "o", raft_weights=str(bad)), log=lambda s: None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_crash_after_the_folder_is_written_keeps_it_for_resume(assets, tmp_path, monkeypatch):
+    """An error that is no input's fault (every bad input is refused before the folder is
+    written) keeps what was computed, as an interruption does, and says how to continue."""
+    from mgjax.edit import workflow
+
+    def crash(*a, **kw):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(workflow, "make_sampler", crash)
+    lines = []
+    with pytest.raises(RuntimeError, match="device lost"):
+        run(_options(assets, tmp_path / "o"), log=lines.append)
+    assert "rerun with --resume to continue it" in lines[-1]
+    assert os.path.isfile(tmp_path / "o" / ".mgjax-run.json")
+
+
+def test_flag_values_the_parser_refuses_are_bad_input(tmp_path):
+    """A value absl cannot parse, an unknown choice or flag: one error line and exit status 2,
+    as for every bad input."""
+    for arg, words in (
+        ("--steps=1.5", "error: flag --steps=1.5: invalid literal for int()"),
+        ("--preset=nope", "error: flag --preset=nope: value should be one of"),
+        ("--no_such_flag", "error: Unknown command line flag 'no_such_flag'"),
+    ):
+        res = subprocess.run(
+            [sys.executable, str(ROOT / "launch.py"), arg, f"--out_dir={tmp_path / 'o'}"],
+            capture_output=True, text=True, cwd=ROOT, timeout=300,
+        )  # fmt: skip
+        assert res.returncode == 2, res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(words), res.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_resize_fits_an_image_to_the_model():
     """--resize: an image over twice the model's side is scaled to that side on its longer
     side, keeping its aspect, then rounded to multiples of the factor."""

@@ -8,6 +8,7 @@ from mgjax.edit.motion import (
     auto_frozen_mask,
     box_mask,
     centroid,
+    dilate_mask,
     grow_mask,
     motion_flow,
     parse_motion,
@@ -150,6 +151,32 @@ def test_grow_mask_is_a_four_connected_dilation(px):
     mask[0, 5] = mask[H - 1, W - 1] = True  # pixels on the frame's edge
     want = ndimage.binary_dilation(mask, iterations=px) if px else mask
     np.testing.assert_array_equal(grow_mask(mask, px), want)
+
+
+@pytest.mark.parametrize("radius", [0, 1, 3, 7])
+def test_dilate_mask_is_a_square_dilation(radius):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(radius)
+    mask = rng.uniform(size=(H, W)) > 0.98
+    mask[0, 5] = mask[H - 1, W - 1] = True
+    square = np.ones((2 * radius + 1, 2 * radius + 1), bool)
+    want = ndimage.binary_dilation(mask, square) if radius else mask
+    np.testing.assert_array_equal(dilate_mask(mask, radius), want)
+
+
+def test_growing_and_dilating_stop_once_nothing_changes():
+    """A radius far past the frame costs no more than the frame's size: the loops stop once
+    the mask fills the frame (or, empty, never changes)."""
+    import time
+
+    mask = np.zeros((H, W), bool)
+    mask[10:12, 20:22] = True
+    t = time.perf_counter()
+    assert grow_mask(mask, 10**12).all() and dilate_mask(mask, 10**12).all()
+    assert not grow_mask(~np.ones((H, W), bool), 10**12).any()
+    assert not dilate_mask(np.zeros((H, W), bool), 10**12).any()
+    assert time.perf_counter() - t < 2.0
 
 
 def test_mask_grow_widens_the_flow_and_keeps_the_motion_and_its_centre():

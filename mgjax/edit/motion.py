@@ -183,23 +183,42 @@ def landing(flow: np.ndarray, moving: np.ndarray) -> np.ndarray:
     return out
 
 
+def check_in_frame(lands: np.ndarray) -> None:
+    """An InputError when a flow's moving pixels land nowhere in the frame (`landing`'s bool[H,W]
+    of a flow that moves something): nothing of the object would be left to guide."""
+    if not lands.any():
+        raise InputError(
+            "the motion moves the object entirely out of the frame; use a smaller motion"
+        )
+
+
+def in_frame(flow: np.ndarray) -> None:
+    """`check_in_frame` of a flow f32[H,W,2] (a flow that moves nothing passes)."""
+    moving = np.any(flow != 0, axis=-1)
+    if moving.any():
+        check_in_frame(landing(flow, moving))
+
+
 def dilate_mask(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Square dilation of bool[H,W] by `radius` pixels (nothing enters from outside)."""
+    """Square dilation of bool[H,W] by `radius` pixels (nothing enters from outside): `radius`
+    steps of the 3x3 dilation, stopping once a step changes nothing (the frame is full, or the
+    mask is empty), so a radius past the frame's size costs no more than the frame's size."""
     out = mask.copy()
-    h, w = mask.shape
-    for dy in range(-radius, radius + 1):
-        for dx in range(-radius, radius + 1):
-            shifted = np.zeros_like(mask)
-            shifted[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = mask[
-                max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
-            ]
-            out |= shifted
+    for _ in range(radius):
+        step = out.copy()
+        step[1:] |= out[:-1]
+        step[:-1] |= out[1:]
+        step[:, 1:] |= step[:, :-1].copy()
+        step[:, :-1] |= step[:, 1:].copy()
+        if np.array_equal(step, out):
+            break
+        out = step
     return out
 
 
 def grow_mask(mask: np.ndarray, px: int) -> np.ndarray:
     """bool[H,W] grown by `px` 4-connected steps (pixels within city-block distance `px`;
-    nothing enters from outside the frame)."""
+    nothing enters from outside the frame), stopping once a step changes nothing."""
     out = mask.copy()
     for _ in range(px):
         step = out.copy()
@@ -207,6 +226,8 @@ def grow_mask(mask: np.ndarray, px: int) -> np.ndarray:
         step[:-1] |= out[1:]
         step[:, 1:] |= out[:, :-1]
         step[:, :-1] |= out[:, 1:]
+        if np.array_equal(step, out):
+            break
         out = step
     return out
 
@@ -224,9 +245,6 @@ def auto_frozen_mask(flow: np.ndarray, factor: int, dilate: int = 2) -> np.ndarr
     if not moving.any():
         return np.zeros((1, 1, h // factor, w // factor), bool)
     lands = landing(flow, moving)
-    if not lands.any():
-        raise InputError(
-            "the motion moves the object entirely out of the frame; use a smaller motion"
-        )
+    check_in_frame(lands)
     touched = (moving | lands).reshape(h // factor, factor, w // factor, factor).any(axis=(1, 3))
     return ~dilate_mask(touched, dilate)[None, None]

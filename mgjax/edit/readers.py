@@ -123,15 +123,30 @@ def read_frozen(path: str, lat_shape, vae_factor: int = 8) -> np.ndarray:
         m = load_npy(path, "frozen mask")
     else:
         m = _mask(path)
-    m = np.asarray(m).astype(bool)
+    return check_frozen(np.asarray(m).astype(bool), lat_shape, path, vae_factor)
+
+
+def check_frozen(m: np.ndarray, lat_shape, path: str, vae_factor: int = 8) -> np.ndarray:
+    """A frozen mask bool[...] as bool[1,C,h,w] or bool[1,1,h,w] for the latent shape
+    (1,C,h,w): its last two sizes the latent grid's, one or C channels, one image; an
+    InputError naming the mask otherwise."""
+    _, c, h, w = lat_shape
+    if (
+        m.ndim > 4
+        or (m.ndim >= 3 and m.shape[-3] not in (1, c))
+        or (m.ndim == 4 and m.shape[0] != 1)
+    ):
+        raise InputError(
+            f"{path}: frozen mask has shape {tuple(m.shape)}; give (1, {c}, {h}, {w}) (one per "
+            f"latent channel) or (1, 1, {h}, {w}) or ({h}, {w}) (the same for every channel)"
+        )
     m = m.reshape((1,) * (4 - m.ndim) + m.shape)
-    if m.shape[-2:] != tuple(lat_shape[-2:]):
-        h, w = lat_shape[-2:]
+    if m.shape[-2:] != (h, w):
         raise InputError(
             f"{path}: frozen mask is {m.shape[-1]}x{m.shape[-2]}; a frozen mask is at the latent "
             f"grid's size, {w}x{h} (the image's {w * vae_factor}x{h * vae_factor} / {vae_factor})"
         )
-    return m[:1]
+    return m
 
 
 def read_schedule(path: str | None, steps: int) -> np.ndarray | None:

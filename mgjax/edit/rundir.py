@@ -40,7 +40,13 @@ def check_writable(folder: str, flag: str = "--out_dir") -> None:
 
 
 def check_replaceable(folder: str, flag: str = "--out_dir") -> None:
-    """An InputError unless `folder` is absent, empty or written by mgjax."""
+    """An InputError unless `folder` is absent, empty or written by mgjax, and not a symbolic
+    link (replacing removes the folder itself, never what a link points to)."""
+    if os.path.islink(os.path.normpath(folder)):
+        raise InputError(
+            f"{flag} {folder} is a symbolic link; --overwrite replaces only a real folder: give "
+            "the folder it points to, or a new --out_dir"
+        )
     if os.path.isdir(folder) and os.listdir(folder) and not is_ours(folder):
         raise InputError(
             f"{flag} {folder} was not written by mgjax (it has no {MARKER}); --overwrite "

@@ -16,7 +16,7 @@ from mgjax import config as C
 from mgjax.edit import rundir
 from mgjax.edit.checkpoint import Checkpoint
 from mgjax.edit.checks import check
-from mgjax.edit.readers import read_frozen, read_mask_image, read_schedule
+from mgjax.edit.readers import check_frozen, read_frozen, read_mask_image, read_schedule
 from mgjax.method import cost
 from mgjax.method import numeric as N
 from mgjax.method import start as start_lib
@@ -50,15 +50,18 @@ def resolve_toy(config: C.Config) -> C.Config:
 
 
 def load_models(config: C.Config):
-    """(mgjax.model.sd.StableDiffusion, flow.raft.Raft) as the model settings say."""
+    """(mgjax.model.sd.StableDiffusion, flow.raft.Raft) as the model settings say. RAFT first:
+    its file is read and checked in a second, where Stable Diffusion takes seconds to minutes,
+    so a bad --raft_weights is refused before that wait."""
     from flow.checkpoint import load_raft
-    from mgjax.model import sd as sdm
 
     m = config.model
+    raft = load_raft(m.raft_weights, context_norm="batch", dtype=m.dtype)
+    from mgjax.model import sd as sdm  # imports diffusers: seconds
+
     sd = sdm.load(
         m.model, revision=m.revision, dtype=m.dtype, from_pt=m.from_pt, attention=m.attention
     )
-    raft = load_raft(m.raft_weights, context_norm="batch", dtype=m.dtype)
     return sd, raft
 
 
@@ -108,17 +111,19 @@ def target(config: C.Config, data, h: int, w: int):
 def read_files(config: C.Config) -> EditFiles:
     """Source image, target flow, masks and schedule of an edit, each checked against the
     model's sizes (read from its config files: no weights are loaded)."""
-    from mgjax.edit.motion import auto_frozen_mask
+    from mgjax.edit.motion import auto_frozen_mask, in_frame
     from mgjax.edit.trajectory import source_image
     from mgjax.model.modelinfo import geometry
 
     sd = geometry(config.model.model, config.model.revision)
     h, w, image, data = source_image(config, sd)
     flow, obj = target(config, data, h, w)
+    in_frame(flow)  # whatever the frozen mask: a motion out of the frame leaves nothing to guide
     mo = config.motion
     lat = (1, sd.latent_channels, h // sd.vae_factor, w // sd.vae_factor)
     if mo.frozen_mask == "auto" and data is not None and data.frozen is not None:
         frozen = data.frozen  # the example folder's own mask
+        check_frozen(frozen, lat, config.source.edit_mask_name or "the example's frozen mask")
     elif mo.frozen_mask == "auto":
         frozen = auto_frozen_mask(flow, sd.vae_factor, mo.dilate)
     elif mo.frozen_mask == "none":
@@ -220,6 +225,15 @@ def run(config: C.Config, log=print) -> str:
             )
         else:
             log("interrupted before anything was written")
+        raise
+    except Exception:
+        # Not an input's fault (every bad input is an InputError before the folder is written):
+        # like an interruption, what was computed (the inverted source, checkpoints) is kept.
+        if made and rundir.is_ours(out.out_dir):  # the folder this run started
+            log(
+                f"stopped by an internal error; what was computed is kept in {out.out_dir}: "
+                "rerun with --resume to continue it, or --overwrite to start again"
+            )
         raise
 
 
