@@ -153,7 +153,11 @@ class Motion:
         "Drag points instead of --motion: 'x1,y1>X1,Y1; x2,y2>X2,Y2' (one pair: a translation; "
         "two: the rotation and scale they imply; more: a smooth flow through all of them).",
     )
-    object_mask: str | None = _field(None, "Object mask image (non-zero = object) for --motion.")
+    object_mask: str | None = _field(
+        None,
+        "Object mask image for --motion: a pixel is object where its largest channel is above "
+        "half the mask's largest value (0/1, 0/255 and coloured masks alike).",
+    )
     object_box: str | None = _field(None, "Object box x0,y0,x1,y1 (pixels) for --motion.")
     flow: str | None = _field(None, "Target flow file instead of --motion: .npy, .flo, .pth.")
     frozen_mask: str = _field(

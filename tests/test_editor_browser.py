@@ -54,3 +54,43 @@ def test_paint_drag_run_in_chromium(tmp_path):
     assert os.path.isfile(os.path.join(folder, "job.jsonl"))
     assert any(u.endswith("/api/run") for u in urls) and any("/events" in u for u in urls)
     assert B.outside(urls) == []
+
+
+def test_uploaded_masks_read_by_the_same_rule_as_launch(tmp_path):
+    """A 0/1 label PNG, a red-on-black PNG and an anti-aliased 0..255 PNG of the demo object,
+    uploaded on the page, give the painted mask that mgjax.edit.readers reads from the same
+    file: a pixel is object where its largest channel is above half the mask's largest value."""
+    from mgjax.edit.readers import read_mask_image
+
+    obj = B.demo_object_mask()
+    label = obj.astype(np.uint8)
+    red = np.zeros((*obj.shape, 3), np.uint8)
+    red[obj, 0] = 200
+    soft = (obj * 180).astype(np.uint8)
+    soft[np.roll(obj, 1, axis=1) & ~obj] = 60  # an edge below half: not object
+    files = {"label": label, "red": red, "soft": soft}
+    server = B.Server(str(tmp_path / "runs"), f"--compilation_cache={tmp_path / 'xla'}")
+    driver = B.browser()
+    shown = {}
+    try:
+        driver.get(server.url)
+        B.element(driver, "#use-scene").click()
+        B.wait_for(driver, lambda: "64x64" in B.text(driver, "#source-info"), 30, "the scene")
+        for name, pixels in files.items():
+            path = tmp_path / f"{name}.png"
+            Image.fromarray(pixels).save(path)
+            driver.execute_script("clearMask(); changed();")
+            driver.find_element("id", "mask-upload").send_keys(str(path))
+            B.wait_for(driver, lambda: "painted" in B.text(driver, "#mask-info"), 10, name)
+            alpha = driver.execute_script(
+                "const c = S.mask, d = c.getContext('2d').getImageData(0, 0, c.width, c.height);"
+                "return Array.from(d.data.filter((_, i) => i % 4 === 3));"
+            )
+            shown[name] = np.asarray(alpha).reshape(obj.shape) > 127
+    finally:
+        driver.quit()
+        server.stop()
+    for name in files:
+        expected = read_mask_image(str(tmp_path / f"{name}.png"), *obj.shape)
+        assert expected.sum() == obj.sum(), name
+        assert np.array_equal(shown[name], expected), name

@@ -111,8 +111,11 @@ function loadMaskImage(url) {
     ctx.clearRect(0, 0, S.mask.width, S.mask.height);
     ctx.drawImage(im, 0, 0, S.mask.width, S.mask.height);
     const d = ctx.getImageData(0, 0, S.mask.width, S.mask.height);
-    for (let i = 0; i < d.data.length; i += 4) { // luminance > 127 = object, as launch.py reads
-      const on = d.data[i + 3] > 127 && (d.data[i] + d.data[i + 1] + d.data[i + 2]) / 3 > 127;
+    const level = (i) => (d.data[i + 3] > 127 ? Math.max(d.data[i], d.data[i + 1], d.data[i + 2]) : 0);
+    let top = 0;
+    for (let i = 0; i < d.data.length; i += 4) top = Math.max(top, level(i));
+    for (let i = 0; i < d.data.length; i += 4) { // the rule launch.py reads masks by:
+      const on = top > 0 && level(i) > top / 2; // largest channel above half the mask's largest
       d.data[i + 3] = on ? 255 : 0;
       d.data[i] = d.data[i + 1] = d.data[i + 2] = 255;
     }
