@@ -1,5 +1,7 @@
 """Motion primitives vs their analytic formulas, composition, masks, the automatic frozen mask."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,8 @@ from mgjax.edit.motion import (
     centroid,
     dilate_mask,
     grow_mask,
+    in_frame,
+    landing,
     motion_flow,
     parse_motion,
 )
@@ -196,3 +200,18 @@ def test_mask_grow_widens_the_flow_and_keeps_the_motion_and_its_centre():
     assert np.any(grown[region & ~obj] != 0) and not np.any(grown[~region])
     with pytest.raises(ValueError, match="mask_grow must be >= 0"):
         C.make(out_dir="o", mask_grow=-1)
+
+
+@pytest.mark.parametrize("shift", [1e30, -1e30, 3e38])
+def test_a_motion_far_out_of_the_frame_is_refused_without_warnings(shift):
+    """Landing positions are compared with the frame in floating point, so a shift of any
+    size is refused with the out-of-frame message alone (no cast of a huge value)."""
+    flow = np.zeros((16, 16, 2), np.float32)
+    flow[4:8, 4:8, 0] = shift
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not landing(flow, np.any(flow != 0, axis=-1)).any()
+        with pytest.raises(InputError, match="entirely out of the frame"):
+            in_frame(flow)
+    flow[4:8, 4:8, 0] = 3.0  # a small motion lands where it should
+    assert landing(flow, np.any(flow != 0, axis=-1))[4:8, 7:11].all()

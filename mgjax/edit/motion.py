@@ -175,11 +175,11 @@ def landing(flow: np.ndarray, moving: np.ndarray) -> np.ndarray:
     """bool[H,W]: pixels that moving source pixels land on (rounded p + f(p), inside the frame)."""
     h, w = moving.shape
     ys, xs = np.nonzero(moving)
-    tx = np.rint(xs + flow[ys, xs, 0]).astype(np.int64)
-    ty = np.rint(ys + flow[ys, xs, 1]).astype(np.int64)
-    inside = (tx >= 0) & (tx < w) & (ty >= 0) & (ty < h)
+    tx = np.rint(xs + flow[ys, xs, 0].astype(np.float64))
+    ty = np.rint(ys + flow[ys, xs, 1].astype(np.float64))
+    inside = (tx >= 0) & (tx < w) & (ty >= 0) & (ty < h)  # in float: no huge value is cast
     out = np.zeros((h, w), bool)
-    out[ty[inside], tx[inside]] = True
+    out[ty[inside].astype(np.int64), tx[inside].astype(np.int64)] = True
     return out
 
 
