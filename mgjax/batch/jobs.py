@@ -146,6 +146,9 @@ def read_jobs(path: str, explicit: dict, preset: str = "auto") -> list[Job]:
             jobs.append(_invalid(index, name, number, str(e), seen))
         except RecursionError:
             jobs.append(_invalid(index, name, number, "nested too deep", seen))
+        except OverflowError as e:
+            text = f"a number is too large ({e})"
+            jobs.append(_invalid(index, name, number, text, seen))
         except Exception as e:  # noqa: BLE001 - a value of the wrong kind deep in the line
             text = f"a value cannot be used ({type(e).__name__}: {e})"
             jobs.append(_invalid(index, name, number, text, seen))
