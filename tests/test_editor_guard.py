@@ -412,3 +412,9 @@ def test_the_server_stops_on_a_signal_while_a_preview_and_an_edit_are_busy(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("second", ["", "evil.example", "127.0.0.1:8765"])
+def test_a_request_with_two_host_headers_is_refused(editor, second):
+    r = editor.client.get("/api/jobs", headers=[("Host", "127.0.0.1:8765"), ("Host", second)])
+    assert r.status_code == 400 and "one Host header" in one_sentence(r)
