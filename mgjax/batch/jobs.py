@@ -91,7 +91,7 @@ def _parse(line: str) -> dict:
     except RecursionError:
         raise InputError("nested too deep; a job is one flat JSON object") from None
     except ValueError as e:  # an integer past Python's digit limit, ...
-        raise InputError(f"not JSON that can be read ({e})") from None
+        raise InputError(f"not JSON that can be read ({str(e).split(';')[0]})") from None
     if not isinstance(spec, dict):
         raise InputError('a job is a JSON object, e.g. {"image": "a.png", ...}')
     return spec
