@@ -8,6 +8,7 @@ import io
 import json
 import os
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
+from flow.errors import InputError
 from flow.viz import flow_to_color
 from mgjax import config as C
 from mgjax.batch import jobs
@@ -345,3 +347,151 @@ def test_serve_with_jobs_is_one_error_line(tmp_path, repo_root):
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         "error: --serve and --jobs exclude each other"
     ]
+
+
+DRAG_33 = "; ".join(f"{x},{y}>{x + 1},{y}" for x in range(2, 13) for y in (2, 3, 4))
+MOTION_33 = "+".join(["translate:0.1,0"] * 33)
+
+
+@pytest.mark.parametrize("endpoint", ["/api/run", "/api/preview", "/api/generate"])
+@pytest.mark.parametrize(
+    "values, words",
+    [
+        ({"steps": 0}, "steps must be"),
+        ({"steps": -3}, "steps must be"),
+        ({"steps": 1.5}, "steps: expected int"),
+        ({"steps": 10**400}, "too large"),
+        ({"seed": "7"}, "seed: expected int"),
+        ({"recursive_steps": 0}, "recursive_steps must be"),
+        ({"guidance_weight": "1e400"}, "guidance_weight must be a finite number"),
+        ({"mask_grow": -1}, "mask_grow must be"),
+        ({"preset": "nope"}, "preset 'nope'"),
+    ],
+    ids=[
+        "steps0",
+        "steps-neg",
+        "steps-float",
+        "steps-huge",
+        "seed-text",
+        "K0",
+        "inf",
+        "grow",
+        "preset",
+    ],
+)
+def test_values_the_command_line_refuses_are_refused_before_queueing(
+    editor, endpoint, values, words
+):
+    if endpoint == "/api/generate" and not set(values) <= {"steps", "seed", "preset"}:
+        pytest.skip("a generation takes the steps, seed and preset alone")
+    spec = {"image": demo(editor), "prompt": "x", "box": "1,1,9,9", "motion": "translate:1,0"}
+    body = json.dumps({**spec, **values}).replace('"1e400"', "1e400")  # JSON's number
+    r = editor.client.post(endpoint, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and words in r.json()["error"], r.text
+    assert "\n" not in r.json()["error"]
+    assert not editor.worker.jobs
+    assert not os.path.exists(editor.out_root) or not os.listdir(editor.out_root)
+
+
+@pytest.mark.parametrize("endpoint", ["/api/run", "/api/preview", "/api/generate"])
+def test_a_bound_of_the_configuration_reaches_every_request(editor, endpoint, monkeypatch):
+    """The editor checks a request with mgjax.config's own checks, the command line's: a bound
+    there is a bound here."""
+    checks = C.Method.__post_init__
+
+    def bounded(self):
+        checks(self)
+        if self.steps > 1000:
+            raise ValueError(f"steps must be at most 1000, got {self.steps}")
+
+    monkeypatch.setattr(C.Method, "__post_init__", bounded)
+    spec = {"image": demo(editor), "prompt": "x", "box": "1,1,9,9", "motion": "translate:1,0"}
+    r = editor.client.post(endpoint, json={**spec, "steps": 10**12})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "steps must be at most 1000, got 1000000000000"
+    assert not editor.worker.jobs and not os.path.exists(editor.out_root)
+    assert editor.client.post(endpoint, json={**spec, "steps": 1000}).status_code == 200
+
+
+@pytest.mark.parametrize("endpoint", ["/api/run", "/api/preview"])
+@pytest.mark.parametrize(
+    "values, words",
+    [
+        ({"mask_grow": 10**9}, "mask_grow 1000000000 is more than"),
+        ({"mask_grow": 129}, "mask_grow 129 is more than the 64x64 image's 128 pixels"),
+        ({"motion": None, "box": None, "drag": DRAG_33}, "33 pairs"),
+        ({"motion": MOTION_33}, "composes 33 motions"),
+    ],
+    ids=["grow-huge", "grow-past-frame", "drag-pairs", "motion-terms"],
+)
+def test_values_that_size_the_request_s_own_work_are_bounded(editor, endpoint, values, words):
+    spec = {"image": demo(editor), "box": "10,10,20,20", "motion": "translate:1,0", **values}
+    start = time.perf_counter()
+    r = editor.client.post(endpoint, json={k: v for k, v in spec.items() if v is not None})
+    assert r.status_code == 400 and words in r.json()["error"], r.text
+    assert time.perf_counter() - start < 5
+    assert not editor.worker.jobs
+
+
+def test_the_bounds_leave_the_whole_frame_reachable(editor):
+    spec = {"image": demo(editor), "box": "10,10,20,20", "motion": "translate:1,0"}
+    r = editor.client.post("/api/preview", json={**spec, "mask_grow": 128})
+    assert r.status_code == 200 and r.json()["moving_pixels"] == 64 * 64, r.text
+    drag = "; ".join(DRAG_33.split("; ")[:32])
+    r = editor.client.post("/api/preview", json={"image": spec["image"], "drag": drag})
+    assert r.status_code == 200, r.text
+
+
+def test_a_server_started_with_a_huge_dilate_refuses_rather_than_spins(tmp_path):
+    ed = A.Editor(
+        Engine(),
+        authoring.Store(str(tmp_path / "s")),
+        Worker(),
+        {"dilate": 10**9},
+        "auto",
+        str(tmp_path / "runs"),
+        "launch.py",
+    )
+    with TestClient(A.create_app(ed), base_url=LOCAL) as client:
+        ed.client = client
+        spec = {"image": demo(ed), "box": "10,10,20,20", "motion": "translate:1,0"}
+        r = client.post("/api/preview", json=spec)
+        assert r.status_code == 400 and "--dilate 1000000000" in r.json()["error"], r.text
+    ed.worker.close()
+
+
+def test_messages_never_name_server_side_paths(editor):
+    ident = demo(editor)
+    empty = base64.b64encode(png(np.zeros((64, 64), np.uint8))).decode()
+    for endpoint in ("/api/preview", "/api/run"):
+        r = editor.client.post(
+            endpoint, json={"image": ident, "mask": empty, "motion": "translate:1,0"}
+        )
+        assert r.status_code == 400, r.text
+        assert r.json()["error"] == "the mask: the object mask is empty"
+    root = editor.store.root
+
+    def broken(config, job):
+        raise InputError(f"{config.motion.object_mask}: unreadable; {config.output.out_dir}/x")
+
+    editor.engine.edit = broken
+    mask = np.zeros((64, 64), np.uint8)
+    mask[8:24, 8:24] = 255
+    r = editor.client.post(
+        "/api/run",
+        json={
+            "image": ident,
+            "mask": base64.b64encode(png(mask)).decode(),
+            "motion": "translate:1,0",
+        },
+    )
+    assert r.status_code == 200, r.text
+    job = editor.worker.jobs[r.json()["id"]]
+    assert editor.worker.wait(job, 30) and job.status == "failed"
+    name = r.json()["name"]
+    assert job.error == f"the mask: unreadable; the run folder {name} (x)", job.error
+    for message in (job.error, *(e.get("message", "") for e in job.events)):
+        assert root not in message and editor.out_root not in message
+    assert (
+        authoring.relabel(f"{root}/upload-1: bad; {root}xyz", root) == f"the upload: bad; {root}xyz"
+    )

@@ -311,3 +311,110 @@ def test_mask_data_is_checked_before_use(editor):
         r = editor.client.post("/api/preview", json={"image": ident, "mask": mask})
         assert r.status_code == 400, (mask, r.text)
         one_sentence(r)
+
+
+STUCK_SERVER = """
+import pathlib, sys, time
+from mgjax.editor import app as A, authoring
+from mgjax.editor.guard import Access
+from mgjax.editor.worker import Worker
+from tests.test_editor_app import Engine
+
+folder, port = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+preview = authoring.preview
+
+def spinning(config, h, w, vae_factor):  # a preview that never ends, busy on the CPU
+    if config.motion.mask_grow != 7:
+        return preview(config, h, w, vae_factor)
+    (folder / "preview").write_text("busy")
+    while True:
+        sum(range(10000))
+
+class Stuck(Engine):  # an edit that never ends
+    def edit(self, config, job):
+        (folder / "edit").write_text("busy")
+        while True:
+            time.sleep(0.01)
+
+authoring.preview = spinning
+worker = Worker()
+ed = A.Editor(Stuck(), authoring.Store(str(folder / "store")), worker, {}, "auto",
+              str(folder / "runs"), "launch.py")
+try:
+    A.run_server(A.create_app(ed, Access("127.0.0.1", port)), "127.0.0.1", port, grace=0.5)
+finally:
+    worker.close()
+    print("stopped", flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_the_server_stops_on_a_signal_while_a_preview_and_an_edit_are_busy(
+    tmp_path, repo_root, sig
+):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=repo_root, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STUCK_SERVER, str(tmp_path), str(port)],
+        cwd=repo_root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def dropped(path, spec):  # a request the stopping server drops
+        try:
+            post(path, spec)
+        except OSError:
+            pass
+
+    def post(path, spec, timeout=60):
+        headers = {"Content-Type": "application/json", "Origin": base}
+        req = urllib.request.Request(base + path, json.dumps(spec).encode(), headers)
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(base + "/api/info", timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.05)
+        spec = {"prompt": "x", "box": "10,10,20,20", "motion": "translate:1,0"}
+        post("/api/run", spec)  # the worker runs it, and it never ends
+        threading.Thread(
+            target=dropped, args=("/api/preview", {**spec, "mask_grow": 7}), daemon=True
+        ).start()
+        for _ in range(600):
+            if (tmp_path / "preview").exists() and (tmp_path / "edit").exists():
+                break
+            time.sleep(0.05)
+        assert (tmp_path / "preview").exists() and (tmp_path / "edit").exists()
+        start = time.monotonic()
+        proc.send_signal(getattr(signal, sig))
+        out, _ = proc.communicate(timeout=20)
+        assert time.monotonic() - start < 10
+        assert "stopped" in out
+        if sig == "SIGTERM":
+            assert proc.returncode == 143, out  # 128 + SIGTERM, after the cleanup
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("second", ["", "evil.example", "127.0.0.1:8765"])
+def test_a_request_with_two_host_headers_is_refused(editor, second):
+    r = editor.client.get("/api/jobs", headers=[("Host", "127.0.0.1:8765"), ("Host", second)])
+    assert r.status_code == 400 and "one Host header" in one_sentence(r)

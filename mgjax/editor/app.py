@@ -4,8 +4,11 @@ Starlette on uvicorn: an ASGI toolkit small enough to read in an afternoon, with
 static files and streaming responses (server-sent events for progress) built in; the page is
 plain HTML/CSS/JavaScript with canvases, so nothing is built, bundled or fetched from elsewhere.
 Uploads are raw request bodies (the page sends the file's bytes), so no form-parsing library is
-needed. Request handlers run model-free work in a thread pool; the models run only in the
-worker thread.
+needed. Request handlers run model-free work in daemon threads (bounded in number; a request's
+work is bounded in size by mgjax.editor.authoring.check_work); the models run only in the worker
+thread. Every value a request gives is checked as launch.py checks it (mgjax.config, then
+mgjax.edit.checks and the input readers) before a job is queued, and no message names a
+server-side path.
 
   GET  /                       the page
   GET  /api/info               model, presets, limits, toy scenes
@@ -27,11 +30,12 @@ import itertools
 import json
 import os
 import shutil
+import signal
+import threading
 import zipfile
 from pathlib import Path
 
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -50,6 +54,8 @@ from mgjax.editor.worker import Job, Worker
 STATIC = Path(__file__).resolve().parent / "static"
 DEFAULT_LIMITS, LOOPBACK = Limits(), Access()
 ZIP_SKIP = ("checkpoint.npz", "source.npz")  # large and internal: resumption caches
+REQUEST_THREADS = 8  # requests whose model-free work runs at once; the others wait their turn
+GRACE_S = 3.0  # on SIGTERM / Ctrl-C: how long open requests and event streams may finish
 
 
 class Editor:
@@ -106,6 +112,31 @@ class _TooLarge(Exception):
     pass
 
 
+async def _in_thread(slots: asyncio.Semaphore, fn, *args):
+    """fn(*args) in a daemon thread: the event loop stays free, and a request that is dropped
+    (the server stopping) is no longer waited for, so no request's work can hold the process."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def settle(result, error) -> None:
+        if not done.done():  # the request may have been dropped meanwhile
+            done.set_exception(error) if error is not None else done.set_result(result)
+
+    def target() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as e:  # noqa: BLE001 - handed to the request that asked
+            result, error = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop has closed: the server stopped
+            pass
+
+    async with slots:
+        threading.Thread(target=target, name="mgjax-editor-request", daemon=True).start()
+        return await done
+
+
 async def _json(request: Request) -> dict:
     return parse_json(await _body(request), "the request")
 
@@ -114,6 +145,12 @@ def create_app(editor: Editor, access: Access = LOOPBACK) -> Starlette:
     """The application over `editor` (tests build one around their own engine and folders),
     behind the Guard middleware that admits what `access` allows."""
     engine, store, worker = editor.engine, editor.store, editor.worker
+    slots = asyncio.Semaphore(REQUEST_THREADS)
+    run_roots = (editor.out_root,)
+    worker.relabel = lambda text: authoring.relabel(text, store.root, run_roots)
+
+    def run_in_threadpool(fn, *args):
+        return _in_thread(slots, fn, *args)
 
     async def index(request):
         return FileResponse(STATIC / "index.html")
@@ -160,7 +197,9 @@ def create_app(editor: Editor, access: Access = LOOPBACK) -> Starlette:
 
     def authored(spec: dict):
         job, h, w = authoring.job_values(spec, store, engine.native)
-        return authoring.resolve(editor.explicit, editor.preset, job), job, h, w
+        config = authoring.resolve(editor.explicit, editor.preset, job)
+        authoring.check_work(config, h, w, engine.vae_factor)
+        return config, job, h, w
 
     async def preview(request):
         spec = await _json(request)
@@ -176,7 +215,7 @@ def create_app(editor: Editor, access: Access = LOOPBACK) -> Starlette:
         return JSONResponse(await run_in_threadpool(submit_edit, spec))
 
     def submit_edit(spec: dict) -> dict:
-        from mgjax.edit.workflow import resolve_toy
+        from mgjax.edit.workflow import read_files, resolve_toy
         from mgjax.editor import runner
 
         config, job_line, h, w = authored(spec)
@@ -189,7 +228,8 @@ def create_app(editor: Editor, access: Access = LOOPBACK) -> Starlette:
         every = config.output.log_every or max(1, config.method.steps // 10)
         config = resolve_toy(C.replace(config, out_dir=out_dir, log_every=every))
         authoring.preview(config, h, w, engine.vae_factor)  # the motion's errors, before writing
-        check(config)
+        check(config)  # then everything launch.py checks before it loads a model
+        read_files(config)
         os.makedirs(out_dir)
         try:
             config, line = runner.write_inputs(config, job_line)
@@ -296,17 +336,20 @@ def create_app(editor: Editor, access: Access = LOOPBACK) -> Starlette:
         headers = {"Content-Disposition": f'attachment; filename="{name}.zip"'}
         return Response(data, media_type="application/zip", headers=headers)
 
+    def message(exc: Exception) -> str:
+        return authoring.relabel(str(exc), store.root, run_roots)
+
     async def input_error(request, exc):
-        return _error(str(exc))
+        return _error(message(exc))
 
     async def too_large(request, exc):
-        return _error(str(exc), 413)
+        return _error(message(exc), 413)
 
     async def not_found(request, exc):
         return _error("no such file", 404)
 
     async def refused(request, exc):
-        return _error(str(exc), exc.status)
+        return _error(message(exc), exc.status)
 
     routes = [
         Route("/", index),
@@ -368,8 +411,6 @@ def serve(
     token is required (generated unless given) when `host` is reachable beyond loopback."""
     import tempfile
 
-    import uvicorn
-
     from mgjax.edit.rundir import check_writable
     from mgjax.editor.authoring import Store
     from mgjax.editor.runner import Engine
@@ -393,7 +434,28 @@ def serve(
         shown = f"[{host}]" if ":" in host else host
         url = f"http://{shown}:{port}/" + (f"?token={access.token}" if access.token else "")
         log(f"mgjax editor: {url}  (runs are written to {out_root}; Ctrl-C stops)")
-        uvicorn.run(create_app(editor, access), host=host, port=port, log_level="warning")
-        worker.close()
+        try:
+            run_server(create_app(editor, access), host, port)
+        finally:
+            worker.close()  # a running edit stops after its chunk; its thread is a daemon
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # the server's own uploads and caches
+
+
+def run_server(app: Starlette, host: str, port: int, grace: float = GRACE_S) -> None:
+    """Serve `app` until SIGINT or SIGTERM: open requests and event streams get `grace` seconds,
+    then are dropped (their threads are daemons, the worker's too), so a long preview or a
+    running edit never keeps the server up. SIGTERM then ends the process with status 143
+    through SystemExit, so the caller's cleanup runs."""
+    import uvicorn
+
+    def terminated(sig, frame):
+        raise SystemExit(128 + sig)
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminated) if main else None
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)

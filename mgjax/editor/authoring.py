@@ -31,6 +31,9 @@ _MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
 # The settings the page shows and sends (a jobs-file line's keys); the rest come from the
 # command line the server was started with.
 PAGE_SETTINGS = ("steps", "recursive_steps", "guidance_weight", "seed", "num_samples", "mask_grow")
+# The work a preview does in the request's own thread grows with these: more is refused.
+MAX_DRAG_PAIRS = 32  # the thin-plate spline's system and kernels grow with the pairs
+MAX_MOTION_TERMS = 32  # composed motions ("a+b+..."); more say nothing a few cannot
 
 
 def png_bytes(image_u8: np.ndarray) -> bytes:
@@ -228,11 +231,93 @@ def job_values(spec: dict, store: Store, native: int) -> tuple[dict, int, int]:
 
 
 def resolve(explicit: dict, preset: str, job: dict) -> C.Config:
-    """The edit's Config: default < preset < the command line's flags < the page's values."""
+    """The edit's Config: default < preset < the command line's flags < the page's values,
+    checked as launch.py checks its flags and a jobs file's lines (mgjax.config)."""
     try:
         return C.resolve(explicit, preset, job)
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    except OverflowError as e:
+        raise InputError(_one_line(f"a number in the settings is too large ({e})")) from None
+    except (ValueError, TypeError, KeyError) as e:  # a value of the wrong kind
+        raise InputError(_one_line(str(e) or f"{type(e).__name__} in the settings")) from None
+    except RecursionError:
+        raise InputError("the settings are nested too deep; send flat values") from None
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_work(config: C.Config, h: int, w: int, vae_factor: int) -> None:
+    """Refuse the values that would make the target flow's work (growing the object, dilating
+    the frozen mask, fitting drag pairs, composing motions) unbounded for an h x w image: what
+    is past the frame's own size changes nothing, and more pairs or terms than the page makes
+    only cost time."""
+    mo = config.motion
+    if mo.mask_grow > h + w:
+        raise InputError(
+            f"mask_grow {mo.mask_grow} is more than the {w}x{h} image's {h + w} pixels (which "
+            "already grow the object over the whole frame); use a smaller mask_grow"
+        )
+    latent = max(h, w) // vae_factor  # a square dilation by this covers the latent grid
+    if mo.dilate > latent:
+        raise InputError(
+            f"--dilate {mo.dilate} is more than the {latent} latent pixels across this image "
+            "(which already free the whole frame); start the editor with a smaller --dilate"
+        )
+    if mo.drag:
+        pairs = sum(1 for p in mo.drag.replace("\n", ";").split(";") if p.strip())
+        if pairs > MAX_DRAG_PAIRS:
+            raise InputError(
+                f"the drag has {pairs} pairs, more than the {MAX_DRAG_PAIRS} allowed; "
+                "use fewer points"
+            )
+    if mo.motion:
+        terms = sum(1 for t in mo.motion.split("+") if t.strip())
+        if terms > MAX_MOTION_TERMS:
+            raise InputError(
+                f"the motion composes {terms} motions, more than the {MAX_MOTION_TERMS} "
+                "allowed; combine them into fewer"
+            )
+
+
+def relabel(text: str, store_root: str, run_roots: tuple[str, ...] = ()) -> str:
+    """`text` without server-side paths: a file of the store (or being read into it) is "the
+    image", "the mask" or "the upload"; a path in a run folder is "the run folder NAME" (and
+    its inputs "the image" and "the mask", as the page calls them)."""
+    roots = [(r, True) for r in (store_root, os.path.abspath(store_root))]
+    roots += [(r, False) for root in run_roots for r in (root, os.path.abspath(root))]
+    for root, store in sorted(set(roots), key=lambda r: -len(r[0])):
+        root = root.rstrip(os.sep)
+        if not root:
+            continue
+        end = r"[^\s'\",:]"  # a path runs to a space, a quote, a comma or a colon
+        pattern = re.escape(root) + rf"(?:{re.escape(os.sep)}{end}*)?(?!{end})"
+        text = re.sub(pattern, lambda m, r=root, s=store: _label(m.group(), r, s), text)
+    return text
+
+
+def _label(path: str, root: str, store: bool) -> str:
+    parts = [p for p in path[len(root) :].split(os.sep) if p]
+    if store:
+        name = parts[-1] if parts else ""
+        if name.startswith("mask-"):
+            return "the mask"
+        return "the upload" if name.startswith("upload-") else "the image"
+    if not parts:
+        return "the runs folder"
+    if parts[1:2] == [_inputs()] and len(parts) == 3:
+        known = {"source.png": "the image", "object_mask.png": "the mask"}
+        if parts[2] in known:
+            return known[parts[2]]
+    inside = "/".join(parts[1:])
+    return f"the run folder {parts[0]}" + (f" ({inside})" if inside else "")
+
+
+def _inputs() -> str:
+    from mgjax.editor.runner import INPUTS  # the run folder's copies of the authored files
+
+    return INPUTS
 
 
 def preview(config: C.Config, h: int, w: int, vae_factor: int) -> dict:
@@ -269,7 +354,12 @@ def preview(config: C.Config, h: int, w: int, vae_factor: int) -> dict:
 
 
 def limits(store: Store | None = None) -> dict:
-    out = dict(max_upload_bytes=MAX_UPLOAD_BYTES, max_pixels=MAX_PIXELS)
+    out = dict(
+        max_upload_bytes=MAX_UPLOAD_BYTES,
+        max_pixels=MAX_PIXELS,
+        max_drag_pairs=MAX_DRAG_PAIRS,
+        max_motion_terms=MAX_MOTION_TERMS,
+    )
     if store is not None:
         out |= dict(max_uploads=store.max_images, upload_store_bytes=store.max_bytes)
     return out

@@ -134,7 +134,10 @@ class Guard:
 
     def refusal(self, scope, headers: Headers) -> tuple[int, str] | None:
         """(status, sentence) when the request is refused, else None."""
-        host = _split_host(headers.get("host", ""))
+        given = headers.getlist("host")
+        if len(given) > 1:  # which one a proxy or a browser acted on cannot be known
+            return 400, "a request names one host; send one Host header"
+        host = _split_host(given[0] if given else "")
         if host not in self.hosts:
             return 403, (
                 f"this editor does not answer to the host name {host or '(none)'!r}; open it "

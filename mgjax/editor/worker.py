@@ -90,6 +90,7 @@ class Worker:
         self.current: Job | None = None
         self.cond = threading.Condition()
         self.closed = False
+        self.relabel: Callable[[str], str] = lambda text: text  # a failed job's message shown
         self.thread = threading.Thread(target=self._loop, name="mgjax-editor-worker", daemon=True)
         self.thread.start()
 
@@ -171,11 +172,13 @@ class Worker:
             except Cancelled as e:
                 result, status = e.data, "cancelled"
             except InputError as e:  # a bad input, a divergence: the page shows the sentence
-                status, result, job.error = "failed", None, str(e)
+                status, result, job.error = "failed", None, self.relabel(str(e))
             except Exception as e:  # anything else: one line on the page, the trace in the log
                 log.error("[%s] %s", job.id, traceback.format_exc())
                 status, result = "failed", None
-                job.error = f"internal error ({type(e).__name__}: {e}); the server log has details"
+                job.error = self.relabel(
+                    f"internal error ({type(e).__name__}: {e}); the server log has details"
+                )
             with self.cond:
                 job.result, job.status, self.current = result, status, None
                 if status == "failed":
