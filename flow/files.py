@@ -103,7 +103,8 @@ def _npy_header(f, where: str, kinds: str) -> tuple[tuple[int, ...], bool, np.dt
     return tuple(shape), fortran, dtype, math.prod(shape) * dtype.itemsize
 
 
-_KIND_NAMES = {"f": "real floating-point numbers", _NUMERIC: "numbers"}
+_KIND_NAMES = {"f": "real floating-point numbers", "u": "unsigned integers", "iu": "integers",
+               "U": "text", _NUMERIC: "numbers"}  # fmt: skip
 
 
 def _array(data: bytes, shape, fortran: bool, dtype: np.dtype) -> np.ndarray:

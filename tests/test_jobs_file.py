@@ -36,7 +36,7 @@ def _read(tmp_path, lines, data: bytes | None = None):
         ('{"preset": {"a": 1}}', "preset"),
         ('{"model": [1]}', "model"),
         ('{"seed": 1.5}', "seed"),
-        ('{"steps": 1' + "0" * 400 + "}", "too large"),
+        ('{"steps": 1' + "0" * 400 + "}", "steps must be from 1 to 1000"),
         ('{"name": "abc\\n"}', "letters, digits"),
         ('{"name": "abc\\r"}', "letters, digits"),
         ('{"name": "a/b"}', "letters, digits"),

@@ -77,16 +77,21 @@ def test_stop_continue_and_divergence():
 
 def test_checkpoint_roundtrip_and_other_settings_refused(tmp_path):
     state = SamplerState(
-        z=jnp.arange(4.0).reshape(1, 4), step=jnp.asarray(3), keys=jnp.ones((1, 2))
+        z=jnp.arange(4.0).reshape(1, 4), step=jnp.asarray(3), keys=jnp.ones((1, 2), jnp.uint32)
     )
     ckpt = Checkpoint(tmp_path / "c.npz", "abc")
     assert not ckpt.exists()
     ckpt.save(state, {"energy": [np.ones((3, 1, 1))]}, seconds=np.float64(2.5))
-    back, logs, extra = ckpt.load(_state())
+    template = SamplerState(
+        z=jnp.zeros((1, 4)), step=jnp.asarray(0), keys=jnp.zeros((1, 2), jnp.uint32)
+    )
+    back, logs, extra = ckpt.load(template)
     np.testing.assert_array_equal(back.z, state.z)
     assert int(back.step) == 3 and float(extra["seconds"]) == 2.5
     assert logs["energy"][0].shape == (3, 1, 1)
     with pytest.raises(InputError, match="other settings"):
-        Checkpoint(tmp_path / "c.npz", "xyz").load(_state())
+        Checkpoint(tmp_path / "c.npz", "xyz").load(template)
+    with pytest.raises(InputError, match=r"has shape \(1, 4\), want \(1, 1\)"):
+        ckpt.load(_state())  # a state of another shape than the run's
     ckpt.remove()
     assert not ckpt.exists() and list(tmp_path.iterdir()) == []

@@ -114,7 +114,7 @@ class _TooLarge(Exception):
 
 async def _in_thread(slots: asyncio.Semaphore, fn, *args):
     """fn(*args) in a daemon thread: the event loop stays free, and a request that is dropped
-    (the server stopping) is no longer waited for, so no request's work can hold the process."""
+    (the server stopping) is not waited for, so no request's work can hold the process."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future = loop.create_future()
 
