@@ -163,6 +163,9 @@ def test_scene_is_the_packs_demo(editor):
     assert got["prompt"] == pack.info()["demo"]["prompt"]
     other = editor.client.post("/api/scene", json={"seed": 3}).json()
     assert other["id"] != got["id"] and other["prompt"]
+    for seed in (True, -1, 2**31, 1.5, "3"):  # JSON true is not the seed 1
+        r = editor.client.post("/api/scene", json={"seed": seed})
+        assert r.status_code == 400 and "seed from 0 to 2^31 - 1" in r.json()["error"], seed
 
 
 def test_preview_translation_in_a_box_is_numpys_flow(editor):

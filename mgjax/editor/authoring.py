@@ -177,7 +177,7 @@ def toy_scene(store: Store, seed: int | None) -> dict:
         image = read_image(demo["image"], "image", "RGB")
         mask, prompt = read_image(demo["object_mask"], "mask", "L"), demo["prompt"]
     else:
-        if not isinstance(seed, int) or not 0 <= seed < 2**31:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
             raise InputError("a toy scene is chosen by a seed from 0 to 2^31 - 1")
         scene = shapes.sample_scene(np.random.default_rng(seed), 64)
         drawn = shapes.render(scene)
