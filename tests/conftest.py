@@ -29,29 +29,3 @@ except ImportError:  # torch is a test reference only; tests that need it import
 @pytest.fixture
 def repo_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# The files whose tests take longest on two CPU cores, longest first. They are collected before
-# the others, so that `-n 2 --dist loadfile` (one file a work unit, handed out in collection
-# order) starts them early and ends on short files, and both workers finish together.
-LONGEST_FIRST = (
-    "test_docs.py",
-    "test_sampler.py",
-    "test_levers.py",
-    "test_batch.py",
-    "test_launch.py",
-    "test_raft.py",
-    "test_backbones.py",
-    "test_grow.py",
-    "test_toy_bench.py",
-    "test_editor_run.py",
-    "test_cost_levers.py",
-    "test_toy.py",
-    "test_toy_pack.py",
-    "test_editor_browser.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
