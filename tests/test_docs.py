@@ -10,6 +10,7 @@ import shlex
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from docs import make_cli_reference
@@ -245,6 +246,7 @@ def test_python_examples_run_on_the_toy_pack():
         body = body.replace(resolve, f'config.resolve({{"steps": {STEPS}}}, preset="toy")')
         exec(compile(body, "<docs example>", "exec"), namespace)  # noqa: S102
     assert namespace["edited"].shape == (1, 64, 64, 3)
+    assert namespace["slope"].shape == (1,) and bool(jax.numpy.isfinite(namespace["slope"]).all())
 
 
 def test_the_research_notebook_keeps_small_outputs_and_no_errors():
