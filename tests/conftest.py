@@ -1,6 +1,9 @@
 """Test-wide numerics: fp32 everywhere, JAX matmuls at "highest", torch TF32 off. One
-persistent XLA compilation cache per pytest run (a fresh temporary folder): tests that
-compile the same program (the same sampler configuration, a resumed run) compile it once."""
+persistent XLA compilation cache per pytest process (a fresh temporary folder): tests that
+compile the same program (the same sampler configuration, a resumed run) compile it once. It is
+also mgjax's default `--compilation_cache` there and in the commands the tests start
+(XDG_CACHE_HOME points into it), so no test reads or writes the user's own cache and a run
+here starts as cold as on a fresh machine."""
 
 import atexit
 import os
@@ -11,8 +14,11 @@ import jax
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
-_XLA_CACHE = tempfile.mkdtemp(prefix="mgjax-tests-xla-")
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+_CACHE_HOME = tempfile.mkdtemp(prefix="mgjax-tests-cache-")
+atexit.register(shutil.rmtree, _CACHE_HOME, ignore_errors=True)
+os.environ["XDG_CACHE_HOME"] = _CACHE_HOME  # read by mgjax.config, imported after this
+_XLA_CACHE = os.path.join(_CACHE_HOME, "mgjax", "xla")  # mgjax.config.default_compilation_cache
+os.makedirs(_XLA_CACHE)
 jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 

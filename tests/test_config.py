@@ -1,6 +1,7 @@
 """mgjax.config: one configuration, presets as data, one precedence for flags and job lines."""
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 
@@ -145,3 +146,11 @@ def test_each_paper_default_is_written_once():
             if pattern.search(line)
         ]
         assert len(hits) == 1 and hits[0].startswith("mgjax/config.py"), (name, hits)
+
+
+def test_the_default_compilation_cache_is_the_test_runs_own():
+    """Tests never read or write the user's compilation cache: XDG_CACHE_HOME points into the
+    test run's temporary folder (tests/conftest.py), for this process and the commands it starts."""
+    default = C.make().speed.compilation_cache
+    assert default == os.path.join(os.environ["XDG_CACHE_HOME"], "mgjax", "xla")
+    assert not default.startswith(os.path.join(os.path.expanduser("~"), ".cache"))

@@ -220,7 +220,7 @@ def test_every_readme_shell_command_runs_or_needs_real_weights(tmp_path):
         line, kind = " ".join(words), command_kind(words)
         if kind == "launch":
             args = [local(a) for a in words[2:]]
-            args += ["--steps", STEPS, "--compilation_cache", str(tmp_path / "xla")]
+            args += ["--steps", STEPS]
             add(groups, "launch", dict(args=args, work=str(tmp_path), line=line))
         elif kind == "evaluate":
             args = [local(a) for a in words[3:]]
