@@ -39,6 +39,7 @@ from absl import app, flags, logging
 from flow.errors import InputError, run_cli
 from mgjax import config as C
 from mgjax.editor.limits import Limits
+from mgjax.model import without_torch
 
 _KINDS = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float}
 
@@ -185,6 +186,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
+    without_torch()  # mgjax runs on JAX alone: a start without PyTorch's import
 
     if len(sys.argv) == 1:  # no flags at all: say what this is and how to ask for more
         print(__doc__.strip())

@@ -1,9 +1,9 @@
 """Test-wide numerics: fp32 everywhere, JAX matmuls at "highest", torch TF32 off. One
-persistent XLA compilation cache per pytest process (a fresh temporary folder): tests that
-compile the same program (the same sampler configuration, a resumed run) compile it once. It is
-also mgjax's default `--compilation_cache` there and in the commands the tests start
-(XDG_CACHE_HOME points into it), so no test reads or writes the user's own cache and a run
-here starts as cold as on a fresh machine."""
+persistent XLA compilation cache per pytest run (a fresh temporary folder, shared by xdist's
+workers): tests that compile the same program (the same sampler configuration, a resumed run)
+compile it once. It is also mgjax's default `--compilation_cache` in the tests and in the
+commands they start (XDG_CACHE_HOME points into it), so no test reads or writes the user's own
+cache and a run here starts as cold as on a fresh machine."""
 
 import atexit
 import os
@@ -14,11 +14,13 @@ import jax
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
-_CACHE_HOME = tempfile.mkdtemp(prefix="mgjax-tests-cache-")
-atexit.register(shutil.rmtree, _CACHE_HOME, ignore_errors=True)
+if "MGJAX_TESTS_CACHE_HOME" not in os.environ:  # pytest's first process: xdist's workers
+    os.environ["MGJAX_TESTS_CACHE_HOME"] = tempfile.mkdtemp(prefix="mgjax-tests-cache-")
+    atexit.register(shutil.rmtree, os.environ["MGJAX_TESTS_CACHE_HOME"], ignore_errors=True)
+_CACHE_HOME = os.environ["MGJAX_TESTS_CACHE_HOME"]  # inherited by xdist's workers: one cache
 os.environ["XDG_CACHE_HOME"] = _CACHE_HOME  # read by mgjax.config, imported after this
 _XLA_CACHE = os.path.join(_CACHE_HOME, "mgjax", "xla")  # mgjax.config.default_compilation_cache
-os.makedirs(_XLA_CACHE)
+os.makedirs(_XLA_CACHE, exist_ok=True)
 jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 

@@ -522,3 +522,23 @@ def test_a_run_killed_anywhere_resumes_to_the_same_image(assets, tmp_path):
     assert resumed.returncode == 0, (seed, resumed.stderr[-2000:])
     assert (out / "sample_00" / "edited.png").read_bytes() == expected, seed
     assert not list(out.rglob(".tmp-*")), seed  # the killed writes' leftovers are gone
+
+
+def test_the_command_line_starts_without_pytorch():
+    """launch.py marks torch absent before diffusers and transformers load (both import it
+    whenever it is installed: seconds of every start); the model seam works without it, and a
+    process that has torch already keeps it."""
+    entry = "import runpy, sys\nsys.argv = ['launch.py']\n"
+    entry += "try:\n    runpy.run_path('launch.py', run_name='__main__')\n"
+    entry += "except SystemExit as e:\n    assert not e.code, e.code\n"
+    entry += "print('torch:', sys.modules.get('torch', 'absent'))"
+    res = subprocess.run([sys.executable, "-c", entry], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.splitlines()[-1] == "torch: None", res.stderr
+    seam = "import sys\nfrom mgjax.model import without_torch\n{first}without_torch()\n"
+    seam += "from tests.tiny_models import tiny\nsd = tiny(seed=0)\n"
+    seam += "print(sd.embed('a ball').shape, sys.modules['torch'] is None)"
+    for first, absent in (("", "True"), ("import torch\n", "False")):
+        code = seam.format(first=first)
+        res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert res.stdout.split()[-1] == absent, res.stdout
