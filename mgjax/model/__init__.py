@@ -21,8 +21,8 @@ import sys
 
 def without_torch() -> None:
     """For a command-line entry point, before diffusers or transformers is imported: both import
-    PyTorch whenever it is installed (about 3.5 s of a 5 s start on 2 CPU cores), and nothing
-    mgjax calls through them needs it (PyTorch weights are read without torch: `weights`).
+    PyTorch whenever it is installed (most of their import time), and nothing mgjax calls
+    through them needs it (PyTorch weights are read without torch: `weights`).
     Marks torch absent for this process and the commands it starts (USE_TORCH=0, and an
     `import torch` fails), unless torch is imported already or USE_TORCH is set. A library
     user's process, which may want torch, never calls it."""
