@@ -536,9 +536,14 @@ def test_the_command_line_starts_without_pytorch():
     assert res.returncode == 0 and res.stdout.splitlines()[-1] == "torch: None", res.stderr
     seam = "import sys\nfrom mgjax.model import without_torch\n{first}without_torch()\n"
     seam += "from tests.tiny_models import tiny\nsd = tiny(seed=0)\n"
-    seam += "print(sd.embed('a ball').shape, sys.modules['torch'] is None)"
-    for first, absent in (("", "True"), ("import torch\n", "False")):
+    seam += "print(sd.embed('a ball').shape, sys.modules.get('torch', 'absent') is None)"
+    cases = [("", {}, "True"), ("import torch\n", {}, "False")]
+    cases += [("", {"USE_TORCH": "0"}, "True"), ("", {"USE_TORCH": "1"}, "False")]
+    for first, env, absent in cases:  # USE_TORCH=0: a command started by one that called it
         code = seam.format(first=first)
-        res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+        env = {k: v for k, v in os.environ.items() if k != "USE_TORCH"} | env
+        res = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env
+        )
         assert res.returncode == 0, res.stderr[-2000:]
         assert res.stdout.split()[-1] == absent, res.stdout

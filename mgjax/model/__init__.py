@@ -23,10 +23,10 @@ def without_torch() -> None:
     """For a command-line entry point, before diffusers or transformers is imported: both import
     PyTorch whenever it is installed (most of their import time), and nothing mgjax calls
     through them needs it (PyTorch weights are read without torch: `weights`).
-    Marks torch absent for this process and the commands it starts (USE_TORCH=0, and an
-    `import torch` fails), unless torch is imported already or USE_TORCH is set. A library
-    user's process, which may want torch, never calls it."""
-    if "torch" in sys.modules or "USE_TORCH" in os.environ:
+    Marks torch absent for this process (an `import torch` fails) and for the commands it starts
+    (USE_TORCH=0, which makes theirs do the same), unless torch is imported already or
+    USE_TORCH asks for it. A library user's process, which may want torch, never calls it."""
+    if "torch" in sys.modules:
         return
-    os.environ["USE_TORCH"] = "0"  # transformers and diffusers: torch not available
-    sys.modules["torch"] = None  # diffusers' logging imports it regardless
+    if os.environ.setdefault("USE_TORCH", "0").upper() in ("0", "FALSE", "NO", "OFF"):
+        sys.modules["torch"] = None  # diffusers' logging imports it whatever USE_TORCH says
