@@ -28,5 +28,6 @@ def without_torch() -> None:
     USE_TORCH asks for it. A library user's process, which may want torch, never calls it."""
     if "torch" in sys.modules:
         return
-    if os.environ.setdefault("USE_TORCH", "0").upper() in ("0", "FALSE", "NO", "OFF"):
+    # the libraries' own rule: torch is wanted only for these values (any other: not)
+    if os.environ.setdefault("USE_TORCH", "0").upper() not in ("1", "ON", "YES", "TRUE", "AUTO"):
         sys.modules["torch"] = None  # diffusers' logging imports it whatever USE_TORCH says
