@@ -63,6 +63,9 @@ def _files(folder: str) -> list[str]:
 
 def main() -> None:
     command, cases = sys.argv[1], json.load(sys.stdin)
+    from mgjax.model import without_torch
+
+    without_torch()  # as every command line starts (launch.py's main, mgjax's `python -m`)
     run = _entry(command)
     results = []
     for case in cases:

@@ -525,25 +525,34 @@ def test_a_run_killed_anywhere_resumes_to_the_same_image(assets, tmp_path):
 
 
 def test_the_command_line_starts_without_pytorch():
-    """launch.py marks torch absent before diffusers and transformers load (both import it
-    whenever it is installed: seconds of every start); the model seam works without it, and a
-    process that has torch already keeps it."""
+    """launch.py, `python -m mgjax.<command>` and `python -m bench.<name>` mark torch absent
+    before diffusers and transformers load (both import it whenever it is installed: seconds of
+    every start); the model seam works without it; a process that has torch already, or runs
+    with USE_TORCH=1, keeps it, and so does a library user's import of mgjax."""
     entry = "import runpy, sys\nsys.argv = ['launch.py']\n"
     entry += "try:\n    runpy.run_path('launch.py', run_name='__main__')\n"
     entry += "except SystemExit as e:\n    assert not e.code, e.code\n"
     entry += "print('torch:', sys.modules.get('torch', 'absent'))"
     res = subprocess.run([sys.executable, "-c", entry], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.splitlines()[-1] == "torch: None", res.stderr
-    seam = "import sys\nfrom mgjax.model import without_torch\n{first}without_torch()\n"
+    seam = "import sys\nfrom mgjax.model import without_torch\nwithout_torch()\n"
     seam += "from tests.tiny_models import tiny\nsd = tiny(seed=0)\n"
     seam += "print(sd.embed('a ball').shape, sys.modules.get('torch', 'absent') is None)"
-    cases = [("", {}, "True"), ("import torch\n", {}, "False")]
-    cases += [("", {"USE_TORCH": "0"}, "True"), ("", {"USE_TORCH": "1"}, "False")]
-    for first, env, absent in cases:  # USE_TORCH=0: a command started by one that called it
-        code = seam.format(first=first)
+    res = subprocess.run([sys.executable, "-c", seam], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.split()[-1] == "True", res.stderr[-2000:]
+    # Python sets sys.argv[0] to "-m" while it locates `python -m package.module`
+    check = "import sys\n{first}sys.argv[0] = {argv0!r}\nimport {package}\n"
+    check += "print(sys.modules.get('torch', 'absent') is None)"
+    cases = [("", "-m", "mgjax", {}, "True"), ("", "-m", "bench", {}, "True")]
+    cases += [("import torch\n", "-m", "mgjax", {}, "False")]
+    cases += [("", "-m", "mgjax", {"USE_TORCH": "1"}, "False")]
+    cases += [("", "-m", "mgjax", {"USE_TORCH": "0"}, "True")]  # started by a command that did
+    cases += [("", "-c", "mgjax", {}, "False")]  # a library user's process
+    for first, argv0, package, env, absent in cases:
+        code = check.format(first=first, argv0=argv0, package=package)
         env = {k: v for k, v in os.environ.items() if k != "USE_TORCH"} | env
         res = subprocess.run(
             [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env
         )
         assert res.returncode == 0, res.stderr[-2000:]
-        assert res.stdout.split()[-1] == absent, res.stdout
+        assert res.stdout.split()[-1] == absent, (first, argv0, package, env, res.stdout)
