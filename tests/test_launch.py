@@ -541,18 +541,22 @@ def test_the_command_line_starts_without_pytorch():
     res = subprocess.run([sys.executable, "-c", seam], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.split()[-1] == "True", res.stderr[-2000:]
     # Python sets sys.argv[0] to "-m" while it locates `python -m package.module`
-    check = "import sys\n{first}sys.argv[0] = {argv0!r}\nimport {package}\n"
+    check = "import sys\n{first}sys.argv[0] = {argv0!r}\n"
+    check += "sys.orig_argv = [sys.executable, {argv0!r}, {module!r}]\nimport {package}\n"
     check += "print(sys.modules.get('torch', 'absent') is None)"
-    cases = [("", "-m", "mgjax", {}, "True"), ("", "-m", "bench", {}, "True")]
-    cases += [("import torch\n", "-m", "mgjax", {}, "False")]
-    cases += [("", "-m", "mgjax", {"USE_TORCH": "1"}, "False")]
-    cases += [("", "-m", "mgjax", {"USE_TORCH": "0"}, "True")]  # started by a command that did
-    cases += [("", "-c", "mgjax", {}, "False")]  # a library user's process
-    for first, argv0, package, env, absent in cases:
-        code = check.format(first=first, argv0=argv0, package=package)
+    mg, toy, peer = "mgjax.evaluation.evaluate", "bench.toy_quality", "bench.raft"
+    cases = [("", "-m", mg, {}, "True"), ("", "-m", toy, {}, "True")]
+    cases += [("", "-m", peer, {}, "False")]  # a bench that runs a PyTorch peer keeps it
+    cases += [("import torch\n", "-m", mg, {}, "False")]
+    cases += [("", "-m", mg, {"USE_TORCH": "1"}, "False")]
+    cases += [("", "-m", mg, {"USE_TORCH": "0"}, "True")]  # started by a command that did
+    cases += [("", "-c", mg, {}, "False")]  # a library user's process
+    for first, argv0, module, env, absent in cases:
+        package = module.split(".")[0]
+        code = check.format(first=first, argv0=argv0, module=module, package=package)
         env = {k: v for k, v in os.environ.items() if k != "USE_TORCH"} | env
         res = subprocess.run(
             [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env
         )
         assert res.returncode == 0, res.stderr[-2000:]
-        assert res.stdout.split()[-1] == absent, (first, argv0, package, env, res.stdout)
+        assert res.stdout.split()[-1] == absent, (first, argv0, module, env, res.stdout)

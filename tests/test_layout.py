@@ -73,3 +73,24 @@ def test_the_layers_and_the_seam_hold():
     report = done.stdout.split("Broken contracts")[-1] + done.stderr
     assert done.returncode == 0, report
     assert f"Contracts: {len(_contracts())} kept, 0 broken." in done.stdout
+
+
+def test_the_bench_scripts_that_import_torch_are_its_peers():
+    """bench.TORCH_PEERS (the scripts that start with PyTorch) names exactly the bench scripts
+    that import torch or torchvision; mgjax's own modules import neither."""
+    import bench
+
+    def imports_torch(path: Path) -> bool:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            if any(n.split(".")[0] in ("torch", "torchvision") for n in names):
+                return True
+        return False
+
+    peers = {p.stem for p in ROOT.glob("bench/*.py") if imports_torch(p)}
+    assert peers == set(bench.TORCH_PEERS), sorted(peers)
+    assert not [p for p in ROOT.glob("mgjax/**/*.py") if imports_torch(p)]
