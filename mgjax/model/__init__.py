@@ -21,7 +21,8 @@ import sys
 
 def without_torch() -> None:
     """For a command line, before diffusers or transformers is imported (launch.py's main, and
-    `python -m mgjax.<command>` or `bench.<name>` as their package starts): both import
+    `python -m mgjax.<command>`, and bench scripts without a PyTorch peer, as their package
+    starts): both import
     PyTorch whenever it is installed (most of their import time), and nothing mgjax calls
     through them needs it (PyTorch weights are read without torch: `weights`).
     Marks torch absent for this process (an `import torch` fails) and for the commands it starts
