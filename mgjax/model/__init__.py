@@ -20,11 +20,11 @@ import sys
 
 
 def without_torch() -> None:
-    """For a command line, before diffusers or transformers is imported (launch.py's main, and
-    `python -m mgjax.<command>`, and bench scripts without a PyTorch peer, as their package
-    starts): both import
-    PyTorch whenever it is installed (most of their import time), and nothing mgjax calls
-    through them needs it (PyTorch weights are read without torch: `weights`).
+    """For a command line, before diffusers or transformers is imported (launch.py's main;
+    `python -m mgjax.<command>` and bench scripts without a PyTorch peer as their package
+    starts): both import PyTorch whenever it is installed (most of their import time), and
+    nothing mgjax calls through them needs it (PyTorch weights are read without torch:
+    `weights`).
     Marks torch absent for this process (an `import torch` fails) and for the commands it starts
     (USE_TORCH=0, which makes theirs do the same), unless torch is imported already or
     USE_TORCH asks for it. A library user's process, which may want torch, never calls it."""
