@@ -170,7 +170,7 @@ CASES = [
     ("train_raft", ["--out_dir={work}/out", "--init={work}/none.mgjax"], 2, "no such weights"),
     ("train_raft", ["--out_dir={work}/out", "--autoencoder={work}/none"], 2,
      "no diffusers AutoencoderKL folder"),
-    ("train_raft", ["--out_dir={work}/out", "--input_scale=3"], 2, "input_scale must be 1, 2"),
+    ("train_raft", ["--out_dir={work}/out", "--input_scale=3"], 2, "--input_scale 3: give 1, 2"),
     ("train_ldm", ["--out_dir={work}/out", "--init={work}/none"], 2, "no such folder"),
     ("train_ldm", ["--out_dir={work}/out", "--init={text}"], 2, "no such folder"),
     ("train_ldm", ["--out_dir={work}/out", "--init={no_vae_config}"], 2, "subfolder; a diffusers"),
@@ -186,6 +186,31 @@ CASES = [
     ("train_ldm", ["--out_dir={work}/out", "--unet_pixel_weight=nan"], 2, "weight of 0 or more"),
     ("train_ldm", ["--out_dir={work}/out", "--vae_scale_weight=-0.5"], 2, "weight of 0 or more"),
 ]  # fmt: skip
+
+
+def _numeric_flags(module: str) -> list[tuple[str, str]]:
+    """(name, "integer" or "float") of every number flag a training script defines, read from
+    its source: each is checked below, so a flag added later is checked too."""
+    import ast
+
+    tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+    return [
+        (node.args[0].value, node.func.attr.removeprefix("DEFINE_"))
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in ("DEFINE_integer", "DEFINE_float")
+    ]
+
+
+# every number a training script takes, out of range (integers -1, floats NaN): refused naming it
+for _command, _module in (
+    ("train_ldm", "mgjax.toy.train_ldm"),
+    ("train_raft", "mgjax.toy.train_raft"),
+):
+    for _name, _kind in _numeric_flags(_module):
+        _bad = "-1" if _kind == "integer" else "nan"
+        CASES.append((_command, ["--out_dir={work}/out", f"--{_name}={_bad}"], 2, f"--{_name} "))
 
 
 def _write_assets(folder: Path) -> dict[str, str]:

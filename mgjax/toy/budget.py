@@ -21,6 +21,8 @@ import time
 import numpy as np
 import optax
 
+from flow.errors import InputError
+
 
 class Budget:
     """A training run's length: at most `steps` steps and at most `minutes` of wall time,
@@ -57,6 +59,15 @@ class Budget:
             return peak * p / warmup
         q = (p - warmup) / max(1.0 - warmup, 1e-9)
         return peak * (end + (1.0 - end) * 0.5 * (1.0 + np.cos(np.pi * q)))
+
+
+def refuse_unless(*rules: tuple[str, object, bool, str]) -> None:
+    """Each rule: (flag, value, whether the value is one the run can use, the fix). The first
+    that fails is one InputError naming the flag, its value and the fix, before any work; the
+    callers write each test as a comparison that NaN fails."""
+    for flag, value, ok, fix in rules:
+        if not ok:
+            raise InputError(f"--{flag} {value}: {fix}")
 
 
 def device_description() -> str:

@@ -44,6 +44,7 @@ from mgjax.toy.budget import (
     Budget,
     device_description,
     parallel_map,
+    refuse_unless,
     scheduled,
     seeds_from,
     with_learning_rate,
@@ -686,7 +687,38 @@ def main(argv):
     run_cli(_train)
 
 
+def _check_numbers():
+    """Every number the run uses, in its range (NaN and infinities fail), before any work."""
+    F = FLAGS
+    finite = lambda v: abs(v) < float("inf")  # noqa: E731 - False for NaN too
+    crop = F.vae_crop
+    refuse_unless(
+        ("vae_minutes", F.vae_minutes, F.vae_minutes >= 0, "give minutes of 0 or more"),
+        ("unet_minutes", F.unet_minutes, F.unet_minutes >= 0, "give minutes of 0 or more"),
+        ("vae_steps", F.vae_steps, F.vae_steps >= 0, "give 0 or more steps (0 skips the stage)"),
+        ("unet_steps", F.unet_steps, F.unet_steps >= 0, "give 0 or more steps (0 skips)"),
+        ("vae_batch", F.vae_batch, F.vae_batch >= 1, "give at least 1 crop per step"),
+        ("unet_batch", F.unet_batch, F.unet_batch >= 1, "give at least 1 latent per step"),
+        ("vae_crop", crop, 8 <= crop <= SIZE and crop % 4 == 0,
+         f"give a side from 8 to {SIZE} pixels, a multiple of 4 (the latent grid)"),
+        ("vae_full_share", F.vae_full_share, 0 <= F.vae_full_share <= 1, "give a share 0 to 1"),
+        ("object_weight", F.object_weight, F.object_weight > 0 and finite(F.object_weight),
+         "give a weight above 0 (1: object pixels count as the others)"),
+        ("vae_lr", F.vae_lr, F.vae_lr >= 0 and finite(F.vae_lr), "give a rate of 0 or more"),
+        ("unet_lr", F.unet_lr, F.unet_lr >= 0 and finite(F.unet_lr), "give a rate of 0 or more"),
+        ("vae_pool", F.vae_pool, F.vae_pool >= 1, "give at least 1 scene"),
+        ("pool", F.pool, F.pool >= 1, "give at least 1 scene"),
+        ("ema", F.ema, 0 <= F.ema < 1, "give a decay from 0 (the last step's weights) to below 1"),
+        ("snr_gamma", F.snr_gamma, F.snr_gamma >= 0 and finite(F.snr_gamma),
+         "give 0 (plain eps-MSE) or more"),
+        ("seed", F.seed, F.seed >= 0, "give a seed of 0 or more"),
+        ("log_every", F.log_every, F.log_every >= 1, "give at least 1 step"),
+        ("workers", F.workers, F.workers is None or F.workers >= 1, "give at least 1 process"),
+    )  # fmt: skip
+
+
 def _train():
+    _check_numbers()
     if not 0.0 <= FLAGS.vae_hard_share <= 1.0:  # NaN too
         raise InputError(f"--vae_hard_share {FLAGS.vae_hard_share}: give a share from 0 to 1")
     if not FLAGS.unet_object_weight > 0:

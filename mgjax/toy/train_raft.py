@@ -36,6 +36,7 @@ from mgjax.toy.budget import (
     Budget,
     device_description,
     parallel_map,
+    refuse_unless,
     scheduled,
     seeds_from,
     with_learning_rate,
@@ -132,8 +133,22 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
     scales objects about their own centres with the view still (shapes.flow_pair; the
     validation pairs stay the usual ones). The learning rate warms up over the first 5% of the run
     and decays to a tenth over its steps or minutes, whichever ends first."""
-    if not 0.0 <= local_share <= 1.0:
-        raise InputError(f"--local_share {local_share}: give a share from 0 to 1")
+    finite = lambda v: abs(v) < float("inf")  # noqa: E731 - False for NaN too
+    refuse_unless(
+        ("minutes", minutes, minutes >= 0, "give minutes of 0 or more"),
+        ("max_steps", max_steps, max_steps >= 1, "give at least 1 step"),
+        ("batch", batch, batch >= 1, "give at least 1 pair per step"),
+        ("iters", iters, iters >= 1, "give at least 1 RAFT iteration"),
+        ("lr", lr, lr >= 0 and finite(lr), "give a learning rate of 0 or more"),
+        ("seed", seed, seed >= 0, "give a seed of 0 or more"),
+        ("size", size, size >= 32 and size % 8 == 0, "give a side of 32 or more, a multiple of 8"),
+        ("log_every", log_every, log_every >= 1, "give at least 1 step"),
+        ("input_scale", input_scale, input_scale in (1, 2, 4), "give 1, 2 or 4"),
+        ("roundtrip_p", roundtrip_p, 0 <= roundtrip_p <= 1, "give a share from 0 to 1"),
+        ("pool", pool, pool >= 0, "give 0 (render each batch) or more pairs"),
+        ("workers", workers, workers is None or workers >= 1, "give at least 1 process"),
+        ("local_share", local_share, 0 <= local_share <= 1, "give a share from 0 to 1"),
+    )  # fmt: skip
     if autoencoder and not os.path.isfile(os.path.join(autoencoder, "config.json")):
         raise InputError(f"--autoencoder {autoencoder}: no diffusers AutoencoderKL folder there")
     rng = np.random.default_rng(seed)
