@@ -140,6 +140,15 @@ def preset_values(name: str) -> dict:
     return {k: v for k, v in method.items() if type(v) in (bool, int, float, str)}
 
 
+def method_settings(method: str, steps: int, overrides: dict) -> dict:
+    """The preset values a method runs with: its preset's (the toy preset's for no guidance and
+    the warps), with --steps (0: the preset's) and --set applied."""
+    preset = preset_values("toy" if method in ("none", "warp", "warp_sdedit") else method)
+    if steps:
+        preset = dict(preset, steps=steps, recursive_steps=1)
+    return dict(preset, **overrides)
+
+
 def preset_dilate(name: str) -> int:
     """The automatic frozen mask's dilation of a preset (launch.py's --dilate under it)."""
     return C.make(**C.PRESETS[name]).motion.dilate
@@ -418,6 +427,18 @@ def main():
     shard, shards = int(shard), int(shards)
     if args.batch < 1 or args.edits < 1:
         sys.exit("--batch and --edits must be at least 1")
+    scenes = len(split_seeds(args.split))
+    if args.edits > scenes:
+        sys.exit(f"--edits {args.edits}: the {args.split} split has {scenes} scenes; give fewer")
+    if args.steps < 0:
+        sys.exit(f"--steps {args.steps}: give 1 or more DDIM steps (0: each preset's own)")
+    if not 0 <= args.minutes < float("inf"):  # NaN too
+        sys.exit(f"--minutes {args.minutes}: give minutes of 0 or more (0: no limit)")
+    for method in methods:  # each method's settings, by the rules launch.py's settings follow
+        try:
+            C.make(**method_settings(method, args.steps, overrides))
+        except ValueError as e:
+            sys.exit(f"--set / --steps for {method}: {e}")
     if not 0 <= args.grow <= 8:
         sys.exit(f"--grow {args.grow}: give 0 to 8 px")
     if args.mask_grow is not None and not 0 <= args.mask_grow <= 8:
@@ -469,14 +490,11 @@ def main():
     try:
         for method in methods:
             name = "toy" if method in ("none", "warp", "warp_sdedit") else method
-            preset = preset_values(name)
+            preset = method_settings(method, args.steps, overrides)
             dilate = preset_dilate(name) if args.dilate is None else args.dilate
             mask_grow = preset_mask_grow(name) if args.mask_grow is None else args.mask_grow
             if method in ("warp", "warp_sdedit"):  # a warp moves the object as it is
                 mask_grow = 0
-            if args.steps:
-                preset = dict(preset, steps=args.steps, recursive_steps=1)
-            preset = dict(preset, **overrides)
             if (out / method / "rows.json").exists():
                 saved = json.loads((out / method / "rows.json").read_text())["timing"]
                 # None: scored before presets were kept; mask_grow 0 before it was

@@ -52,6 +52,31 @@ def test_the_bench_scores_every_method_and_resumes(tmp_path):
     assert negative.returncode != 0 and "--dilate: dilate must be >= 0" in negative.stderr
 
 
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--set", "clip=nan"], "clip must be >= 0"),
+        (["--set", "steps=0"], "steps must be at least 1"),
+        (["--set", "cfg_scale=inf"], "cfg_scale must be a finite number"),
+        (["--steps", "-3"], "--steps -3: give 1 or more"),
+        (["--edits", "100000"], "the heldout split has"),
+        (["--minutes", "nan"], "--minutes nan: give minutes of 0 or more"),
+        (["--minutes", "-1"], "--minutes -1.0: give minutes of 0 or more"),
+        (["--set", "warp_start=maybe"], "takes true or false"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path, monkeypatch, args, words):
+    """Every method's settings are checked by the config's own rules, and the bench's numbers
+    by theirs, before the output folder exists or a model loads."""
+    out = tmp_path / "tq"
+    argv = ["toy_quality", "--out", str(out), "--methods", "toy,none", *args]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as refused:
+        TQ.main()
+    assert words in str(refused.value.code), refused.value.code
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_a_generated_source_moves_its_silhouette():
     sd = sdm.load(pack.sd_folder())
