@@ -17,12 +17,15 @@ OUT/stability.md and OUT/stability.json.
 import argparse
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from mgjax.toy.quality import HELDOUT_SEEDS
 
 BATCHES = (1, 4)
 MEASURES = ("placement_px", "iou")
@@ -42,7 +45,11 @@ def run_condition(out: Path, edits: int, batch: int, cpus: list[str]) -> list[di
         cmd += ["--no_models_report"]  # the models do not change between the conditions
         cmd += ["--out", str(folder)] + (["--resume"] if folder.exists() else [])
         print("$", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+        done = subprocess.run(cmd)
+        if done.returncode != 0:  # its own message is above; --resume-able where it stopped
+            raise SystemExit(
+                f"{folder.name}: bench.toy_quality exited with status {done.returncode}"
+            )
     return json.loads(results.read_text())["results"]["toy"]
 
 
@@ -67,11 +74,18 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/toy_stability")
     parser.add_argument("--cpus", default="0,1", help="the two cores of the 2-thread runs")
     args = parser.parse_args(argv)
+    cpus = args.cpus.split(",")
+    usable = {str(c) for c in os.sched_getaffinity(0)}
+    if len(cpus) != 2 or cpus[0] == cpus[1] or not set(cpus) <= usable:
+        raise SystemExit(
+            f"--cpus {args.cpus}: give two of this process's cores "
+            f"({','.join(sorted(usable, key=int))}), e.g. 0,1"
+        )
+    scenes = len(HELDOUT_SEEDS)
+    if not 1 <= args.edits <= scenes:
+        raise SystemExit(f"--edits {args.edits}: give 1 to {scenes} held-out edits")
     if shutil.which("taskset") is None:
         raise SystemExit("taskset not found: it pins each run's threads (util-linux)")
-    cpus = args.cpus.split(",")
-    if len(cpus) != 2:
-        raise SystemExit(f"--cpus {args.cpus}: give two cores, e.g. 0,1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = {}

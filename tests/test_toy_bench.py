@@ -4,6 +4,8 @@ same scores, and a changed setting is refused before any model work."""
 
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -75,6 +77,33 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path, monkeypat
         TQ.main()
     assert words in str(refused.value.code), refused.value.code
     assert not out.exists()
+
+
+def test_the_rounding_bench_refuses_bad_settings_and_stops_on_a_failed_run(tmp_path, capfd):
+    """bench.toy_stability: --edits and --cpus checked before anything runs; a condition whose
+    toy_quality run fails (here: its folder holds a run of other settings) ends the bench with
+    one line naming it, not a traceback."""
+    import bench.toy_stability as TS
+
+    for args, words in (
+        (["--edits", "0"], "--edits 0: give 1 to"),
+        (["--cpus", "0,0"], "give two of this process's cores"),
+        (["--cpus", "0,4096"], "give two of this process's cores"),
+    ):
+        with pytest.raises(SystemExit) as refused:
+            TS.main(["--out", str(tmp_path / "none"), *args])
+        assert words in str(refused.value.code), refused.value.code
+    assert not (tmp_path / "none").exists()
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2 or shutil.which("taskset") is None:
+        pytest.skip("the rounding bench's runs need two cores and taskset")
+    first = tmp_path / "st" / TS.condition_name(1, 1)
+    first.mkdir(parents=True)
+    (first / "run.json").write_text(json.dumps({"edits": 1}))  # another run's settings
+    with pytest.raises(SystemExit) as stopped:
+        TS.main(["--out", str(tmp_path / "st"), "--edits", "2", "--cpus", f"{cores[0]},{cores[1]}"])
+    assert "batch1_threads1: bench.toy_quality exited with status" in str(stopped.value.code)
+    assert "was run with" in capfd.readouterr().err  # toy_quality's own line, above it
 
 
 @pytest.mark.slow
