@@ -155,6 +155,38 @@ def test_resume_equals_uninterrupted(assets, tmp_path, monkeypatch):
         run(_options(assets, tmp_path / "cut", resume=True, seed=3), log=lambda s: None)
 
 
+def test_runs_in_one_process_reuse_the_models_and_their_programs(assets, tmp_path, monkeypatch):
+    """A later run() with the same model settings and unchanged weight files loads no model
+    and traces no program again, and gives the first run's image; a rewritten weights file is
+    loaded again, and release() forgets what was kept."""
+    import shutil
+
+    from mgjax.edit import workflow
+
+    loads = []
+    load = workflow.load_models
+    monkeypatch.setattr(workflow, "load_models", lambda c: loads.append(1) or load(c))
+    shutil.copy(assets / "raft.pth", tmp_path / "raft.pth")
+    options = lambda name: _options(
+        assets, tmp_path / name, raft_weights=str(tmp_path / "raft.pth")
+    )  # noqa: E731
+    workflow.release()
+    first = run(options("a"), log=lambda s: None)
+    models, sampler = workflow.kept_models(options("a")), workflow.kept_sampler(options("a"))
+    traces = sampler.traces
+    second = run(options("b"), log=lambda s: None)
+    assert len(loads) == 1 and workflow.kept_sampler(options("b")) is sampler
+    assert sampler.traces == traces
+    image = lambda run_dir: (Path(run_dir) / "sample_00" / "edited.png").read_bytes()  # noqa: E731
+    assert image(second) == image(first)
+    stat = os.stat(tmp_path / "raft.pth")
+    os.utime(tmp_path / "raft.pth", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert workflow.kept_models(options("c")) is not models
+    assert len(loads) == 2 and workflow.kept_sampler(options("c")) is not sampler
+    workflow.release()
+    assert workflow._kept == {}
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -333,7 +365,7 @@ def test_a_crash_after_the_folder_is_written_keeps_it_for_resume(assets, tmp_pat
     def crash(*a, **kw):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(workflow, "make_sampler", crash)
+    monkeypatch.setattr(workflow, "start", crash)
     lines = []
     with pytest.raises(RuntimeError, match="device lost"):
         run(_options(assets, tmp_path / "o"), log=lines.append)

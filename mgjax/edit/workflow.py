@@ -149,6 +149,52 @@ def make_sampler(config: C.Config, sd, raft):
     return Sampler(sd, raft, config.method, config.speed, snapshot_every=config.output.log_every)
 
 
+# The models the last run() loaded and the samplers it built on them: a later run() in this
+# process with the same model settings and unchanged weight files neither reloads the models
+# nor traces its programs again (a sweep in a notebook, a script of edits). One set at a time;
+# release() gives the memory back.
+_kept: dict = {}
+
+
+def _files_state(path: str | None):
+    """What a weights path holds now: (name, size, mtime) of each file (None: not a local
+    path, such as a hub id), so that a rewritten file is loaded again."""
+    if not path or not os.path.exists(path):
+        return None
+    if os.path.isfile(path):
+        names = [path]
+    else:
+        names = sorted(os.path.join(r, n) for r, _, ns in os.walk(path) for n in ns)
+    return tuple((n, os.stat(n).st_size, os.stat(n).st_mtime_ns) for n in names)
+
+
+def kept_models(config: C.Config):
+    """load_models(config), or the models an earlier run() of this process loaded with the
+    same settings from the same, unchanged files."""
+    m = config.model
+    key = (m, _files_state(m.raft_weights), _files_state(m.model))
+    if _kept.get("key") != key:
+        release()
+        models = load_models(config)
+        _kept.update(key=key, models=models, samplers={})
+    return _kept["models"]
+
+
+def kept_sampler(config: C.Config):
+    """make_sampler on the kept models (kept_models first), made once per method structure,
+    speed and snapshot setting (the method's numbers are each edit's inputs, start())."""
+    (sd, raft), samplers = _kept["models"], _kept["samplers"]
+    key = (N.structure(config.method), config.speed, config.output.log_every)
+    if key not in samplers:
+        samplers[key] = make_sampler(config, sd, raft)
+    return samplers[key]
+
+
+def release() -> None:
+    """Forget the models and samplers run() keeps for the next run of this process."""
+    _kept.clear()
+
+
 def start(config: C.Config, sampler, files: EditFiles, prompts, source):
     """(GuidanceInputs, SamplerState at the first DDIM step) of an edit's num_samples samples
     (seeds seed, seed + 1, ...); prompts: (cond, uncond) embeddings; source: (image, z_T,
@@ -245,7 +291,7 @@ def _run(config: C.Config, files: EditFiles, ckpt: Checkpoint, log, t_start: flo
     from mgjax.method.sampler import DivergenceError
 
     out, method = config.output, config.method
-    sd, raft = load_models(config)
+    sd, raft = kept_models(config)
     cond, uncond = embed(config, sd, files)
     if out.overwrite:
         rundir.replace(out.out_dir)  # only now that the inputs were read and checked
@@ -257,7 +303,7 @@ def _run(config: C.Config, files: EditFiles, ckpt: Checkpoint, log, t_start: flo
     image, z_T, latents = source_trajectory(
         config, sd, cond, uncond, out.out_dir, files.image, files.data, log
     )
-    sampler = make_sampler(config, sd, raft)
+    sampler = kept_sampler(config)
     inputs, state = start(config, sampler, files, (cond, uncond), (image, z_T, latents))
     logs: dict = {}
     if out.resume and ckpt.exists():
