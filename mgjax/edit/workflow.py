@@ -165,7 +165,10 @@ def _files_state(path: str | None):
         names = [path]
     else:
         names = sorted(os.path.join(r, n) for r, _, ns in os.walk(path) for n in ns)
-    return tuple((n, os.stat(n).st_size, os.stat(n).st_mtime_ns) for n in names)
+    try:
+        return tuple((n, os.stat(n).st_size, os.stat(n).st_mtime_ns) for n in names)
+    except OSError:  # changing while it is read: never equal to a kept state
+        return (object(),)
 
 
 def kept_models(config: C.Config):
