@@ -140,10 +140,15 @@ def preset_values(name: str) -> dict:
     return {k: v for k, v in method.items() if type(v) in (bool, int, float, str)}
 
 
+def method_preset(method: str) -> str:
+    """The preset a method runs under: its own, the toy preset's for no guidance and the warps."""
+    return "toy" if method in ("none", "warp", "warp_sdedit") else method
+
+
 def method_settings(method: str, steps: int, overrides: dict) -> dict:
-    """The preset values a method runs with: its preset's (the toy preset's for no guidance and
-    the warps), with --steps (0: the preset's) and --set applied."""
-    preset = preset_values("toy" if method in ("none", "warp", "warp_sdedit") else method)
+    """The preset values a method runs with: its preset's (method_preset), with --steps (0: the
+    preset's) and --set applied."""
+    preset = preset_values(method_preset(method))
     if steps:
         preset = dict(preset, steps=steps, recursive_steps=1)
     return dict(preset, **overrides)
@@ -489,7 +494,7 @@ def main():
     sources = {}  # (steps, cfg_scale) -> (prepared edits, seconds): methods share sources
     try:
         for method in methods:
-            name = "toy" if method in ("none", "warp", "warp_sdedit") else method
+            name = method_preset(method)
             preset = method_settings(method, args.steps, overrides)
             dilate = preset_dilate(name) if args.dilate is None else args.dilate
             mask_grow = preset_mask_grow(name) if args.mask_grow is None else args.mask_grow

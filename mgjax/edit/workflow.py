@@ -166,7 +166,7 @@ def _files_state(path: str | None):
     else:
         names = sorted(os.path.join(r, n) for r, _, ns in os.walk(path) for n in ns)
     try:
-        return tuple((n, os.stat(n).st_size, os.stat(n).st_mtime_ns) for n in names)
+        return tuple((n, st.st_size, st.st_mtime_ns) for n in names for st in [os.stat(n)])
     except OSError:  # changing while it is read: never equal to a kept state
         return (object(),)
 
@@ -183,14 +183,18 @@ def kept_models(config: C.Config):
     return _kept["models"]
 
 
-def kept_sampler(config: C.Config):
-    """make_sampler on the kept models (kept_models first), made once per method structure,
-    speed and snapshot setting (the method's numbers are each edit's inputs, start())."""
-    (sd, raft), samplers = _kept["models"], _kept["samplers"]
+def sampler_of(samplers: dict, config: C.Config, sd, raft):
+    """make_sampler(config, sd, raft), made once per method structure, speed and snapshot
+    setting and kept in `samplers` (the method's numbers are each edit's inputs, start())."""
     key = (N.structure(config.method), config.speed, config.output.log_every)
     if key not in samplers:
         samplers[key] = make_sampler(config, sd, raft)
     return samplers[key]
+
+
+def kept_sampler(config: C.Config):
+    """sampler_of on the kept models (kept_models first)."""
+    return sampler_of(_kept["samplers"], config, *_kept["models"])
 
 
 def release() -> None:

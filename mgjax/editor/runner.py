@@ -23,7 +23,6 @@ from mgjax.edit.checkpoint import Checkpoint
 from mgjax.edit.motion import auto_frozen_mask
 from mgjax.editor.worker import Cancelled, Job
 from mgjax.method import cost
-from mgjax.method import numeric as N
 
 INPUTS = "inputs"  # the authored source, mask, flow and frozen mask, inside the run folder
 JOB_LINE = "job.jsonl"
@@ -54,10 +53,7 @@ class Engine:
     def sampler(self, config: C.Config):
         """The Sampler of config's method structure, speed and snapshot setting (made once;
         the method's numbers are each edit's inputs, mgjax.edit.workflow.start)."""
-        key = (N.structure(config.method), config.speed, config.output.log_every)
-        if key not in self.samplers:
-            self.samplers[key] = workflow.make_sampler(config, self.sd, self.raft)
-        return self.samplers[key]
+        return workflow.sampler_of(self.samplers, config, self.sd, self.raft)
 
     def edit(self, config: C.Config, job: Job) -> dict:
         """The edit of `config` into config.output.out_dir; events: progress after every chunk,

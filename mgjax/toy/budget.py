@@ -61,6 +61,11 @@ class Budget:
         return peak * (end + (1.0 - end) * 0.5 * (1.0 + np.cos(np.pi * q)))
 
 
+def finite(value: float) -> bool:
+    """Whether a number is finite (False for NaN and the infinities), for refuse_unless."""
+    return abs(value) < float("inf")
+
+
 def refuse_unless(*rules: tuple[str, object, bool, str]) -> None:
     """Each rule: (flag, value, whether the value is one the run can use, the fix). The first
     that fails is one InputError naming the flag, its value and the fix, before any work; the

@@ -43,6 +43,7 @@ from mgjax.toy import quality, shapes
 from mgjax.toy.budget import (
     Budget,
     device_description,
+    finite,
     parallel_map,
     refuse_unless,
     scheduled,
@@ -690,7 +691,6 @@ def main(argv):
 def _check_numbers():
     """Every number the run uses, in its range (NaN and infinities fail), before any work."""
     F = FLAGS
-    finite = lambda v: abs(v) < float("inf")  # noqa: E731 - False for NaN too
     crop = F.vae_crop
     refuse_unless(
         ("vae_minutes", F.vae_minutes, F.vae_minutes >= 0, "give minutes of 0 or more"),
@@ -714,30 +714,24 @@ def _check_numbers():
         ("seed", F.seed, F.seed >= 0, "give a seed of 0 or more"),
         ("log_every", F.log_every, F.log_every >= 1, "give at least 1 step"),
         ("workers", F.workers, F.workers is None or F.workers >= 1, "give at least 1 process"),
+        ("vae_hard_share", F.vae_hard_share, 0 <= F.vae_hard_share <= 1,
+         "give a share from 0 to 1"),
+        ("unet_object_weight", F.unet_object_weight, F.unet_object_weight > 0,
+         "give a weight above 0 (1: none)"),
+        ("unet_swap_weight", F.unet_swap_weight, F.unet_swap_weight >= 0,
+         "give a weight of 0 or more"),
+        ("unet_swap_margin", F.unet_swap_margin, F.unet_swap_margin > 0, "give a margin above 0"),
+        ("vae_scale_weight", F.vae_scale_weight, F.vae_scale_weight >= 0,
+         "give a weight of 0 or more (0: off)"),
+        ("unet_pixel_weight", F.unet_pixel_weight, F.unet_pixel_weight >= 0,
+         "give a weight of 0 or more (0: off)"),
+        ("unet_layers", F.unet_layers, F.unet_layers is None or F.unet_layers >= 1,
+         "give at least 1 layer per block"),
     )  # fmt: skip
 
 
 def _train():
     _check_numbers()
-    if not 0.0 <= FLAGS.vae_hard_share <= 1.0:  # NaN too
-        raise InputError(f"--vae_hard_share {FLAGS.vae_hard_share}: give a share from 0 to 1")
-    if not FLAGS.unet_object_weight > 0:
-        raise InputError(
-            f"--unet_object_weight {FLAGS.unet_object_weight}: give a weight above 0 (1: none)"
-        )
-    if not FLAGS.unet_swap_weight >= 0 or not FLAGS.unet_swap_margin > 0:  # NaN too
-        raise InputError(
-            f"--unet_swap_weight {FLAGS.unet_swap_weight} / --unet_swap_margin "
-            f"{FLAGS.unet_swap_margin}: give a weight of 0 or more and a margin above 0"
-        )
-    if not FLAGS.vae_scale_weight >= 0:  # NaN too
-        raise InputError(
-            f"--vae_scale_weight {FLAGS.vae_scale_weight}: give a weight of 0 or more (0: off)"
-        )
-    if not FLAGS.unet_pixel_weight >= 0:  # NaN too
-        raise InputError(
-            f"--unet_pixel_weight {FLAGS.unet_pixel_weight}: give a weight of 0 or more (0: off)"
-        )
     t_range = timestep_range(FLAGS.unet_t_range)
     out = Path(FLAGS.out_dir)
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -749,8 +743,6 @@ def _train():
     init_vae = sdm.load_autoencoder(FLAGS.init).params["vae"] if FLAGS.init and not whole else None
     sd = sdm.load(FLAGS.init) if whole else None
     layers = FLAGS.unet_layers
-    if layers is not None and layers < 1:
-        raise InputError(f"--unet_layers {layers}: give at least 1 layer per block")
     top = FLAGS.unet_top_attention
     depth = sd.unet.config["layers_per_block"] if whole else None
     grow = whole and not FLAGS.fresh_unet and (layers not in (None, depth) or top)

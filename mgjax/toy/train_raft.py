@@ -35,6 +35,7 @@ from mgjax.toy import shapes
 from mgjax.toy.budget import (
     Budget,
     device_description,
+    finite,
     parallel_map,
     refuse_unless,
     scheduled,
@@ -133,7 +134,6 @@ def train(out_dir: str, minutes: float, max_steps: int, batch: int, iters: int, 
     scales objects about their own centres with the view still (shapes.flow_pair; the
     validation pairs stay the usual ones). The learning rate warms up over the first 5% of the run
     and decays to a tenth over its steps or minutes, whichever ends first."""
-    finite = lambda v: abs(v) < float("inf")  # noqa: E731 - False for NaN too
     refuse_unless(
         ("minutes", minutes, minutes >= 0, "give minutes of 0 or more"),
         ("max_steps", max_steps, max_steps >= 1, "give at least 1 step"),
